@@ -1,0 +1,105 @@
+"""train → label → evaluate on a run directory (what the CLI commands call)."""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+
+from rich.console import Console
+from rich.table import Table
+
+from milkit import registry
+from milkit.config import Experiment, load_yaml, validate_section
+from milkit.data.base import DataSplits
+from milkit.methods.base import Labeler, Method
+from milkit.run_dir import RunDir
+
+
+def make_method(exp: Experiment) -> Method:
+    cls = registry.lookup(registry.METHODS, "method", exp.method.name)
+    return cls(exp)
+
+
+def train_run(exp: Experiment, out_dir: str | Path, overwrite: bool = False) -> dict:
+    """Fit every stage of the experiment's method; write config, checkpoints, thresholds, metrics."""
+    run = RunDir(out_dir)
+    if run.config_path.exists() and not overwrite:
+        raise FileExistsError(f"{run.path}: already holds a run (config.yaml); choose another --out")
+    run.path.mkdir(parents=True, exist_ok=True)
+    run.write_config(exp)
+    t0 = time.perf_counter()
+    splits = exp.data.build(exp.seed)
+    method = make_method(exp)
+    labelers = method.fit(splits, run)
+    method.choose_thresholds(labelers, splits, run)
+    metrics = method.evaluate(labelers, splits, run)
+    metrics["_run"] = {"train_seconds": round(time.perf_counter() - t0, 2), "method": exp.method.name,
+                       "stages": list(labelers)}
+    from milkit import io
+
+    io.write_json(run.metrics_path, metrics)
+    return metrics
+
+
+def load_labelers(run_dir: str | Path) -> tuple[Method, dict[str, Labeler], Experiment]:
+    """Rebuild a run's method and every stage's labeler from the run directory alone."""
+    run = RunDir(run_dir)
+    exp = run.read_config()
+    method = make_method(exp)
+    return method, method.load(run), exp
+
+
+def _splits_for(exp: Experiment, data_yaml: Path | None) -> DataSplits:
+    if data_yaml is None:
+        return exp.data.build(exp.seed)
+    raw = load_yaml(data_yaml)
+    section = raw.get("data", raw)
+    if not isinstance(section, dict) or "kind" not in section:
+        raise ValueError(f"{data_yaml}: needs a 'data' section with 'kind'")
+    cls = registry.lookup(registry.DATASETS, "dataset", section["kind"])
+    return validate_section(cls, section, "data", str(data_yaml)).build(exp.seed)
+
+
+def evaluate_run(run_dir: str | Path) -> dict:
+    """Re-score every stage on validation and test; rewrites RUN_DIR/metrics.json (keeps other keys)."""
+    run = RunDir(run_dir)
+    method, labelers, exp = load_labelers(run_dir)
+    splits = exp.data.build(exp.seed)
+    metrics = method.evaluate(labelers, splits, run)
+    old = run.read_metrics()
+    old.update(metrics)
+    from milkit import io
+
+    io.write_json(run.metrics_path, old)
+    return old
+
+
+def label_run(run_dir: str | Path, out: Path | None, data_yaml: Path | None, split: str, stage: str | None) -> list[Path]:
+    """Write labels of ``split`` (of the run's data, or of ``data_yaml``) with one stage."""
+    method, labelers, exp = load_labelers(run_dir)
+    stage = stage or method.primary_stage
+    if stage not in labelers:
+        raise ValueError(f"{run_dir}: no stage {stage!r}; stages: {', '.join(labelers)}")
+    ds = _splits_for(exp, data_yaml).get(split)
+    out = Path(out) if out is not None else Path(run_dir) / "labels"
+    return method.label(labelers[stage], ds, out, stage)
+
+
+def print_table(metrics: dict, split: str = "test", console: Console | None = None) -> None:
+    """Rich table: one row per stage with bag AUROC and instance AUROC / F1 / accuracy."""
+    console = console or Console()
+    t = Table(title=f"milkit — {split} split")
+    for col in ("stage", "bag AUROC", "inst AUROC", "inst F1", "inst acc", "threshold"):
+        t.add_column(col)
+
+    def f(v: object) -> str:
+        return f"{v:.3f}" if isinstance(v, (int, float)) else "—"
+
+    for stage, m in metrics.items():
+        if stage.startswith("_") or not isinstance(m, dict) or split not in m:
+            continue
+        s = m[split]
+        thr = (m.get("threshold") or {}).get("threshold")
+        t.add_row(stage, f(s.get("bag_auroc")), f(s.get("instance_auroc")), f(s.get("instance_f1")),
+                  f(s.get("instance_accuracy")), f(thr))
+    console.print(t)
