@@ -25,10 +25,10 @@ def train_run(exp: Experiment, out_dir: str | Path, overwrite: bool = False) -> 
     run = RunDir(out_dir)
     if run.config_path.exists() and not overwrite:
         raise FileExistsError(f"{run.path}: already holds a run (config.yaml); choose another --out")
+    t0 = time.perf_counter()
+    splits = exp.data.build(exp.seed)  # bad data fails here, before anything is written
     run.path.mkdir(parents=True, exist_ok=True)
     run.write_config(exp)
-    t0 = time.perf_counter()
-    splits = exp.data.build(exp.seed)
     method = make_method(exp)
     labelers = method.fit(splits, run)
     method.choose_thresholds(labelers, splits, run)
@@ -77,7 +77,7 @@ def evaluate_run(run_dir: str | Path) -> dict:
 def label_run(run_dir: str | Path, out: Path | None, data_yaml: Path | None, split: str, stage: str | None) -> list[Path]:
     """Write labels of ``split`` (of the run's data, or of ``data_yaml``) with one stage."""
     method, labelers, exp = load_labelers(run_dir)
-    stage = stage or method.primary_stage
+    stage = stage or (method.primary_stage if method.primary_stage in labelers else list(labelers)[-1])
     if stage not in labelers:
         raise ValueError(f"{run_dir}: no stage {stage!r}; stages: {', '.join(labelers)}")
     ds = _splits_for(exp, data_yaml).get(split)

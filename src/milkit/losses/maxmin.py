@@ -101,15 +101,21 @@ def pseudo_binary_mask(m: Tensor, sigma: float = 0.15, omega: float = 5.0) -> Te
 
 
 def foreground_mask(cams: Tensor, logits: Tensor, size: tuple[int, int], sigma: float = 0.15,
-                    omega: float = 5.0, normalise: bool = True) -> Tensor:
+                    omega: float = 5.0, normalisation: str = "image") -> Tensor:
     """M⁺ at image resolution: posterior-weighted CAM → bilinear upsampling → min–max → Eq. 12.
 
-    Returns (B, H, W) in (0, 1); M⁻ = 1 − M⁺.
+    ``normalisation``: ``"image"`` min–max per image (NOTES.md), ``"batch"`` over the
+    whole batch (the authors' released code; equal to "image" at their evaluation batch
+    size of 1), ``"none"``. Returns (B, H, W) in (0, 1); M⁻ = 1 − M⁺.
     """
     m = posterior_weighted_cam(cams, logits)
     m = F.interpolate(m[:, None], size=size, mode="bilinear", align_corners=False)[:, 0]
-    if normalise:
+    if normalisation == "image":
         m = minmax_normalise(m)
+    elif normalisation == "batch":
+        m = (m - m.min()) / (m.max() - m.min() + 1e-8)
+    elif normalisation != "none":
+        raise ValueError(f"unknown mask normalisation {normalisation!r}; use image, batch or none")
     return pseudo_binary_mask(m, sigma, omega)
 
 

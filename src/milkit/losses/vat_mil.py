@@ -23,6 +23,8 @@ from torch import Tensor
 from milkit.losses.bernoulli import bce_with_targets, bernoulli_entropy_with_logits, bernoulli_kl_with_logits
 
 BagFn = Callable[[Tensor, Tensor], Tensor]  # (x (B,N,...), mask (B,N)) -> bag logits (B,)
+Encode = Callable[[Tensor, Tensor], Tensor]  # (x, mask) -> instance embeddings h (B,N,D)
+Head = Callable[[Tensor, Tensor], Tensor]  # (h, mask) -> bag logits (B,)
 
 
 def _instance_norm(v: Tensor) -> Tensor:
@@ -87,7 +89,8 @@ def random_subbag_mask(mask: Tensor, fraction: float, generator: torch.Generator
 
 
 def vat_mil_terms(
-    bag_fn: BagFn,
+    encode: Encode,
+    head: Head,
     x: Tensor,
     mask: Tensor,
     labels: Tensor,
@@ -103,21 +106,29 @@ def vat_mil_terms(
     use: dict[str, bool],
     generator: torch.Generator | None = None,
 ) -> dict[str, Tensor]:
-    """The four terms of D2L Eq. 3, each averaged over the bags of the batch (only those in ``use``)."""
-    logits = bag_fn(x, mask)
+    """The four terms of D2L Eq. 3, each averaged over the bags of the batch (only those in ``use``).
+
+    The model is given as ``encode`` (instances → embeddings) and ``head`` (embeddings →
+    bag logit), so that each real instance is encoded once for the clean, noise and
+    sub-bag terms. A model without that split passes ``encode = lambda x, m: x``.
+    """
+    h = encode(x, mask)
+    logits = head(h, mask)
     target = torch.sigmoid(logits).detach()
     out: dict[str, Tensor] = {"classification": bce_with_targets(logits, labels).mean()}
     if use.get("noise", True):
         n_noise = n_noise_instances(int(mask.sum(1).min()), noise_fraction)
-        x_n, m_n = noise_bag(x, mask, n_noise, data_range[0], data_range[1], generator)
-        out["noise"] = bce_with_targets(bag_fn(x_n, m_n), target).mean()
+        x_n, m_n = noise_bag(x[:, :0], mask[:, :0], n_noise, data_range[0], data_range[1], generator)
+        h_n = torch.cat([h, encode(x_n, m_n)], dim=1)
+        out["noise"] = bce_with_targets(head(h_n, torch.cat([mask, m_n], dim=1)), target).mean()
     if use.get("perturbation", True):
+        bag_fn = lambda xx, m: head(encode(xx, m), m)  # noqa: E731
         x_d = perturbed_bag(bag_fn, x, mask, logits, delta, perturbation, xi, power_iterations, generator)
         out["perturbation"] = bce_with_targets(bag_fn(x_d, mask), target).mean()
     if use.get("entropy", True):
         ents = []
         for _ in range(subbag_realisations):
             sub = random_subbag_mask(mask, subbag_fraction, generator)
-            ents.append(bernoulli_entropy_with_logits(bag_fn(x, sub)).mean())
+            ents.append(bernoulli_entropy_with_logits(head(h, sub)).mean())
         out["entropy"] = torch.stack(ents).mean()
     return out

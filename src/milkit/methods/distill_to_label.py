@@ -27,7 +27,7 @@ from milkit.losses.distillation import student_terms
 from milkit.losses.vat_mil import vat_mil_terms
 from milkit.methods.base import BagModule, Labeler, Method, bag_loader
 from milkit.methods.mil import freeze, mil_loss
-from milkit.models.base import MILModel
+from milkit.models.base import EmbeddingMILModel, MILModel
 from milkit.models.factory import ModelSection, build_mil_model, model_config
 from milkit.nn.encoders import EncoderConfig
 
@@ -80,6 +80,7 @@ class DistillToLabel(Method):
         teacher: TeacherConfig = Field(default_factory=TeacherConfig)
         student: StudentConfig = Field(default_factory=StudentConfig)
         baseline: bool = Field(True, description="also train plain ABMIL (Tables I–II 'MIL [11]')")
+        train_student: bool = Field(True, description="false: stop after the teacher (Fig. 2 runs)")
         baseline_epochs: int | None = Field(None, ge=1)
 
         @field_validator("model", mode="before")
@@ -91,7 +92,7 @@ class DistillToLabel(Method):
         return build_mil_model(self.cfg.model, self.cfg.encoder)
 
     def stages(self) -> list[str]:
-        return (["abmil"] if self.cfg.baseline else []) + ["teacher", "student"]
+        return (["abmil"] if self.cfg.baseline else []) + ["teacher"] + (["student"] if self.cfg.train_student else [])
 
     # -- stages ---------------------------------------------------------------------
     def _teacher_loss(self, data_range: tuple[float, float]):
@@ -101,8 +102,10 @@ class DistillToLabel(Method):
         weights = {"classification": t.lambda_c, "noise": t.lambda_n, "perturbation": t.lambda_delta, "entropy": t.lambda_e}
 
         def loss_fn(model: MILModel, batch: BagBatch) -> tuple[Tensor, dict[str, Tensor]]:
+            encode, head = split_model(model)
             terms = vat_mil_terms(
-                lambda x, m: model(x, m, None).bag_logits,
+                encode,
+                head,
                 batch.instances,
                 batch.mask,
                 batch.labels,
@@ -135,6 +138,8 @@ class DistillToLabel(Method):
         fit_stage(BagModule(teacher, self._teacher_loss(data_range(splits.train)), tr), train, val,
                   run.stage_dir("teacher"), tr, seed, max_epochs=self.cfg.teacher.epochs)
         labelers["teacher"] = Labeler(teacher, "singleton")
+        if not self.cfg.train_student:
+            return labelers
         student = copy.deepcopy(teacher) if self.cfg.student.init == "teacher" else self.build_model()
         fit_stage(StudentModule(student, freeze(copy.deepcopy(teacher)), self.cfg.student, tr), train, val,
                   run.stage_dir("student"), tr, seed, max_epochs=self.cfg.student.epochs)
@@ -148,6 +153,13 @@ class DistillToLabel(Method):
             model = restore_submodule(self.build_model(), run.model_path(stage))
             out[stage] = Labeler(model, modes[stage], run.read_threshold(stage).get("threshold"))
         return out
+
+
+def split_model(model: MILModel):
+    """(encode, head) of a model: its own split when it has one, else identity + whole model."""
+    if isinstance(model, EmbeddingMILModel):
+        return model.encode, lambda h, m: model.head(h, m).bag_logits
+    return (lambda x, m: x), (lambda x, m: model(x, m, None).bag_logits)
 
 
 def data_range(ds: BagDataset) -> tuple[float, float]:
@@ -171,11 +183,17 @@ class StudentModule(BagModule):
     def _loss(self, model: MILModel, batch: BagBatch) -> tuple[Tensor, dict[str, Tensor]]:
         c = self.scfg
         with torch.no_grad():
-            t_bag = self.teacher(batch.instances, batch.mask, None).bag_logits
-            t_inst = self.teacher.instance_logits(batch.instances, batch.mask)
-        s_bag = model(batch.instances, batch.mask, None).bag_logits
-        s_inst = model.instance_logits(batch.instances, batch.mask)
+            t_bag, t_inst = bag_and_instance_logits(self.teacher, batch)
+        s_bag, s_inst = bag_and_instance_logits(model, batch)
         terms = student_terms(s_bag, t_bag, s_inst, t_inst, batch.labels, batch.mask, c.temperature,
                               c.instance_reduction)
         w = {"classification": c.gamma_c, "bag_kd": c.gamma_b, "instance_kd": c.gamma_i, "instance_entropy": c.gamma_e}
         return sum(w[k] * v for k, v in terms.items()), {k: v.detach() for k, v in terms.items()}
+
+
+def bag_and_instance_logits(model: MILModel, batch: BagBatch) -> tuple[Tensor, Tensor]:
+    """Bag logit and single-instance-bag logits (Eq. 5's P and P^k), encoding each instance once."""
+    if isinstance(model, EmbeddingMILModel):
+        h = model.encode(batch.instances, batch.mask)
+        return model.head(h, batch.mask).bag_logits, model.instance_logits_from(h, batch.mask)
+    return model(batch.instances, batch.mask, None).bag_logits, model.instance_logits(batch.instances, batch.mask)

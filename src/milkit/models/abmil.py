@@ -13,11 +13,11 @@ from pydantic import Field
 from torch import Tensor, nn
 
 from milkit.config import StrictModel
-from milkit.models.base import MILModel, MILOutput, encode_instances, full_mask
+from milkit.models.base import EmbeddingMILModel, MILOutput
 from milkit.nn.attention import AttentionPool
 
 
-class ABMIL(MILModel):
+class ABMIL(EmbeddingMILModel):
     class Config(StrictModel):
         name: Literal["abmil"] = "abmil"
         gated: bool = Field(True, description="gated attention, D2L Eq. 2 (Ilse et al. Eq. 9)")
@@ -34,13 +34,9 @@ class ABMIL(MILModel):
     def from_config(cls, cfg: "ABMIL.Config", encoder: nn.Module, in_dim: int) -> "ABMIL":
         return cls(encoder, in_dim, cfg.attention_hidden, cfg.gated, cfg.dropout)
 
-    def forward(self, x: Tensor, mask: Tensor | None = None, adj: object | None = None) -> MILOutput:
-        mask = full_mask(x, mask)
-        h = encode_instances(self.encoder, x, mask)
+    def head(self, h: Tensor, mask: Tensor) -> MILOutput:
         z, a, s = self.pool(h, mask)
         return MILOutput(bag_logits=self.classifier(z).squeeze(-1), instance_scores=s, attention=a, embeddings=h)
 
-    def instance_logits(self, x: Tensor, mask: Tensor | None = None) -> Tensor:
-        mask = full_mask(x, mask)
-        h = encode_instances(self.encoder, x, mask)
+    def instance_logits_from(self, h: Tensor, mask: Tensor) -> Tensor:
         return self.classifier(h).squeeze(-1) * mask

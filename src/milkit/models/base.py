@@ -56,3 +56,31 @@ class MILModel(nn.Module):
     def instance_logits(self, x: Tensor, mask: Tensor | None = None) -> Tensor:
         """Logit of each instance taken alone as a bag of size one; (B, N), 0 where padded."""
         raise NotImplementedError(f"{type(self).__name__} cannot score single-instance bags")
+
+
+class EmbeddingMILModel(MILModel):
+    """A MIL model split into an instance encoder and a head on the embeddings.
+
+    Subclasses set ``self.encoder`` and implement ``head(h, mask) -> MILOutput`` and
+    ``instance_logits_from(h, mask)``; recipes that look at one bag several ways (VAT-MIL's
+    noise and sub-bags, distillation's single-instance bags) then encode each instance once.
+    """
+
+    encoder: nn.Module
+
+    def encode(self, x: Tensor, mask: Tensor | None = None) -> Tensor:
+        return encode_instances(self.encoder, x, full_mask(x, mask))
+
+    def head(self, h: Tensor, mask: Tensor) -> MILOutput:
+        raise NotImplementedError
+
+    def instance_logits_from(self, h: Tensor, mask: Tensor) -> Tensor:
+        raise NotImplementedError
+
+    def forward(self, x: Tensor, mask: Tensor | None = None, adj: object | None = None) -> MILOutput:
+        mask = full_mask(x, mask)
+        return self.head(self.encode(x, mask), mask)
+
+    def instance_logits(self, x: Tensor, mask: Tensor | None = None) -> Tensor:
+        mask = full_mask(x, mask)
+        return self.instance_logits_from(self.encode(x, mask), mask)

@@ -12,10 +12,10 @@ import torch
 from torch import Tensor, nn
 
 from milkit.config import StrictModel
-from milkit.models.base import MILModel, MILOutput, encode_instances, full_mask
+from milkit.models.base import EmbeddingMILModel, MILOutput
 
 
-class _PoolMIL(MILModel):
+class _PoolMIL(EmbeddingMILModel):
     def __init__(self, encoder: nn.Module, in_dim: int):
         super().__init__()
         self.encoder = encoder
@@ -28,16 +28,13 @@ class _PoolMIL(MILModel):
     def pool(self, h: Tensor, mask: Tensor) -> Tensor:
         raise NotImplementedError
 
-    def forward(self, x: Tensor, mask: Tensor | None = None, adj: object | None = None) -> MILOutput:
-        mask = full_mask(x, mask)
-        h = encode_instances(self.encoder, x, mask)
+    def head(self, h: Tensor, mask: Tensor) -> MILOutput:
         z = self.pool(h, mask)
-        inst = self.classifier(h).squeeze(-1) * mask
+        inst = self.instance_logits_from(h, mask)
         return MILOutput(bag_logits=self.classifier(z).squeeze(-1), instance_scores=inst, embeddings=h)
 
-    def instance_logits(self, x: Tensor, mask: Tensor | None = None) -> Tensor:
-        mask = full_mask(x, mask)
-        return self.classifier(encode_instances(self.encoder, x, mask)).squeeze(-1) * mask
+    def instance_logits_from(self, h: Tensor, mask: Tensor) -> Tensor:
+        return self.classifier(h).squeeze(-1) * mask
 
 
 class MeanPoolMIL(_PoolMIL):

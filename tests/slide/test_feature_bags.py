@@ -1,0 +1,164 @@
+"""Feature bags (milkit/TRIDENT, CLAM h5/pt, torchmil layouts), labels CSV, splits."""
+
+from __future__ import annotations
+
+import h5py
+import numpy as np
+import pytest
+import torch
+
+from milkit.config import ConfigError, build_experiment
+from milkit.data.features import FeatureBagsConfig, read_h5_features, read_labels_csv
+from milkit.data.splits import kfold_splits, stratified_group_split
+
+
+def _write_h5(path, n=6, d=4, coords_n=None, attrs=True, coords_dtype=np.int64):
+    rng = np.random.default_rng(0)
+    with h5py.File(path, "w") as f:
+        f.create_dataset("features", data=rng.normal(size=(n, d)).astype(np.float32))
+        xs = np.arange(coords_n if coords_n is not None else n) * 256
+        c = f.create_dataset("coords", data=np.stack([xs, np.zeros_like(xs)], 1).astype(coords_dtype))
+        if attrs:
+            c.attrs["patch_size"] = 256
+            c.attrs["patch_size_level0"] = 256
+
+
+def _labels(path, rows, header="slide_id,label"):
+    path.write_text(header + "\n" + "\n".join(rows) + "\n")
+    return path
+
+
+def test_cohort_bags_have_level0_coords_graph_and_annotation_labels(cohort):
+    cfg = FeatureBagsConfig(features_dir=cohort.tiles_dir, labels_csv=cohort.labels_csv,
+                            annotations_dir=cohort.ann_dir, graph=True)
+    splits = cfg.build(seed=0)
+    assert [len(splits.train), len(splits.val), len(splits.test)] == [6, 2, 2]
+    bag = splits.train[0]
+    assert bag.bag_id == "s00" and bag.label == 1
+    assert bag.instances.dtype == torch.float32 and bag.instances.shape[1] == 32
+    assert bag.coords.shape == (len(bag), 2) and int(bag.coords[:, 0].min()) % 64 == 0
+    assert 0 < int(bag.instance_labels.sum()) < len(bag)  # lesion patches from the ASAP XML
+    assert int(splits.train[1].instance_labels.sum()) == 0  # negative slide, no annotation
+    assert bag.adj.num_nodes == len(bag) and bag.adj.num_edges > 0
+    assert splits.train.labels == [1, 0, 1, 0, 1, 0]
+
+
+def test_h5_coords_feature_length_mismatch_is_named(tmp_path):
+    _write_h5(tmp_path / "bad.h5", n=6, coords_n=5)
+    with pytest.raises(ValueError, match=r"bad\.h5: 6 feature rows but 5 coords"):
+        read_h5_features(tmp_path / "bad.h5")
+    (tmp_path / "junk.h5").write_bytes(b"not hdf5")
+    with pytest.raises(ValueError, match=r"junk\.h5: not a readable HDF5"):
+        read_h5_features(tmp_path / "junk.h5")
+
+
+def test_labels_naming_missing_slides_is_named(tmp_path):
+    feats = tmp_path / "feats"
+    feats.mkdir()
+    _write_h5(feats / "a.h5")
+    csv = _labels(tmp_path / "labels.csv", ["a,1", "ghost,0", "phantom,1"])
+    cfg = FeatureBagsConfig(features_dir=feats, labels_csv=csv)
+    with pytest.raises(ValueError, match=r"labels\.csv: 2 labelled slide\(s\) have no feature file.*ghost, phantom"):
+        cfg.build(0)
+
+
+def test_labels_csv_aliases_and_errors(tmp_path):
+    rows = read_labels_csv(_labels(tmp_path / "l.csv", ["s1.svs,1,p1", "s2.ndpi,0,p1"], "wsi,label,patient"))
+    assert [(r.slide_id, r.label, r.case_id) for r in rows] == [("s1", 1, "p1"), ("s2", 0, "p1")]
+    with pytest.raises(ValueError, match=r"l2\.csv: line 3: label 'maybe'"):
+        read_labels_csv(_labels(tmp_path / "l2.csv", ["a,1", "b,maybe"]))
+    with pytest.raises(ValueError, match="no slide column"):
+        read_labels_csv(_labels(tmp_path / "l3.csv", ["a,1"], "name,label"))
+    with pytest.raises(ValueError, match="listed twice"):
+        read_labels_csv(_labels(tmp_path / "l4.csv", ["a,1", "a,0"]))
+    with pytest.raises(FileNotFoundError, match="nofile.csv"):
+        read_labels_csv(tmp_path / "nofile.csv")
+
+
+def test_config_errors_through_experiment(tmp_path):
+    with pytest.raises(ConfigError, match="data.bogus"):
+        build_experiment({"data": {"kind": "feature_bags", "features_dir": str(tmp_path), "bogus": 1},
+                          "method": {"name": "mil"}})
+
+
+def test_clam_h5_and_pt_layouts(tmp_path):
+    root = tmp_path / "clam"
+    (root / "h5_files").mkdir(parents=True)
+    (root / "pt_files").mkdir()
+    for i in range(4):
+        _write_h5(root / "h5_files" / f"c{i}.h5", n=3 + i, attrs=False, coords_dtype=np.int32)
+        with h5py.File(root / "h5_files" / f"c{i}.h5") as f:
+            torch.save(torch.from_numpy(f["features"][()]), root / "pt_files" / f"c{i}.pt")
+    csv = _labels(tmp_path / "l.csv", ["c0,1,train", "c1,0,train", "c2,1,val", "c3,0,test"], "slide_id,label,split")
+    h5 = FeatureBagsConfig(features_dir=root, labels_csv=csv).build(0)
+    assert h5.train[0].coords.dtype == torch.int64 and len(h5.train[0]) == 3
+    pt = FeatureBagsConfig(features_dir=root / "pt_files", labels_csv=csv, layout="clam_pt").build(0)
+    torch.testing.assert_close(pt.train[1].instances, h5.train[1].instances)
+    torch.testing.assert_close(pt.train[1].coords, h5.train[1].coords)  # coords from h5_files/
+
+
+def test_torchmil_layout_grid_coords_to_level0(tmp_path):
+    root = tmp_path / "tm"
+    for sub in ("features", "labels", "patch_labels", "coords"):
+        (root / sub).mkdir(parents=True)
+    names = ["b0", "b1", "b2", "b3"]
+    for i, n in enumerate(names):
+        np.save(root / "features" / f"{n}.npy", np.full((3, 2), i, np.float32))
+        inst = np.array([0, i % 2, 0])
+        np.save(root / "patch_labels" / f"{n}.npy", inst)
+        np.save(root / "labels" / f"{n}.npy", np.array(inst.max()))
+        np.save(root / "coords" / f"{n}.npy", np.array([[0, 0], [1, 0], [1, 1]]))
+    (root / "splits.csv").write_text("bag_name,split\nb0,train\nb1,train\nb2,val\nb3,test\n")
+    s = FeatureBagsConfig(features_dir=root, patch_size_level0=512).build(0)
+    b1 = s.train[1]
+    assert b1.bag_id == "b1" and b1.label == 1 and b1.instance_labels.tolist() == [0, 1, 0]
+    assert b1.coords.tolist() == [[0, 0], [512, 0], [512, 512]]
+    np.save(root / "coords" / "b3.npy", np.zeros((2, 2)))
+    with pytest.raises(ValueError, match=r"b3\.npy: 2 coords but 3 feature rows"):
+        _ = s.test[0]
+
+
+def test_split_column_may_not_straddle_cases(tmp_path):
+    feats = tmp_path / "f"
+    feats.mkdir()
+    for n in "abcd":
+        _write_h5(feats / f"{n}.h5")
+    csv = _labels(tmp_path / "l.csv", ["a,1,p1,train", "b,0,p1,test", "c,1,p2,val", "d,0,p3,test"],
+                  "slide_id,label,case_id,split")
+    with pytest.raises(ValueError, match="case 'p1' has slides in both train and test"):
+        FeatureBagsConfig(features_dir=feats, labels_csv=csv).build(0)
+
+
+def test_stratified_group_split_fractions_groups_and_seed():
+    y = np.array([1] * 40 + [0] * 60)
+    groups = np.repeat(np.arange(50), 2)  # two slides per case, same label
+    parts = stratified_group_split(y, groups, (0.7, 0.1, 0.2), seed=0)
+    assert sorted(np.concatenate(parts).tolist()) == list(range(100))
+    case_sets = [set(groups[p]) for p in parts]
+    assert not (case_sets[0] & case_sets[1] or case_sets[0] & case_sets[2] or case_sets[1] & case_sets[2])
+    assert [len(p) for p in parts] == [70, 10, 20]
+    assert [int(y[p].sum()) for p in parts] == [28, 4, 8]  # 70/10/20 of the 40 positives
+    again = stratified_group_split(y, groups, (0.7, 0.1, 0.2), seed=0)
+    assert all(np.array_equal(a, b) for a, b in zip(parts, again))
+    other = stratified_group_split(y, groups, (0.7, 0.1, 0.2), seed=1)
+    assert not np.array_equal(parts[2], other[2])
+    # tiny cohort: every split still gets one case of each class
+    small = stratified_group_split([1, 1, 1, 0, 0, 0], None, (0.7, 0.1, 0.2), seed=0)
+    assert all(set(np.array([1, 1, 1, 0, 0, 0])[p]) == {0, 1} for p in small)
+    with pytest.raises(ValueError, match="sum to 1"):
+        stratified_group_split(y, groups, (0.5, 0.1, 0.1))
+
+
+def test_kfold_tests_partition_and_respect_cases():
+    y = np.array([1, 0] * 25)
+    groups = np.repeat(np.arange(25), 2)
+    folds = kfold_splits(y, groups, k=5, seed=0, val_fraction=0.1)
+    assert len(folds) == 5
+    tests = np.concatenate([f[2] for f in folds])
+    assert sorted(tests.tolist()) == list(range(50))
+    for tr, va, te in folds:
+        assert len(set(groups[tr]) & set(groups[te])) == 0 and len(set(groups[va]) & set(groups[te])) == 0
+        assert len(set(groups[tr]) & set(groups[va])) == 0
+        assert len(tr) + len(va) + len(te) == 50 and len(va) > 0
+    with pytest.raises(ValueError, match="at least 5 cases"):
+        kfold_splits([0, 1, 0], None, k=5)

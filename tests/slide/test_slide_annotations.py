@@ -1,0 +1,120 @@
+"""ASAP XML / GeoJSON → polygons → patch labels and pixel masks; heatmap rasters."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+
+from milkit.slide.annotations import (
+    level_mask,
+    patch_feature_collection,
+    patch_labels,
+    patch_tumour_fraction,
+    read_annotations,
+    read_asap_xml,
+    read_geojson,
+)
+from milkit.slide.heatmap import normalise_scores, score_raster, to_uint8
+
+ASAP = """<?xml version="1.0"?>
+<ASAP_Annotations><Annotations>
+<Annotation Name="T" Type="Polygon" PartOfGroup="_0" Color="#F4FA58"><Coordinates>
+<Coordinate Order="0" X="0" Y="0"/><Coordinate Order="1" X="200" Y="0"/>
+<Coordinate Order="3" X="0" Y="200"/><Coordinate Order="2" X="200" Y="200"/>
+</Coordinates></Annotation>
+<Annotation Name="hole" Type="Polygon" PartOfGroup="_2" Color="#64FE2E"><Coordinates>
+<Coordinate Order="0" X="100" Y="100"/><Coordinate Order="1" X="200" Y="100"/>
+<Coordinate Order="2" X="200" Y="200"/><Coordinate Order="3" X="100" Y="200"/>
+</Coordinates></Annotation>
+<Annotation Name="dot" Type="Dot" PartOfGroup="_0"><Coordinates><Coordinate Order="0" X="5" Y="5"/></Coordinates></Annotation>
+</Annotations><AnnotationGroups><Group Name="_0" PartOfGroup="None"/></AnnotationGroups></ASAP_Annotations>
+"""
+
+
+def _square(x0, y0, s):
+    return [[x0, y0], [x0 + s, y0], [x0 + s, y0 + s], [x0, y0 + s], [x0, y0]]
+
+
+def test_asap_groups_and_exclusion_holes(tmp_path):
+    p = tmp_path / "a.xml"
+    p.write_text(ASAP)
+    regions = read_asap_xml(p)
+    assert [r.positive for r in regions] == [True, False]  # the dot carries no area
+    # coordinates are sorted by Order: a proper square, not a bow tie
+    np.testing.assert_array_equal(regions[0].exterior, [[0, 0], [200, 0], [200, 200], [0, 200]])
+    coords = np.array([[0, 0], [100, 0], [100, 100], [0, 100], [300, 300]])
+    labels, frac = patch_labels(regions, coords, 100, 0.5, level0_size=(400, 400))
+    np.testing.assert_allclose(frac, [1, 1, 0, 1, 0], atol=0.08)
+    assert labels.tolist() == [1, 1, 0, 1, 0]
+    m = level_mask(regions, (400, 400), 4.0)
+    assert m.shape == (100, 100)
+    assert m[10, 10] and not m[40, 40] and not m[80, 80]
+    assert abs(m.sum() - 3 * 25 * 25) <= 3 * 26  # three of the four 100-px quarters
+
+
+def test_threshold_is_inclusive_and_configurable(tmp_path):
+    p = tmp_path / "half.geojson"
+    p.write_text(json.dumps({"type": "FeatureCollection", "features": [
+        {"type": "Feature", "geometry": {"type": "Polygon", "coordinates": [_square(0, 0, 64)]},
+         "properties": {"classification": {"name": "Tumor", "color": [200, 0, 0]}}}]}))
+    regions = read_annotations(p)
+    coords = np.array([[32, 0], [48, 0]])  # half and a quarter of a 64-px patch covered
+    frac = patch_tumour_fraction(regions, coords, 64, (256, 256), px_per_patch=64)
+    np.testing.assert_allclose(frac, [0.5, 0.25], atol=0.02)
+    assert patch_labels(regions, coords, 64, 0.5, (256, 256))[0].tolist() == [1, 0]
+    assert patch_labels(regions, coords, 64, 0.25, (256, 256))[0].tolist() == [1, 1]
+    with pytest.raises(ValueError, match="threshold"):
+        patch_labels(regions, coords, 64, 0.0)
+
+
+def test_geojson_multipolygon_holes_classes_and_offset(tmp_path):
+    p = tmp_path / "q.geojson"
+    p.write_text(json.dumps([
+        {"type": "Feature", "geometry": {"type": "MultiPolygon", "coordinates": [
+            [_square(0, 0, 100), _square(25, 25, 50)], [_square(200, 0, 50)]]},
+         "properties": {"objectType": "annotation", "classification": {"name": "Tumor"}}},
+        {"type": "Feature", "geometry": {"type": "Polygon", "coordinates": [_square(0, 200, 50)]},
+         "properties": {"classification": {"name": "Exclusion"}}},
+        {"type": "Feature", "geometry": {"type": "Point", "coordinates": [1, 1]}, "properties": {}},
+    ]))
+    regions = read_geojson(p, offset=(10, 0))
+    assert [r.positive for r in regions] == [True, True, False]
+    assert len(regions[0].holes) == 1 and regions[0].exterior[0].tolist() == [10.0, 0.0]
+    m = level_mask(regions, (300, 300), 1.0)
+    assert m[10, 20] and not m[50, 60]  # inside the ring, then inside its hole
+    bad = tmp_path / "bad.geojson"
+    bad.write_text("{not json")
+    with pytest.raises(ValueError, match="bad.geojson"):
+        read_annotations(bad)
+    with pytest.raises(FileNotFoundError, match="missing.xml"):
+        read_annotations(tmp_path / "missing.xml")
+
+
+def test_detections_round_trip_through_geojson(tmp_path):
+    coords = np.array([[0, 0], [64, 0], [128, 64]])
+    fc = patch_feature_collection(coords, np.array([0.9, 0.1, 0.7]), np.array([1, 0, 1]), 64, offset=(8, 4))
+    assert len(fc["features"]) == 2
+    f0 = fc["features"][0]
+    assert f0["properties"]["objectType"] == "detection"
+    assert f0["properties"]["classification"]["name"] == "Tumor"
+    assert f0["properties"]["measurements"]["score"] == pytest.approx(0.9)
+    p = tmp_path / "d.geojson"
+    p.write_text(json.dumps(fc))
+    back = read_geojson(p, offset=(8, 4))  # QuPath coords + bounds offset = OpenSlide level 0
+    np.testing.assert_array_equal(back[1].exterior[0], [128, 64])
+
+
+def test_score_raster_and_uint8_encoding():
+    coords = np.array([[0, 0], [64, 0], [32, 0]])  # overlapping third patch, stride 32
+    r, cell = score_raster(coords, np.array([0.0, 1.0, 0.5]), 64, 32, (160, 64))
+    assert cell == 32 and r.shape == (2, 5)
+    # cells: [0,32) only p0, [32,64) p0+p2, [64,96) p1+p2, [96,128) p1, [128,160) none
+    np.testing.assert_allclose(r[0, :4], [0.0, 0.25, 0.75, 1.0])
+    assert np.isnan(r[0, 4])
+    assert to_uint8(r)[0].tolist() == [1, 65, 191, 255, 0]  # 1 + rint(254 p), half to even
+    n, how = normalise_scores(np.array([-3.0, 0.0, 3.0]), "score")
+    assert n.min() == 0 and n.max() == 1 and how["normalisation"].startswith("percentile")
+    p, _ = normalise_scores(np.array([0.2, 0.7]), "probability")
+    np.testing.assert_allclose(p, [0.2, 0.7])
