@@ -86,9 +86,13 @@ def evaluate(
         from milkit.slide.labeling import evaluate_annotations
 
         metrics = evaluate_annotations(run_dir, annotations, labels)
+        keys = ("n_slides", "instance_auroc", "instance_f1", "instance_accuracy", "slide_auroc")
+        for k in keys:
+            if k in metrics:
+                typer.echo(f"{k}: {metrics[k]}")
     else:
         metrics = evaluate_run(run_dir)
-    print_table(metrics)
+        print_table(metrics)
 
 
 @app.command()

@@ -100,7 +100,12 @@ def _build_torchmil(label: str, dim: int):
 
 
 def _peak_rss_mb() -> float:
-    import resource
+    """VmHWM of this process (ru_maxrss would carry over the parent's peak across exec)."""
+    with open("/proc/self/status") as f:
+        for line in f:
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) / 1024.0
+    import resource  # pragma: no cover - not Linux
 
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0
 

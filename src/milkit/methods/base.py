@@ -27,7 +27,7 @@ from milkit.data.bag import BagBatch, BagDataset, collate_bags
 from milkit.data.base import DataSplits
 from milkit.engine import configure_optimizers
 from milkit.metrics.classification import auroc, binary_metrics, choose_threshold, nan_to_none
-from milkit.models.base import MILModel, MILOutput
+from milkit.models.base import MILModel, MILOutput, bag_and_instance_logits
 from milkit.run_dir import RunDir
 
 InstanceMode = Literal["attention", "singleton", "model"]
@@ -66,10 +66,11 @@ class Labeler:
     @torch.no_grad()
     def __call__(self, batch: BagBatch) -> tuple[Tensor, Tensor]:
         """(bag probabilities (B,), instance scores (B, N)); padded positions are 0."""
-        out: MILOutput = self.model(batch.instances, batch.mask, batch.adj)
         if self.instance_mode == "singleton":
-            inst = torch.sigmoid(self.model.instance_logits(batch.instances, batch.mask)) * batch.mask
+            out, logits = bag_and_instance_logits(self.model, batch.instances, batch.mask, batch.adj)
+            inst = torch.sigmoid(logits) * batch.mask
         else:
+            out = self.model(batch.instances, batch.mask, batch.adj)
             inst = out.instance_scores
         return torch.sigmoid(out.bag_logits), inst
 

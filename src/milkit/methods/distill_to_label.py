@@ -27,7 +27,7 @@ from milkit.losses.distillation import student_terms
 from milkit.losses.vat_mil import vat_mil_terms
 from milkit.methods.base import BagModule, Labeler, Method, bag_loader
 from milkit.methods.mil import freeze, mil_loss
-from milkit.models.base import EmbeddingMILModel, MILModel
+from milkit.models.base import EmbeddingMILModel, MILModel, bag_and_instance_logits
 from milkit.models.factory import ModelSection, build_mil_model, model_config
 from milkit.nn.encoders import EncoderConfig
 
@@ -183,17 +183,11 @@ class StudentModule(BagModule):
     def _loss(self, model: MILModel, batch: BagBatch) -> tuple[Tensor, dict[str, Tensor]]:
         c = self.scfg
         with torch.no_grad():
-            t_bag, t_inst = bag_and_instance_logits(self.teacher, batch)
-        s_bag, s_inst = bag_and_instance_logits(model, batch)
+            t_out, t_inst = bag_and_instance_logits(self.teacher, batch.instances, batch.mask)
+        s_out, s_inst = bag_and_instance_logits(model, batch.instances, batch.mask)
+        t_bag, s_bag = t_out.bag_logits, s_out.bag_logits
         terms = student_terms(s_bag, t_bag, s_inst, t_inst, batch.labels, batch.mask, c.temperature,
                               c.instance_reduction)
         w = {"classification": c.gamma_c, "bag_kd": c.gamma_b, "instance_kd": c.gamma_i, "instance_entropy": c.gamma_e}
         return sum(w[k] * v for k, v in terms.items()), {k: v.detach() for k, v in terms.items()}
 
-
-def bag_and_instance_logits(model: MILModel, batch: BagBatch) -> tuple[Tensor, Tensor]:
-    """Bag logit and single-instance-bag logits (Eq. 5's P and P^k), encoding each instance once."""
-    if isinstance(model, EmbeddingMILModel):
-        h = model.encode(batch.instances, batch.mask)
-        return model.head(h, batch.mask).bag_logits, model.instance_logits_from(h, batch.mask)
-    return model(batch.instances, batch.mask, None).bag_logits, model.instance_logits(batch.instances, batch.mask)

@@ -84,3 +84,12 @@ class EmbeddingMILModel(MILModel):
     def instance_logits(self, x: Tensor, mask: Tensor | None = None) -> Tensor:
         mask = full_mask(x, mask)
         return self.instance_logits_from(self.encode(x, mask), mask)
+
+
+def bag_and_instance_logits(model: MILModel, x: Tensor, mask: Tensor, adj: object | None = None) -> tuple[MILOutput, Tensor]:
+    """The model's output and its single-instance-bag logits (B, N), encoding each instance once
+    when the model is an :class:`EmbeddingMILModel`."""
+    if isinstance(model, EmbeddingMILModel):
+        h = model.encode(x, mask)
+        return model.head(h, mask), model.instance_logits_from(h, mask)
+    return model(x, mask, adj), model.instance_logits(x, mask)

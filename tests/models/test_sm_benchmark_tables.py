@@ -1,0 +1,41 @@
+"""The Sm benchmarks' bookkeeping (the benchmarks themselves are not tests)."""
+
+import math
+
+import pytest
+
+from milkit.benchmarks.sm_spatial import SPATIAL_MODELS, experiment_dict, spatial_table, summarise
+from milkit.benchmarks.speed import MILKIT_MODELS, run_speed, speed_table
+from milkit.config import build_experiment
+
+
+def test_speed_table_reports_errors_and_ratios():
+    ok = {"fwd_bwd_s": 0.2, "infer_s": 0.1, "peak_rss_mb": 600.0, "graph_s": 0.01}
+    tm = {"fwd_bwd_s": 0.8, "infer_s": 0.1, "peak_rss_mb": 700.0, "graph_s": 0.01}
+    rows = [{"model": "smap_early", "n": 10, "milkit": ok, "torchmil": tm},
+            {"model": "smtap", "n": 10, "milkit": {"error": "timeout > 1 s"}, "torchmil": tm},
+            {"model": "clam_mb", "n": 10, "milkit": ok}]
+    table = speed_table(rows, with_torchmil=True)
+    assert "| 0.250 |" in table  # 0.2 / 0.8
+    assert "timeout" in table and "n/a" in table
+    assert "torchmil" not in speed_table(rows, with_torchmil=False)
+
+
+def test_unknown_speed_model_is_named():
+    with pytest.raises(ValueError, match="nope"):
+        run_speed(["nope"], [10], 8, 1, 1, 10.0, 10, torchmil=False)
+    assert {"abmil", "smap_early", "smtap", "clam_sb", "dsmil", "transmil", "dtfd"} <= set(MILKIT_MODELS)
+
+
+def test_spatial_summary_and_experiments_validate():
+    runs = {"smap_early": [{"bag_auroc": 0.9, "bag_f1": 0.8, "instance_auroc": 0.7, "instance_f1": 0.5,
+                            "dirichlet_energy": 0.02},
+                           {"bag_auroc": 0.7, "bag_f1": 0.6, "instance_auroc": 0.9, "instance_f1": None,
+                            "dirichlet_energy": 0.04}]}
+    s = summarise(runs)["smap_early"]
+    assert s["bag_auroc"][0] == pytest.approx(0.8) and s["bag_auroc"][1] == pytest.approx(0.1)
+    assert s["instance_f1"][0] == pytest.approx(0.5) and not math.isnan(s["dirichlet_energy"][0])
+    assert "0.800 ± 0.100" in spatial_table(summarise(runs))
+    for name, model in SPATIAL_MODELS.items():
+        exp = build_experiment(experiment_dict(model, 0, {"n_train": 4}, 2, 1e-3, 2))
+        assert exp.method.model.name == model["name"], name
