@@ -93,3 +93,17 @@ def test_cli_bad_inputs_exit_nonzero(tmp_path, capsys):
     assert "(N, 28, 28)" in capsys.readouterr().err
     assert not (tmp_path / "r3").exists()  # nothing half-written
     assert main(["label", str(tmp_path / "not_a_run")]) == 2
+
+
+def test_demo_montage_png(learned_run, tmp_path):
+    from PIL import Image
+
+    from milkit.demo import montage
+    from milkit.workflow import load_labelers
+
+    out, _ = learned_run
+    _, labelers, exp = load_labelers(out)
+    png = tmp_path / "m.png"
+    montage(labelers["student"], exp.data.build(exp.seed).test, png, n_bags=4)
+    with Image.open(png) as im:
+        assert im.format == "PNG" and im.size[0] > 300

@@ -16,7 +16,7 @@ import copy
 from typing import Literal
 
 import torch
-from pydantic import Field, field_validator
+from pydantic import Field
 from torch import Tensor
 
 from milkit.config import StrictModel
@@ -82,11 +82,6 @@ class DistillToLabel(Method):
         baseline: bool = Field(True, description="also train plain ABMIL (Tables I–II 'MIL [11]')")
         train_student: bool = Field(True, description="false: stop after the teacher (Fig. 2 runs)")
         baseline_epochs: int | None = Field(None, ge=1)
-
-        @field_validator("model", mode="before")
-        @classmethod
-        def _model(cls, v: object) -> StrictModel:
-            return model_config(v)
 
     def build_model(self) -> MILModel:
         return build_mil_model(self.cfg.model, self.cfg.encoder)

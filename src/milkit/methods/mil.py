@@ -11,7 +11,7 @@ from __future__ import annotations
 from typing import Literal
 
 import torch
-from pydantic import Field, field_validator
+from pydantic import Field
 from torch import Tensor
 
 from milkit.config import StrictModel
@@ -51,11 +51,6 @@ class MILMethod(Method):
         instance_scores: Literal["model", "singleton"] = Field(
             "model", description="model: the model's own instance scores; singleton: each instance as a bag"
         )
-
-        @field_validator("model", mode="before")
-        @classmethod
-        def _model(cls, v: object) -> StrictModel:
-            return model_config(v)
 
     def build_model(self) -> MILModel:
         return build_mil_model(self.cfg.model, self.cfg.encoder)

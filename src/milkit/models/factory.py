@@ -2,9 +2,9 @@
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Annotated, Any
 
-from pydantic import SerializeAsAny
+from pydantic import BeforeValidator, SerializeAsAny
 
 from milkit import registry
 from milkit.config import StrictModel
@@ -22,7 +22,8 @@ def model_config(raw: Any) -> StrictModel:
     return cls.Config.model_validate(raw)
 
 
-ModelSection = SerializeAsAny[StrictModel]
+#: a ``model:`` config field: validated by the named model's own Config, dumped in full
+ModelSection = Annotated[SerializeAsAny[StrictModel], BeforeValidator(model_config)]
 
 
 def build_mil_model(model_cfg: StrictModel, encoder_cfg: EncoderConfig) -> MILModel:
