@@ -30,6 +30,9 @@ def train_run(exp: Experiment, out_dir: str | Path, overwrite: bool = False) -> 
     run.path.mkdir(parents=True, exist_ok=True)
     run.write_config(exp)
     method = make_method(exp)
+    from milkit.engine import seed_everything
+
+    seed_everything(exp.seed)  # model initialisation depends on the seed only, not on what ran before
     labelers = method.fit(splits, run)
     method.choose_thresholds(labelers, splits, run)
     metrics = method.evaluate(labelers, splits, run)
