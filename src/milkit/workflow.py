@@ -89,20 +89,25 @@ def label_run(run_dir: str | Path, out: Path | None, data_yaml: Path | None, spl
 
 
 def print_table(metrics: dict, split: str = "test", console: Console | None = None) -> None:
-    """Rich table: one row per stage with bag AUROC and instance AUROC / F1 / accuracy."""
+    """Rich table, one row per stage: bag AUROC and instance AUROC / F1 / accuracy, or, for
+    pixel-map methods, classification error, F1+, F1−, IoU and HD on positive images."""
     console = console or Console()
+    rows = [(stage, m) for stage, m in metrics.items()
+            if not stage.startswith("_") and isinstance(m, dict) and split in m]
+    pixel = any("f1_pos" in m[split] for _, m in rows)
+    cols = (("image AUROC", "bag_auroc"), ("cls err", "classification_error"), ("F1+", "f1_pos"),
+            ("F1−", "f1_neg"), ("IoU", "iou"), ("HD pos", "hd_pos")) if pixel else (
+        ("bag AUROC", "bag_auroc"), ("inst AUROC", "instance_auroc"), ("inst F1", "instance_f1"),
+        ("inst acc", "instance_accuracy"))
     t = Table(title=f"milkit — {split} split")
-    for col in ("stage", "bag AUROC", "inst AUROC", "inst F1", "inst acc", "threshold"):
+    for col in ("stage", *(c for c, _ in cols), "threshold"):
         t.add_column(col)
 
     def f(v: object) -> str:
         return f"{v:.3f}" if isinstance(v, (int, float)) else "—"
 
-    for stage, m in metrics.items():
-        if stage.startswith("_") or not isinstance(m, dict) or split not in m:
-            continue
+    for stage, m in rows:
         s = m[split]
         thr = (m.get("threshold") or {}).get("threshold")
-        t.add_row(stage, f(s.get("bag_auroc")), f(s.get("instance_auroc")), f(s.get("instance_f1")),
-                  f(s.get("instance_accuracy")), f(thr))
+        t.add_row(stage, *(f(s.get(k)) for _, k in cols), f(thr))
     console.print(t)
