@@ -69,3 +69,21 @@ def write_with(path: str | Path, writer: Callable[[Path], None]) -> None:
     """Call ``writer(tmp_path)`` and move the result onto ``path`` atomically."""
     with atomic_path(path) as tmp:
         writer(tmp)
+
+
+def load_npz(path: str | Path, keys: tuple[str, ...], what: str = "") -> tuple:
+    """The arrays ``keys`` of an ``.npz`` (no pickles); errors name the file and what is missing."""
+    import numpy as np
+
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"{path}: {what or '.npz'} file does not exist")
+    try:
+        with np.load(path, allow_pickle=False) as z:
+            missing = [k for k in keys if k not in z]
+            if missing:
+                names = " and ".join(f"'{k}'" for k in keys)
+                raise ValueError(f"{path}: the .npz must hold arrays {names} (has {sorted(z.files)})")
+            return tuple(z[k] for k in keys)
+    except (OSError, EOFError) as err:
+        raise ValueError(f"{path}: not a readable .npz ({err})") from None

@@ -17,6 +17,8 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from milkit.io import load_npz
+
 
 def _resize(images: np.ndarray, size: int) -> torch.Tensor:
     x = torch.from_numpy(images.astype(np.float32)).unsqueeze(1)
@@ -75,13 +77,7 @@ def load_digit_images(mnist_path: str | Path | None = None, size: int = 28) -> t
         images = np.concatenate([p[0] for p in parts])
         labels = np.concatenate([p[1] for p in parts])
     elif path.is_file():
-        try:
-            with np.load(path, allow_pickle=False) as z:
-                if "images" not in z or "labels" not in z:
-                    raise ValueError(f"{path}: the .npz must hold arrays 'images' and 'labels' (has {sorted(z.files)})")
-                images, labels = z["images"], z["labels"]
-        except (OSError, EOFError) as err:
-            raise ValueError(f"{path}: not a readable .npz ({err})") from None
+        images, labels = load_npz(path, ("images", "labels"), "MNIST")
         _check_mnist(images, labels, path)
     else:
         raise FileNotFoundError(f"{path}: MNIST file or folder does not exist")

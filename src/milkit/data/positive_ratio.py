@@ -38,6 +38,7 @@ import numpy as np
 import torch
 from pydantic import Field, model_validator
 
+from milkit.io import load_npz
 from milkit.data.bag import Bag, BagDataset
 from milkit.data.base import DataConfig, DataSplits
 
@@ -268,15 +269,7 @@ def nct_crc_source(cfg: PositiveRatioBagsConfig) -> ImageSource:
 def features_source(cfg: PositiveRatioBagsConfig) -> ImageSource:
     """``.npz`` with ``features`` (N, D) and integer ``labels`` (N,)."""
     path = Path(cfg.path)  # type: ignore[arg-type]
-    if not path.is_file():
-        raise FileNotFoundError(f"{path}: feature file does not exist")
-    try:
-        with np.load(path, allow_pickle=False) as z:
-            if "features" not in z or "labels" not in z:
-                raise ValueError(f"{path}: the .npz must hold 'features' (N, D) and 'labels' (N,) (has {sorted(z.files)})")
-            feats, labels = z["features"], z["labels"]
-    except (OSError, EOFError) as err:
-        raise ValueError(f"{path}: not a readable .npz ({err})") from None
+    feats, labels = load_npz(path, ("features", "labels"), "feature")
     pos = cfg.resolved_positive_class()
     if isinstance(pos, str):
         if not pos.lstrip("-").isdigit():

@@ -27,7 +27,7 @@ from milkit.data.bag import BagBatch, BagDataset, collate_bags
 from milkit.data.base import DataSplits
 from milkit.engine import configure_optimizers
 from milkit.metrics.classification import auroc, binary_metrics, choose_threshold, nan_to_none
-from milkit.models.base import MILModel, MILOutput, bag_and_instance_logits
+from milkit.models.base import MILModel, bag_and_instance_logits
 from milkit.run_dir import RunDir
 
 InstanceMode = Literal["attention", "singleton", "model"]
@@ -139,7 +139,43 @@ def evaluate_labeler(labeler: Labeler, ds: BagDataset, threshold: float | None) 
     return nan_to_none(out)
 
 
-class BagModule(L.LightningModule):
+class LossModule(L.LightningModule):
+    """One training stage given ``loss_fn(model, batch) -> (loss, logs)``: logs the loss terms
+    per epoch, moves custom batches (anything with ``.to``) and builds the trainer's optimiser.
+    Subclasses add validation (bag AUROC here, pixel metrics in ``seg_base.SegModule``)."""
+
+    def __init__(
+        self,
+        model: torch.nn.Module,
+        loss_fn: Callable[[torch.nn.Module, object], tuple[Tensor, dict[str, Tensor]]],
+        trainer_cfg: TrainerConfig,
+        params: Callable[[], object] | None = None,
+    ):
+        super().__init__()
+        self.model = model
+        self.loss_fn = loss_fn
+        self.trainer_cfg = trainer_cfg
+        self._params = params
+
+    def training_step(self, batch, batch_idx: int) -> Tensor:  # noqa: D102
+        loss, logs = self.loss_fn(self.model, batch)
+        bs = len(batch)
+        self.log("train/loss", loss, on_step=False, on_epoch=True, batch_size=bs)
+        for k, v in logs.items():
+            self.log(f"train/{k}", v, on_step=False, on_epoch=True, batch_size=bs)
+        return loss
+
+    def transfer_batch_to_device(self, batch, device, dataloader_idx):  # noqa: D102
+        if hasattr(batch, "to") and not isinstance(batch, Tensor):
+            return batch.to(device)
+        return super().transfer_batch_to_device(batch, device, dataloader_idx)
+
+    def configure_optimizers(self):  # noqa: D102
+        params = self._params() if self._params is not None else self.model.parameters()
+        return configure_optimizers(self, params, self.trainer_cfg)
+
+
+class BagModule(LossModule):
     """LightningModule for one MIL stage: ``loss_fn(model, batch) -> (loss, logs)``;
     validation logs ``val/bag_auroc``, ``val/bag_bce`` and ``val/auroc_minus_bce``."""
 
@@ -150,21 +186,9 @@ class BagModule(L.LightningModule):
         trainer_cfg: TrainerConfig,
         params: Callable[[], object] | None = None,
     ):
-        super().__init__()
-        self.model = model
-        self.loss_fn = loss_fn
-        self.trainer_cfg = trainer_cfg
-        self._params = params
+        super().__init__(model, loss_fn, trainer_cfg, params)
         self._val_probs: list[Tensor] = []
         self._val_labels: list[Tensor] = []
-
-    def training_step(self, batch: BagBatch, batch_idx: int) -> Tensor:
-        loss, logs = self.loss_fn(self.model, batch)
-        bs = len(batch)
-        self.log("train/loss", loss, on_step=False, on_epoch=True, batch_size=bs)
-        for k, v in logs.items():
-            self.log(f"train/{k}", v, on_step=False, on_epoch=True, batch_size=bs)
-        return loss
 
     def validation_step(self, batch: BagBatch, batch_idx: int) -> None:
         out = self.model(batch.instances, batch.mask, batch.adj)
@@ -184,13 +208,6 @@ class BagModule(L.LightningModule):
         self.log("val/bag_auroc", a)
         self.log("val/bag_bce", bce)
         self.log("val/auroc_minus_bce", a - bce)
-
-    def transfer_batch_to_device(self, batch, device, dataloader_idx):  # noqa: D102
-        return batch.to(device) if isinstance(batch, BagBatch) else super().transfer_batch_to_device(batch, device, dataloader_idx)
-
-    def configure_optimizers(self):  # noqa: D102
-        params = self._params() if self._params is not None else self.model.parameters()
-        return configure_optimizers(self, params, self.trainer_cfg)
 
 
 @dataclass

@@ -29,7 +29,6 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, ClassVar
 
-import lightning as L
 import numpy as np
 import torch
 from PIL import Image
@@ -40,8 +39,8 @@ from milkit import io
 from milkit.config import TrainerConfig
 from milkit.data.bag import Bag, BagDataset
 from milkit.data.base import DataSplits
-from milkit.engine import configure_optimizers, fit_stage, restore
-from milkit.methods.base import Labeler, Method
+from milkit.engine import fit_stage, restore
+from milkit.methods.base import Labeler, LossModule, Method
 from milkit.metrics.pixel import PixelMetricAccumulator, summarize
 from milkit.run_dir import RunDir
 
@@ -233,7 +232,7 @@ def evaluate_seg(labeler: SegLabeler, ds: BagDataset) -> dict:
 # ----------------------------------------------------------------------------- training stage
 
 
-class SegModule(L.LightningModule):
+class SegModule(LossModule):
     """LightningModule of one segmentation stage: ``loss_fn(model, batch) -> (loss, logs)``.
 
     Validation scores the net through a :class:`SegLabeler` (same blur/threshold as
@@ -249,22 +248,10 @@ class SegModule(L.LightningModule):
         blur_sigma: float = 0.0,
         threshold: float = 0.5,
     ):
-        super().__init__()
-        self.model = model
-        self.loss_fn = loss_fn
-        self.trainer_cfg = trainer_cfg
-        self._params = params
+        super().__init__(model, loss_fn, trainer_cfg, params)
         self.blur_sigma = blur_sigma
         self.threshold = threshold
         self._acc = PixelMetricAccumulator()
-
-    def training_step(self, batch: SegBatch, batch_idx: int) -> Tensor:
-        loss, logs = self.loss_fn(self.model, batch)
-        bs = len(batch)
-        self.log("train/loss", loss, on_step=False, on_epoch=True, batch_size=bs)
-        for k, v in logs.items():
-            self.log(f"train/{k}", v, on_step=False, on_epoch=True, batch_size=bs)
-        return loss
 
     def validation_step(self, batch: SegBatch, batch_idx: int) -> None:
         was_training = self.model.training
@@ -293,15 +280,6 @@ class SegModule(L.LightningModule):
                 self.log(f"val/{k}", s[k])
         if s.get("f1_pos") is not None:
             self.log("val/dice_mean", 0.5 * (s["f1_pos"] + s["f1_neg"]))
-
-    def transfer_batch_to_device(self, batch, device, dataloader_idx):  # noqa: D102
-        if isinstance(batch, SegBatch):
-            return batch.to(device)
-        return super().transfer_batch_to_device(batch, device, dataloader_idx)
-
-    def configure_optimizers(self):  # noqa: D102
-        params = self._params() if self._params is not None else self.model.parameters()
-        return configure_optimizers(self, params, self.trainer_cfg)
 
 
 # ----------------------------------------------------------------------------- outputs

@@ -18,7 +18,6 @@ initialisation; ImageNet weights are loaded only from a local file (never downlo
 from __future__ import annotations
 
 from dataclasses import dataclass
-from pathlib import Path
 
 import torch
 import torch.nn.functional as F
@@ -27,7 +26,7 @@ from torch import Tensor, nn
 from torchvision.models.vgg import cfgs as vgg_cfgs
 from torchvision.models.vgg import make_layers
 
-from milkit.io import load_state_dict
+from milkit.nn.pretrained import load_torchvision_weights
 from milkit.nn.attention import AttentionPool
 from milkit.nn.wildcat import WildcatHead
 
@@ -35,23 +34,6 @@ from milkit.nn.wildcat import WildcatHead
 _RESNET18_CHANNELS = {1: 64, 2: 128, 3: 256, 4: 512}
 #: last layer index (exclusive) and channels of VGG-16 ``features`` after each block
 _VGG16_BLOCKS = {1: (5, 64), 2: (10, 128), 3: (17, 256), 4: (24, 512), 5: (31, 512)}
-
-
-def _load_local_weights(net: nn.Module, path: str | Path) -> None:
-    """Load a torchvision state dict from a local file (weights_only); the classifier may be absent."""
-    state = load_state_dict(path)
-    if isinstance(state, dict) and "state_dict" in state and isinstance(state["state_dict"], dict):
-        state = state["state_dict"]
-    if not isinstance(state, dict):
-        raise ValueError(f"{path}: not a state dict")
-    state = {k: v for k, v in state.items() if not k.startswith(("fc.", "classifier."))}
-    missing, unexpected = net.load_state_dict(state, strict=False)
-    missing = [k for k in missing if not k.startswith(("fc.", "classifier."))]
-    if missing or unexpected:
-        raise ValueError(
-            f"{path}: not a torchvision {type(net).__name__} state dict "
-            f"(missing {missing[:3]}, unexpected {list(unexpected)[:3]})"
-        )
 
 
 def build_backbone(name: str = "resnet18", stages: int = 4, pretrained_path: str | None = None) -> tuple[nn.Module, int]:
@@ -66,7 +48,7 @@ def build_backbone(name: str = "resnet18", stages: int = 4, pretrained_path: str
             raise ValueError(f"resnet18 backbone has stages 1..4, got {stages}")
         net = torchvision.models.resnet18(weights=None)
         if pretrained_path:
-            _load_local_weights(net, pretrained_path)
+            load_torchvision_weights(net, pretrained_path)
         layers = [net.conv1, net.bn1, net.relu, net.maxpool, net.layer1, net.layer2, net.layer3, net.layer4]
         return nn.Sequential(*layers[: 4 + stages]), _RESNET18_CHANNELS[stages]
     if name == "vgg16":
@@ -76,7 +58,7 @@ def build_backbone(name: str = "resnet18", stages: int = 4, pretrained_path: str
         holder = nn.Module()
         holder.features = make_layers(vgg_cfgs["D"], batch_norm=False)
         if pretrained_path:
-            _load_local_weights(holder, pretrained_path)
+            load_torchvision_weights(holder, pretrained_path)
         end, ch = _VGG16_BLOCKS[stages]
         return nn.Sequential(*list(holder.features.children())[:end]), ch
     raise ValueError(f"unknown backbone {name!r}; use 'resnet18' or 'vgg16'")

@@ -25,25 +25,12 @@ import torch.nn.functional as F
 import torchvision
 from torch import Tensor, nn
 
-from milkit.io import load_state_dict
+from milkit.nn.pretrained import load_torchvision_weights
 
 Backbone = Literal["vgg16", "resnet18", "vgg_small"]
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
-
-
-def _load_local(net: nn.Module, path: str) -> None:
-    state = load_state_dict(path)
-    if isinstance(state, dict) and isinstance(state.get("state_dict"), dict):
-        state = state["state_dict"]
-    missing, unexpected = net.load_state_dict(state, strict=False)
-    missing = [k for k in missing if not k.startswith(("fc.", "classifier."))]
-    if missing or unexpected:
-        raise ValueError(
-            f"{path}: not a torchvision {type(net).__name__} state dict "
-            f"(missing {missing[:3]}, unexpected {list(unexpected)[:3]})"
-        )
 
 
 def _vgg_block(cin: int, cout: int, n_convs: int, bn: bool) -> nn.Sequential:
@@ -62,13 +49,13 @@ def build_blocks(backbone: Backbone, width: int = 16, pretrained_path: str | Non
     if backbone == "vgg16":
         net = torchvision.models.vgg16(weights=None)
         if pretrained_path:
-            _load_local(net, pretrained_path)
+            load_torchvision_weights(net, pretrained_path)
         f = list(net.features.children())
         return nn.ModuleList([nn.Sequential(*f[0:5]), nn.Sequential(*f[5:10]), nn.Sequential(*f[10:17])]), [64, 128, 256]
     if backbone == "resnet18":
         net = torchvision.models.resnet18(weights=None)
         if pretrained_path:
-            _load_local(net, pretrained_path)
+            load_torchvision_weights(net, pretrained_path)
         blocks = [nn.Sequential(net.conv1, net.bn1, net.relu, net.maxpool, net.layer1), net.layer2, net.layer3]
         return nn.ModuleList(blocks), [64, 128, 256]
     if backbone == "vgg_small":
