@@ -79,7 +79,7 @@ def evaluate(
     ),
     labels: Optional[Path] = typer.Option(None, "--labels", help="folder written by 'milkit label --slides'"),
 ) -> None:
-    """Score every stage on validation and test (or slide labels against annotations)."""
+    """Score every stage on validation and test (metrics.json, report.html), or slide labels against annotations."""
     from milkit.workflow import evaluate_run, print_table
 
     if annotations is not None:
@@ -93,6 +93,7 @@ def evaluate(
     else:
         metrics = evaluate_run(run_dir)
         print_table(metrics)
+        typer.echo(f"report: {Path(run_dir) / 'report.html'}")
 
 
 @app.command()

@@ -12,6 +12,7 @@ from milkit import registry
 from milkit.config import Experiment, load_yaml, validate_section
 from milkit.data.base import DataSplits
 from milkit.methods.base import Labeler, Method
+from milkit.report import write_report
 from milkit.run_dir import RunDir
 
 
@@ -35,12 +36,14 @@ def train_run(exp: Experiment, out_dir: str | Path, overwrite: bool = False) -> 
     seed_everything(exp.seed)  # model initialisation depends on the seed only, not on what ran before
     labelers = method.fit(splits, run)
     method.choose_thresholds(labelers, splits, run)
-    metrics = method.evaluate(labelers, splits, run)
+    scores: dict = {}
+    metrics = method.evaluate(labelers, splits, run, scores)
     metrics["_run"] = {"train_seconds": round(time.perf_counter() - t0, 2), "method": exp.method.name,
                        "stages": list(labelers)}
     from milkit import io
 
     io.write_json(run.metrics_path, metrics)
+    write_report(run.path, metrics, scores)
     return metrics
 
 
@@ -64,16 +67,19 @@ def _splits_for(exp: Experiment, data_yaml: Path | None) -> DataSplits:
 
 
 def evaluate_run(run_dir: str | Path) -> dict:
-    """Re-score every stage on validation and test; rewrites RUN_DIR/metrics.json (keeps other keys)."""
+    """Re-score every stage on validation and test; rewrites RUN_DIR/metrics.json (keeps other
+    keys) and RUN_DIR/report.html (ROC curves, score histograms, training curves)."""
     run = RunDir(run_dir)
     method, labelers, exp = load_labelers(run_dir)
     splits = exp.data.build(exp.seed)
-    metrics = method.evaluate(labelers, splits, run)
+    scores: dict = {}
+    metrics = method.evaluate(labelers, splits, run, scores)
     old = run.read_metrics()
     old.update(metrics)
     from milkit import io
 
     io.write_json(run.metrics_path, old)
+    write_report(run.path, old, scores)
     return old
 
 

@@ -50,6 +50,10 @@ def test_run_directory_is_self_describing(learned_run):
         assert json.loads((out / "stages" / stage / "threshold.json").read_text())["source"].startswith("validation")
     again = evaluate_run(out)  # rebuilt from the run directory alone
     assert again["student"]["test"]["instance_auroc"] == pytest.approx(metrics["student"]["test"]["instance_auroc"])
+    page = (out / "report.html").read_text()  # one section per stage, each with ROC, histograms, training curves
+    for stage in ("teacher", "student"):
+        assert f"stage: {stage}" in page
+    assert page.count("data:image/png;base64,") >= 2 * 4
 
 
 def test_label_csv_uses_validation_threshold(learned_run):

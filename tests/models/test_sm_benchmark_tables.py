@@ -27,6 +27,18 @@ def test_unknown_speed_model_is_named():
     assert {"abmil", "smap_early", "smtap", "clam_sb", "dsmil", "transmil", "dtfd"} <= set(MILKIT_MODELS)
 
 
+def test_speed_child_times_a_small_bag_until_its_time_budget():
+    """One real measurement in a subprocess: short steps repeat past ``repeats`` until
+    ``min_time`` is spent, so that the median of a millisecond step is stable."""
+    res = run_speed(["abmil"], [64], 16, 1, 2, 120.0, 10, torchmil=False, progress=lambda r: None, min_time=0.05)
+    m = res["results"][0]["milkit"]
+    assert "error" not in m, m
+    assert m["fwd_bwd_s"] > 0 and m["infer_s"] > 0 and m["peak_rss_mb"] > 0
+    n_fb, n_inf = m["timed"]
+    assert n_fb >= 2 and n_inf >= 2
+    assert n_fb * m["fwd_bwd_s"] >= 0.02  # the budget was (about) spent: more than `repeats` steps ran
+
+
 def test_spatial_summary_and_experiments_validate():
     runs = {"smap_early": [{"bag_auroc": 0.9, "bag_f1": 0.8, "instance_auroc": 0.7, "instance_f1": 0.5,
                             "dirichlet_energy": 0.02},

@@ -34,6 +34,9 @@ def test_short_run_beats_all_ones_and_reloads(tmp_path):
         ts = [float(r["train/t"]) for r in csv.DictReader(f) if r.get("train/t")]
     assert ts == pytest.approx([5.0, 7.5, 11.25, 16.875, 20.0, 20.0])
     again = evaluate_run(tmp_path / "mm")["seg"]["test"]
+    page = (tmp_path / "mm" / "report.html").read_text()
+    assert "stage: seg" in page and "<td>iou</td>" in page
+    assert page.count("data:image/png;base64,") >= 3  # image ROC, training curves, the examples figure
     assert again["f1_neg"] == pytest.approx(m["f1_neg"])
 
 

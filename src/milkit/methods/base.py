@@ -28,6 +28,7 @@ from milkit.data.base import DataSplits
 from milkit.engine import configure_optimizers
 from milkit.metrics.classification import auroc, binary_metrics, choose_threshold, nan_to_none
 from milkit.models.base import MILModel, bag_and_instance_logits
+from milkit.report import ScoreSet
 from milkit.run_dir import RunDir
 
 InstanceMode = Literal["attention", "singleton", "model"]
@@ -122,14 +123,19 @@ def select_threshold(labeler: Labeler, val: BagDataset, criterion: str = "youden
     return {"threshold": float(np.median(scores)), "source": "default:validation median (no instance labels)"}
 
 
-def evaluate_labeler(labeler: Labeler, ds: BagDataset, threshold: float | None) -> dict:
-    """Bag AUROC (and bag F1/accuracy at 0.5); instance AUROC/F1/accuracy at ``threshold``."""
+def evaluate_labeler(labeler: Labeler, ds: BagDataset, threshold: float | None,
+                     scores: ScoreSet | None = None) -> dict:
+    """Bag AUROC (and bag F1/accuracy at 0.5); instance AUROC/F1/accuracy at ``threshold``.
+    Fills ``scores`` (for the report) when given."""
     rows = labeler.predict_dataset(ds)
     y = np.array([r["label"] for r in rows])
     p = np.array([r["bag_prob"] for r in rows])
     bag = binary_metrics(y, p, 0.5)
     out: dict = {"bag_auroc": bag["auroc"], "bag_f1": bag["f1"], "bag_accuracy": bag["accuracy"], "n_bags": len(rows)}
     arrs = _instance_arrays(rows)
+    if scores is not None:
+        scores.bag_true, scores.bag_prob, scores.threshold = y, p, threshold
+        scores.instance_true, scores.instance_score = arrs if arrs is not None else (None, None)
     if arrs is None:
         out["instance"] = "not computable: this dataset has no instance labels"
     else:
@@ -242,14 +248,19 @@ class Method:
             lab.threshold = info["threshold"]
             run.write_threshold(name, info)
 
-    def evaluate(self, labelers: dict[str, Labeler], splits: DataSplits, run: RunDir) -> dict:
-        """Per stage and split: bag AUROC; instance AUROC/F1/accuracy at the validation threshold."""
+    def evaluate(self, labelers: dict[str, Labeler], splits: DataSplits, run: RunDir,
+                 scores: dict[str, dict[str, ScoreSet]] | None = None) -> dict:
+        """Per stage and split: bag AUROC; instance AUROC/F1/accuracy at the validation threshold.
+        ``scores[stage][split]`` receives the scores behind them (for ``report.html``)."""
         out: dict = {}
         for name, lab in labelers.items():
             thr = run.read_threshold(name)
             out[name] = {"threshold": thr}
             for split in ("val", "test"):
-                out[name][split] = evaluate_labeler(lab, splits.get(split), thr.get("threshold"))
+                sc = ScoreSet(np.zeros(0), np.zeros(0))
+                out[name][split] = evaluate_labeler(lab, splits.get(split), thr.get("threshold"), sc)
+                if scores is not None:
+                    scores.setdefault(name, {})[split] = sc
         return out
 
     def label(self, labeler: Labeler, ds: BagDataset, out_dir: Path, stage: str) -> list[Path]:

@@ -42,6 +42,7 @@ from milkit.data.base import DataSplits
 from milkit.engine import fit_stage, restore
 from milkit.methods.base import Labeler, LossModule, Method
 from milkit.metrics.pixel import PixelMetricAccumulator, summarize
+from milkit.report import ScoreSet
 from milkit.run_dir import RunDir
 
 # ----------------------------------------------------------------------------- batches
@@ -212,14 +213,21 @@ class SegLabeler(Labeler):
                 }
 
 
-def evaluate_seg(labeler: SegLabeler, ds: BagDataset) -> dict:
-    """Pixel metrics (per image, averaged) + image classification error / AUROC of one split."""
+def evaluate_seg(labeler: SegLabeler, ds: BagDataset, scores: ScoreSet | None = None) -> dict:
+    """Pixel metrics (per image, averaged) + image classification error / AUROC of one split.
+    Fills ``scores`` (image labels and probabilities, for the report) when given."""
     acc = PixelMetricAccumulator()
+    labels, probs = [], []
     for r in labeler.predict_dataset(ds):
+        labels.append(r["label"])
+        probs.append(r["image_prob"])
         if r["truth"] is None:
             acc.add_image(r["label"], r["image_prob"])
         else:
             acc.add(r["mask"], r["truth"], r["label"], r["image_prob"])
+    if scores is not None:
+        scores.bag_true, scores.bag_prob = np.asarray(labels), np.asarray(probs, dtype=float)
+        scores.threshold, scores.instance_name = labeler.threshold, "pixel"
     out = acc.summary()
     out["bag_auroc"] = out.get("image_auroc")  # the key workflow.print_table shows
     out["pixel_threshold"] = labeler.threshold
@@ -454,7 +462,8 @@ class SegMethod(Method):
             run.write_threshold(name, {"threshold": thr, "source": "config:pixel_threshold",
                                        "blur_sigma": getattr(lab, "blur_sigma", 0.0)})
 
-    def evaluate(self, labelers: dict[str, Labeler], splits: DataSplits, run: RunDir) -> dict:
+    def evaluate(self, labelers: dict[str, Labeler], splits: DataSplits, run: RunDir,
+                 scores: dict[str, dict[str, ScoreSet]] | None = None) -> dict:
         """Per stage and split: F1+, F1−, IKD F1, IoU, HD^Pos, confusion, classification error, AUROC;
         plus ``figures/<stage>_test.png`` (image | truth | map | prediction for a few test images)."""
         out: dict = {}
@@ -464,7 +473,10 @@ class SegMethod(Method):
                 lab.threshold = thr["threshold"]
             out[name] = {"threshold": thr}
             for split in ("val", "test"):
-                out[name][split] = evaluate_seg(lab, splits.get(split))  # type: ignore[arg-type]
+                sc = ScoreSet(np.zeros(0), np.zeros(0))
+                out[name][split] = evaluate_seg(lab, splits.get(split), sc)  # type: ignore[arg-type]
+                if scores is not None:
+                    scores.setdefault(name, {})[split] = sc
             if len(splits.test) and isinstance(lab, SegLabeler):
                 fig = run.path / "figures" / f"{name}_test.png"
                 examples_figure(fig, _example_rows(lab, splits.test), f"{name}: test examples")

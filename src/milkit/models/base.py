@@ -36,6 +36,9 @@ def encode_instances(encoder: nn.Module, x: Tensor, mask: Tensor) -> Tensor:
     """Run ``encoder`` on the real instances only, so that padding and batch statistics
     (BatchNorm) never see padded zeros; returns (B, N, D) with zeros where padded."""
     b, n = x.shape[:2]
+    if bool(mask.all()):  # unpadded batch: no gather/scatter copies (the common batch-size-1 case)
+        h = encoder(x.reshape(b * n, *x.shape[2:]))
+        return h.reshape(b, n, h.shape[-1])
     h_real = encoder(x[mask])
     h = h_real.new_zeros((b, n, h_real.shape[-1]))
     h[mask] = h_real
