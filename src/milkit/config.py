@@ -45,6 +45,10 @@ class TrainerConfig(StrictModel):
     batch_size: int = Field(1, ge=1)
     accumulate_grad_batches: int = Field(1, ge=1)
     warmup_epochs: int = Field(0, ge=0, description="LinearLR warm-up from 0.1x (Sm paper); 0 = off")
+    lr_step_every: int = Field(0, ge=0, description="StepLR: lr × lr_gamma every this many epochs; 0 = off")
+    lr_milestones: list[int] = Field(default_factory=list, description="MultiStepLR: lr × lr_gamma at each epoch listed")
+    lr_gamma: float = Field(0.1, gt=0, le=1, description="decay factor of lr_step_every / lr_milestones")
+    min_lr: float = Field(0.0, ge=0, description="the decays never take lr below this")
     gradient_clip_val: float | None = None
     monitor: str = "val/bag_auroc"
     monitor_mode: Literal["max", "min"] = "max"

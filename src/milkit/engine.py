@@ -46,11 +46,30 @@ def build_optimizer(params, cfg: TrainerConfig) -> torch.optim.Optimizer:
     raise ValueError(f"unknown optimizer {cfg.optimizer!r}")
 
 
-def configure_optimizers(module: L.LightningModule, params, cfg: TrainerConfig):
-    """Optimiser plus the optional LinearLR warm-up from 0.1× (Sm paper's schedule)."""
-    opt = build_optimizer(params, cfg)
+def lr_factor(epoch: int, cfg: TrainerConfig) -> float:
+    """Multiplier of ``cfg.lr`` during ``epoch`` (0-based): a LinearLR warm-up from 0.1× over
+    ``warmup_epochs`` (Sm paper), times ``lr_gamma`` per ``lr_step_every`` epochs and per
+    milestone passed (Max-Min §3.3: ÷10 at mid-training), floored at ``min_lr``."""
+    f = 1.0
     if cfg.warmup_epochs > 0:
-        sched = torch.optim.lr_scheduler.LinearLR(opt, start_factor=0.1, total_iters=cfg.warmup_epochs)
+        f = 0.1 + 0.9 * min(epoch, cfg.warmup_epochs) / cfg.warmup_epochs
+    decays = (epoch // cfg.lr_step_every if cfg.lr_step_every > 0 else 0) + sum(epoch >= m for m in cfg.lr_milestones)
+    f *= cfg.lr_gamma**decays
+    return max(f, cfg.min_lr / cfg.lr)
+
+
+def build_scheduler(opt: torch.optim.Optimizer, cfg: TrainerConfig) -> torch.optim.lr_scheduler.LRScheduler | None:
+    """A per-epoch LambdaLR following :func:`lr_factor`, or None when the config has no schedule."""
+    if cfg.warmup_epochs == 0 and cfg.lr_step_every == 0 and not cfg.lr_milestones:
+        return None
+    return torch.optim.lr_scheduler.LambdaLR(opt, lambda epoch: lr_factor(epoch, cfg))
+
+
+def configure_optimizers(module: L.LightningModule, params, cfg: TrainerConfig):
+    """Optimiser plus the trainer config's per-epoch learning-rate schedule (:func:`lr_factor`)."""
+    opt = build_optimizer(params, cfg)
+    sched = build_scheduler(opt, cfg)
+    if sched is not None:
         return {"optimizer": opt, "lr_scheduler": {"scheduler": sched, "interval": "epoch"}}
     return opt
 

@@ -40,7 +40,7 @@ from milkit import io
 from milkit.config import StrictModel, TrainerConfig
 from milkit.data.bag import BagBatch, BagDataset
 from milkit.data.base import DataSplits
-from milkit.engine import build_optimizer, fit_stage, restore_submodule, seed_everything
+from milkit.engine import build_optimizer, build_scheduler, fit_stage, restore_submodule, seed_everything
 from milkit.losses.bernoulli import bce_with_targets
 from milkit.methods.base import Labeler, Method, bag_loader, evaluate_labeler
 from milkit.metrics.classification import auroc
@@ -305,8 +305,8 @@ class WENOModule(L.LightningModule):
                 tc,
             ),
         ]
-        if tc.warmup_epochs > 0:
-            scheds = [torch.optim.lr_scheduler.LinearLR(o, start_factor=0.1, total_iters=tc.warmup_epochs) for o in opts]
+        scheds = [build_scheduler(o, tc) for o in opts]
+        if scheds[0] is not None:
             return opts, scheds
         return opts
 
