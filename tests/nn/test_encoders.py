@@ -12,6 +12,7 @@ from milkit.nn.encoders import EncoderConfig, build_encoder
     ({"name": "alexnet_cifar", "in_channels": 3, "image_size": 32, "out_dim": 64}, (3, 3, 32, 32), 64),
     ({"name": "resnet18", "in_channels": 3}, (3, 3, 64, 64), 512),
     ({"name": "linear", "in_dim": 10, "out_dim": 7}, (3, 10), 7),
+    ({"name": "linear_ln", "in_dim": 10, "out_dim": 7}, (3, 10), 7),
 ])
 def test_encoder_output_size(cfg, shape, dim):
     torch.manual_seed(0)
@@ -36,3 +37,11 @@ def test_encoder_errors_name_the_problem():
         build_encoder(EncoderConfig(name="resnet18", out_dim=128))
     with pytest.raises(ValueError, match="in_dim"):
         build_encoder(EncoderConfig(name="linear"))
+
+
+def test_linear_ln_scores_an_instance_the_same_in_any_batch():
+    torch.manual_seed(0)
+    enc, _ = build_encoder(EncoderConfig(name="linear_ln", in_dim=6, out_dim=5))
+    enc.train()
+    x = torch.randn(8, 6)
+    assert torch.allclose(enc(x)[:3], enc(x[:3]), atol=1e-6)

@@ -2,7 +2,9 @@
 
 - ``lenet5``: the LeNet-5 variant of Ilse et al. (2018) used for MNIST-bags in
   Distill-to-Label §III-B: conv(20,5)–ReLU–maxpool–conv(50,5)–ReLU–maxpool–FC(500)–ReLU.
-- ``identity`` / ``linear`` / ``linear_bn``: for pre-extracted features (N, D).
+- ``identity`` / ``linear`` / ``linear_bn`` / ``linear_ln``: for pre-extracted features (N, D);
+  ``linear_ln`` normalises each instance alone (LayerNorm), so a bag's score does not
+  depend on which other instances share its batch, as it does with ``linear_bn``.
 - ``d2l_colon`` / ``d2l_breast``: Distill-to-Label §IV encoders (milkit.nn.d2l_encoders).
 - ``alexnet_cifar``: WENO §4.3's AlexNet for CIFAR-10-MIL, as the authors' released code
   builds it for 32-px images: five 3×3 conv–BN–ReLU layers (96, 192, 384, 384, 192) with
@@ -25,7 +27,7 @@ from milkit.config import StrictModel
 class EncoderConfig(StrictModel):
     """Which encoder and its sizes."""
 
-    name: Literal["lenet5", "identity", "linear", "linear_bn", "d2l_colon", "d2l_breast", "small_cnn",
+    name: Literal["lenet5", "identity", "linear", "linear_bn", "linear_ln", "d2l_colon", "d2l_breast", "small_cnn",
                   "alexnet_cifar", "resnet18"] = "lenet5"
     in_channels: int = Field(1, ge=1, description="image channels (patch encoders)")
     image_size: int = Field(28, ge=8, description="patch side in pixels (patch encoders)")
@@ -125,7 +127,7 @@ def build_encoder(cfg: EncoderConfig) -> tuple[nn.Module, int]:
         if cfg.out_dim not in (None, 512):
             raise ValueError(f"encoder 'resnet18' gives 512-d features; out_dim {cfg.out_dim} is not possible")
         return resnet18_encoder(cfg.in_channels), 512
-    if cfg.name in ("identity", "linear", "linear_bn"):
+    if cfg.name in ("identity", "linear", "linear_bn", "linear_ln"):
         if cfg.in_dim is None:
             raise ValueError(f"encoder {cfg.name!r} needs 'in_dim' (the feature size)")
         if cfg.name == "identity":
@@ -134,6 +136,8 @@ def build_encoder(cfg: EncoderConfig) -> tuple[nn.Module, int]:
         layers: list[nn.Module] = [nn.Linear(cfg.in_dim, out)]
         if cfg.name == "linear_bn":
             layers.append(nn.BatchNorm1d(out))
+        elif cfg.name == "linear_ln":
+            layers.append(nn.LayerNorm(out))
         layers += [nn.ReLU(), nn.Dropout(cfg.dropout)]
         return nn.Sequential(*layers), out
     if cfg.name in ("d2l_colon", "d2l_breast"):
