@@ -31,15 +31,16 @@ def fail(msg: str) -> None:
 
 @app.command()
 def train(
-    config: Path = typer.Argument(..., help="experiment YAML"),
+    config: Path = typer.Argument(..., help="experiment YAML, or a shipped config's name (see 'milkit configs')"),
     out: Path = typer.Option(..., "--out", help="run directory to create"),
     set_: Optional[List[str]] = typer.Option(None, "--set", help="override, key.sub=value (repeatable)"),
 ) -> None:
     """Train a method on bag labels only; writes a self-describing run directory."""
     from milkit.config import load_experiment
+    from milkit.shipped_configs import resolve_config
     from milkit.workflow import train_run
 
-    exp = load_experiment(config, set_)
+    exp = load_experiment(resolve_config(config), set_)
     metrics = train_run(exp, out)
     from milkit.workflow import print_table
 
@@ -94,6 +95,30 @@ def evaluate(
         metrics = evaluate_run(run_dir)
         print_table(metrics)
         typer.echo(f"report: {Path(run_dir) / 'report.html'}")
+
+
+@app.command()
+def configs(
+    copy: Optional[str] = typer.Option(None, "--copy", help="shipped config to copy (e.g. sm/camelyon16_smap.yaml)"),
+    to: Path = typer.Option(Path("."), "--to", help="folder (or file) to copy it to"),
+) -> None:
+    """List the experiment YAMLs milkit ships (one per paper setting), or copy one to edit."""
+    from milkit import io
+    from milkit.shipped_configs import describe, list_configs, resolve_config
+
+    if copy is None:
+        shipped = list_configs()
+        if not shipped:
+            fail("no shipped configs found (neither a source checkout nor <prefix>/share/milkit/configs)")
+        for name, path in shipped.items():
+            typer.echo(f"{name:48s} {describe(path)}")
+        return
+    src = resolve_config(copy)
+    dest = to / src.name if to.is_dir() else to
+    if dest.exists():
+        fail(f"{dest}: already exists; not overwritten")
+    io.write_text(dest, src.read_text())
+    typer.echo(str(dest))
 
 
 @app.command()

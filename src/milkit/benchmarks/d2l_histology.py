@@ -23,6 +23,7 @@ from rich.console import Console
 from rich.table import Table
 
 from milkit import io
+from milkit.shipped_configs import config_roots
 
 STAGES = ("abmil", "teacher", "student")
 STAGE_NAMES = {"abmil": "MIL [11]", "teacher": "Teacher", "student": "Student"}
@@ -30,7 +31,7 @@ STAGE_SHORT = {"abmil": "MIL", "teacher": "T", "student": "S"}
 METRICS = ("accuracy", "f1", "auroc")
 METRIC_NAMES = {"accuracy": "Accuracy", "f1": "F1", "auroc": "AUROC"}
 METRIC_SHORT = {"accuracy": "Acc", "f1": "F1", "auroc": "AUC"}
-CONFIG_DIR = Path(__file__).resolve().parents[3] / "configs" / "distill_to_label"
+CONFIG_DIR = next((r / "distill_to_label" for r in config_roots()), Path("configs/distill_to_label"))
 
 # Averages over the 5 folds reported by the paper (instance level, Tables I and II).
 PAPER_AVERAGE = {

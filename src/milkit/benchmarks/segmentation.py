@@ -30,8 +30,12 @@ COLUMNS = [("classification_error", "Cl. err (%)", 100), ("f1_pos", "F1+ (%)", 1
 
 
 def default_config_dir() -> Path:
-    here = Path(__file__).resolve().parents[3] / "configs" / "segmentation_benchmark"
-    return here if here.is_dir() else Path("configs/segmentation_benchmark")
+    from milkit.shipped_configs import config_roots
+
+    for root in config_roots():
+        if (root / "segmentation_benchmark").is_dir():
+            return root / "segmentation_benchmark"
+    return Path("configs/segmentation_benchmark")
 
 
 def datasets(image_size: int, glas: Path | None, camelyon: Path | None, camelyon_csv: str | None,

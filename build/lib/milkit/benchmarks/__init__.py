@@ -1,0 +1,1 @@
+"""Reproduction and speed suites behind ``milkit benchmark`` (never run as tests)."""

@@ -1,0 +1,306 @@
+"""``milkit benchmark speed``: time and memory per bag of every MIL model (Sm issue, "Speed benchmark").
+
+For each model and bag size N (instances × ``dim`` features on a ⌈√N⌉-wide patch grid,
+so that Sm models get their 8-neighbour graph): forward+backward time of one training
+step, inference time (eval, no grad), and the peak resident memory of the process.
+Every (model, N) runs in its own subprocess with ``--threads`` torch threads, so that
+peak memory is its own and one crash or time-out does not end the table. When
+``torchmil`` is importable, its counterparts run on the same bags in the same run and
+the table gives milkit/torchmil time ratios; when it is not, the table says so.
+
+Timings depend on the machine's load: the load average before and after is reported.
+Models with quadratic self-attention (SmTAP) are skipped above ``--quadratic-max``.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import subprocess
+import sys
+import time
+from importlib.util import find_spec
+from pathlib import Path
+
+import typer
+
+#: label → (registry model name, config overrides); paper defaults otherwise
+MILKIT_MODELS: dict[str, tuple[str, dict]] = {
+    "abmil": ("abmil", {"gated": False}),
+    "abmil_gated": ("abmil", {"gated": True}),
+    "smap_early": ("smap", {"sm_where": "early"}),
+    "smap_mid": ("smap", {"sm_where": "mid"}),
+    "smap_late": ("smap", {"sm_where": "late"}),
+    "smtap": ("smtap", {}),
+    "clam_sb": ("clam_sb", {}),
+    "clam_mb": ("clam_mb", {}),
+    "dsmil": ("dsmil", {}),
+    "transmil": ("transmil", {}),
+    "dtfd": ("dtfd", {}),
+}
+QUADRATIC = {"smtap"}
+#: milkit label → torchmil class and the arguments that make it the same model
+TORCHMIL_MODELS: dict[str, str] = {
+    "abmil": "ABMIL",
+    "abmil_gated": "ABMIL",
+    "smap_early": "SmABMIL",
+    "smap_mid": "SmABMIL",
+    "smap_late": "SmABMIL",
+    "smtap": "SmTransformerABMIL",
+    "clam_sb": "CLAM_SB",
+    "dsmil": "DSMIL",
+    "transmil": "TransMIL",
+    "dtfd": "DTFDMIL",
+}
+
+
+def torchmil_available() -> bool:
+    return find_spec("torchmil") is not None
+
+
+# -- the child process ---------------------------------------------------------------
+def _grid_coords(n: int):
+    import numpy as np
+
+    side = math.ceil(math.sqrt(n))
+    k = np.arange(n)
+    return np.stack([k % side, k // side], axis=1) * 256
+
+
+def _build_milkit(label: str, dim: int):
+    from milkit.models.factory import build_mil_model, model_config
+    from milkit.nn.encoders import EncoderConfig
+
+    name, over = MILKIT_MODELS[label]
+    return build_mil_model(model_config({"name": name, **over}), EncoderConfig(name="identity", in_dim=dim))
+
+
+#: how a torchmil counterpart still differs from milkit's model after the arguments below
+TORCHMIL_DIFFERENCES: dict[str, str] = {
+    "dtfd": "torchmil's tier-1/2 attention is not gated",
+    "transmil": "torchmil's Nyström attention has no output projection and no residual depthwise conv",
+    "clam_sb": "torchmil's instance loss (SmoothTop1SVM) is not in the timed step",
+}
+
+
+def _build_torchmil(label: str, dim: int):
+    """torchmil's model with the arguments that make it milkit's paper-default architecture."""
+    import torch.nn as nn
+    import torchmil.models as tm
+
+    emb = lambda: nn.Sequential(nn.Linear(dim, 512), nn.GELU())  # noqa: E731 - SmAP/SmTAP's embedding
+    fc = lambda: nn.Sequential(nn.Linear(dim, 512), nn.ReLU())  # noqa: E731 - CLAM's fc, DTFD's reduction
+    if label in ("abmil", "abmil_gated"):
+        return tm.ABMIL(in_shape=(dim,), gated=label == "abmil_gated")
+    if label.startswith("smap"):
+        return tm.SmABMIL(in_shape=(dim,), sm_where=label.split("_")[1], spectral_norm=True, feat_ext=emb())
+    if label == "smtap":
+        return tm.SmTransformerABMIL(in_shape=(dim,), feat_ext=emb(), transf_n_layers=2, transf_n_heads=8,
+                                     transf_use_mlp=False, pool_spectral_norm=True)
+    if label == "clam_sb":
+        return tm.CLAM_SB(in_shape=(dim,), att_dim=256, gated=True, k_sample=8, feat_ext=fc())
+    if label == "dsmil":
+        return tm.DSMIL(in_shape=(dim,), nonlinear_q=True)
+    if label == "transmil":
+        return tm.TransMIL(in_shape=(dim,), n_heads=8, n_landmarks=256, dropout=0.1, feat_ext=fc())
+    if label == "dtfd":
+        return tm.DTFDMIL(in_shape=(dim,), n_groups=4, feat_ext=fc())
+    raise ValueError(label)
+
+
+def _peak_rss_mb() -> float:
+    """VmHWM of this process (ru_maxrss would carry over the parent's peak across exec)."""
+    with open("/proc/self/status") as f:
+        for line in f:
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) / 1024.0
+    import resource  # pragma: no cover - not Linux
+
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0
+
+
+def _child(spec: dict) -> dict:
+    import torch
+
+    from milkit.data.graph import grid_adjacency
+
+    torch.set_num_threads(spec["threads"])
+    torch.manual_seed(0)
+    n, dim, label, lib = spec["n"], spec["dim"], spec["model"], spec["lib"]
+    x = torch.randn(1, n, dim)
+    t0 = time.perf_counter()
+    graph = grid_adjacency(_grid_coords(n), 256)
+    graph_s = time.perf_counter() - t0
+    if lib == "milkit":
+        model = _build_milkit(label, dim)
+
+        def run():
+            return model(x, None, [graph]).bag_logits
+    else:
+        model = _build_torchmil(label, dim)
+        adj = graph.normalized_adjacency().to_sparse_coo().unsqueeze(0) if label.startswith("sm") else None
+        mask = torch.ones(1, n)
+
+        def run():
+            if label == "transmil":
+                out = model(x)
+            elif adj is not None:
+                out = model(x, adj, mask)
+            else:
+                out = model(x, mask)
+            return out[0] if isinstance(out, tuple) else out
+
+    base = _peak_rss_mb()
+
+    def timed(step) -> list[float]:
+        """``warmup`` untimed calls, then at least ``repeats`` timed ones and more until
+        ``min_time`` seconds have been spent (short steps get a stable median)."""
+        for _ in range(spec["warmup"]):
+            step()
+        times: list[float] = []
+        while len(times) < spec["repeats"] or sum(times) < spec["min_time"]:
+            t = time.perf_counter()
+            step()
+            times.append(time.perf_counter() - t)
+        return times
+
+    def train_step():
+        model.zero_grad(set_to_none=True)
+        run().sum().backward()
+
+    model.train()
+    fb = timed(train_step)
+    model.eval()
+    with torch.no_grad():
+        inf = timed(run)
+    return {"fwd_bwd_s": sorted(fb)[len(fb) // 2], "infer_s": sorted(inf)[len(inf) // 2], "timed": [len(fb), len(inf)],
+            "peak_rss_mb": _peak_rss_mb(), "base_rss_mb": base, "graph_s": graph_s}
+
+
+def _run_child(spec: dict, timeout: float) -> dict:
+    cmd = [sys.executable, "-m", "milkit.benchmarks.speed", json.dumps(spec)]
+    env = dict(os.environ, OMP_NUM_THREADS=str(spec["threads"]), MKL_NUM_THREADS=str(spec["threads"]))
+    try:
+        p = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, env=env)
+    except subprocess.TimeoutExpired:
+        return {"error": f"timeout > {timeout:.0f} s"}
+    lines = [ln for ln in p.stdout.splitlines() if ln.startswith("{")]
+    if p.returncode != 0 or not lines:
+        tail = (p.stderr.strip().splitlines() or ["no output"])[-1]
+        return {"error": f"exit {p.returncode}: {tail[:160]}"}
+    return json.loads(lines[-1])
+
+
+# -- the command ---------------------------------------------------------------------
+def _fmt(v: float | None) -> str:
+    return "—" if v is None else (f"{v:.3f}" if v < 10 else f"{v:.1f}")
+
+
+def speed_table(results: list[dict], with_torchmil: bool) -> str:
+    head = "| model | N | fwd+bwd s | infer s | peak RSS MB | graph s |"
+    sep = "|---|---:|---:|---:|---:|---:|"
+    if with_torchmil:
+        head += " torchmil fwd+bwd s | torchmil infer s | torchmil peak MB | fwd+bwd ratio | infer ratio |"
+        sep += "---:|---:|---:|---:|---:|"
+    rows = [head, sep]
+    for r in results:
+        m, t = r["milkit"], r.get("torchmil")
+        if "error" in m or "skipped" in m:
+            line = f"| {r['model']} | {r['n']} | {m.get('error') or m.get('skipped')} | | | |"
+        else:
+            line = (f"| {r['model']} | {r['n']} | {_fmt(m['fwd_bwd_s'])} | {_fmt(m['infer_s'])} | "
+                    f"{m['peak_rss_mb']:.0f} | {_fmt(m['graph_s'])} |")
+        if with_torchmil:
+            if t is None:
+                line += " n/a | | | | |"
+            elif "error" in t or "skipped" in t:
+                line += f" {t.get('error') or t.get('skipped')} | | | | |"
+            else:
+                ok = "error" not in m and "skipped" not in m
+                ratio_fb = _fmt(m["fwd_bwd_s"] / t["fwd_bwd_s"]) if ok else "—"
+                ratio_in = _fmt(m["infer_s"] / t["infer_s"]) if ok else "—"
+                line += (f" {_fmt(t['fwd_bwd_s'])} | {_fmt(t['infer_s'])} | {t['peak_rss_mb']:.0f} | "
+                         f"{ratio_fb} | {ratio_in} |")
+        rows.append(line)
+    return "\n".join(rows)
+
+
+def run_speed(models: list[str], sizes: list[int], dim: int, threads: int, repeats: int, timeout: float,
+              quadratic_max: int, torchmil: bool | None, progress=print, min_time: float = 1.0) -> dict:
+    """Measure every (model, size); returns the results and the run's context."""
+    unknown = [m for m in models if m not in MILKIT_MODELS]
+    if unknown:
+        raise ValueError(f"unknown model(s) {unknown}; choose from {sorted(MILKIT_MODELS)}")
+    use_tm = torchmil_available() if torchmil is None else torchmil
+    if use_tm and not torchmil_available():
+        raise ValueError("--torchmil was asked for but torchmil is not installed (pip install milkit[bench])")
+    load0 = os.getloadavg()
+    results = []
+    for n in sizes:
+        for label in models:
+            spec = {"model": label, "n": n, "dim": dim, "threads": threads, "repeats": repeats if n <= 10_000 else 1,
+                    "warmup": 1 if n <= 10_000 else 0, "min_time": min_time if n <= 10_000 else 0.0}
+            row: dict = {"model": label, "n": n}
+            if label in QUADRATIC and n > quadratic_max:
+                row["milkit"] = {"skipped": f"skipped: quadratic attention (N > {quadratic_max})"}
+            else:
+                row["milkit"] = _run_child({**spec, "lib": "milkit"}, timeout)
+            if use_tm and label in TORCHMIL_MODELS:
+                if label in QUADRATIC and n > quadratic_max:
+                    row["torchmil"] = {"skipped": "skipped"}
+                else:
+                    row["torchmil"] = _run_child({**spec, "lib": "torchmil"}, timeout)
+            progress(row)
+            results.append(row)
+    return {"results": results, "torchmil": use_tm, "threads": threads, "dim": dim,
+            "loadavg_before": load0, "loadavg_after": os.getloadavg(), "cpu_count": os.cpu_count()}
+
+
+def register(app: typer.Typer) -> None:
+    """Add ``milkit benchmark speed``."""
+
+    @app.command("speed")
+    def speed(
+        out: Path = typer.Option(Path("benchmark_results/speed"), help="folder for speed.json and speed.md"),
+        sizes: str = typer.Option("1000,10000,100000", help="bag sizes, comma-separated"),
+        models: str = typer.Option(",".join(MILKIT_MODELS), help="models, comma-separated"),
+        dim: int = typer.Option(512, help="instance feature size"),
+        threads: int = typer.Option(2, help="torch threads per measurement"),
+        repeats: int = typer.Option(3, help="timed repeats (median) for N <= 10k; 1 above"),
+        min_time: float = typer.Option(1.0, help="for N <= 10k, repeat until this many seconds are timed"),
+        timeout: float = typer.Option(900.0, help="seconds per (model, size) before giving up"),
+        quadratic_max: int = typer.Option(20_000, help="largest N for quadratic-attention models"),
+        torchmil: bool = typer.Option(None, "--torchmil/--no-torchmil", help="compare with torchmil (default: if installed)"),
+    ) -> None:
+        """Forward+backward and inference time per bag, and peak memory, for every MIL model."""
+        from rich.console import Console
+
+        from milkit import io
+
+        console = Console()
+        try:
+            size_list = [int(s) for s in sizes.split(",") if s.strip()]
+        except ValueError:
+            raise typer.BadParameter(f"--sizes must be integers, got {sizes!r}") from None
+        model_list = [m.strip() for m in models.split(",") if m.strip()]
+        if not torchmil_available():
+            console.print("torchmil is not installed: reporting milkit's numbers only (pip install milkit[bench])")
+        res = run_speed(model_list, size_list, dim, threads, repeats, timeout, quadratic_max, torchmil,
+                        progress=lambda r: console.print(json.dumps(r)), min_time=min_time)
+        table = speed_table(res["results"], res["torchmil"])
+        note = (f"{res['dim']} features, {res['threads']} torch threads, {res['cpu_count']} CPUs; load average "
+                f"before {res['loadavg_before'][0]:.2f}, after {res['loadavg_after'][0]:.2f}. "
+                f"torchmil: {'compared' if res['torchmil'] else 'not installed'}.")
+        if res["torchmil"]:
+            note += ("\n\ntorchmil models are built with milkit's paper-default architecture where torchmil's "
+                     "arguments allow; what still differs: "
+                     + "; ".join(f"{k}: {v}" for k, v in TORCHMIL_DIFFERENCES.items()) + ".")
+        io.write_json(out / "speed.json", res)
+        io.write_text(out / "speed.md", f"# milkit benchmark speed\n\n{note}\n\n{table}\n")
+        console.print(table)
+        console.print(note)
+
+
+if __name__ == "__main__":  # the per-measurement subprocess
+    print(json.dumps(_child(json.loads(sys.argv[1]))))

@@ -1,0 +1,452 @@
+"""Feature bags: one bag per slide from pre-extracted patch features plus a labels CSV.
+
+Layouts read (FORMATS.md "Per-slide HDF5"):
+
+- ``h5`` — milkit/TRIDENT ``<slide>.h5`` (``features`` (N, D), ``coords`` (N, 2) level-0
+  top-left with attrs) and CLAM ``h5_files/<slide>.h5`` (same datasets, no attrs);
+- ``clam_pt`` — CLAM ``pt_files/<slide>.pt`` (the (N, D) tensor only, loaded with
+  ``weights_only=True``; coords from ``h5_files/<slide>.h5`` when it is there);
+- ``torchmil`` — ``features/<bag>.npy|.h5`` with sibling ``coords/`` (grid units, turned
+  into level-0 pixels with ``patch_size_level0``), ``patch_labels/`` or ``inst_labels/``,
+  ``labels/``, and ``splits.csv``.
+
+Labels CSV: ``slide_id`` (aliases ``slide``, ``wsi`` with extension), ``label`` (or
+``label_column``), optional ``case_id`` (alias ``patient``) and ``split``. Splits come
+from the CSV's ``split`` column, or are made stratified by label and grouped by case
+(70/10/20 or k-fold; milkit.data.splits). Instance labels, for scoring only, come from
+annotations (``annotations_dir``) or from the files themselves.
+"""
+
+from __future__ import annotations
+
+import csv
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Literal
+
+import h5py
+import numpy as np
+import torch
+from pydantic import Field, model_validator
+
+from milkit.data.bag import Bag, BagDataset
+from milkit.data.base import DataConfig, DataSplits
+from milkit.data.splits import kfold_splits, stratified_group_split
+
+Layout = Literal["auto", "h5", "clam_pt", "torchmil"]
+SLIDE_ALIASES = ("slide_id", "slide", "wsi")
+CASE_ALIASES = ("case_id", "patient")
+SPLIT_NAMES = {"train": "train", "training": "train", "val": "val", "valid": "val", "validation": "val", "test": "test"}
+
+
+# -- labels CSV -----------------------------------------------------------------------
+@dataclass
+class LabelRow:
+    slide_id: str
+    label: int
+    case_id: str
+    split: str | None
+
+
+def _strip_ext(name: str) -> str:
+    from milkit.slide.reader import slide_id
+
+    return slide_id(name) if "." in name else name
+
+
+def _parse_label(v: str, path: Path, line: int) -> int:
+    s = (v or "").strip().lower()
+    if s in ("1", "1.0", "true", "yes", "positive", "tumor", "tumour"):
+        return 1
+    if s in ("0", "0.0", "false", "no", "negative", "normal"):
+        return 0
+    raise ValueError(f"{path}: line {line}: label {v!r} is not binary (0/1)")
+
+
+def read_labels_csv(path: str | Path, label_column: str = "label") -> list[LabelRow]:
+    """Rows of a slide labels CSV (or TSV), with FORMATS.md's column aliases."""
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"{path}: labels CSV does not exist")
+    text = path.read_text()
+    dialect = csv.excel_tab if path.suffix.lower() == ".tsv" or ("\t" in text.splitlines()[0] if text else False) else csv.excel
+    rows = list(csv.DictReader(text.splitlines(), dialect=dialect))
+    if not rows:
+        raise ValueError(f"{path}: labels CSV has no rows")
+    cols = {c.strip(): c for c in rows[0] if c is not None}
+    sid_col = next((cols[c] for c in SLIDE_ALIASES if c in cols), None)
+    if sid_col is None:
+        raise ValueError(f"{path}: no slide column (one of {', '.join(SLIDE_ALIASES)}); columns: {sorted(cols)}")
+    if label_column not in cols:
+        raise ValueError(f"{path}: no label column {label_column!r}; columns: {sorted(cols)}")
+    case_col = next((cols[c] for c in CASE_ALIASES if c in cols), None)
+    split_col = cols.get("split")
+    out, seen = [], set()
+    for i, r in enumerate(rows, start=2):
+        sid = _strip_ext((r.get(sid_col) or "").strip())
+        if not sid:
+            raise ValueError(f"{path}: line {i}: empty slide id")
+        if sid in seen:
+            raise ValueError(f"{path}: line {i}: slide {sid!r} listed twice")
+        seen.add(sid)
+        split = None
+        if split_col is not None and (r.get(split_col) or "").strip():
+            s = r[split_col].strip().lower()
+            if s not in SPLIT_NAMES:
+                raise ValueError(f"{path}: line {i}: split {r[split_col]!r} is not train, val or test")
+            split = SPLIT_NAMES[s]
+        case = (r.get(case_col) or "").strip() if case_col else ""
+        out.append(LabelRow(sid, _parse_label(r.get(cols[label_column]), path, i), case or sid, split))
+    return out
+
+
+# -- feature files ----------------------------------------------------------------------
+@dataclass
+class FeatureFile:
+    """What one slide's feature file holds (numpy; coords level-0 top-left or None)."""
+
+    path: Path
+    features: np.ndarray
+    coords: np.ndarray | None
+    patch_size_level0: int | None
+    instance_labels: np.ndarray | None = None
+
+
+def _attr_num(attrs: dict, key: str) -> float | None:
+    v = attrs.get(key)
+    if isinstance(v, bytes):
+        v = v.decode()
+    if v is None or (isinstance(v, str) and v in ("None", "")):
+        return None
+    try:
+        return float(np.asarray(v).ravel()[0])
+    except (TypeError, ValueError):
+        return None
+
+
+def read_h5_features(path: str | Path) -> FeatureFile:
+    """milkit/TRIDENT/CLAM h5: ``features`` (N, D) and ``coords`` (N, 2); lengths must agree."""
+    path = Path(path)
+    try:
+        with h5py.File(path, "r") as f:
+            if "features" not in f:
+                raise ValueError(f"{path}: no 'features' dataset (run 'milkit extract' first)")
+            feats = np.asarray(f["features"][()], dtype=np.float32)
+            coords, attrs = None, dict(f.attrs)
+            if "coords" in f:
+                coords = np.asarray(f["coords"][()], dtype=np.int64)
+                attrs.update(dict(f["coords"].attrs))
+            inst = None
+            for name in ("instance_labels", "labels", "patch_labels"):
+                if name in f:
+                    inst = np.asarray(f[name][()]).astype(np.int64).reshape(-1)
+                    break
+    except OSError as err:
+        raise ValueError(f"{path}: not a readable HDF5 file ({err})") from None
+    if feats.ndim == 3 and feats.shape[0] == 1:  # some writers keep a batch axis
+        feats = feats[0]
+    if feats.ndim != 2:
+        raise ValueError(f"{path}: 'features' has shape {feats.shape}, expected (N, D)")
+    if coords is not None:
+        if coords.ndim == 3 and coords.shape[0] == 1:
+            coords = coords[0]
+        coords = coords.reshape(-1, 2) if coords.size else np.zeros((0, 2), np.int64)
+        if len(coords) != len(feats):
+            raise ValueError(f"{path}: {len(feats)} feature rows but {len(coords)} coords")
+    if inst is not None and len(inst) != len(feats):
+        raise ValueError(f"{path}: {len(feats)} feature rows but {len(inst)} instance labels")
+    ps0 = _attr_num(attrs, "patch_size_level0")
+    if ps0 is None and _attr_num(attrs, "patch_size") is not None and _attr_num(attrs, "downsample") is not None:
+        ps0 = _attr_num(attrs, "patch_size") * _attr_num(attrs, "downsample")  # CLAM patch attrs
+    return FeatureFile(path, feats, coords, None if ps0 is None else int(round(ps0)), inst)
+
+
+def read_pt_features(path: str | Path, coords_h5: Path | None = None) -> FeatureFile:
+    """CLAM ``.pt``: the (N, D) tensor (``weights_only=True``); coords from ``coords_h5``."""
+    path = Path(path)
+    try:
+        t = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as err:  # noqa: BLE001 - re-raised naming the file
+        raise ValueError(f"{path}: not a readable tensor file ({err})") from None
+    if isinstance(t, dict) and "features" in t:
+        t = t["features"]
+    if not isinstance(t, torch.Tensor) or t.ndim != 2:
+        raise ValueError(f"{path}: expected an (N, D) tensor, got {getattr(t, 'shape', type(t).__name__)}")
+    feats = t.float().numpy()
+    coords, ps0 = None, None
+    if coords_h5 is not None and coords_h5.is_file():
+        with h5py.File(coords_h5, "r") as f:
+            if "coords" in f:
+                coords = np.asarray(f["coords"][()], dtype=np.int64).reshape(-1, 2)
+                a = dict(f["coords"].attrs)
+                ps0 = _attr_num(a, "patch_size_level0")
+        if coords is not None and len(coords) != len(feats):
+            raise ValueError(f"{path}: {len(feats)} feature rows but {len(coords)} coords in {coords_h5}")
+    return FeatureFile(path, feats, coords, None if ps0 is None else int(ps0))
+
+
+def _load_array(path: Path) -> np.ndarray:
+    if path.suffix == ".npy":
+        return np.load(path, allow_pickle=False)
+    with h5py.File(path, "r") as f:
+        keys = list(f)
+        if not keys:
+            raise ValueError(f"{path}: empty HDF5 file")
+        return np.asarray(f[keys[0]][()])
+
+
+def _sibling(root: Path, folders: tuple[str, ...], bag: str) -> Path | None:
+    for folder in folders:
+        for suf in (".npy", ".h5"):
+            p = root / folder / f"{bag}{suf}"
+            if p.is_file():
+                return p
+    return None
+
+
+def read_torchmil_bag(root: str | Path, bag: str, patch_size_level0: int | None) -> FeatureFile:
+    """torchmil processed layout: ``features/<bag>``, ``coords/<bag>`` (grid units),
+    ``patch_labels/<bag>`` or ``inst_labels/<bag>``."""
+    root = Path(root)
+    fp = _sibling(root, ("features",), bag)
+    if fp is None:
+        raise FileNotFoundError(f"{root}: no features/{bag}.npy or .h5")
+    feats = np.asarray(_load_array(fp), dtype=np.float32)
+    if feats.ndim != 2:
+        raise ValueError(f"{fp}: features have shape {feats.shape}, expected (N, D)")
+    coords = None
+    cp = _sibling(root, ("coords",), bag)
+    if cp is not None:
+        grid = np.asarray(_load_array(cp)).reshape(-1, 2)
+        if len(grid) != len(feats):
+            raise ValueError(f"{cp}: {len(grid)} coords but {len(feats)} feature rows in {fp}")
+        coords = np.rint(grid * (patch_size_level0 or 1)).astype(np.int64)
+    inst = None
+    ip = _sibling(root, ("patch_labels", "inst_labels"), bag)
+    if ip is not None:
+        inst = np.asarray(_load_array(ip)).reshape(-1).astype(np.int64)
+        if len(inst) != len(feats):
+            raise ValueError(f"{ip}: {len(inst)} instance labels but {len(feats)} feature rows in {fp}")
+    return FeatureFile(fp, feats, coords, patch_size_level0, inst)
+
+
+def detect_layout(features_dir: Path) -> str:
+    """``torchmil`` (a features/ folder), ``clam_pt`` (pt_files/ or .pt files), else ``h5``."""
+    if (features_dir / "features").is_dir():
+        return "torchmil"
+    if (features_dir / "pt_files").is_dir() and not (features_dir / "h5_files").is_dir():
+        return "clam_pt"
+    if not any(features_dir.glob("*.h5")) and any(features_dir.glob("*.pt")):
+        return "clam_pt"
+    return "h5"
+
+
+def index_feature_files(features_dir: Path, layout: str) -> dict[str, Path]:
+    """slide id → its feature file (or, for torchmil, the layout root)."""
+    if layout == "torchmil":
+        return {p.stem: features_dir for p in (features_dir / "features").iterdir() if p.suffix in (".npy", ".h5")}
+    if layout == "clam_pt":
+        d = features_dir / "pt_files" if (features_dir / "pt_files").is_dir() else features_dir
+        return {p.stem: p for p in d.glob("*.pt")}
+    d = features_dir / "h5_files" if (features_dir / "h5_files").is_dir() else features_dir
+    return {p.stem.removesuffix("_patches"): p for p in d.glob("*.h5") if not p.name.startswith(".")}
+
+
+# -- dataset --------------------------------------------------------------------------
+class FeatureBagsConfig(DataConfig):
+    """Feature bags from a folder of per-slide files and a labels CSV."""
+
+    kind: Literal["feature_bags"] = "feature_bags"
+    features_dir: Path
+    labels_csv: Path | None = Field(None, description="slide_id,label[,case_id,split]; optional for torchmil")
+    layout: Layout = "auto"
+    label_column: str = "label"
+    #: auto: the CSV's split column when it has one, else fractions
+    split_mode: Literal["auto", "csv", "fractions", "kfold"] = "auto"
+    #: train/val/test; 70/10/20 as in Distill-to-Label §IV (NOTES.md)
+    fractions: tuple[float, float, float] = (0.7, 0.1, 0.2)
+    #: k-fold: 5 folds (Distill-to-Label §IV; Sm App. B uses five train/val splits)
+    folds: int = Field(5, ge=2)
+    fold: int = Field(0, ge=0)
+    val_fraction: float = Field(0.1, ge=0, lt=1)
+    #: level-0 patch size for torchmil grid coords (None keeps grid units)
+    patch_size_level0: int | None = Field(None, ge=1)
+    #: ASAP XML / GeoJSON per slide → instance labels (scoring only, never training)
+    annotations_dir: Path | None = None
+    #: patch positive iff tumour fraction ≥ this (Camelyon16 0.5: Sm App. B, NOTES.md)
+    tumour_fraction: float = Field(0.5, gt=0, le=1)
+    #: attach the 8-neighbour bag graph (milkit.data.graph) for Sm
+    graph: bool = False
+    #: read every bag once into memory instead of on access
+    preload: bool = False
+
+    @model_validator(mode="after")
+    def _check(self) -> "FeatureBagsConfig":
+        if self.fold >= self.folds:
+            raise ValueError(f"fold {self.fold} must be < folds {self.folds}")
+        if abs(sum(self.fractions) - 1) > 1e-6:
+            raise ValueError(f"fractions must sum to 1, got {list(self.fractions)}")
+        return self
+
+    def build(self, seed: int) -> DataSplits:
+        table = FeatureTable.from_config(self)
+        parts = table.split_indices(self, seed)
+        return DataSplits(*(FeatureBagDataset(table, idx, self) for idx in parts))
+
+
+@dataclass
+class FeatureTable:
+    """Every labelled slide with its file; validated against the folder up front."""
+
+    rows: list[LabelRow]
+    files: list[Path]
+    layout: str
+    source: Path
+    _inst: dict = field(default_factory=dict, repr=False)  # annotation labels, computed once
+
+    @classmethod
+    def from_config(cls, cfg: FeatureBagsConfig) -> "FeatureTable":
+        fdir = Path(cfg.features_dir)
+        if not fdir.is_dir():
+            raise FileNotFoundError(f"{fdir}: features folder does not exist")
+        layout = detect_layout(fdir) if cfg.layout == "auto" else cfg.layout
+        index = index_feature_files(fdir, layout)
+        if cfg.labels_csv is not None:
+            rows = read_labels_csv(cfg.labels_csv, cfg.label_column)
+            source = Path(cfg.labels_csv)
+        elif layout == "torchmil":
+            rows, source = _torchmil_labels(fdir), fdir
+        else:
+            raise ValueError(f"{fdir}: data.labels_csv is required for the {layout!r} layout")
+        missing = [r.slide_id for r in rows if r.slide_id not in index]
+        if missing:
+            shown = ", ".join(missing[:5]) + (" …" if len(missing) > 5 else "")
+            raise ValueError(
+                f"{source}: {len(missing)} labelled slide(s) have no feature file in {fdir} ({layout} layout): {shown}"
+            )
+        if not rows:
+            raise ValueError(f"{source}: no labelled slides")
+        return cls(rows, [index[r.slide_id] for r in rows], layout, source)
+
+    def split_indices(self, cfg: FeatureBagsConfig, seed: int) -> list[np.ndarray]:
+        labels = np.array([r.label for r in self.rows])
+        groups = np.array([r.case_id for r in self.rows])
+        has_csv = all(r.split is not None for r in self.rows)
+        mode = cfg.split_mode if cfg.split_mode != "auto" else ("csv" if has_csv else "fractions")
+        if mode == "csv":
+            if not has_csv:
+                raise ValueError(f"{self.source}: split_mode 'csv' needs a split value on every row")
+            parts = [np.flatnonzero([r.split == s for r in self.rows]) for s in ("train", "val", "test")]
+            _check_cases(self.rows, parts, self.source)
+            return parts
+        if mode == "kfold":
+            return list(kfold_splits(labels, groups, cfg.folds, seed, cfg.val_fraction)[cfg.fold])
+        return stratified_group_split(labels, groups, cfg.fractions, seed)
+
+    def load(self, i: int, cfg: FeatureBagsConfig) -> Bag:
+        row, path = self.rows[i], self.files[i]
+        if self.layout == "torchmil":
+            ff = read_torchmil_bag(path, row.slide_id, cfg.patch_size_level0)
+        elif self.layout == "clam_pt":
+            h5 = path.parent.parent / "h5_files" / f"{row.slide_id}.h5"
+            ff = read_pt_features(path, h5)
+        else:
+            ff = read_h5_features(path)
+        inst = ff.instance_labels
+        if cfg.annotations_dir is not None and ff.coords is not None:
+            if i not in self._inst:
+                self._inst[i] = _annotation_labels(cfg, row.slide_id, ff)
+            inst = self._inst[i]
+        bag = Bag(
+            instances=torch.from_numpy(ff.features),
+            label=row.label,
+            bag_id=row.slide_id,
+            instance_labels=None if inst is None else torch.from_numpy(inst),
+            coords=None if ff.coords is None else torch.from_numpy(ff.coords),
+            meta={"path": str(ff.path), "case_id": row.case_id, "patch_size_level0": ff.patch_size_level0},
+        )
+        if cfg.graph:
+            if ff.coords is None:
+                raise ValueError(f"{ff.path}: data.graph needs coords, and this file has none")
+            from milkit.data.graph import grid_adjacency
+
+            bag.adj = grid_adjacency(ff.coords, ff.patch_size_level0) if len(ff.features) else None
+        return bag
+
+
+def _torchmil_labels(root: Path) -> list[LabelRow]:
+    """Bag labels from ``labels/<bag>`` (max of the array) and splits from ``splits.csv``."""
+    splits: dict[str, str] = {}
+    sp = root / "splits.csv"
+    if sp.is_file():
+        with sp.open(newline="") as f:
+            for r in csv.DictReader(f):
+                name = r.get("bag_name") or r.get("slide_id") or r.get("bag")
+                s = (r.get("split") or "").strip().lower()
+                if name and s in SPLIT_NAMES:
+                    splits[name] = SPLIT_NAMES[s]
+    rows = []
+    for p in sorted((root / "features").iterdir()):
+        if p.suffix not in (".npy", ".h5"):
+            continue
+        lp = _sibling(root, ("labels",), p.stem)
+        if lp is None:
+            raise ValueError(f"{root}: bag {p.stem!r} has no labels/{p.stem}.npy; pass data.labels_csv")
+        rows.append(LabelRow(p.stem, int(np.asarray(_load_array(lp)).max() > 0), p.stem, splits.get(p.stem)))
+    return rows
+
+
+def _check_cases(rows: list[LabelRow], parts: list[np.ndarray], source: Path) -> None:
+    seen: dict[str, str] = {}
+    for name, idx in zip(("train", "val", "test"), parts):
+        for i in idx:
+            c = rows[i].case_id
+            if seen.setdefault(c, name) != name:
+                raise ValueError(f"{source}: case {c!r} has slides in both {seen[c]} and {name}")
+
+
+def _annotation_labels(cfg: FeatureBagsConfig, sid: str, ff: FeatureFile) -> np.ndarray:
+    from milkit.slide.annotations import find_annotation, patch_labels, read_annotations
+
+    if ff.patch_size_level0 is None:
+        raise ValueError(f"{ff.path}: annotations need patch_size_level0 in the coords attrs")
+    ann = find_annotation(cfg.annotations_dir, sid)  # type: ignore[arg-type]
+    if ann is None:
+        return np.zeros(len(ff.features), np.int64)  # Camelyon16: normal slides have no annotation
+    labels, _ = patch_labels(read_annotations(ann), ff.coords, ff.patch_size_level0, cfg.tumour_fraction)
+    return labels
+
+
+class FeatureBagDataset(BagDataset):
+    """Bags of one split, read from disk on access (or all at once with ``preload``)."""
+
+    def __init__(self, table: FeatureTable, indices: np.ndarray, cfg: FeatureBagsConfig):
+        self.table = table
+        self.indices = [int(i) for i in indices]
+        self.cfg = cfg
+        self._cache: list[Bag] | None = [table.load(i, cfg) for i in self.indices] if cfg.preload else None
+
+    def __len__(self) -> int:
+        return len(self.indices)
+
+    def __getitem__(self, i: int) -> Bag:
+        if self._cache is not None:
+            return self._cache[i]
+        return self.table.load(self.indices[i], self.cfg)
+
+    def __iter__(self):
+        for i in range(len(self)):
+            yield self[i]
+
+    @property
+    def bags(self) -> list[Bag]:  # type: ignore[override]
+        """Every bag of the split (loads them all)."""
+        return [self[i] for i in range(len(self))]
+
+    @property
+    def labels(self) -> list[int]:
+        return [self.table.rows[i].label for i in self.indices]
+
+    @property
+    def bag_ids(self) -> list[str]:
+        return [self.table.rows[i].slide_id for i in self.indices]

@@ -1,0 +1,289 @@
+"""What every training recipe (Method) provides, and the shared MIL plumbing.
+
+A Method takes an :class:`~milkit.config.Experiment` and the data splits, trains
+one or more *stages* (each through :func:`milkit.engine.fit_stage`) and returns
+one :class:`Labeler` per stage. ``load(run)`` rebuilds the same labelers from a
+run directory alone. ``evaluate`` and ``label`` have MIL defaults here; methods
+whose output is a pixel map (IKD-MIL, Max-Min) override them.
+"""
+
+from __future__ import annotations
+
+import csv
+import io as _io
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable, ClassVar, Literal
+
+import lightning as L
+import numpy as np
+import torch
+from torch import Tensor
+from torch.utils.data import DataLoader
+
+from milkit import io
+from milkit.config import Experiment, StrictModel, TrainerConfig
+from milkit.data.bag import BagBatch, BagDataset, collate_bags
+from milkit.data.base import DataSplits
+from milkit.engine import configure_optimizers
+from milkit.metrics.classification import auroc, binary_metrics, choose_threshold, nan_to_none
+from milkit.models.base import MILModel, bag_and_instance_logits
+from milkit.report import ScoreSet
+from milkit.run_dir import RunDir
+
+InstanceMode = Literal["attention", "singleton", "model"]
+
+
+def bag_loader(ds: BagDataset, cfg: TrainerConfig, shuffle: bool, seed: int = 0) -> DataLoader:
+    """DataLoader of padded bag batches; shuffling uses an explicit seeded generator."""
+    g = torch.Generator().manual_seed(seed)
+    return DataLoader(
+        ds,
+        batch_size=cfg.batch_size,
+        shuffle=shuffle,
+        collate_fn=collate_bags,
+        num_workers=cfg.num_workers,
+        generator=g if shuffle else None,
+    )
+
+
+class Labeler:
+    """A fitted model that turns a bag into a bag probability and instance scores.
+
+    ``instance_mode``: ``"model"`` uses the model's own ``instance_scores``
+    (attention logits for ABMIL), ``"singleton"`` scores every instance as a bag of
+    size one (sigmoid of ``instance_logits``; Distill-to-Label student, §III-C).
+    """
+
+    def __init__(self, model: MILModel, instance_mode: InstanceMode = "model", threshold: float | None = None):
+        self.model = model.eval()
+        self.instance_mode = instance_mode
+        self.threshold = threshold
+
+    @property
+    def score_kind(self) -> str:
+        return "probability" if self.instance_mode == "singleton" else "score"
+
+    @torch.no_grad()
+    def __call__(self, batch: BagBatch) -> tuple[Tensor, Tensor]:
+        """(bag probabilities (B,), instance scores (B, N)); padded positions are 0."""
+        if self.instance_mode == "singleton":
+            out, logits = bag_and_instance_logits(self.model, batch.instances, batch.mask, batch.adj)
+            inst = torch.sigmoid(logits) * batch.mask
+        else:
+            out = self.model(batch.instances, batch.mask, batch.adj)
+            inst = out.instance_scores
+        return torch.sigmoid(out.bag_logits), inst
+
+    @torch.no_grad()
+    def predict_dataset(self, ds: BagDataset) -> list[dict]:
+        """Per bag: id, label, bag probability, instance scores and labels (numpy)."""
+        rows = []
+        for bag in ds:
+            batch = collate_bags([bag])
+            p, s = self(batch)
+            rows.append(
+                {
+                    "bag_id": bag.bag_id,
+                    "label": int(bag.label),
+                    "bag_prob": float(p[0]),
+                    "scores": s[0, : len(bag)].cpu().numpy(),
+                    "instance_labels": None if bag.instance_labels is None else bag.instance_labels.cpu().numpy(),
+                }
+            )
+        return rows
+
+
+def _instance_arrays(rows: list[dict]) -> tuple[np.ndarray, np.ndarray] | None:
+    ys, ss = [], []
+    for r in rows:
+        if r["instance_labels"] is None:
+            continue
+        keep = r["instance_labels"] >= 0
+        ys.append(r["instance_labels"][keep])
+        ss.append(r["scores"][keep])
+    if not ys:
+        return None
+    return np.concatenate(ys), np.concatenate(ss)
+
+
+def select_threshold(labeler: Labeler, val: BagDataset, criterion: str = "youden_product") -> dict:
+    """Instance threshold chosen on validation instance labels (NOTES.md "Common ground").
+
+    Without validation instance labels there is nothing to choose on: probabilities
+    use 0.5, other scores their validation median, and the source says so.
+    """
+    rows = labeler.predict_dataset(val)
+    arrs = _instance_arrays(rows)
+    if arrs is not None and len(np.unique(arrs[0])) == 2:
+        return {"threshold": choose_threshold(*arrs, criterion=criterion), "source": f"validation:{criterion}"}
+    if labeler.score_kind == "probability":
+        return {"threshold": 0.5, "source": "default:0.5 (no validation instance labels)"}
+    scores = np.concatenate([r["scores"] for r in rows]) if rows else np.zeros(1)
+    return {"threshold": float(np.median(scores)), "source": "default:validation median (no instance labels)"}
+
+
+def evaluate_labeler(labeler: Labeler, ds: BagDataset, threshold: float | None,
+                     scores: ScoreSet | None = None) -> dict:
+    """Bag AUROC (and bag F1/accuracy at 0.5); instance AUROC/F1/accuracy at ``threshold``.
+    Fills ``scores`` (for the report) when given."""
+    rows = labeler.predict_dataset(ds)
+    y = np.array([r["label"] for r in rows])
+    p = np.array([r["bag_prob"] for r in rows])
+    bag = binary_metrics(y, p, 0.5)
+    out: dict = {"bag_auroc": bag["auroc"], "bag_f1": bag["f1"], "bag_accuracy": bag["accuracy"], "n_bags": len(rows)}
+    arrs = _instance_arrays(rows)
+    if scores is not None:
+        scores.bag_true, scores.bag_prob, scores.threshold = y, p, threshold
+        scores.instance_true, scores.instance_score = arrs if arrs is not None else (None, None)
+    if arrs is None:
+        out["instance"] = "not computable: this dataset has no instance labels"
+    else:
+        inst = binary_metrics(arrs[0], arrs[1], threshold if threshold is not None else 0.5)
+        out.update({f"instance_{k}": v for k, v in inst.items()})
+        out["instance_threshold"] = threshold
+    return nan_to_none(out)
+
+
+class LossModule(L.LightningModule):
+    """One training stage given ``loss_fn(model, batch) -> (loss, logs)``: logs the loss terms
+    per epoch, moves custom batches (anything with ``.to``) and builds the trainer's optimiser.
+    Subclasses add validation (bag AUROC here, pixel metrics in ``seg_base.SegModule``)."""
+
+    def __init__(
+        self,
+        model: torch.nn.Module,
+        loss_fn: Callable[[torch.nn.Module, object], tuple[Tensor, dict[str, Tensor]]],
+        trainer_cfg: TrainerConfig,
+        params: Callable[[], object] | None = None,
+    ):
+        super().__init__()
+        self.model = model
+        self.loss_fn = loss_fn
+        self.trainer_cfg = trainer_cfg
+        self._params = params
+
+    def training_step(self, batch, batch_idx: int) -> Tensor:  # noqa: D102
+        loss, logs = self.loss_fn(self.model, batch)
+        bs = len(batch)
+        self.log("train/loss", loss, on_step=False, on_epoch=True, batch_size=bs)
+        for k, v in logs.items():
+            self.log(f"train/{k}", v, on_step=False, on_epoch=True, batch_size=bs)
+        return loss
+
+    def transfer_batch_to_device(self, batch, device, dataloader_idx):  # noqa: D102
+        if hasattr(batch, "to") and not isinstance(batch, Tensor):
+            return batch.to(device)
+        return super().transfer_batch_to_device(batch, device, dataloader_idx)
+
+    def configure_optimizers(self):  # noqa: D102
+        params = self._params() if self._params is not None else self.model.parameters()
+        return configure_optimizers(self, params, self.trainer_cfg)
+
+
+class BagModule(LossModule):
+    """LightningModule for one MIL stage: ``loss_fn(model, batch) -> (loss, logs)``;
+    validation logs ``val/bag_auroc``, ``val/bag_bce`` and ``val/auroc_minus_bce``."""
+
+    def __init__(
+        self,
+        model: MILModel,
+        loss_fn: Callable[[MILModel, BagBatch], tuple[Tensor, dict[str, Tensor]]],
+        trainer_cfg: TrainerConfig,
+        params: Callable[[], object] | None = None,
+    ):
+        super().__init__(model, loss_fn, trainer_cfg, params)
+        self._val_probs: list[Tensor] = []
+        self._val_labels: list[Tensor] = []
+
+    def validation_step(self, batch: BagBatch, batch_idx: int) -> None:
+        out = self.model(batch.instances, batch.mask, batch.adj)
+        self._val_probs.append(torch.sigmoid(out.bag_logits).detach().cpu())
+        self._val_labels.append(batch.labels.detach().cpu())
+
+    def on_validation_epoch_end(self) -> None:
+        if not self._val_probs:
+            return
+        p = torch.cat(self._val_probs).double()
+        y = torch.cat(self._val_labels).double()
+        self._val_probs.clear()
+        self._val_labels.clear()
+        a = auroc(y.numpy(), p.numpy())
+        a = 0.5 if np.isnan(a) else a
+        bce = float(torch.nn.functional.binary_cross_entropy(p.clamp(1e-7, 1 - 1e-7), y))
+        self.log("val/bag_auroc", a)
+        self.log("val/bag_bce", bce)
+        self.log("val/auroc_minus_bce", a - bce)
+
+
+@dataclass
+class Stage:
+    """A fitted stage: its name and the labeler it produced."""
+
+    name: str
+    labeler: Labeler
+
+
+class Method:
+    """Base class of every recipe. Subclasses set ``Config`` and implement ``fit`` and ``load``."""
+
+    Config: ClassVar[type[StrictModel]]
+    #: the stage whose labels ``milkit label`` writes by default
+    primary_stage: ClassVar[str] = "mil"
+
+    def __init__(self, exp: Experiment):
+        self.exp = exp
+        self.cfg = exp.method
+
+    def fit(self, splits: DataSplits, run: RunDir) -> dict[str, Labeler]:
+        raise NotImplementedError
+
+    def load(self, run: RunDir) -> dict[str, Labeler]:
+        raise NotImplementedError
+
+    # -- defaults for MIL methods (override for pixel-map methods) -------------------
+    def choose_thresholds(self, labelers: dict[str, Labeler], splits: DataSplits, run: RunDir) -> None:
+        for name, lab in labelers.items():
+            info = select_threshold(lab, splits.val)
+            lab.threshold = info["threshold"]
+            run.write_threshold(name, info)
+
+    def evaluate(self, labelers: dict[str, Labeler], splits: DataSplits, run: RunDir,
+                 scores: dict[str, dict[str, ScoreSet]] | None = None) -> dict:
+        """Per stage and split: bag AUROC; instance AUROC/F1/accuracy at the validation threshold.
+        ``scores[stage][split]`` receives the scores behind them (for ``report.html``)."""
+        out: dict = {}
+        for name, lab in labelers.items():
+            thr = run.read_threshold(name)
+            out[name] = {"threshold": thr}
+            for split in ("val", "test"):
+                sc = ScoreSet(np.zeros(0), np.zeros(0))
+                out[name][split] = evaluate_labeler(lab, splits.get(split), thr.get("threshold"), sc)
+                if scores is not None:
+                    scores.setdefault(name, {})[split] = sc
+        return out
+
+    def label(self, labeler: Labeler, ds: BagDataset, out_dir: Path, stage: str) -> list[Path]:
+        """Write instance labels: CSV ``bag_id,instance,score,label`` (+ x,y when coords exist)."""
+        rows = labeler.predict_dataset(ds)
+        thr = labeler.threshold if labeler.threshold is not None else 0.5
+        buf = _io.StringIO()
+        w = csv.writer(buf)
+        has_coords = any(b.coords is not None for b in ds)
+        w.writerow(["bag_id", "instance", "score", "label"] + (["x", "y"] if has_coords else []))
+        for bag, r in zip(ds, rows):
+            for k, s in enumerate(r["scores"]):
+                row = [r["bag_id"], k, f"{float(s):.6g}", int(s >= thr)]
+                if has_coords:
+                    row += [int(bag.coords[k, 0]), int(bag.coords[k, 1])] if bag.coords is not None else ["", ""]
+                w.writerow(row)
+        path = Path(out_dir) / f"instance_labels_{stage}.csv"
+        io.write_text(path, buf.getvalue())
+        bag_buf = _io.StringIO()
+        bw = csv.writer(bag_buf)
+        bw.writerow(["bag_id", "bag_label", "bag_prob"])
+        for r in rows:
+            bw.writerow([r["bag_id"], r["label"], f"{r['bag_prob']:.6g}"])
+        bag_path = Path(out_dir) / f"bag_predictions_{stage}.csv"
+        io.write_text(bag_path, bag_buf.getvalue())
+        return [path, bag_path]

@@ -1,0 +1,165 @@
+"""TransMIL (Shao et al., NeurIPS 2021): two Nyström-attention layers around a PPEG.
+
+fc Linear(P→512)+ReLU; a class token; TransLayer (pre-LN, Nyström self-attention,
+8 heads × 64, 256 landmarks, 6 Moore–Penrose iterations, depth-wise residual conv of
+kernel 33 on the values, as the Nyströmformer); PPEG (the tokens folded onto a
+⌈√N⌉×⌈√N⌉ square, padded by repeating the first tokens, plus depth-wise 7×7, 5×5 and
+3×3 convolutions); a second TransLayer; LayerNorm; linear classifier on the class token.
+
+Nyström attention (Xiong et al. 2021): landmarks q̃, k̃ are segment means of q and k;
+softmax(QKᵀ)V ≈ softmax(Q k̃ᵀ) · pinv(softmax(q̃ k̃ᵀ)) · softmax(q̃ Kᵀ) V, with pinv by
+the iterative Moore–Penrose scheme. Written here (no extra package).
+
+TransMIL depends on instance order (PPEG, landmarks), so it is not permutation
+invariant. Each bag is processed alone on its real instances, so padding never changes
+a result. Instance scores: the class token's (Nyström) attention to each instance in
+the last layer, averaged over heads (the "attention values" the Sm paper scores).
+"""
+
+from __future__ import annotations
+
+import math
+from typing import ClassVar, Literal
+
+import torch
+import torch.nn.functional as F
+from pydantic import Field
+from torch import Tensor, nn
+
+from milkit.config import StrictModel
+from milkit.models.base import MILModel, MILOutput, encode_instances, full_mask
+
+
+def moore_penrose_pinv(a: Tensor, iters: int = 6) -> Tensor:
+    """Iterative pseudo-inverse of (…, m, m) softmax matrices (Nyströmformer Eq. 16)."""
+    eye = torch.eye(a.shape[-1], dtype=a.dtype, device=a.device)
+    col = a.abs().sum(-1).amax(-1, keepdim=True).unsqueeze(-1)
+    row = a.abs().sum(-2).amax(-1, keepdim=True).unsqueeze(-1)
+    z = a.transpose(-1, -2) / (col * row)
+    for _ in range(iters):
+        az = a @ z
+        z = 0.25 * z @ (13 * eye - az @ (15 * eye - az @ (7 * eye - az)))
+    return z
+
+
+def segment_means(x: Tensor, m: int) -> Tensor:
+    """Means of ``m`` contiguous, near-equal segments along dim -2 of x (…, n, d)."""
+    n = x.shape[-2]
+    seg = torch.div(torch.arange(n, device=x.device) * m, n, rounding_mode="floor")
+    counts = torch.bincount(seg, minlength=m).to(x.dtype).clamp_min(1)
+    out = x.new_zeros(*x.shape[:-2], m, x.shape[-1]).index_add_(-2, seg, x)
+    return out / counts.unsqueeze(-1)
+
+
+class NystromAttention(nn.Module):
+    """Multi-head Nyström self-attention on one sequence (1, n, dim)."""
+
+    def __init__(self, dim: int = 512, heads: int = 8, dim_head: int = 64, landmarks: int = 256,
+                 pinv_iters: int = 6, residual_kernel: int = 33, dropout: float = 0.1):
+        super().__init__()
+        self.heads, self.dim_head, self.landmarks, self.pinv_iters = heads, dim_head, landmarks, pinv_iters
+        self.to_qkv = nn.Linear(dim, 3 * heads * dim_head, bias=False)
+        self.to_out = nn.Sequential(nn.Linear(heads * dim_head, dim), nn.Dropout(dropout))
+        self.res_conv = nn.Conv2d(heads, heads, (residual_kernel, 1), padding=(residual_kernel // 2, 0),
+                                  groups=heads, bias=False)
+
+    def forward(self, x: Tensor, return_cls_attention: bool = False) -> tuple[Tensor, Tensor | None]:
+        b, n, _ = x.shape
+        q, k, v = self.to_qkv(x).view(b, n, 3, self.heads, self.dim_head).permute(2, 0, 3, 1, 4)
+        q = q / math.sqrt(self.dim_head)
+        m = min(self.landmarks, n)
+        ql, kl = segment_means(q, m), segment_means(k, m)
+        f1 = torch.softmax(q @ kl.transpose(-1, -2), dim=-1)  # (b, h, n, m)
+        mid = moore_penrose_pinv(torch.softmax(ql @ kl.transpose(-1, -2), dim=-1), self.pinv_iters)
+        f2 = torch.softmax(ql @ k.transpose(-1, -2), dim=-1)  # (b, h, m, n)
+        out = (f1 @ mid) @ (f2 @ v) + self.res_conv(v)
+        cls_attn = None
+        if return_cls_attention:  # row 0 of the approximate attention matrix, mean over heads
+            cls_attn = ((f1[:, :, :1] @ mid) @ f2).squeeze(2).mean(1)  # (b, n)
+        out = out.transpose(1, 2).reshape(b, n, self.heads * self.dim_head)
+        return self.to_out(out), cls_attn
+
+
+class TransLayer(nn.Module):
+    """x ← x + NystromAttention(LN(x)) (TransMIL TransLayer)."""
+
+    def __init__(self, dim: int, heads: int, landmarks: int, dropout: float):
+        super().__init__()
+        self.norm = nn.LayerNorm(dim)
+        self.attn = NystromAttention(dim, heads, dim // heads, landmarks, dropout=dropout)
+
+    def forward(self, x: Tensor, return_cls_attention: bool = False) -> tuple[Tensor, Tensor | None]:
+        a, cls_attn = self.attn(self.norm(x), return_cls_attention)
+        return x + a, cls_attn
+
+
+class PPEG(nn.Module):
+    """Pyramid position encoding generator: depth-wise 7×7 + 5×5 + 3×3 convs on the token square."""
+
+    def __init__(self, dim: int):
+        super().__init__()
+        self.proj = nn.Conv2d(dim, dim, 7, 1, 3, groups=dim)
+        self.proj1 = nn.Conv2d(dim, dim, 5, 1, 2, groups=dim)
+        self.proj2 = nn.Conv2d(dim, dim, 3, 1, 1, groups=dim)
+
+    def forward(self, x: Tensor, side: int) -> Tensor:
+        b, _, c = x.shape
+        cls, feat = x[:, :1], x[:, 1:].transpose(1, 2).reshape(b, c, side, side)
+        feat = feat + self.proj(feat) + self.proj1(feat) + self.proj2(feat)
+        return torch.cat([cls, feat.flatten(2).transpose(1, 2)], dim=1)
+
+
+class TransMIL(MILModel):
+    #: PPEG and the Nyström landmarks depend on instance order (see module docstring)
+    permutation_invariant: ClassVar[bool] = False
+
+    class Config(StrictModel):
+        name: Literal["transmil"] = "transmil"
+        embed_dim: int = Field(512, ge=8, description="TransMIL code: 512")
+        heads: int = Field(8, ge=1, description="TransMIL code: 8 heads × 64")
+        landmarks: int = Field(256, ge=1, description="TransMIL code: dim // 2 = 256 landmarks")
+        dropout: float = Field(0.1, ge=0, lt=1, description="TransMIL code: attention output dropout 0.1")
+
+    def __init__(self, encoder: nn.Module, in_dim: int, embed_dim: int = 512, heads: int = 8,
+                 landmarks: int = 256, dropout: float = 0.1):
+        super().__init__()
+        if embed_dim % heads:
+            raise ValueError(f"embed_dim {embed_dim} is not divisible by {heads} heads")
+        self.encoder = encoder
+        self.fc = nn.Sequential(nn.Linear(in_dim, embed_dim), nn.ReLU())
+        self.cls_token = nn.Parameter(torch.randn(1, 1, embed_dim))
+        self.layer1 = TransLayer(embed_dim, heads, landmarks, dropout)
+        self.ppeg = PPEG(embed_dim)
+        self.layer2 = TransLayer(embed_dim, heads, landmarks, dropout)
+        self.norm = nn.LayerNorm(embed_dim)
+        self.classifier = nn.Linear(embed_dim, 1)
+
+    @classmethod
+    def from_config(cls, cfg: "TransMIL.Config", encoder: nn.Module, in_dim: int) -> "TransMIL":
+        return cls(encoder, in_dim, cfg.embed_dim, cfg.heads, cfg.landmarks, cfg.dropout)
+
+    def _one_bag(self, h: Tensor) -> tuple[Tensor, Tensor]:
+        """h (1, n, D) real instances → bag logit (1,), instance scores (1, n)."""
+        n = h.shape[1]
+        side = math.ceil(math.sqrt(n))
+        extra = side * side - n
+        if extra:  # TransMIL squares the sequence by repeating its first tokens
+            reps = h.repeat(1, math.ceil(extra / n), 1)[:, :extra]
+            h = torch.cat([h, reps], dim=1)
+        x = torch.cat([self.cls_token.expand(1, -1, -1).to(h.dtype), h], dim=1)
+        x, _ = self.layer1(x)
+        x = self.ppeg(x, side)
+        x, cls_attn = self.layer2(x, return_cls_attention=True)
+        logit = self.classifier(self.norm(x)[:, 0]).squeeze(-1)
+        return logit, cls_attn[:, 1 : n + 1]
+
+    def forward(self, x: Tensor, mask: Tensor | None = None, adj: object | None = None) -> MILOutput:
+        mask = full_mask(x, mask)
+        h = self.fc(encode_instances(self.encoder, x, mask))
+        logits, scores = [], h.new_zeros(mask.shape)
+        for b in range(h.shape[0]):
+            real = torch.nonzero(mask[b]).squeeze(1)
+            lb, sb = self._one_bag(h[b : b + 1, real])
+            logits.append(lb)
+            scores = scores.index_put((torch.full_like(real, b), real), sb[0])
+        return MILOutput(bag_logits=torch.cat(logits), instance_scores=scores, embeddings=h)

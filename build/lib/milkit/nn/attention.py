@@ -1,0 +1,54 @@
+"""Attention pooling (Ilse et al. 2018) as used by ABMIL and Distill-to-Label Eq. 1–2."""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor, nn
+
+
+def masked_softmax(logits: Tensor, mask: Tensor, dim: int = -1) -> Tensor:
+    """Softmax over ``dim`` that gives exactly 0 weight to masked-out positions."""
+    neg = torch.finfo(logits.dtype).min
+    z = logits.masked_fill(~mask, neg)
+    w = torch.softmax(z, dim=dim)
+    return w * mask.to(w.dtype)
+
+
+class AttentionScorer(nn.Module):
+    """Attention logits s_k = wᵀ tanh(V h_k) (Ilse et al. Eq. 8)."""
+
+    def __init__(self, in_dim: int, hidden: int = 128):
+        super().__init__()
+        self.V = nn.Linear(in_dim, hidden)
+        self.w = nn.Linear(hidden, 1)
+
+    def forward(self, h: Tensor) -> Tensor:
+        return self.w(torch.tanh(self.V(h))).squeeze(-1)
+
+
+class GatedAttentionScorer(nn.Module):
+    """Gated attention logits s_k = wᵀ(tanh(V h_k) ⊙ sigm(U h_k)) (D2L Eq. 2, Ilse et al. Eq. 9)."""
+
+    def __init__(self, in_dim: int, hidden: int = 128):
+        super().__init__()
+        self.V = nn.Linear(in_dim, hidden)
+        self.U = nn.Linear(in_dim, hidden)
+        self.w = nn.Linear(hidden, 1)
+
+    def forward(self, h: Tensor) -> Tensor:
+        return self.w(torch.tanh(self.V(h)) * torch.sigmoid(self.U(h))).squeeze(-1)
+
+
+class AttentionPool(nn.Module):
+    """z = Σ_k a_k h_k with a = softmax(s) over the real instances (D2L Eq. 1)."""
+
+    def __init__(self, in_dim: int, hidden: int = 128, gated: bool = True):
+        super().__init__()
+        self.scorer = GatedAttentionScorer(in_dim, hidden) if gated else AttentionScorer(in_dim, hidden)
+
+    def forward(self, h: Tensor, mask: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+        """h (B, N, D), mask (B, N) → pooled (B, D), weights a (B, N), logits s (B, N) (0 where padded)."""
+        s = self.scorer(h)
+        a = masked_softmax(s, mask)
+        z = torch.einsum("bn,bnd->bd", a, h)
+        return z, a, s.masked_fill(~mask, 0.0)

@@ -1,0 +1,218 @@
+"""``report.html``: one self-contained page per run directory (DESIGN.md, ``milkit evaluate``).
+
+What it shows, per stage: the metrics table of every split; ROC curves of bag (image)
+scores and of instance scores against the instance labels, with the AUROC in the legend;
+histograms of instance scores split by their true label, with the validation threshold;
+the stage's training curves (``stages/<stage>/logs/metrics.csv``); and any figure the
+method wrote under ``figures/`` (segmentation examples). Plots are PNGs embedded as base64,
+so the file can be mailed or opened from a cluster's scratch space.
+
+Scores arrive as :class:`ScoreSet` objects that ``Method.evaluate`` fills while it scores
+each split, so building the report never runs a model again.
+"""
+
+from __future__ import annotations
+
+import base64
+import csv
+import html
+import io as _bytes_io
+import math
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from milkit import io
+
+#: instance scores plotted per histogram at most (a 100k-patch slide set stays fast)
+MAX_HISTOGRAM_POINTS = 200_000
+
+
+@dataclass
+class ScoreSet:
+    """Scores of one (stage, split): bag (image) level, and instance level when labelled."""
+
+    bag_true: np.ndarray
+    bag_prob: np.ndarray
+    instance_true: np.ndarray | None = None
+    instance_score: np.ndarray | None = None
+    threshold: float | None = None
+    instance_name: str = "instance"
+
+
+# ----------------------------------------------------------------------------- plots
+def _png(fig) -> str:
+    buf = _bytes_io.BytesIO()
+    fig.savefig(buf, format="png", dpi=90, bbox_inches="tight")
+    return base64.b64encode(buf.getvalue()).decode("ascii")
+
+
+def _roc(ax, y: np.ndarray, s: np.ndarray, label: str) -> None:
+    from sklearn.metrics import roc_auc_score, roc_curve
+
+    if len(np.unique(y)) < 2:
+        ax.text(0.5, 0.5, f"{label}: one class only", ha="center", fontsize=8)
+        return
+    fpr, tpr, _ = roc_curve(y, s)
+    ax.plot(fpr, tpr, label=f"{label} (AUROC {roc_auc_score(y, s):.3f})")
+
+
+def roc_figure(scores: dict[str, ScoreSet]) -> str:
+    """ROC curves of bag and instance scores of every split; base64 PNG."""
+    from matplotlib.figure import Figure
+
+    fig = Figure(figsize=(8, 3.6))
+    axes = fig.subplots(1, 2)
+    for split, sc in scores.items():
+        _roc(axes[0], sc.bag_true, sc.bag_prob, split)
+        if sc.instance_true is not None and sc.instance_score is not None:
+            _roc(axes[1], sc.instance_true, sc.instance_score, split)
+    name = next(iter(scores.values())).instance_name if scores else "instance"
+    for ax, title in zip(axes, ("bag / image", name)):
+        ax.plot([0, 1], [0, 1], color="0.7", lw=0.8, ls="--")
+        ax.set(title=f"ROC — {title}", xlabel="false positive rate", ylabel="true positive rate", xlim=(0, 1), ylim=(0, 1))
+        if ax.get_legend_handles_labels()[0]:
+            ax.legend(fontsize=8, loc="lower right")
+    return _png(fig)
+
+
+def histogram_figure(sc: ScoreSet, split: str, seed: int = 0) -> str | None:
+    """Instance scores by true label (negative / positive) with the threshold; base64 PNG."""
+    if sc.instance_true is None or sc.instance_score is None or len(sc.instance_true) == 0:
+        return None
+    from matplotlib.figure import Figure
+
+    y, s = np.asarray(sc.instance_true), np.asarray(sc.instance_score, dtype=float)
+    if len(s) > MAX_HISTOGRAM_POINTS:  # subsample, reproducibly
+        keep = np.random.default_rng(seed).choice(len(s), MAX_HISTOGRAM_POINTS, replace=False)
+        y, s = y[keep], s[keep]
+    finite = np.isfinite(s)
+    y, s = y[finite], s[finite]
+    fig = Figure(figsize=(5, 3.2))
+    ax = fig.subplots()
+    bins = np.linspace(s.min(), s.max(), 41) if len(s) and s.max() > s.min() else 10
+    for cls, color, name in ((0, "tab:blue", "negative"), (1, "tab:red", "positive")):
+        part = s[y == cls]
+        if len(part):
+            ax.hist(part, bins=bins, alpha=0.55, color=color, label=f"{name} ({len(part)})", density=True)
+    if sc.threshold is not None and math.isfinite(sc.threshold):
+        ax.axvline(sc.threshold, color="k", lw=1, ls="--", label=f"threshold {sc.threshold:.3g}")
+    ax.set(title=f"{sc.instance_name} scores — {split}", xlabel="score", ylabel="density")
+    ax.legend(fontsize=8)
+    return _png(fig)
+
+
+def read_training_log(path: Path) -> dict[str, list[tuple[int, float]]]:
+    """Per-epoch series of a Lightning CSV log: column → [(epoch, value)], empty cells skipped."""
+    if not path.is_file():
+        return {}
+    series: dict[str, list[tuple[int, float]]] = {}
+    with path.open(newline="") as f:
+        for row in csv.DictReader(f):
+            try:
+                epoch = int(float(row.get("epoch") or "nan"))
+            except ValueError:
+                continue
+            for k, v in row.items():
+                if k in ("epoch", "step") or not v:
+                    continue
+                try:
+                    series.setdefault(k, []).append((epoch, float(v)))
+                except ValueError:
+                    continue
+    return series
+
+
+def training_figure(series: dict[str, list[tuple[int, float]]]) -> str | None:
+    """Training losses (left) and validation metrics (right) per epoch; base64 PNG."""
+    if not series:
+        return None
+    from matplotlib.figure import Figure
+
+    fig = Figure(figsize=(8, 3.2))
+    axes = fig.subplots(1, 2)
+    for k, pts in sorted(series.items()):
+        ax = axes[0] if k.startswith("train/") else axes[1]
+        e, v = zip(*pts)
+        ax.plot(e, v, marker=".", ms=3, lw=1, label=k)
+    for ax, title in zip(axes, ("training", "validation")):
+        ax.set(title=title, xlabel="epoch")
+        if ax.get_legend_handles_labels()[0]:
+            ax.legend(fontsize=7)
+    return _png(fig)
+
+
+# ----------------------------------------------------------------------------- html
+def _fmt(v: object) -> str:
+    if isinstance(v, float):
+        return "—" if not math.isfinite(v) else f"{v:.4g}"
+    if v is None:
+        return "—"
+    return html.escape(str(v))
+
+
+def _metrics_table(stage_metrics: dict) -> str:
+    splits = [s for s in ("val", "test") if isinstance(stage_metrics.get(s), dict)]
+    keys: list[str] = []
+    for s in splits:
+        keys += [k for k, v in stage_metrics[s].items() if k not in keys and not isinstance(v, (dict, list))]
+    if not keys:
+        return ""
+    head = "<tr><th>metric</th>" + "".join(f"<th>{s}</th>" for s in splits) + "</tr>"
+    rows = "".join(
+        f"<tr><td>{html.escape(k)}</td>" + "".join(f"<td>{_fmt(stage_metrics[s].get(k))}</td>" for s in splits) + "</tr>"
+        for k in keys
+    )
+    return f"<table>{head}{rows}</table>"
+
+
+def _img(b64: str | None, alt: str) -> str:
+    return "" if b64 is None else f'<img alt="{html.escape(alt)}" src="data:image/png;base64,{b64}">'
+
+
+_STYLE = """body{font-family:system-ui,sans-serif;margin:2em;max-width:70em}
+table{border-collapse:collapse;margin:.5em 0}td,th{border:1px solid #ccc;padding:.2em .6em;text-align:right}
+td:first-child,th:first-child{text-align:left}img{max-width:100%;margin:.3em 0}h2{border-top:1px solid #ddd;padding-top:.6em}
+.note{color:#555}"""
+
+
+def render_report(run_path: Path, metrics: dict, scores: dict[str, dict[str, ScoreSet]]) -> str:
+    """The HTML page (a string) for a run's ``metrics`` and per-stage, per-split ``scores``."""
+    info = metrics.get("_run", {}) if isinstance(metrics.get("_run"), dict) else {}
+    parts = [f"<!doctype html><html><head><meta charset='utf-8'><title>milkit report — {html.escape(run_path.name)}</title>"
+             f"<style>{_STYLE}</style></head><body>",
+             f"<h1>milkit report — {html.escape(run_path.name)}</h1>",
+             f"<p class='note'>run directory: <code>{html.escape(str(run_path))}</code>"
+             + (f"; method <b>{html.escape(str(info.get('method')))}</b>" if info.get("method") else "")
+             + (f"; trained in {_fmt(info.get('train_seconds'))} s" if info.get("train_seconds") is not None else "")
+             + "</p>"]
+    for stage, m in metrics.items():
+        if stage.startswith("_") or not isinstance(m, dict):
+            continue
+        parts.append(f"<h2>stage: {html.escape(stage)}</h2>")
+        thr = (m.get("threshold") or {}) if isinstance(m.get("threshold"), dict) else {}
+        if thr.get("threshold") is not None:
+            parts.append(f"<p>instance threshold {_fmt(thr.get('threshold'))}"
+                         f"{' (' + html.escape(str(thr['source'])) + ')' if thr.get('source') else ''}</p>")
+        parts.append(_metrics_table(m))
+        stage_scores = scores.get(stage, {})
+        if stage_scores:
+            parts.append(_img(roc_figure(stage_scores), f"{stage} ROC"))
+            for split, sc in stage_scores.items():
+                parts.append(_img(histogram_figure(sc, split), f"{stage} {split} histogram"))
+        parts.append(_img(training_figure(read_training_log(run_path / "stages" / stage / "logs" / "metrics.csv")),
+                          f"{stage} training curves"))
+        fig = m.get("figure")
+        if isinstance(fig, str) and (run_path / fig).is_file():
+            parts.append(_img(base64.b64encode((run_path / fig).read_bytes()).decode("ascii"), fig))
+    parts.append("</body></html>")
+    return "\n".join(p for p in parts if p)
+
+
+def write_report(run_path: str | Path, metrics: dict, scores: dict[str, dict[str, ScoreSet]]) -> Path:
+    """Write ``RUN_DIR/report.html`` atomically; returns its path."""
+    run_path = Path(run_path)
+    out = run_path / "report.html"
+    io.write_text(out, render_report(run_path, metrics, scores))
+    return out

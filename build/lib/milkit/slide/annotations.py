@@ -1,0 +1,218 @@
+"""Annotations: Camelyon16/ASAP XML and QuPath GeoJSON → polygons → patch labels and pixel masks.
+
+All geometry is level-0 (x, y) pixels. ASAP groups ``_2``, ``Exclusion`` and ``None``
+are non-tumour holes (FORMATS.md "Annotations"): tumour regions are painted first,
+then non-tumour regions (and every polygon's interior rings) are subtracted.
+A patch is positive when its tumour fraction reaches ``threshold`` (0.5 by default,
+as in Camelyon16 work, Sm App. B; always recorded with the labels).
+"""
+
+from __future__ import annotations
+
+import json
+import uuid
+from dataclasses import dataclass, field
+from pathlib import Path
+from xml.etree import ElementTree as ET
+
+import numpy as np
+from PIL import Image, ImageDraw
+
+#: ASAP/QuPath group or class names (lower case) that are not tumour
+NON_TUMOUR = frozenset({"_2", "exclusion", "none", "normal", "ignore", "ignore*", "other", "background", "negative"})
+ANNOTATION_SUFFIXES = (".xml", ".geojson", ".json")
+
+
+@dataclass
+class Region:
+    """A polygon with optional interior rings; ``positive`` = tumour."""
+
+    exterior: np.ndarray  # (K, 2) float level-0 (x, y)
+    holes: list[np.ndarray] = field(default_factory=list)
+    name: str = ""
+    positive: bool = True
+
+
+def _is_tumour(name: str | None) -> bool:
+    return name is None or name.strip().lower() not in NON_TUMOUR
+
+
+def read_asap_xml(path: str | Path) -> list[Region]:
+    """Polygons of an ASAP/Camelyon16 XML; ``PartOfGroup`` decides tumour or not."""
+    path = Path(path)
+    try:
+        root = ET.parse(path).getroot()
+    except ET.ParseError as err:
+        raise ValueError(f"{path}: not valid ASAP XML ({err})") from None
+    regions = []
+    for ann in root.iter("Annotation"):
+        pts = []
+        for c in ann.iter("Coordinate"):
+            try:
+                pts.append((int(c.get("Order", len(pts))), float(c.get("X")), float(c.get("Y"))))
+            except (TypeError, ValueError):
+                raise ValueError(f"{path}: annotation {ann.get('Name')!r} has a coordinate without numeric X/Y") from None
+        if len(pts) < 3:
+            continue  # dots and lines carry no area
+        pts.sort(key=lambda t: t[0])
+        group = ann.get("PartOfGroup")
+        regions.append(Region(np.array([(x, y) for _, x, y in pts]), [], group or "", _is_tumour(group)))
+    return regions
+
+
+def _rings_to_regions(rings: list, name: str | None, offset: tuple[float, float], path: Path) -> Region | None:
+    try:
+        arrs = [np.asarray(r, dtype=np.float64)[:, :2] + np.asarray(offset) for r in rings]
+    except (ValueError, IndexError, TypeError):
+        raise ValueError(f"{path}: polygon coordinates are not [[x, y], ...] lists") from None
+    if not arrs or len(arrs[0]) < 3:
+        return None
+    return Region(arrs[0], [a for a in arrs[1:] if len(a) >= 3], name or "", _is_tumour(name))
+
+
+def _geometry_regions(geom: dict, name: str | None, offset, path: Path) -> list[Region]:
+    t = (geom or {}).get("type")
+    if t == "Polygon":
+        r = _rings_to_regions(geom.get("coordinates", []), name, offset, path)
+        return [r] if r else []
+    if t == "MultiPolygon":
+        out = []
+        for poly in geom.get("coordinates", []):
+            r = _rings_to_regions(poly, name, offset, path)
+            if r:
+                out.append(r)
+        return out
+    if t == "GeometryCollection":
+        return [r for g in geom.get("geometries", []) for r in _geometry_regions(g, name, offset, path)]
+    return []  # points and lines carry no area
+
+
+def read_geojson(path: str | Path, offset: tuple[float, float] = (0.0, 0.0)) -> list[Region]:
+    """Polygons of a QuPath GeoJSON (FeatureCollection, Feature, or a list of features).
+    ``offset`` is added to every coordinate (``openslide.bounds-x/-y`` for cropped slides)."""
+    path = Path(path)
+    try:
+        obj = json.loads(path.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as err:
+        raise ValueError(f"{path}: not valid JSON ({err})") from None
+    if isinstance(obj, dict) and obj.get("type") == "FeatureCollection":
+        feats = obj.get("features", [])
+    elif isinstance(obj, dict) and obj.get("type") == "Feature":
+        feats = [obj]
+    elif isinstance(obj, list):
+        feats = obj
+    else:
+        raise ValueError(f"{path}: expected a GeoJSON FeatureCollection, Feature or list of features")
+    regions = []
+    for f in feats:
+        if not isinstance(f, dict):
+            raise ValueError(f"{path}: a feature is not a JSON object")
+        props = f.get("properties") or {}
+        cls = props.get("classification")
+        name = cls.get("name") if isinstance(cls, dict) else (cls if isinstance(cls, str) else None)
+        regions += _geometry_regions(f.get("geometry"), name, offset, path)
+    return regions
+
+
+def read_annotations(path: str | Path, offset: tuple[float, float] = (0.0, 0.0)) -> list[Region]:
+    """Dispatch on the suffix: ``.xml`` (ASAP) or ``.geojson``/``.json`` (QuPath)."""
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"{path}: annotation file does not exist")
+    if path.suffix.lower() == ".xml":
+        return read_asap_xml(path)
+    if path.suffix.lower() in (".geojson", ".json"):
+        return read_geojson(path, offset)
+    raise ValueError(f"{path}: unknown annotation format (use ASAP .xml or QuPath .geojson)")
+
+
+def find_annotation(folder: str | Path, sid: str) -> Path | None:
+    """``folder/<sid>.xml|.geojson|.json``, or None (a slide without annotation is all negative)."""
+    for suf in ANNOTATION_SUFFIXES:
+        p = Path(folder) / f"{sid}{suf}"
+        if p.is_file():
+            return p
+    return None
+
+
+def rasterize(regions: list[Region], size: tuple[int, int], downsample: float) -> np.ndarray:
+    """Boolean tumour mask of shape (h, w) = ``size[::-1]`` at ``downsample`` of level 0:
+    tumour exteriors painted, their holes and every non-tumour region subtracted."""
+    w, h = int(size[0]), int(size[1])
+    img = Image.new("L", (max(w, 1), max(h, 1)), 0)
+    draw = ImageDraw.Draw(img)
+
+    def poly(a: np.ndarray) -> list[tuple[float, float]]:
+        return [(float(x) / downsample, float(y) / downsample) for x, y in a]
+
+    for r in regions:
+        if r.positive:
+            draw.polygon(poly(r.exterior), fill=1)
+    for r in regions:
+        if r.positive:
+            for hole in r.holes:
+                draw.polygon(poly(hole), fill=0)
+    for r in regions:
+        if not r.positive:
+            draw.polygon(poly(r.exterior), fill=0)
+    return np.asarray(img, dtype=np.uint8)[:h, :w] > 0
+
+
+def level_mask(regions: list[Region], level0_size: tuple[int, int], downsample: float) -> np.ndarray:
+    """Pixel mask at any level (``downsample`` of level 0) covering the whole slide."""
+    w0, h0 = level0_size
+    return rasterize(regions, (int(np.ceil(w0 / downsample)), int(np.ceil(h0 / downsample))), downsample)
+
+
+def patch_tumour_fraction(regions: list[Region], coords: np.ndarray, size_level0: int,
+                          level0_size: tuple[int, int] | None = None, px_per_patch: int = 16) -> np.ndarray:
+    """Tumour fraction of each level-0 square patch, measured on a mask with about
+    ``px_per_patch`` pixels along a patch side."""
+    from milkit.slide.tiling import patch_fractions
+
+    coords = np.asarray(coords, np.int64).reshape(-1, 2)
+    if len(coords) == 0 or not any(r.positive for r in regions):
+        return np.zeros(len(coords), np.float32)
+    ds = max(1.0, size_level0 / px_per_patch)
+    if level0_size is None:
+        level0_size = (int(coords[:, 0].max()) + size_level0, int(coords[:, 1].max()) + size_level0)
+    mask = level_mask(regions, level0_size, ds)
+    return patch_fractions(mask, ds, coords, size_level0)
+
+
+def patch_labels(regions: list[Region], coords: np.ndarray, size_level0: int, threshold: float = 0.5,
+                 level0_size: tuple[int, int] | None = None) -> tuple[np.ndarray, np.ndarray]:
+    """(labels int64, tumour fractions): label 1 iff fraction ≥ ``threshold``."""
+    if not 0 < threshold <= 1:
+        raise ValueError(f"tumour fraction threshold must be in (0, 1], got {threshold}")
+    frac = patch_tumour_fraction(regions, coords, size_level0, level0_size)
+    return (frac >= threshold - 1e-9).astype(np.int64), frac
+
+
+def patch_feature_collection(coords: np.ndarray, scores: np.ndarray, labels: np.ndarray, size_level0: int,
+                             offset: tuple[int, int] = (0, 0), positive_only: bool = True,
+                             class_name: str = "Tumor", color: tuple[int, int, int] = (200, 0, 0),
+                             score_name: str = "score", seed: int = 0) -> dict:
+    """QuPath-importable FeatureCollection: one ``detection`` square per (positive) patch,
+    classified ``class_name`` with ``color``, the score as a measurement. ``offset`` is
+    subtracted (QuPath coordinates start at the slide's bounds)."""
+    rng = np.random.default_rng(seed)
+    feats = []
+    ox, oy = offset
+    for (x, y), s, lab in zip(np.asarray(coords), np.asarray(scores), np.asarray(labels)):
+        if positive_only and not lab:
+            continue
+        x0, y0 = int(x) - ox, int(y) - oy
+        x1, y1 = x0 + size_level0, y0 + size_level0
+        feats.append({
+            "type": "Feature",
+            "id": str(uuid.UUID(bytes=rng.bytes(16), version=4)),
+            "geometry": {"type": "Polygon", "coordinates": [[[x0, y0], [x1, y0], [x1, y1], [x0, y1], [x0, y0]]]},
+            "properties": {
+                "objectType": "detection",
+                "classification": {"name": class_name if lab else "Other", "color": list(color) if lab else [0, 120, 255]},
+                "measurements": {score_name: float(s)},
+                "isLocked": False,
+            },
+        })
+    return {"type": "FeatureCollection", "features": feats}

@@ -1,0 +1,144 @@
+"""Patch scores → images: a score raster on the patch grid, a PNG overlay on the thumbnail,
+and a pyramidal tiled TIFF probability map aligned with level 0 (opens in OpenSlide/QuPath).
+
+The raster's cells are ``cell = gcd(patch_size_level0, stride_level0)`` level-0 pixels;
+a cell covered by several (overlapping) patches holds their mean. TIFF pixels are uint8:
+0 where no patch was scored, else ``1 + round(254·p)`` with p ∈ [0, 1] the (normalised)
+score, so p ≈ (v − 1)/254. tifffile writes the TIFF tile by tile from the raster, so the
+level-0 image never sits in memory.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+
+import numpy as np
+import tifffile
+from PIL import Image
+
+from milkit import io
+
+TILE = 256
+
+
+def normalise_scores(scores: np.ndarray, kind: str) -> tuple[np.ndarray, dict]:
+    """Scores in [0, 1]: probabilities as they are; other scores (attention logits) mapped
+    linearly between their 1st and 99th percentile within the slide (FORMATS.md "Heatmaps")."""
+    s = np.asarray(scores, np.float64)
+    if kind == "probability":
+        return np.clip(s, 0, 1), {"normalisation": "none (probabilities)"}
+    if s.size == 0:
+        return s, {"normalisation": "percentile 1-99", "low": 0.0, "high": 0.0}
+    lo, hi = np.percentile(s, [1, 99])
+    if hi - lo < 1e-12:
+        return np.full_like(s, 0.5), {"normalisation": "constant scores", "low": float(lo), "high": float(hi)}
+    return np.clip((s - lo) / (hi - lo), 0, 1), {"normalisation": "percentile 1-99", "low": float(lo), "high": float(hi)}
+
+
+def score_raster(coords: np.ndarray, values: np.ndarray, size_level0: int, stride_level0: int,
+                 level0_size: tuple[int, int], max_cells: int = 64_000_000) -> tuple[np.ndarray, int]:
+    """(raster float32 (h, w) with NaN where no patch, cell size in level-0 px)."""
+    cell = math.gcd(int(size_level0), int(stride_level0 or size_level0)) or int(size_level0)
+    w0, h0 = level0_size
+    while math.ceil(w0 / cell) * math.ceil(h0 / cell) > max_cells:
+        cell *= 2
+    hw = (math.ceil(h0 / cell), math.ceil(w0 / cell))
+    acc = np.zeros(hw, np.float64)
+    cnt = np.zeros(hw, np.int64)
+    c = np.asarray(coords, np.int64).reshape(-1, 2)
+    v = np.asarray(values, np.float64).ravel()
+    k = max(1, math.ceil(size_level0 / cell))
+    x0, y0 = c[:, 0] // cell, c[:, 1] // cell
+    for dy in range(k):
+        for dx in range(k):
+            ys, xs = y0 + dy, x0 + dx
+            ok = (ys < hw[0]) & (xs < hw[1]) & (ys >= 0) & (xs >= 0)
+            np.add.at(acc, (ys[ok], xs[ok]), v[ok])
+            np.add.at(cnt, (ys[ok], xs[ok]), 1)
+    with np.errstate(invalid="ignore", divide="ignore"):
+        r = np.where(cnt > 0, acc / np.maximum(cnt, 1), np.nan)
+    return r.astype(np.float32), cell
+
+
+def overlay(thumb: np.ndarray, thumb_downsample: float, raster: np.ndarray, cell: int,
+            cmap: str = "coolwarm", alpha: float = 0.5) -> Image.Image:
+    """Thumbnail with the raster (values in [0, 1]) colour-mapped and alpha-blended where scored."""
+    import matplotlib
+
+    h, w = thumb.shape[:2]
+    # thumbnail pixel → raster cell (nearest)
+    ys = np.minimum((np.arange(h) * thumb_downsample / cell).astype(np.int64), raster.shape[0] - 1)
+    xs = np.minimum((np.arange(w) * thumb_downsample / cell).astype(np.int64), raster.shape[1] - 1)
+    r = raster[ys][:, xs]
+    have = np.isfinite(r)
+    rgba = matplotlib.colormaps[cmap](np.nan_to_num(r, nan=0.0))[..., :3] * 255
+    out = thumb.astype(np.float32).copy()
+    out[have] = (1 - alpha) * out[have] + alpha * rgba[have]
+    return Image.fromarray(np.clip(out, 0, 255).astype(np.uint8))
+
+
+def to_uint8(raster: np.ndarray) -> np.ndarray:
+    """0 where no patch, 1 + round(254·p) elsewhere."""
+    out = np.zeros(raster.shape, np.uint8)
+    have = np.isfinite(raster)
+    out[have] = (1 + np.rint(254 * np.clip(raster[have], 0, 1))).astype(np.uint8)
+    return out
+
+
+def _tiles(r8: np.ndarray, cell: int, shape: tuple[int, int], ds: int, tile: int):
+    """Row-major ``tile``×``tile`` tiles of the level whose downsample is ``ds`` (nearest cell),
+    zlib-encoded; constant tiles (most of a slide: glass, or inside one patch) are encoded once."""
+    import imagecodecs
+
+    h, w = shape
+    cache: dict[int, bytes] = {}
+    for ty in range(0, h, tile):
+        yy = np.minimum(((ty + np.arange(tile)) * ds) // cell, r8.shape[0] - 1)
+        ymask = (ty + np.arange(tile)) < h
+        rows = r8[yy]
+        for tx in range(0, w, tile):
+            xx = np.minimum(((tx + np.arange(tile)) * ds) // cell, r8.shape[1] - 1)
+            xmask = (tx + np.arange(tile)) < w
+            t = rows[:, xx]
+            if not (ymask.all() and xmask.all()):
+                t = np.where(ymask[:, None] & xmask[None, :], t, 0).astype(np.uint8)
+            lo = int(t.min())
+            if lo == int(t.max()):
+                if lo not in cache:
+                    cache[lo] = imagecodecs.zlib_encode(np.ascontiguousarray(t))
+                yield cache[lo]
+            else:
+                yield imagecodecs.zlib_encode(np.ascontiguousarray(t))
+
+
+def write_probability_tiff(path: str | Path, raster: np.ndarray, cell: int, level0_size: tuple[int, int],
+                           mpp: float | None, description: dict | None = None, tile: int = TILE) -> None:
+    """Pyramidal tiled TIFF (deflate, uint8 grey) of ``raster`` at every level of 2×
+    downsampling, level 0 the size of the slide; MPP in the resolution tags when known."""
+    r8 = to_uint8(raster)
+    w0, h0 = int(level0_size[0]), int(level0_size[1])
+    desc = json.dumps({"milkit": "probability map", "encoding": "0 = no patch; p = (v - 1) / 254",
+                       **(description or {})})
+
+    def write(tmp: Path) -> None:
+        big = w0 * h0 > 2**31
+        with tifffile.TiffWriter(tmp, bigtiff=big) as tif:
+            ds = 1
+            while True:
+                w, h = math.ceil(w0 / ds), math.ceil(h0 / ds)
+                kw = dict(
+                    shape=(h, w), dtype=np.uint8, tile=(tile, tile), photometric="minisblack",
+                    compression="zlib", subfiletype=0 if ds == 1 else 1, metadata=None,
+                )
+                if mpp:
+                    kw.update(resolution=(1e4 / (mpp * ds), 1e4 / (mpp * ds)), resolutionunit="CENTIMETER")
+                if ds == 1:
+                    kw["description"] = desc
+                tif.write(_tiles(r8, cell, (h, w), ds, tile), **kw)
+                if max(w, h) <= tile:
+                    break
+                ds *= 2
+
+    io.write_with(path, write)

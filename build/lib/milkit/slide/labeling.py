@@ -1,0 +1,196 @@
+"""``milkit label RUN_DIR --slides ...`` and ``milkit evaluate RUN_DIR --annotations DIR``.
+
+Labelling: a trained run's labeler scores every patch of each slide's feature h5; the
+instance threshold is the one chosen on validation at training time (threshold.json).
+Evaluation: the patch labels written by ``label`` are scored against ASAP XML / GeoJSON
+annotations (a patch is positive iff its tumour fraction ≥ 0.5, Camelyon16 convention,
+Sm App. B; a slide without an annotation file is all negative, as Camelyon16's normal
+slides are). Instance AUROC on raw scores, F1/accuracy at the written labels.
+"""
+
+from __future__ import annotations
+
+import csv
+import io as _io
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from milkit import io
+from milkit.data.bag import Bag, collate_bags
+from milkit.data.features import read_h5_features
+from milkit.metrics.classification import auroc, binary_metrics, nan_to_none
+from milkit.run_dir import RunDir
+from milkit.slide.annotations import find_annotation, patch_labels, read_annotations
+from milkit.slide.outputs import SlideScores, read_instances_h5, write_slide_outputs
+from milkit.slide.reader import find_slides, open_slide
+
+#: Camelyon16 patch label: tumour fraction ≥ 0.5 (Sm App. B; issue #3)
+TUMOUR_FRACTION = 0.5
+
+
+def _attrs(path: Path) -> dict:
+    import h5py
+
+    with h5py.File(path, "r") as f:
+        a = dict(f.attrs)
+        if "coords" in f:
+            a.update(dict(f["coords"].attrs))
+    return {k: (v.decode() if isinstance(v, bytes) else v) for k, v in a.items()}
+
+
+def _stride(coords: np.ndarray, attrs: dict, ps0: int) -> int:
+    v = attrs.get("stride_level0")
+    if v not in (None, "None"):
+        return int(v)
+    gaps = [np.diff(np.unique(coords[:, a])).min() for a in (0, 1) if len(np.unique(coords[:, a])) > 1]
+    return int(min(gaps)) if gaps else ps0
+
+
+def _threshold(labeler, scores: np.ndarray) -> tuple[float, str]:
+    if labeler.threshold is not None:
+        return float(labeler.threshold), "validation (threshold.json)"
+    if labeler.score_kind == "probability":
+        return 0.5, "default 0.5 (no validation threshold)"
+    return float(np.median(scores)) if scores.size else 0.0, "slide median (no validation threshold)"
+
+
+def label_slides(run_dir: str | Path, slides: list[Path], features_dir: Path | None, out: Path | None,
+                 stage: str | None, thumbnail_size: int = 1024) -> list[Path]:
+    """Score every patch of every slide; write per-slide outputs (milkit.slide.outputs) and
+    ``OUT/slides.csv`` (slide id, bag probability, patches, positive patches)."""
+    from milkit.workflow import load_labelers
+
+    run_dir = Path(run_dir)
+    method, labelers, exp = load_labelers(run_dir)
+    stage = stage or method.primary_stage
+    if stage not in labelers:
+        raise ValueError(f"{run_dir}: no stage {stage!r}; stages: {', '.join(labelers)}")
+    labeler = labelers[stage]
+    if features_dir is None:
+        features_dir = getattr(exp.data, "features_dir", None)
+        if features_dir is None:
+            raise ValueError(f"{run_dir}: the run's data has no features_dir; pass --features DIR")
+    features_dir = Path(features_dir)
+    out = Path(out) if out is not None else run_dir / "labels"
+    paths: list[Path] = []
+    summary = []
+    for slide_path in find_slides(list(slides)):
+        sid = slide_path.name
+        h5 = _feature_file(features_dir, slide_path)
+        ff = read_h5_features(h5)
+        if ff.coords is None or ff.patch_size_level0 is None:
+            raise ValueError(f"{h5}: whole-slide outputs need coords with a patch_size_level0 attribute")
+        attrs = _attrs(h5)
+        mpp_attr = attrs.get("mpp")
+        mpp_h5 = None if mpp_attr in (None, "None") else float(mpp_attr)
+        with open_slide(slide_path, mpp=None) as slide:
+            sid = slide.id
+            w0, h0 = slide.dimensions
+            lw, lh = attrs.get("level0_width"), attrs.get("level0_height")
+            if lw not in (None, "None") and (int(lw), int(lh)) != (w0, h0):
+                raise ValueError(
+                    f"{h5}: made for a {lw}×{lh} slide but {slide_path} is {w0}×{h0} (wrong features folder?)"
+                )
+            thumb, thumb_ds = slide.read_level_image(thumbnail_size)
+            mpp = slide.mpp if slide.mpp is not None else mpp_h5
+            bounds = slide.bounds_offset
+        bag = Bag(torch.from_numpy(ff.features), 0, sid, coords=torch.from_numpy(ff.coords))
+        if getattr(exp.data, "graph", False) and len(bag):  # Sm models: the same bag graph as in training
+            from milkit.data.graph import grid_adjacency
+
+            bag.adj = grid_adjacency(ff.coords, ff.patch_size_level0)
+        if len(bag):
+            batch = collate_bags([bag])
+            try:
+                prob, inst = labeler(batch)
+            except RuntimeError as err:
+                raise ValueError(f"{h5}: the model cannot score these features ({err})") from None
+            scores = inst[0, : len(bag)].double().cpu().numpy()
+            bag_prob = float(prob[0])
+        else:
+            scores, bag_prob = np.zeros(0), float("nan")
+        thr, thr_src = _threshold(labeler, scores)
+        s = SlideScores(
+            slide_id=sid, coords=ff.coords, scores=scores, labels=(scores >= thr).astype(np.int64), threshold=thr,
+            score_kind=labeler.score_kind, size_level0=ff.patch_size_level0,
+            stride_level0=_stride(ff.coords, attrs, ff.patch_size_level0) if len(ff.coords) else ff.patch_size_level0,
+            level0_size=(w0, h0), mpp=mpp, bag_prob=bag_prob, bounds_offset=bounds,
+            meta={"run_dir": str(run_dir.resolve()), "stage": stage, "threshold_source": thr_src,
+                  "features": str(h5), "slide": str(slide_path)},
+        )
+        paths += write_slide_outputs(out, s, thumb, thumb_ds)
+        summary.append((sid, bag_prob, len(scores), int(s.labels.sum())))
+    buf = _io.StringIO()
+    w = csv.writer(buf)
+    w.writerow(["slide_id", "bag_prob", "n_patches", "n_positive"])
+    for sid, p, n, k in summary:
+        w.writerow([sid, f"{p:.6g}", n, k])
+    io.write_text(out / "slides.csv", buf.getvalue())
+    return paths + [out / "slides.csv"]
+
+
+def _feature_file(features_dir: Path, slide_path: Path) -> Path:
+    from milkit.slide.reader import slide_id
+
+    sid = slide_id(slide_path)
+    for name in (f"{sid}.h5", f"{sid}_patches.h5", f"h5_files/{sid}.h5"):
+        if (features_dir / name).is_file():
+            return features_dir / name
+    raise FileNotFoundError(f"{features_dir}: no feature file {sid}.h5 for slide {slide_path}")
+
+
+def evaluate_annotations(run_dir: str | Path, annotations_dir: Path, labels_dir: Path | None = None,
+                         tumour_fraction: float = TUMOUR_FRACTION) -> dict:
+    """Score ``labels_dir/<slide>/instances.h5`` against ``annotations_dir/<slide>.xml|.geojson``;
+    writes the result into RUN_DIR/metrics.json under ``annotations`` and returns it."""
+    run = RunDir(run_dir)
+    annotations_dir = Path(annotations_dir)
+    if not annotations_dir.is_dir():
+        raise FileNotFoundError(f"{annotations_dir}: annotations folder does not exist")
+    labels_dir = Path(labels_dir) if labels_dir is not None else run.path / "labels"
+    files = sorted(labels_dir.glob("*/instances.h5"))
+    if not files:
+        raise ValueError(f"{labels_dir}: no <slide>/instances.h5 (run 'milkit label --slides' first)")
+    ys, ss, ps = [], [], []
+    per_slide = {}
+    slide_y, slide_p = [], []
+    for f in files:
+        s = read_instances_h5(f)
+        ann = find_annotation(annotations_dir, s.slide_id)
+        regions = read_annotations(ann, offset=s.bounds_offset) if ann is not None else []
+        y, frac = patch_labels(regions, s.coords, s.size_level0, tumour_fraction, s.level0_size)
+        ys.append(y)
+        ss.append(s.scores)
+        ps.append(s.labels)
+        m = {"n_patches": int(len(y)), "n_tumour_patches": int(y.sum()), "annotation": str(ann) if ann else None,
+             "bag_prob": s.bag_prob, "instance_auroc": auroc(y, s.scores) if len(y) else float("nan")}
+        if len(y):
+            m.update({f"instance_{k}": v for k, v in binary_metrics(y, s.labels, 0.5).items() if k != "auroc"})
+        per_slide[s.slide_id] = m
+        slide_y.append(int(y.any()))
+        slide_p.append(s.bag_prob)
+    y_all, s_all, p_all = np.concatenate(ys), np.concatenate(ss), np.concatenate(ps)
+    pooled = binary_metrics(y_all, p_all, 0.5) if len(y_all) else {}
+    pooled["auroc"] = auroc(y_all, s_all)
+    per_auc = [m["instance_auroc"] for m in per_slide.values() if np.isfinite(m["instance_auroc"])]
+    result = {
+        "tumour_fraction_threshold": tumour_fraction,
+        "patch_positive_rule": "tumour fraction >= threshold",
+        "n_slides": len(files),
+        "instance_auroc": pooled["auroc"],
+        "instance_f1": pooled.get("f1"),
+        "instance_accuracy": pooled.get("accuracy"),
+        "n_instances": int(len(y_all)),
+        "n_tumour_instances": int(y_all.sum()),
+        "mean_slide_instance_auroc": float(np.mean(per_auc)) if per_auc else float("nan"),
+        "slide_auroc": auroc(np.array(slide_y), np.array(slide_p)),
+        "labels_dir": str(labels_dir),
+        "annotations_dir": str(annotations_dir),
+        "per_slide": per_slide,
+    }
+    result = nan_to_none(result)
+    if run.config_path.is_file():
+        run.update_metrics("annotations", result)
+    return result

@@ -1,0 +1,125 @@
+"""Everything ``milkit label --slides`` writes for one slide, atomically, in ``OUT/<slide_id>/``:
+
+- ``instances.csv``  x, y (level-0 top-left), score, label
+- ``instances.h5``   coords, score, label + attrs (threshold, score kind, geometry, stage)
+- ``heatmap.png``    normalised scores over the thumbnail (coolwarm, alpha 0.5)
+- ``probability.tif`` pyramidal tiled TIFF aligned with level 0 (milkit.slide.heatmap)
+- ``detections.geojson`` QuPath FeatureCollection: one detection square per positive patch
+"""
+
+from __future__ import annotations
+
+import csv
+import io as _io
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import h5py
+import numpy as np
+
+from milkit import io
+from milkit.slide.annotations import patch_feature_collection
+from milkit.slide.heatmap import normalise_scores, overlay, score_raster, write_probability_tiff
+
+
+@dataclass
+class SlideScores:
+    """One slide's patch scores and the geometry needed to draw them."""
+
+    slide_id: str
+    coords: np.ndarray  # (N, 2) level-0 top-left
+    scores: np.ndarray  # (N,) raw instance scores
+    labels: np.ndarray  # (N,) 0/1 at ``threshold``
+    threshold: float
+    score_kind: str  # "probability" or "score"
+    size_level0: int
+    stride_level0: int
+    level0_size: tuple[int, int]
+    mpp: float | None
+    bag_prob: float
+    bounds_offset: tuple[int, int] = (0, 0)
+    meta: dict = field(default_factory=dict)
+
+
+def write_instances_csv(path: Path, s: SlideScores) -> None:
+    buf = _io.StringIO()
+    w = csv.writer(buf)
+    w.writerow(["slide_id", "x", "y", "score", "label"])
+    for (x, y), sc, lab in zip(s.coords, s.scores, s.labels):
+        w.writerow([s.slide_id, int(x), int(y), f"{float(sc):.6g}", int(lab)])
+    io.write_text(path, buf.getvalue())
+
+
+def write_instances_h5(path: Path, s: SlideScores) -> None:
+    def write(tmp: Path) -> None:
+        with h5py.File(tmp, "w") as f:
+            f.create_dataset("coords", data=np.asarray(s.coords, np.int64).reshape(-1, 2))
+            f.create_dataset("score", data=np.asarray(s.scores, np.float32))
+            f.create_dataset("label", data=np.asarray(s.labels, np.uint8))
+            a = f.attrs
+            a["slide_id"] = s.slide_id
+            a["threshold"] = float(s.threshold)
+            a["score_kind"] = s.score_kind
+            a["patch_size_level0"] = int(s.size_level0)
+            a["stride_level0"] = int(s.stride_level0)
+            a["level0_width"], a["level0_height"] = int(s.level0_size[0]), int(s.level0_size[1])
+            a["mpp"] = "None" if s.mpp is None else float(s.mpp)
+            a["bag_prob"] = float(s.bag_prob)
+            a["bounds_x"], a["bounds_y"] = int(s.bounds_offset[0]), int(s.bounds_offset[1])
+            a["coord_space"], a["coord_origin"] = "level0", "top_left"
+            a["meta"] = json.dumps(s.meta, default=str)
+
+    io.write_with(path, write)
+
+
+def read_instances_h5(path: str | Path) -> SlideScores:
+    """Read back what :func:`write_instances_h5` wrote (named errors)."""
+    path = Path(path)
+    try:
+        with h5py.File(path, "r") as f:
+            for k in ("coords", "score", "label"):
+                if k not in f:
+                    raise ValueError(f"{path}: no {k!r} dataset (not a milkit instance-labels file)")
+            a = dict(f.attrs)
+            coords, scores, labels = f["coords"][()], f["score"][()], f["label"][()]
+    except OSError as err:
+        raise ValueError(f"{path}: not a readable HDF5 file ({err})") from None
+    if not (len(coords) == len(scores) == len(labels)):
+        raise ValueError(f"{path}: coords, score and label lengths differ")
+
+    def s(k):
+        v = a[k]
+        return v.decode() if isinstance(v, bytes) else v
+
+    mpp = s("mpp")
+    return SlideScores(
+        slide_id=str(s("slide_id")), coords=np.asarray(coords, np.int64), scores=np.asarray(scores, np.float64),
+        labels=np.asarray(labels, np.int64), threshold=float(a["threshold"]), score_kind=str(s("score_kind")),
+        size_level0=int(a["patch_size_level0"]), stride_level0=int(a["stride_level0"]),
+        level0_size=(int(a["level0_width"]), int(a["level0_height"])),
+        mpp=None if mpp == "None" else float(mpp), bag_prob=float(a["bag_prob"]),
+        bounds_offset=(int(a.get("bounds_x", 0)), int(a.get("bounds_y", 0))),
+        meta=json.loads(s("meta")) if "meta" in a else {},
+    )
+
+
+def write_slide_outputs(out_dir: Path, s: SlideScores, thumb: np.ndarray | None, thumb_downsample: float) -> list[Path]:
+    """All per-slide outputs; returns their paths."""
+    d = Path(out_dir) / s.slide_id
+    norm, how = normalise_scores(s.scores, s.score_kind)
+    raster, cell = score_raster(s.coords, norm, s.size_level0, s.stride_level0, s.level0_size)
+    paths = [d / "instances.csv", d / "instances.h5", d / "probability.tif", d / "detections.geojson"]
+    write_instances_csv(paths[0], s)
+    write_instances_h5(paths[1], s)
+    write_probability_tiff(paths[2], raster, cell, s.level0_size, s.mpp,
+                           {"slide_id": s.slide_id, "score_kind": s.score_kind, **how})
+    fc = patch_feature_collection(s.coords, s.scores, s.labels, s.size_level0, s.bounds_offset,
+                                  score_name="probability" if s.score_kind == "probability" else "score")
+    io.write_text(paths[3], json.dumps(fc))
+    if thumb is not None:
+        img = overlay(thumb, thumb_downsample, raster, cell)
+        p = d / "heatmap.png"
+        io.write_with(p, lambda tmp: img.save(tmp, format="PNG", compress_level=3))
+        paths.append(p)
+    return paths
