@@ -1,1 +1,0 @@
-"""Reproduction and speed suites behind ``milkit benchmark`` (never run as tests)."""
