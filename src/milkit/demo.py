@@ -83,5 +83,5 @@ def run_demo(out: Path, seed: int = 0) -> dict:
             *(np.nan_to_num(d[s].get("instance_auroc") or np.nan) for s in d)
         )
     )
-    console.print(f"labels: {labels[0]}\nmontage: {png}\nmetrics: {out / 'metrics.json'}")
+    console.print(f"labels: {labels[0]}\nmontage: {png}\nmetrics: {out / 'metrics.json'}\nreport: {out / 'report.html'}")
     return metrics
