@@ -47,4 +47,4 @@ def resolve_config(name: str | Path) -> Path:
         return shipped[key]
     close = [k for k in shipped if path.name and k.endswith("/" + path.name)]
     hint = f"; did you mean {', '.join(close)}?" if close else "; 'milkit configs' lists the shipped ones"
-    raise FileNotFoundError(f"{name}: no such file, and no shipped config of that name{hint}")
+    raise FileNotFoundError(f"{name}: does not exist, and no shipped config has that name{hint}")

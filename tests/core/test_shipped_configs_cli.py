@@ -17,7 +17,7 @@ def test_shipped_configs_are_listed_and_resolved(capsys):
 
 
 def test_unknown_config_name_is_a_clear_error(tmp_path, capsys):
-    with pytest.raises(FileNotFoundError, match="no shipped config"):
+    with pytest.raises(FileNotFoundError, match="does not exist, and no shipped config"):
         resolve_config("nope/missing.yaml")
     assert main(["train", "sm/missing.yaml", "--out", str(tmp_path / "r")]) == 2
     assert "sm/missing.yaml" in capsys.readouterr().err

@@ -23,7 +23,7 @@ def test_short_d2l_run_on_colon_standin(tmp_path: Path) -> None:
     root = write_colon_standin(tmp_path / "CRC", n_images=20, seed=1)
     exp = load_experiment(
         REPO / "configs/distill_to_label/colon.yaml",
-        [f"data.root={root}", "data.fold=2", "trainer.max_epochs=3", *FAST],
+        [f"data.root={root}", "data.fold=2", "trainer.max_epochs=5", *FAST],  # 3 epochs: the student reached 0.67–1.0 by seed/threads
     )
     m = train_run(exp, tmp_path / "run")
     assert set(m) >= {"abmil", "teacher", "student"}
