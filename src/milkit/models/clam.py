@@ -78,7 +78,7 @@ class _CLAM(MILModel):
         h = self.fc(encode_instances(self.encoder, x, mask))
         s = self.attention(h).permute(0, 2, 1).masked_fill(~mask.unsqueeze(1), 0.0)  # (B, K, N)
         a = masked_softmax(s, mask.unsqueeze(1))
-        m = torch.einsum("bkn,bnd->bkd", a, h)  # (B, K, D)
+        m = torch.bmm(a, h)  # (B, K, D)
         if self.multi_branch:
             logits = torch.cat([c(m[:, i]) for i, c in enumerate(self.classifiers)], dim=-1)
         else:

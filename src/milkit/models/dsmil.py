@@ -23,7 +23,7 @@ from torch import Tensor, nn
 from milkit.config import StrictModel
 from milkit.data.bag import BagBatch
 from milkit.models.base import MILModel, MILOutput, encode_instances, full_mask
-from milkit.nn.attention import masked_softmax
+from milkit.nn.attention import masked_softmax, weighted_sum
 
 
 class DSMIL(MILModel):
@@ -55,9 +55,9 @@ class DSMIL(MILModel):
         crit = c.masked_fill(~mask, float("-inf")).argmax(dim=1)  # (B,)
         q = self.q(h)
         q_max = q[torch.arange(q.shape[0]), crit]  # (B, Q)
-        s = torch.einsum("bnq,bq->bn", q, q_max) / math.sqrt(self.query_dim)
+        s = torch.bmm(q, q_max.unsqueeze(-1)).squeeze(-1) / math.sqrt(self.query_dim)
         a = masked_softmax(s, mask)
-        bag = torch.einsum("bn,bnd->bd", a, self.v(h))
+        bag = weighted_sum(a, self.v(h))
         logit = self.bag_classifier(bag).squeeze(-1)
         max_logit = c.gather(1, crit.unsqueeze(1)).squeeze(1)
         if self.combine_max:

@@ -26,7 +26,7 @@ from torch.nn.utils.parametrizations import spectral_norm
 
 from milkit.config import StrictModel
 from milkit.models.base import MILModel, MILOutput, encode_instances, full_mask
-from milkit.nn.attention import masked_softmax
+from milkit.nn.attention import masked_softmax, weighted_sum
 from milkit.nn.smooth import BatchGraphs, SmoothOperator
 from milkit.nn.transformer import TransformerEncoder
 
@@ -76,7 +76,7 @@ class SmAttentionPool(nn.Module):
             t = torch.tanh(self.sm(hv, graphs, mask) + self.V.bias)
             s = self.w(t).squeeze(-1).masked_fill(~mask, 0.0)
             a = masked_softmax(s, mask)
-            z = torch.einsum("bn,bnd->bd", self.sm(a, graphs, mask), h)
+            z = weighted_sum(self.sm(a, graphs, mask), h)
             return z, a, s, h
         if self.where == "early":
             h = self.sm(h, graphs, mask)
@@ -88,7 +88,7 @@ class SmAttentionPool(nn.Module):
             s = self.sm(s, graphs, mask)
         s = s.masked_fill(~mask, 0.0)
         a = masked_softmax(s, mask)
-        z = torch.einsum("bn,bnd->bd", a, h)
+        z = weighted_sum(a, h)
         return z, a, s, h
 
 
