@@ -91,6 +91,8 @@ def evaluate(
         for k in keys:
             if k in metrics:
                 typer.echo(f"{k}: {metrics[k]}")
+        where = Path(run_dir) if (Path(run_dir) / "config.yaml").is_file() else Path(metrics["labels_dir"])
+        typer.echo(f"report: {where / 'report_annotations.html'}")
     else:
         metrics = evaluate_run(run_dir)
         print_table(metrics)

@@ -210,9 +210,10 @@ def render_report(run_path: Path, metrics: dict, scores: dict[str, dict[str, Sco
     return "\n".join(p for p in parts if p)
 
 
-def write_report(run_path: str | Path, metrics: dict, scores: dict[str, dict[str, ScoreSet]]) -> Path:
-    """Write ``RUN_DIR/report.html`` atomically; returns its path."""
+def write_report(run_path: str | Path, metrics: dict, scores: dict[str, dict[str, ScoreSet]],
+                 name: str = "report.html") -> Path:
+    """Write ``RUN_DIR/<name>`` atomically; returns its path."""
     run_path = Path(run_path)
-    out = run_path / "report.html"
+    out = run_path / name
     io.write_text(out, render_report(run_path, metrics, scores))
     return out

@@ -50,6 +50,8 @@ def test_label_then_evaluate_recovers_the_lesion(run, cohort):
     assert json.loads((out / "metrics.json").read_text())["annotations"]["instance_auroc"] == res["instance_auroc"]
     # the two positive slides carry the annotations
     assert res["per_slide"]["s06"]["annotation"].endswith("s06.xml") and res["per_slide"]["s07"]["annotation"] is None
+    page = (out / "report_annotations.html").read_text()  # slide and patch ROC, patch-score histogram
+    assert "slides vs annotations" in page and page.count("data:image/png;base64,") == 2
 
 
 def test_probability_tiff_opens_in_openslide_aligned_with_level0(run):

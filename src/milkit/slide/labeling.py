@@ -21,6 +21,7 @@ from milkit import io
 from milkit.data.bag import Bag, collate_bags
 from milkit.data.features import read_h5_features
 from milkit.metrics.classification import auroc, binary_metrics, nan_to_none
+from milkit.report import ScoreSet, write_report
 from milkit.run_dir import RunDir
 from milkit.slide.annotations import find_annotation, patch_labels, read_annotations
 from milkit.slide.outputs import SlideScores, read_instances_h5, write_slide_outputs
@@ -193,4 +194,9 @@ def evaluate_annotations(run_dir: str | Path, annotations_dir: Path, labels_dir:
     result = nan_to_none(result)
     if run.config_path.is_file():
         run.update_metrics("annotations", result)
+    section = f"slides vs annotations (patch positive if tumour fraction ≥ {tumour_fraction:g})"
+    flat = {k: v for k, v in result.items() if not isinstance(v, dict)}
+    scores = ScoreSet(np.array(slide_y), np.array(slide_p, dtype=float), y_all, s_all, instance_name="patch")
+    write_report(run.path if run.config_path.is_file() else labels_dir, {section: {"test": flat}},
+                 {section: {"test": scores}}, name="report_annotations.html")
     return result
