@@ -142,8 +142,8 @@ def sparse_sm_approx(op: "SparseOperator", u: Tensor, alpha: Tensor, steps: int)
     if steps == 0:
         return u
     a = alpha.to(u.dtype).reshape(())
-    if not 0 < float(a) < 1 and a.requires_grad:
-        raise ValueError(f"a trainable alpha must lie in (0, 1), got {float(a)}")
+    if a.requires_grad and not 0 < float(a.detach()) < 1:
+        raise ValueError(f"a trainable alpha must lie in (0, 1), got {float(a.detach())}")
     return _SparseSmApprox.apply(u.contiguous(), a, op.col, op.offsets, op.cast(u), steps)
 
 
