@@ -102,7 +102,7 @@ def register(app: typer.Typer) -> None:
 
     @app.command("spatial")
     def spatial(
-        out: Path = typer.Option(Path("benchmark_results/spatial"), help="folder for runs, spatial.json, spatial.md"),
+        out: Path = typer.Option(Path("benchmark-results/spatial"), help="folder for runs, spatial.json, spatial.md"),
         models: str = typer.Option(DEFAULT_MODELS, help=f"comma-separated, from {','.join(SPATIAL_MODELS)}"),
         seeds: int = typer.Option(5, min=1, help="seeds (data and model); the paper uses 5"),
         epochs: int = typer.Option(20, min=1, help="training epochs (paper: 50)"),

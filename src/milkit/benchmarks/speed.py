@@ -262,7 +262,7 @@ def register(app: typer.Typer) -> None:
 
     @app.command("speed")
     def speed(
-        out: Path = typer.Option(Path("benchmark_results/speed"), help="folder for speed.json and speed.md"),
+        out: Path = typer.Option(Path("benchmark-results/speed"), help="folder for speed.json and speed.md"),
         sizes: str = typer.Option("1000,10000,100000", help="bag sizes, comma-separated"),
         models: str = typer.Option(",".join(MILKIT_MODELS), help="models, comma-separated"),
         dim: int = typer.Option(512, help="instance feature size"),
