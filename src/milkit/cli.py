@@ -116,7 +116,7 @@ def configs(
             typer.echo(f"{name:48s} {describe(path)}")
         return
     src = resolve_config(copy)
-    dest = to / src.name if to.is_dir() else to
+    dest = to / src.name if to.is_dir() or not to.suffix else to  # a folder, existing or not, or a .yaml path
     if dest.exists():
         fail(f"{dest}: already exists; not overwritten")
     io.write_text(dest, src.read_text())

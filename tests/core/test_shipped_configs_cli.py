@@ -32,3 +32,11 @@ def test_copy_writes_once_and_never_overwrites(tmp_path, capsys):
     copied.write_text("# edited\n")
     assert main(["configs", "--copy", name, "--to", str(tmp_path)]) == 2
     assert copied.read_text() == "# edited\n"  # nothing lost
+
+
+def test_copy_into_a_new_folder(tmp_path):
+    name = next(iter(list_configs()))
+    assert main(["configs", "--copy", name, "--to", str(tmp_path / "mine")]) == 0
+    assert (tmp_path / "mine" / name.split("/")[-1]).is_file()
+    assert main(["configs", "--copy", name, "--to", str(tmp_path / "exp.yaml")]) == 0
+    assert (tmp_path / "exp.yaml").read_text() == resolve_config(name).read_text()
