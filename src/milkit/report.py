@@ -24,6 +24,8 @@ from pathlib import Path
 import numpy as np
 
 from milkit import io
+from milkit.metrics.classification import auroc
+from milkit.run_dir import RunDir
 
 #: instance scores plotted per histogram at most (a 100k-patch slide set stays fast)
 MAX_HISTOGRAM_POINTS = 200_000
@@ -49,13 +51,13 @@ def _png(fig) -> str:
 
 
 def _roc(ax, y: np.ndarray, s: np.ndarray, label: str) -> None:
-    from sklearn.metrics import roc_auc_score, roc_curve
+    from sklearn.metrics import roc_curve
 
     if len(np.unique(y)) < 2:
         ax.text(0.5, 0.5, f"{label}: one class only", ha="center", fontsize=8)
         return
     fpr, tpr, _ = roc_curve(y, s)
-    ax.plot(fpr, tpr, label=f"{label} (AUROC {roc_auc_score(y, s):.3f})")
+    ax.plot(fpr, tpr, label=f"{label} (AUROC {auroc(y, s):.3f})")
 
 
 def roc_figure(scores: dict[str, ScoreSet]) -> str:
@@ -201,8 +203,8 @@ def render_report(run_path: Path, metrics: dict, scores: dict[str, dict[str, Sco
             parts.append(_img(roc_figure(stage_scores), f"{stage} ROC"))
             for split, sc in stage_scores.items():
                 parts.append(_img(histogram_figure(sc, split), f"{stage} {split} histogram"))
-        parts.append(_img(training_figure(read_training_log(run_path / "stages" / stage / "logs" / "metrics.csv")),
-                          f"{stage} training curves"))
+        log = RunDir(run_path).stage_dir(stage) / "logs" / "metrics.csv"
+        parts.append(_img(training_figure(read_training_log(log)), f"{stage} training curves"))
         fig = m.get("figure")
         if isinstance(fig, str) and (run_path / fig).is_file():
             parts.append(_img(base64.b64encode((run_path / fig).read_bytes()).decode("ascii"), fig))
