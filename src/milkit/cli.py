@@ -11,14 +11,12 @@ from pathlib import Path
 from typing import List, Optional
 
 import typer
-from rich.console import Console
 
 from milkit import registry
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, help="milkit: weak labels in, dense labels out.")
 bench_app = typer.Typer(no_args_is_help=True, help="Reproduction and speed benchmarks (not tests).")
 app.add_typer(bench_app, name="benchmark")
-err_console = Console(stderr=True)
 
 
 class UserError(Exception):
@@ -134,37 +132,93 @@ def demo(
     run_demo(out, seed)
 
 
-def _register_plugins() -> None:
+def _register_plugins(argv: list[str] | None = None) -> None:
+    """Add the plugin commands. Benchmark modules import torch, so they are imported only when
+    the command line asks for ``milkit benchmark`` (``--help`` and the other commands stay fast)."""
     for mod in registry.COMMAND_MODULES:
         registry.resolve(f"{mod}:register")(app)
-    for mod in registry.BENCHMARK_MODULES:
-        registry.resolve(f"{mod}:register")(bench_app)
+    args = sys.argv[1:] if argv is None else argv
+    if not bench_app.registered_commands and next((a for a in args if not a.startswith("-")), None) == "benchmark":
+        for mod in registry.BENCHMARK_MODULES:
+            registry.resolve(f"{mod}:register")(bench_app)
+
+
+#: set to 1 to see the traceback of an unexpected error instead of the one-line message
+DEBUG_ENV = "MILKIT_DEBUG"
+
+
+def _click_exception() -> type[Exception]:
+    """The ClickException class typer uses (typer ≥ 0.20 vendors click as ``typer._click``)."""
+    return next(c for c in typer.BadParameter.__mro__ if c.__name__ == "ClickException")
+
+
+def _one_line(msg: str) -> str:
+    lines = [ln.strip() for ln in str(msg).splitlines() if ln.strip()]
+    return "; ".join(lines) if lines else "(no message)"
+
+
+def _print_error(msg: str) -> None:
+    sys.stderr.write(f"error: {_one_line(msg)}\n")
+    sys.stderr.flush()
+
+
+def user_message(err: BaseException) -> str | None:
+    """The one-line message of an error the user can fix, or None for an unexpected one."""
+    from pydantic import ValidationError
+
+    from milkit.config import ConfigError
+
+    if isinstance(err, ValidationError):  # a config object built outside config.py
+        parts = [f"{'.'.join(map(str, e['loc'])) or e.get('title', '')}: {e['msg']}" for e in err.errors()]
+        return f"{err.title}: " + "; ".join(parts)
+    if isinstance(err, OSError) and not isinstance(err, FileNotFoundError) and err.strerror and err.filename:
+        return f"{err.filename}: {err.strerror}"
+    if isinstance(err, KeyError):
+        return str(err.args[0]) if err.args else "missing key"
+    if isinstance(err, (UserError, ConfigError, FileNotFoundError, FileExistsError, ValueError, OSError)):
+        return str(err)
+    return None
 
 
 def main(argv: list[str] | None = None) -> int:
-    """Console entry point; returns the exit status."""
-    from milkit.config import ConfigError
+    """Console entry point; returns the exit status.
 
-    _register_plugins()
+    2: a problem the user can fix (usage, config, data, files), one line on stderr naming it;
+    1: an unexpected error, one line, the traceback with ``MILKIT_DEBUG=1``; 130: Ctrl-C.
+    """
+    import os
+
+    click_exc = _click_exception()
     try:
-        app(args=argv, standalone_mode=False)
-    except (UserError, ConfigError, FileNotFoundError, ValueError, KeyError, OSError) as err:
-        msg = err.args[0] if isinstance(err, KeyError) and err.args else str(err)
-        err_console.print(f"[bold red]error:[/] {msg}", highlight=False, soft_wrap=True)
-        return 2
-    except typer.Exit as e:  # pragma: no cover
-        return e.exit_code
-    except typer.Abort:  # pragma: no cover
+        _register_plugins(argv)
+        app(args=argv, standalone_mode=False, prog_name="milkit")
+    except typer.Exit as e:
+        return int(e.exit_code)
+    except typer.Abort:
+        _print_error("aborted")
         return 1
+    except KeyboardInterrupt:
+        _print_error("interrupted")
+        return 130
     except SystemExit as e:
-        return int(e.code or 0)
-    except Exception as err:  # click usage errors
-        import click
-
-        if isinstance(err, click.ClickException):
-            err.show()
-            return err.exit_code
-        raise
+        return e.code if isinstance(e.code, int) else (0 if e.code is None else 1)
+    except click_exc as err:  # usage errors: missing option, bad value, unknown command
+        msg = err.format_message()  # type: ignore[attr-defined]
+        if msg:  # empty: 'milkit' alone, whose help is already printed
+            ctx = getattr(err, "ctx", None)
+            _print_error(f"{msg} (see '{ctx.command_path} --help')" if ctx is not None else msg)
+        return 2
+    except Exception as err:  # noqa: BLE001 - every error ends in one line
+        msg = user_message(err)
+        if msg is not None:
+            if os.environ.get(DEBUG_ENV):
+                raise
+            _print_error(msg)
+            return 2
+        if os.environ.get(DEBUG_ENV):
+            raise
+        _print_error(f"unexpected {type(err).__name__}: {err} (rerun with {DEBUG_ENV}=1 for the traceback)")
+        return 1
     return 0
 
 

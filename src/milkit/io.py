@@ -1,15 +1,44 @@
-"""Atomic file writing: an output is either complete or absent, never half-written."""
+"""Atomic file writing: an output is either complete or absent, never half-written.
+
+Outputs follow the user's umask (``0o666 & ~umask``), like any file ``open()`` creates: the
+temporary file mkstemp makes is 0600 and is chmod-ed before the rename; a file rewritten in
+place keeps its existing mode. A full disk is one error naming the file being written.
+"""
 
 from __future__ import annotations
 
 import contextlib
+import errno
 import json
 import os
 import tempfile
 from pathlib import Path
 from typing import Any, Callable, Iterator
 
-import torch
+#: milkit's temporary files: ``.<name>.<random>.tmp`` beside the output
+TMP_PREFIX, TMP_SUFFIX = ".", ".tmp"
+
+
+class DiskFullError(OSError):
+    """No space left (or quota exceeded) while writing ``filename``."""
+
+    def __str__(self) -> str:
+        return f"{self.filename}: disk full while writing it (no space left on device); nothing was written"
+
+
+def current_umask() -> int:
+    """The process umask (read by setting and restoring it)."""
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
+
+
+def output_mode(path: Path) -> int:
+    """The mode a new output gets: the existing file's mode, else ``0o666 & ~umask``."""
+    try:
+        return os.stat(path).st_mode & 0o7777
+    except FileNotFoundError:
+        return 0o666 & ~current_umask()
 
 
 @contextlib.contextmanager
@@ -19,17 +48,33 @@ def atomic_path(path: str | Path) -> Iterator[Path]:
     On error the temporary file is removed and ``path`` (if it existed) is untouched.
     """
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(prefix=f"{TMP_PREFIX}{path.name}.", suffix=TMP_SUFFIX, dir=path.parent)
+    except OSError as err:
+        _raise_named(err, path)
     os.close(fd)
     tmp_path = Path(tmp)
     try:
-        yield tmp_path
-        os.replace(tmp_path, path)
+        try:
+            yield tmp_path
+            os.chmod(tmp_path, output_mode(path))
+            os.replace(tmp_path, path)
+        except OSError as err:
+            _raise_named(err, path, tmp_path)
     except BaseException:
         with contextlib.suppress(FileNotFoundError):
             tmp_path.unlink()
         raise
+
+
+def _raise_named(err: OSError, path: Path, tmp: Path | None = None) -> None:
+    """Re-raise ``err`` naming ``path`` rather than its temporary file; ENOSPC/EDQUOT → DiskFullError."""
+    if err.errno in (errno.ENOSPC, errno.EDQUOT):
+        raise DiskFullError(err.errno, os.strerror(err.errno), str(path)) from None
+    if err.errno is not None and err.strerror and (tmp is None or err.filename in (None, str(tmp))):
+        raise type(err)(err.errno, err.strerror, str(path)) from None
+    raise err
 
 
 def write_text(path: str | Path, text: str) -> None:
@@ -50,12 +95,16 @@ def _json_default(o: Any) -> Any:
 
 
 def save_state_dict(path: str | Path, state: dict) -> None:
+    import torch
+
     with atomic_path(path) as tmp:
         torch.save(state, tmp)
 
 
 def load_state_dict(path: str | Path) -> dict:
     """Load weights saved by milkit; never unpickles arbitrary objects (``weights_only=True``)."""
+    import torch
+
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"{path}: checkpoint does not exist")
@@ -87,3 +136,15 @@ def load_npz(path: str | Path, keys: tuple[str, ...], what: str = "") -> tuple:
             return tuple(z[k] for k in keys)
     except (OSError, EOFError) as err:
         raise ValueError(f"{path}: not a readable .npz ({err})") from None
+
+
+def remove_stale_temps(folder: str | Path) -> list[Path]:
+    """Delete milkit's own leftover temporary files (``.<name>.<random>.tmp``) in ``folder``,
+    left by a process that was killed mid-write; returns what was removed."""
+    out = []
+    for p in Path(folder).glob(f"{TMP_PREFIX}*{TMP_SUFFIX}"):
+        if p.is_file():
+            with contextlib.suppress(FileNotFoundError):
+                p.unlink()
+                out.append(p)
+    return out
