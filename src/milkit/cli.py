@@ -30,16 +30,23 @@ def fail(msg: str) -> None:
 @app.command()
 def train(
     config: Path = typer.Argument(..., help="experiment YAML, or a shipped config's name (see 'milkit configs')"),
-    out: Path = typer.Option(..., "--out", help="run directory to create"),
-    set_: Optional[List[str]] = typer.Option(None, "--set", help="override, key.sub=value (repeatable)"),
+    out: Path = typer.Option(..., "--out", help="run directory to create (new or empty)"),
+    set_: Optional[List[str]] = typer.Option(
+        None, "--set", help="override, key.sub=value (repeatable); key=null removes the key (its default applies)"
+    ),
+    overwrite: bool = typer.Option(False, "--overwrite", help="replace the milkit run already in --out"),
+    resume: bool = typer.Option(
+        False, "--resume", help="continue an interrupted run in --out (finished stages kept, the unfinished one from last.ckpt)"
+    ),
 ) -> None:
     """Train a method on bag labels only; writes a self-describing run directory."""
     from milkit.config import load_experiment
     from milkit.shipped_configs import resolve_config
     from milkit.workflow import train_run
 
-    exp = load_experiment(resolve_config(config), set_)
-    metrics = train_run(exp, out)
+    path = resolve_config(config)
+    exp = load_experiment(path, set_)
+    metrics = train_run(exp, out, overwrite=overwrite, resume=resume, source=str(path))
     from milkit.workflow import print_table
 
     print_table(metrics)
@@ -180,6 +187,21 @@ def user_message(err: BaseException) -> str | None:
     return None
 
 
+def _log_notices() -> None:
+    """milkit's own warnings and notices (e.g. a validation split carved from train) go to
+    stderr as ``milkit: ...`` lines."""
+    import logging
+
+    logger = logging.getLogger("milkit")
+    if not any(getattr(h, "_milkit", False) for h in logger.handlers):
+        h = logging.StreamHandler(sys.stderr)
+        h.setFormatter(logging.Formatter("milkit: %(message)s"))
+        h._milkit = True  # type: ignore[attr-defined]
+        logger.addHandler(h)
+        logger.setLevel(logging.INFO)
+        logger.propagate = False
+
+
 def main(argv: list[str] | None = None) -> int:
     """Console entry point; returns the exit status.
 
@@ -189,6 +211,7 @@ def main(argv: list[str] | None = None) -> int:
     import os
 
     click_exc = _click_exception()
+    _log_notices()
     try:
         _register_plugins(argv)
         app(args=argv, standalone_mode=False, prog_name="milkit")

@@ -1,6 +1,9 @@
 """The one place that runs training: Lightning Trainer, best checkpoint, CSV log, progress bar.
 
-Every Method hands a ``LightningModule`` per stage to :func:`fit_stage`. The module
+Every Method hands a ``LightningModule`` per stage to :func:`fit_stage`. Inside
+:func:`resuming` (``milkit train --resume``) a stage whose ``model.pt`` exists is not
+retrained (its weights and the RNG state it ended with are restored) and an unfinished one
+continues from its Lightning ``checkpoints/last.ckpt`` (full state, written every epoch). The module
 logs its validation score under ``trainer.monitor`` (default ``val/bag_auroc``);
 the best epoch's weights are restored into the module and saved as
 ``<stage_dir>/model.pt`` (a plain state dict, loadable with ``weights_only=True``).
@@ -8,10 +11,14 @@ the best epoch's weights are restored into the module and saved as
 
 from __future__ import annotations
 
+import contextlib
+import contextvars
 import logging
 import os
+import random
 import warnings
 from pathlib import Path
+from typing import Iterator
 
 import lightning as L
 import torch
@@ -23,6 +30,53 @@ from milkit.config import TrainerConfig
 from milkit.io import load_state_dict, save_state_dict
 
 log = logging.getLogger(__name__)
+
+_RESUME: contextvars.ContextVar[bool] = contextvars.ContextVar("milkit_resume", default=False)
+#: a stage's RNG state when it ended (restored when a resumed run skips the finished stage)
+RNG_FILE = "rng_state.pt"
+LAST_CKPT = "last.ckpt"
+
+
+@contextlib.contextmanager
+def resuming(on: bool = True) -> Iterator[None]:
+    """Within this block :func:`fit_stage` skips finished stages and resumes unfinished ones."""
+    token = _RESUME.set(on)
+    try:
+        yield
+    finally:
+        _RESUME.reset(token)
+
+
+def rng_state() -> dict:
+    """Python, NumPy and torch RNG states as tensors and numbers (saved with weights_only)."""
+    import numpy as np
+
+    py = random.getstate()
+    npst = np.random.get_state()
+    state = {
+        "torch": torch.get_rng_state(),
+        "python": torch.tensor(py[1], dtype=torch.int64),
+        "python_gauss": py[2],
+        "numpy": torch.from_numpy(np.asarray(npst[1], dtype=np.int64)),
+        "numpy_pos": int(npst[2]),
+        "numpy_has_gauss": int(npst[3]),
+        "numpy_gauss": float(npst[4]),
+    }
+    if torch.cuda.is_available() and torch.cuda.is_initialized():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def set_rng_state(state: dict) -> None:
+    """Inverse of :func:`rng_state`."""
+    import numpy as np
+
+    torch.set_rng_state(state["torch"])
+    random.setstate((3, tuple(int(v) for v in state["python"].tolist()), state["python_gauss"]))
+    np.random.set_state(("MT19937", state["numpy"].numpy().astype(np.uint32), state["numpy_pos"],
+                         state["numpy_has_gauss"], state["numpy_gauss"]))
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
 
 
 def seed_everything(seed: int) -> None:
@@ -102,15 +156,27 @@ def fit_stage(
     """
     _quiet_lightning()
     stage_dir = Path(stage_dir)
+    out = stage_dir / "model.pt"
+    resume = _RESUME.get()
+    if resume and out.is_file():  # finished before the interruption: not retrained
+        log.info("%s: stage finished, not retrained (--resume)", stage_dir)
+        load_into(module, load_state_dict(out), out)
+        if (stage_dir / RNG_FILE).is_file():
+            set_rng_state(load_state_dict(stage_dir / RNG_FILE))
+        return out
     stage_dir.mkdir(parents=True, exist_ok=True)
     seed_everything(seed)
     monitor = monitor or cfg.monitor
     mode = monitor_mode or cfg.monitor_mode
-    callbacks: list = []
+    ckpt_dir = stage_dir / "checkpoints"
+    last_ckpt = ckpt_dir / LAST_CKPT
+    # full state (optimiser, loops, callbacks) every epoch, so that --resume can continue
+    callbacks: list = [ModelCheckpoint(dirpath=ckpt_dir, save_top_k=0, save_last=True, save_weights_only=False,
+                                       enable_version_counter=False)]
     ckpt = None
     if val_loader is not None:
         ckpt = ModelCheckpoint(
-            dirpath=stage_dir / "checkpoints",
+            dirpath=ckpt_dir,
             filename="best",
             monitor=monitor,
             mode=mode,
@@ -140,19 +206,44 @@ def fit_stage(
         num_sanity_val_steps=0,
         default_root_dir=str(stage_dir),
     )
-    trainer.fit(module, train_dataloaders=train_loader, val_dataloaders=val_loader)
+    ckpt_path = None
+    if resume and last_ckpt.is_file():
+        log.info("%s: resuming from %s", stage_dir, last_ckpt)
+        ckpt_path = str(last_ckpt)
+    elif last_ckpt.is_file() or (stage_dir / "logs").exists():  # a stage begun but not resumed: start clean
+        import shutil
+
+        shutil.rmtree(ckpt_dir, ignore_errors=True)
+        shutil.rmtree(stage_dir / "logs", ignore_errors=True)
+    try:
+        trainer.fit(module, train_dataloaders=train_loader, val_dataloaders=val_loader, ckpt_path=ckpt_path,
+                    weights_only=True)
+    except (RuntimeError, EOFError, OSError) as err:
+        if ckpt_path is None or "checkpoint" not in str(err).lower() and not isinstance(err, EOFError):
+            raise
+        raise ValueError(f"{last_ckpt}: cannot resume from this checkpoint ({err}); rerun with --overwrite") from None
     if ckpt is not None and ckpt.best_model_path:
         state = torch.load(ckpt.best_model_path, map_location="cpu", weights_only=True)["state_dict"]
         module.load_state_dict(state)
-    out = stage_dir / "model.pt"
-    save_state_dict(out, {k: v.detach().cpu() for k, v in module.state_dict().items()})
+    save_state_dict(stage_dir / RNG_FILE, rng_state())
+    save_state_dict(out, {k: v.detach().cpu() for k, v in module.state_dict().items()})  # marks the stage done
+    last_ckpt.unlink(missing_ok=True)  # model.pt + best.ckpt are what a finished stage keeps
     return out
+
+
+def load_into(module: torch.nn.Module, state: dict, path: str | Path) -> torch.nn.Module:
+    """``module.load_state_dict(state)``; weights that do not fit are an error naming the file."""
+    try:
+        module.load_state_dict(state)
+    except RuntimeError as err:
+        detail = next((ln.strip() for ln in str(err).splitlines()[1:] if ln.strip()), str(err).splitlines()[0])
+        raise ValueError(f"{path}: weights do not fit the model of the run's config ({detail.rstrip('.')})") from None
+    return module
 
 
 def restore(module: torch.nn.Module, path: str | Path) -> torch.nn.Module:
     """Load a ``model.pt`` written by :func:`fit_stage` into ``module`` (weights only)."""
-    module.load_state_dict(load_state_dict(path))
-    return module
+    return load_into(module, load_state_dict(path), path)
 
 
 def restore_submodule(module: torch.nn.Module, path: str | Path, prefix: str = "model.") -> torch.nn.Module:
@@ -162,5 +253,4 @@ def restore_submodule(module: torch.nn.Module, path: str | Path, prefix: str = "
     sub = {k[len(prefix):]: v for k, v in state.items() if k.startswith(prefix)}
     if not sub:
         raise ValueError(f"{path}: no weights under {prefix!r}")
-    module.load_state_dict(sub)
-    return module
+    return load_into(module, sub, path)

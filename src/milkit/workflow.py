@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 import time
 from pathlib import Path
 
@@ -15,26 +16,51 @@ from milkit.methods.base import Labeler, Method
 from milkit.report import write_report
 from milkit.run_dir import RunDir
 
+log = logging.getLogger(__name__)
+
 
 def make_method(exp: Experiment) -> Method:
     cls = registry.lookup(registry.METHODS, "method", exp.method.name)
     return cls(exp)
 
 
-def train_run(exp: Experiment, out_dir: str | Path, overwrite: bool = False) -> dict:
-    """Fit every stage of the experiment's method; write config, checkpoints, thresholds, metrics."""
+def train_run(exp: Experiment, out_dir: str | Path, overwrite: bool = False, resume: bool = False,
+              source: str = "config") -> dict:
+    """Fit every stage of the experiment's method; write config, checkpoints, thresholds, metrics.
+
+    Everything that can be checked (config, data files, splits, dimensions) is checked before
+    anything is written. ``out_dir`` must be new, empty, or (with ``overwrite``) a milkit run to
+    replace, or (with ``resume``) an interrupted run to continue: finished stages are kept,
+    an unfinished one continues from its ``last.ckpt`` (engine.fit_stage).
+    """
     run = RunDir(out_dir)
-    if run.config_path.exists() and not overwrite:
-        raise FileExistsError(f"{run.path}: already holds a run (config.yaml); choose another --out")
+    if overwrite and resume:
+        raise ValueError("--overwrite and --resume exclude each other: replace the run, or continue it")
+    state = run.state()
+    if state == "foreign":
+        raise FileExistsError(f"{run.path}: not empty and not a milkit run (no config.yaml); "
+                              "choose a new or empty --out (nothing there was changed)")
+    if state in ("unfinished", "finished") and not (overwrite or resume):
+        hint = "--overwrite to replace it" if state == "finished" else "--resume to continue it or --overwrite to replace it"
+        raise FileExistsError(f"{run.path}: already holds {'a finished' if state == 'finished' else 'an unfinished'} "
+                              f"run (config.yaml); pass {hint}, or choose another --out")
     t0 = time.perf_counter()
-    splits = exp.data.build(exp.seed)  # bad data fails here, before anything is written
-    run.path.mkdir(parents=True, exist_ok=True)
-    run.write_config(exp)
+    splits = prepare(exp, source)  # bad data fails here, before anything is written
     method = make_method(exp)
-    from milkit.engine import seed_everything
+    resuming_run = resume and state in ("unfinished", "finished")
+    if resuming_run:
+        _check_same_config(run, exp)
+    elif state in ("unfinished", "finished"):  # --overwrite, after every check passed
+        log.info("%s: replacing the run there (--overwrite)", run.path)
+        run.clear()
+    run.path.mkdir(parents=True, exist_ok=True)
+    if not resuming_run:
+        run.write_config(exp)
+    from milkit.engine import resuming, seed_everything
 
     seed_everything(exp.seed)  # model initialisation depends on the seed only, not on what ran before
-    labelers = method.fit(splits, run)
+    with resuming(resuming_run):
+        labelers = method.fit(splits, run)
     method.choose_thresholds(labelers, splits, run)
     scores: dict = {}
     metrics = method.evaluate(labelers, splits, run, scores)
@@ -45,6 +71,75 @@ def train_run(exp: Experiment, out_dir: str | Path, overwrite: bool = False) -> 
     io.write_json(run.metrics_path, metrics)
     write_report(run.path, metrics, scores)
     return metrics
+
+
+def prepare(exp: Experiment, source: str = "config") -> DataSplits:
+    """Build and check the data, and fill what the config may leave to the data (a feature
+    encoder's ``in_dim``); errors name the file, the split or the key."""
+    splits = exp.data.build(exp.seed)
+    splits.check(source)
+    _fit_feature_dims(exp, splits, source)
+    return splits
+
+
+def _encoder_sections(obj: object, prefix: str) -> list[tuple[str, object]]:
+    """(dotted key, EncoderConfig) of every encoder section inside a config object."""
+    from pydantic import BaseModel
+
+    from milkit.nn.encoders import EncoderConfig
+
+    out: list[tuple[str, object]] = []
+    if isinstance(obj, EncoderConfig):
+        return [(prefix, obj)]
+    if isinstance(obj, BaseModel):
+        for name in type(obj).model_fields:
+            out += _encoder_sections(getattr(obj, name), f"{prefix}.{name}")
+    return out
+
+
+FEATURE_ENCODERS = ("identity", "linear", "linear_bn", "linear_ln")
+
+
+def _fit_feature_dims(exp: Experiment, splits: DataSplits, source: str) -> None:
+    """A feature encoder's ``in_dim`` is read from the first training bag when the config leaves
+    it out; when it is given and differs from the features' D, both numbers are named."""
+    from milkit.config import ConfigError
+
+    encoders = [(k, e) for k, e in _encoder_sections(exp.method, "method") if e.name in FEATURE_ENCODERS]
+    if not encoders or len(splits.train) == 0:
+        return
+    bag = splits.train[0]
+    if bag.instances.ndim != 2:
+        return
+    d = int(bag.instances.shape[1])
+    where = bag.meta.get("path") or f"bag {bag.bag_id!r}"
+    for key, enc in encoders:
+        if enc.in_dim is None:
+            enc.in_dim = d
+            log.info("%s.in_dim = %d, read from %s", key, d, where)
+        elif enc.in_dim != d:
+            raise ConfigError(f"{source}: config key '{key}.in_dim' is {enc.in_dim} but the features in {where} "
+                              f"have D = {d}; set it to {d} or leave it out")
+
+
+def _check_same_config(run: RunDir, exp: Experiment) -> None:
+    """--resume continues the run's own experiment: a different config is an error naming the key."""
+    old = run.read_raw_config()
+    new = exp.to_dict()
+
+    def diff(a: object, b: object, key: str) -> str | None:
+        if isinstance(a, dict) and isinstance(b, dict):
+            for k in sorted(set(a) | set(b), key=str):
+                d = diff(a.get(k), b.get(k), f"{key}.{k}" if key else str(k))
+                if d:
+                    return d
+            return None
+        return None if a == b else key
+
+    bad = diff(old, new, "")
+    if bad:
+        raise ValueError(f"{run.config_path}: --resume needs the run's own config, but '{bad}' differs; "
+                         "use --overwrite to start again with the new one")
 
 
 def load_labelers(run_dir: str | Path) -> tuple[Method, dict[str, Labeler], Experiment]:

@@ -17,6 +17,21 @@ class DataSplits:
     val: BagDataset
     test: BagDataset
 
+    def check(self, source: str = "data") -> None:
+        """Refuse what cannot train or be scored: an empty split (named), a training split of one
+        class; a dataset's own ``validate(source)`` (e.g. feature files) runs too."""
+        for name in ("train", "val", "test"):
+            if len(self.get(name)) == 0:
+                raise ValueError(f"{source}: the {name} split is empty (0 bags)")
+        classes = sorted(set(int(v) for v in self.train.labels))
+        if len(classes) < 2:
+            raise ValueError(f"{source}: the train split has only bags of label {classes[0]} "
+                             f"({len(self.train)} bags); MIL training needs positive and negative bags")
+        for name in ("train", "val", "test"):
+            validate = getattr(self.get(name), "validate", None)
+            if callable(validate):
+                validate()
+
     def get(self, split: str) -> BagDataset:
         if split not in ("train", "val", "test"):
             raise ValueError(f"unknown split {split!r}; use train, val or test")

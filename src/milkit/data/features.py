@@ -20,6 +20,7 @@ annotations (``annotations_dir``) or from the files themselves.
 from __future__ import annotations
 
 import csv
+import logging
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Literal
@@ -32,6 +33,8 @@ from pydantic import Field, model_validator
 from milkit.data.bag import Bag, BagDataset
 from milkit.data.base import DataConfig, DataSplits
 from milkit.data.splits import kfold_splits, stratified_group_split
+
+log = logging.getLogger(__name__)
 
 Layout = Literal["auto", "h5", "clam_pt", "torchmil"]
 SLIDE_ALIASES = ("slide_id", "slide", "wsi")
@@ -68,7 +71,10 @@ def read_labels_csv(path: str | Path, label_column: str = "label") -> list[Label
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"{path}: labels CSV does not exist")
-    text = path.read_text()
+    try:
+        text = path.read_text(encoding="utf-8-sig")  # a byte-order mark (what Excel writes) is dropped
+    except UnicodeDecodeError as err:
+        raise ValueError(f"{path}: not UTF-8 text ({err.reason} at byte {err.start}); save the CSV as UTF-8") from None
     dialect = csv.excel_tab if path.suffix.lower() == ".tsv" or ("\t" in text.splitlines()[0] if text else False) else csv.excel
     rows = list(csv.DictReader(text.splitlines(), dialect=dialect))
     if not rows:
@@ -150,7 +156,10 @@ def read_h5_features(path: str | Path) -> FeatureFile:
     if coords is not None:
         if coords.ndim == 3 and coords.shape[0] == 1:
             coords = coords[0]
-        coords = coords.reshape(-1, 2) if coords.size else np.zeros((0, 2), np.int64)
+        if coords.size == 0:
+            coords = np.zeros((0, 2), np.int64)
+        elif coords.ndim != 2 or coords.shape[1] != 2:
+            raise ValueError(f"{path}: 'coords' has shape {coords.shape}, expected (N, 2) level-0 (x, y)")
         if len(coords) != len(feats):
             raise ValueError(f"{path}: {len(feats)} feature rows but {len(coords)} coords")
     if inst is not None and len(inst) != len(feats):
@@ -268,7 +277,12 @@ class FeatureBagsConfig(DataConfig):
     #: k-fold: 5 folds (Distill-to-Label §IV; Sm App. B uses five train/val splits)
     folds: int = Field(5, ge=2)
     fold: int = Field(0, ge=0)
+    #: share of the training cases moved to validation when the CSV (or k-fold) has no val part
     val_fraction: float = Field(0.1, ge=0, lt=1)
+    #: carve validation out of train (stratified, grouped by case, ``val_fraction``); None = only when
+    #: the CSV's split column has train and test but no val (Camelyon16's official split);
+    #: the resolved config records ``true`` when it happened
+    val_from_train: bool | None = None
     #: level-0 patch size for torchmil grid coords (None keeps grid units)
     patch_size_level0: int | None = Field(None, ge=1)
     #: ASAP XML / GeoJSON per slide → instance labels (scoring only, never training)
@@ -303,6 +317,7 @@ class FeatureTable:
     layout: str
     source: Path
     _inst: dict = field(default_factory=dict, repr=False)  # annotation labels, computed once
+    _dim: tuple[int, Path] | None = field(default=None, repr=False)  # (D, first file read)
 
     @classmethod
     def from_config(cls, cfg: FeatureBagsConfig) -> "FeatureTable":
@@ -335,13 +350,40 @@ class FeatureTable:
         mode = cfg.split_mode if cfg.split_mode != "auto" else ("csv" if has_csv else "fractions")
         if mode == "csv":
             if not has_csv:
-                raise ValueError(f"{self.source}: split_mode 'csv' needs a split value on every row")
-            parts = [np.flatnonzero([r.split == s for r in self.rows]) for s in ("train", "val", "test")]
+                missing = next(i for i, r in enumerate(self.rows) if r.split is None)
+                raise ValueError(f"{self.source}: split_mode 'csv' needs a split value on every row "
+                                 f"(slide {self.rows[missing].slide_id!r} has none)")
+            tr, va, te = (np.flatnonzero([r.split == s for r in self.rows]) for s in ("train", "val", "test"))
+            carve = cfg.val_from_train if cfg.val_from_train is not None else (len(va) == 0 and len(tr) > 0)
+            if carve:
+                tr, va = self._carve_val(tr, va, labels, groups, cfg, seed)
+            for name, part in (("train", tr), ("val", va), ("test", te)):
+                if len(part) == 0:
+                    raise ValueError(f"{self.source}: the {name} split is empty (no row has split '{name}')")
+            parts = [tr, va, te]
             _check_cases(self.rows, parts, self.source)
             return parts
         if mode == "kfold":
             return list(kfold_splits(labels, groups, cfg.folds, seed, cfg.val_fraction)[cfg.fold])
         return stratified_group_split(labels, groups, cfg.fractions, seed)
+
+    def _carve_val(self, tr: np.ndarray, va: np.ndarray, labels: np.ndarray, groups: np.ndarray,
+                   cfg: FeatureBagsConfig, seed: int) -> tuple[np.ndarray, np.ndarray]:
+        """Move ``val_fraction`` of the training cases (stratified, grouped by case) to validation."""
+        if len(va):
+            raise ValueError(f"{self.source}: data.val_from_train is true but {len(va)} rows already have split 'val'")
+        if cfg.val_fraction <= 0:
+            raise ValueError(f"{self.source}: the val split is empty and data.val_fraction is 0; "
+                             "set data.val_fraction (e.g. 0.1) to carve validation out of train")
+        keep, move = stratified_group_split(labels[tr], groups[tr], (1 - cfg.val_fraction, cfg.val_fraction), seed)
+        if len(move) == 0 or len(keep) == 0:
+            raise ValueError(f"{self.source}: the val split is empty and the {len(tr)} training slides are too few "
+                             f"to carve {cfg.val_fraction:g} of them out as validation")
+        log.warning("%s: no val split; %d of %d training slides (val_fraction %g, stratified, by case) are "
+                    "used for validation (data.val_from_train: true)", self.source, len(move), len(tr),
+                    cfg.val_fraction)
+        cfg.val_from_train = True
+        return np.sort(tr[keep]), np.sort(tr[move])
 
     def load(self, i: int, cfg: FeatureBagsConfig) -> Bag:
         row, path = self.rows[i], self.files[i]
@@ -352,6 +394,7 @@ class FeatureTable:
             ff = read_pt_features(path, h5)
         else:
             ff = read_h5_features(path)
+        self._check_file(ff, row)
         inst = ff.instance_labels
         if cfg.annotations_dir is not None and ff.coords is not None:
             if i not in self._inst:
@@ -374,12 +417,28 @@ class FeatureTable:
         return bag
 
 
+    def _check_file(self, ff: FeatureFile, row: LabelRow) -> None:
+        """Finite features, the same D as every other slide, and no empty positive bag."""
+        n, d = ff.features.shape
+        if n == 0 and row.label == 1:
+            raise ValueError(f"{ff.path}: slide {row.slide_id!r} is labelled positive but its bag is empty "
+                             "(0 patches); a positive bag needs instances (check tiling/tissue detection)")
+        if n and not np.isfinite(ff.features).all():
+            bad = int((~np.isfinite(ff.features)).any(axis=1).sum())
+            raise ValueError(f"{ff.path}: features contain NaN or Inf ({bad} of {n} rows); re-extract this slide")
+        if self._dim is None:
+            self._dim = (d, ff.path)
+        elif d != self._dim[0]:
+            raise ValueError(f"{ff.path}: features have D = {d}, but {self._dim[1]} has D = {self._dim[0]}; "
+                             "every slide needs features from the same encoder")
+
+
 def _torchmil_labels(root: Path) -> list[LabelRow]:
     """Bag labels from ``labels/<bag>`` (max of the array) and splits from ``splits.csv``."""
     splits: dict[str, str] = {}
     sp = root / "splits.csv"
     if sp.is_file():
-        with sp.open(newline="") as f:
+        with sp.open(newline="", encoding="utf-8-sig") as f:
             for r in csv.DictReader(f):
                 name = r.get("bag_name") or r.get("slide_id") or r.get("bag")
                 s = (r.get("split") or "").strip().lower()
@@ -437,6 +496,12 @@ class FeatureBagDataset(BagDataset):
     def __iter__(self):
         for i in range(len(self)):
             yield self[i]
+
+    def validate(self) -> None:
+        """Read every bag once (milkit train does, before writing anything): unreadable files,
+        NaN/Inf, an empty positive bag or a different D fail here, naming the file."""
+        for i in range(len(self)):
+            self[i]
 
     @property
     def bags(self) -> list[Bag]:  # type: ignore[override]
