@@ -7,13 +7,17 @@ An experiment YAML has four sections::
     method:  {name: distill_to_label, ...}  # validated by the method's config class
     trainer: {max_epochs: ..., ...}         # TrainerConfig, shared by every stage
 
-Every key that does not exist is an error naming the key (``extra="forbid"``).
-``--set a.b.c=value`` overrides are applied before validation; values are parsed as YAML.
+Every key that does not exist is an error naming the key (``extra="forbid"``), with the
+closest existing key when one is close ("did you mean"). ``--set a.b.c=value`` overrides are
+applied before validation; values are parsed as YAML, and ``--set a.b.c=null`` removes the key
+(its default then applies), e.g. ``gated`` after switching ``method.model.name`` to ``maxpool``.
 """
 
 from __future__ import annotations
 
 import copy
+import difflib
+import typing
 from pathlib import Path
 from typing import Any, Literal
 
@@ -75,20 +79,83 @@ class Experiment(BaseModel):
     trainer: TrainerConfig = TrainerConfig()
 
     def to_dict(self) -> dict:
-        return {
+        """The resolved experiment (what config.yaml holds), without the encoder fields that do
+        not apply to the named encoder (image sizes of a feature encoder, ``in_dim`` of a CNN)."""
+        return _prune_encoders({
             "seed": self.seed,
             "data": self.data.model_dump(mode="json"),
             "method": self.method.model_dump(mode="json"),
             "trainer": self.trainer.model_dump(mode="json"),
-        }
+        })
 
 
-def _format_validation(err: ValidationError, prefix: str, source: str) -> str:
+#: encoders of pre-extracted features (N, D): ``in_dim`` applies, image sizes do not
+FEATURE_ENCODERS = ("identity", "linear", "linear_bn", "linear_ln")
+_ENCODER_KEYS = {"name", "in_channels", "image_size", "in_dim"}
+
+
+def _prune_encoders(node: Any) -> Any:
+    if isinstance(node, list):
+        return [_prune_encoders(v) for v in node]
+    if not isinstance(node, dict):
+        return node
+    out = {k: _prune_encoders(v) for k, v in node.items()}
+    if _ENCODER_KEYS <= set(out):
+        drop = ("in_channels", "image_size") if out["name"] in FEATURE_ENCODERS else (("in_dim",) if out["in_dim"] is None else ())
+        for k in drop:
+            out.pop(k)
+    return out
+
+
+def _model_in(ann: Any) -> type[BaseModel] | None:
+    """The pydantic model class inside a field annotation (Optional, Annotated, ...), if any."""
+    if isinstance(ann, type) and issubclass(ann, BaseModel):
+        return ann
+    for a in typing.get_args(ann):
+        m = _model_in(a)
+        if m is not None:
+            return m
+    return None
+
+
+def known_keys(cls: type[BaseModel], path: tuple, raw: Any) -> list[str]:
+    """The keys that exist at ``path`` inside config class ``cls`` (model sections resolved by
+    their ``name`` through the registry); [] when it cannot be told."""
+    node: Any = cls
+    for p in path:
+        field = node.model_fields.get(p) if isinstance(node, type) and issubclass(node, BaseModel) else None
+        if field is None:
+            return []
+        raw = raw.get(p) if isinstance(raw, dict) else None
+        sub = _model_in(field.annotation)
+        if sub is not None and not sub.model_fields and isinstance(raw, dict) and "name" in raw:
+            try:  # a ``model:`` section: the named model's own Config
+                sub = registry.lookup(registry.MODELS, "model", raw["name"]).Config
+            except (ValueError, ImportError, AttributeError):
+                return []
+        node = sub
+    return list(node.model_fields) if isinstance(node, type) and issubclass(node, BaseModel) else []
+
+
+def did_you_mean(key: str, known: list[str], parent: str = "") -> str:
+    """``; did you mean 'parent.x'?`` for the known key closest to ``key``, else ''."""
+    close = difflib.get_close_matches(key, known, n=1, cutoff=0.6)
+    return f"; did you mean '{parent + '.' if parent else ''}{close[0]}'?" if close else ""
+
+
+def _format_validation(err: ValidationError, prefix: str, source: str, cls: type[BaseModel] | None = None,
+                       raw: Any = None) -> str:
     lines = []
     for e in err.errors():
         loc = ".".join(str(p) for p in (prefix, *e["loc"]) if p != "")
         if e["type"] == "extra_forbidden":
-            lines.append(f"config key '{loc}' does not exist")
+            hint = ""
+            if cls is not None and e["loc"]:
+                parent = ".".join(str(p) for p in (prefix, *e["loc"][:-1]) if p != "")
+                hint = did_you_mean(str(e["loc"][-1]), known_keys(cls, tuple(e["loc"][:-1]), raw), parent)
+                if not hint:
+                    hint = f" (remove it, or --set {loc}=null)"
+            lines.append(f"config key '{loc}' does not exist{hint}")
         else:
             lines.append(f"config key '{loc}': {e['msg']}")
     return f"{source}: " + "; ".join(lines)
@@ -107,7 +174,14 @@ def apply_overrides(raw: dict, overrides: list[str] | None, source: str = "--set
             if not isinstance(node.get(p, {}), dict):
                 raise ConfigError(f"{source}: cannot set {key!r}: '{p}' is not a section")
             node = node.setdefault(p, {})
-        node[parts[-1]] = yaml.safe_load(value)
+        try:
+            parsed = yaml.safe_load(value)
+        except yaml.YAMLError as err:
+            raise ConfigError(f"{source}: --set {key}: value {value!r} is not valid YAML ({' '.join(str(err).split())})") from None
+        if parsed is None:  # key=null removes the key: its default applies
+            node.pop(parts[-1], None)
+        else:
+            node[parts[-1]] = parsed
     return out
 
 
@@ -116,7 +190,7 @@ def validate_section(cls: type[BaseModel], raw: Any, prefix: str, source: str) -
     try:
         return cls.model_validate(raw if raw is not None else {})
     except ValidationError as err:
-        raise ConfigError(_format_validation(err, prefix, source)) from None
+        raise ConfigError(_format_validation(err, prefix, source, cls, raw)) from None
 
 
 def build_experiment(raw: dict, source: str = "<config>") -> Experiment:
@@ -125,7 +199,9 @@ def build_experiment(raw: dict, source: str = "<config>") -> Experiment:
         raise ConfigError(f"{source}: an experiment config must be a mapping")
     unknown = set(raw) - {"seed", "data", "method", "trainer"}
     if unknown:
-        raise ConfigError(f"{source}: config key '{sorted(unknown)[0]}' does not exist")
+        key = sorted(map(str, unknown))[0]
+        raise ConfigError(f"{source}: config key '{key}' does not exist"
+                          + did_you_mean(key, ["seed", "data", "method", "trainer"]))
     data = raw.get("data") or {}
     method = raw.get("method") or {}
     if "kind" not in data:
@@ -148,12 +224,16 @@ def build_experiment(raw: dict, source: str = "<config>") -> Experiment:
 
 def load_yaml(path: str | Path) -> dict:
     path = Path(path)
-    if not path.is_file():
+    if not path.exists():
         raise ConfigError(f"{path}: config file does not exist")
     try:
-        raw = yaml.safe_load(path.read_text())
+        raw = yaml.safe_load(path.read_text(encoding="utf-8-sig"))
     except yaml.YAMLError as err:
-        raise ConfigError(f"{path}: not valid YAML ({err})") from None
+        raise ConfigError(f"{path}: not valid YAML ({' '.join(str(err).split())})") from None
+    except UnicodeDecodeError as err:
+        raise ConfigError(f"{path}: not UTF-8 text ({err.reason} at byte {err.start})") from None
+    except IsADirectoryError:
+        raise ConfigError(f"{path}: is a folder, not a config file") from None
     if not isinstance(raw, dict):
         raise ConfigError(f"{path}: an experiment config must be a mapping")
     return raw

@@ -97,13 +97,10 @@ def _encoder_sections(obj: object, prefix: str) -> list[tuple[str, object]]:
     return out
 
 
-FEATURE_ENCODERS = ("identity", "linear", "linear_bn", "linear_ln")
-
-
 def _fit_feature_dims(exp: Experiment, splits: DataSplits, source: str) -> None:
     """A feature encoder's ``in_dim`` is read from the first training bag when the config leaves
     it out; when it is given and differs from the features' D, both numbers are named."""
-    from milkit.config import ConfigError
+    from milkit.config import FEATURE_ENCODERS, ConfigError
 
     encoders = [(k, e) for k, e in _encoder_sections(exp.method, "method") if e.name in FEATURE_ENCODERS]
     if not encoders or len(splits.train) == 0:

@@ -107,7 +107,7 @@ def test_missing_mpp_is_refused_and_overrides_work(tmp_path):
         assert f["coords"].attrs["patch_size_level0"] == 32
     h5 = tile_slide(s.path, tmp_path / "t3", TilingConfig(patch_size=32, downsample=2, tissue=SMALL))
     with h5py.File(h5) as f:
-        assert f["coords"].attrs["mpp"] == "None" and f["coords"].attrs["patch_size_level0"] == 64
+        assert "mpp" not in f["coords"].attrs and f["coords"].attrs["patch_size_level0"] == 64
     bad = tmp_path / "bad.csv"
     bad.write_text("slide_id,mpp\nx,-1\n")
     with pytest.raises(ValueError, match="bad.csv.*positive"):

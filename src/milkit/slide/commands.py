@@ -26,13 +26,12 @@ def tile(
 ) -> None:
     """Tissue mask, patch grid and <slide>.h5 (level-0 top-left coords) for every slide."""
     from milkit.slide.reader import find_slides, read_mpp_csv
-    from milkit.slide.tiling import TilingConfig, tile_slides
-    from milkit.slide.tissue import TissueConfig
+    from milkit.slide.tiling import tile_slides
 
-    cfg = TilingConfig(
+    cfg = tiling_options(
         patch_size=patch_size, target_mpp=target_mpp, target_magnification=magnification, downsample=downsample,
         overlap=overlap, tissue_fraction=tissue_fraction,
-        tissue=TissueConfig(method=tissue_method, threshold=tissue_threshold),
+        tissue={"method": tissue_method, "threshold": tissue_threshold},
     )
     table = read_mpp_csv(mpp_csv) if mpp_csv is not None else None
     paths = find_slides(list(slides))
@@ -40,6 +39,36 @@ def tile(
         raise ValueError(f"no slide files in {', '.join(map(str, slides))}")
     for p in tile_slides(paths, out, cfg, mpp, table, overwrite, progress):
         typer.echo(str(p))
+
+
+#: TilingConfig field → the ``milkit tile`` option that sets it
+TILE_OPTIONS = {
+    "patch_size": "--patch-size", "target_mpp": "--target-mpp", "target_magnification": "--magnification",
+    "downsample": "--downsample", "overlap": "--overlap", "tissue_fraction": "--tissue-fraction",
+    "tissue.method": "--tissue-method", "tissue.threshold": "--tissue-threshold",
+}
+
+
+def tiling_options(**kw):
+    """TilingConfig from the command's options; a bad value is one line naming the option."""
+    from pydantic import ValidationError
+
+    from milkit.slide.tiling import TilingConfig
+
+    try:
+        return TilingConfig(**kw)
+    except ValidationError as err:
+        parts = []
+        for e in err.errors():
+            key = ".".join(str(p) for p in e["loc"])
+            opt = TILE_OPTIONS.get(key)
+            msg = e["msg"].removeprefix("Value error, ")
+            if opt is None:  # a check across options: name the options it mentions
+                parts.append(msg)
+                continue
+            got = e.get("input")
+            parts.append(f"{opt} {got!r}: {msg}" if got is not None else f"{opt}: {msg}")
+        raise ValueError("; ".join(parts)) from None
 
 
 def extract(

@@ -51,9 +51,10 @@ class TilingConfig(StrictModel):
     def _one_resolution(self) -> "TilingConfig":
         given = [k for k in ("target_mpp", "target_magnification", "downsample") if getattr(self, k) is not None]
         if len(given) > 1:
-            raise ValueError(f"give only one of target_mpp, target_magnification, downsample (got {given})")
+            raise ValueError(f"give only one of --target-mpp, --magnification, --downsample (target_mpp, "
+                             f"target_magnification, downsample; got {given})")
         if self.overlap >= self.patch_size:
-            raise ValueError(f"overlap {self.overlap} must be smaller than patch_size {self.patch_size}")
+            raise ValueError(f"--overlap {self.overlap} must be smaller than --patch-size {self.patch_size}")
         return self
 
 
@@ -70,7 +71,8 @@ class Grid:
 
 
 def resolve_geometry(slide: Slide, cfg: TilingConfig) -> dict:
-    """Downsample, level-0 patch size and stride, and the resolution attrs (None → 'None' on write)."""
+    """Downsample, level-0 patch size and stride, and the resolution attrs (an unknown value is
+    None, and is left out of the h5)."""
     mpp0, mag0 = slide.mpp, slide.magnification
     if cfg.downsample is not None:
         ds = float(cfg.downsample)
@@ -91,6 +93,7 @@ def resolve_geometry(slide: Slide, cfg: TilingConfig) -> dict:
     w, h = slide.dimensions
     return {
         "patch_size": int(cfg.patch_size),
+        "patch_level": int(slide.best_level(ds)),  # CLAM's attr: the pyramid level patches are read from
         "patch_size_level0": ps0,
         "stride_level0": stride0,
         "downsample": ds,
@@ -143,6 +146,7 @@ def compute_grid(slide: Slide, cfg: TilingConfig) -> Grid:
     coords = grid_coords(geo["level0_width"], geo["level0_height"], geo["patch_size_level0"], geo["stride_level0"])
     frac = patch_fractions(mask, mask_ds, coords, geo["patch_size_level0"])
     keep = frac >= cfg.tissue_fraction if cfg.tissue_fraction > 0 else frac > 0
+    check_level_not_blank(slide, coords[keep], geo)
     attrs = dict(geo)
     attrs.update(
         name=slide.id,
@@ -159,18 +163,34 @@ def compute_grid(slide: Slide, cfg: TilingConfig) -> Grid:
     return Grid(coords[keep], frac[keep], attrs, mask, mask_ds, thumb)
 
 
-def _h5_attr(v):
-    return "None" if v is None else v
+def check_level_not_blank(slide: Slide, coords: np.ndarray, geo: dict, n: int = 8) -> None:
+    """Refuse a slide whose patch level is blank where the thumbnail shows tissue (a pyramid
+    whose level 0 is empty, e.g. a failed scan or conversion): sampled kept patches of one flat
+    colour all round would otherwise become features of nothing."""
+    if len(coords) == 0:
+        return
+    idx = np.unique(np.linspace(0, len(coords) - 1, num=min(n, len(coords))).round().astype(int))
+    out = max(8, min(64, int(geo["patch_size"])))
+    for x, y in coords[idx]:
+        patch = slide.read_patch((int(x), int(y)), int(geo["patch_size_level0"]), out)
+        if float(patch.astype(np.float32).std()) > 2.0:
+            return
+    raise ValueError(
+        f"{slide.path}: level {geo['patch_level']} is blank (one flat colour) at all {len(idx)} sampled patches "
+        "where the thumbnail shows tissue; the file's full-resolution level is empty or broken"
+    )
 
 
 def write_grid_h5(path: Path, grid: Grid) -> None:
-    """TRIDENT-compatible ``coords`` (int64, attrs on the dataset) plus ``tissue_fraction``."""
+    """TRIDENT-compatible ``coords`` (int64, attrs on the dataset) plus ``tissue_fraction``;
+    an attribute whose value is unknown (None) is left out, never written as 'None'."""
 
     def write(tmp: Path) -> None:
         with h5py.File(tmp, "w") as f:
             d = f.create_dataset("coords", data=grid.coords.astype(np.int64).reshape(-1, 2))
             for k, v in grid.attrs.items():
-                d.attrs[k] = _h5_attr(v)
+                if v is not None:
+                    d.attrs[k] = v
             f.create_dataset("tissue_fraction", data=grid.tissue_fraction.astype(np.float32))
 
     io.write_with(path, write)
