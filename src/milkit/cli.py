@@ -44,6 +44,8 @@ def train(
     from milkit.shipped_configs import resolve_config
     from milkit.workflow import train_run
 
+    if config.is_dir():
+        fail(f"{config}: is a folder, not an experiment YAML")
     path = resolve_config(config)
     exp = load_experiment(path, set_)
     metrics = train_run(exp, out, overwrite=overwrite, resume=resume, source=str(path))
@@ -139,11 +141,16 @@ def demo(
     run_demo(out, seed)
 
 
+_registered: list[bool] = []
+
+
 def _register_plugins(argv: list[str] | None = None) -> None:
     """Add the plugin commands. Benchmark modules import torch, so they are imported only when
     the command line asks for ``milkit benchmark`` (``--help`` and the other commands stay fast)."""
-    for mod in registry.COMMAND_MODULES:
-        registry.resolve(f"{mod}:register")(app)
+    if not _registered:
+        for mod in registry.COMMAND_MODULES:
+            registry.resolve(f"{mod}:register")(app)
+        _registered.append(True)
     args = sys.argv[1:] if argv is None else argv
     if not bench_app.registered_commands and next((a for a in args if not a.startswith("-")), None) == "benchmark":
         for mod in registry.BENCHMARK_MODULES:

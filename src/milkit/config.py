@@ -157,7 +157,7 @@ def _format_validation(err: ValidationError, prefix: str, source: str, cls: type
                     hint = f" (remove it, or --set {loc}=null)"
             lines.append(f"config key '{loc}' does not exist{hint}")
         else:
-            lines.append(f"config key '{loc}': {e['msg']}")
+            lines.append(f"config key '{loc}': {e['msg'].removeprefix('Value error, ')}")
     return f"{source}: " + "; ".join(lines)
 
 

@@ -24,6 +24,7 @@ import lightning as L
 import torch
 from lightning.pytorch.callbacks import EarlyStopping, ModelCheckpoint
 from lightning.pytorch.loggers import CSVLogger
+from lightning.pytorch.plugins.io import TorchCheckpointIO
 from torch.utils.data import DataLoader
 
 from milkit.config import TrainerConfig
@@ -128,6 +129,19 @@ def configure_optimizers(module: L.LightningModule, params, cfg: TrainerConfig):
     return opt
 
 
+class AtomicCheckpointIO(TorchCheckpointIO):
+    """Lightning checkpoints written through :mod:`milkit.io` (temp file + rename), so that a
+    process killed while saving ``last.ckpt`` leaves the previous one whole for ``--resume``."""
+
+    def save_checkpoint(self, checkpoint: dict, path, storage_options=None) -> None:
+        if storage_options is not None:
+            raise TypeError("AtomicCheckpointIO takes no storage_options")
+        from milkit import io
+
+        with io.atomic_path(path) as tmp:
+            torch.save(checkpoint, tmp)
+
+
 def _quiet_lightning() -> None:
     for name in ("lightning", "lightning.pytorch", "lightning.fabric", "pytorch_lightning"):
         logging.getLogger(name).setLevel(logging.WARNING)
@@ -162,7 +176,11 @@ def fit_stage(
         log.info("%s: stage finished, not retrained (--resume)", stage_dir)
         load_into(module, load_state_dict(out), out)
         if (stage_dir / RNG_FILE).is_file():
-            set_rng_state(load_state_dict(stage_dir / RNG_FILE))
+            state = load_state_dict(stage_dir / RNG_FILE)
+            set_rng_state(state)
+            gen = getattr(train_loader, "generator", None)
+            if gen is not None and "loader" in state:  # the shuffle order later stages continue from
+                gen.set_state(state["loader"])
         return out
     stage_dir.mkdir(parents=True, exist_ok=True)
     seed_everything(seed)
@@ -171,8 +189,8 @@ def fit_stage(
     ckpt_dir = stage_dir / "checkpoints"
     last_ckpt = ckpt_dir / LAST_CKPT
     # full state (optimiser, loops, callbacks) every epoch, so that --resume can continue
-    callbacks: list = [ModelCheckpoint(dirpath=ckpt_dir, save_top_k=0, save_last=True, save_weights_only=False,
-                                       enable_version_counter=False)]
+    callbacks: list = [ModelCheckpoint(dirpath=ckpt_dir, filename=LAST_CKPT.removesuffix(".ckpt"), monitor=None,
+                                       save_top_k=1, save_weights_only=False, enable_version_counter=False)]
     ckpt = None
     if val_loader is not None:
         ckpt = ModelCheckpoint(
@@ -205,6 +223,7 @@ def fit_stage(
         log_every_n_steps=cfg.log_every_n_steps,
         num_sanity_val_steps=0,
         default_root_dir=str(stage_dir),
+        plugins=[AtomicCheckpointIO()],
     )
     ckpt_path = None
     if resume and last_ckpt.is_file():
@@ -225,7 +244,10 @@ def fit_stage(
     if ckpt is not None and ckpt.best_model_path:
         state = torch.load(ckpt.best_model_path, map_location="cpu", weights_only=True)["state_dict"]
         module.load_state_dict(state)
-    save_state_dict(stage_dir / RNG_FILE, rng_state())
+    state = rng_state()
+    if getattr(train_loader, "generator", None) is not None:
+        state["loader"] = train_loader.generator.get_state()
+    save_state_dict(stage_dir / RNG_FILE, state)
     save_state_dict(out, {k: v.detach().cpu() for k, v in module.state_dict().items()})  # marks the stage done
     last_ckpt.unlink(missing_ok=True)  # model.pt + best.ckpt are what a finished stage keeps
     return out
@@ -237,7 +259,8 @@ def load_into(module: torch.nn.Module, state: dict, path: str | Path) -> torch.n
         module.load_state_dict(state)
     except RuntimeError as err:
         detail = next((ln.strip() for ln in str(err).splitlines()[1:] if ln.strip()), str(err).splitlines()[0])
-        raise ValueError(f"{path}: weights do not fit the model of the run's config ({detail.rstrip('.')})") from None
+        detail = detail.rstrip(".") if len(detail) <= 200 else detail[:197] + "..."
+        raise ValueError(f"{path}: weights do not fit the model of the run's config ({detail})") from None
     return module
 
 

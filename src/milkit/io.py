@@ -111,7 +111,9 @@ def load_state_dict(path: str | Path) -> dict:
     try:
         return torch.load(path, map_location="cpu", weights_only=True)
     except Exception as err:  # noqa: BLE001 - re-raised with the file named
-        raise ValueError(f"{path}: not a readable milkit checkpoint ({err})") from None
+        detail = " ".join(str(err).split())
+        detail = detail if len(detail) <= 160 else detail[:157] + "..."
+        raise ValueError(f"{path}: not a readable milkit checkpoint ({type(err).__name__}: {detail})") from None
 
 
 def write_with(path: str | Path, writer: Callable[[Path], None]) -> None:

@@ -51,13 +51,13 @@ class RunDir:
     def model_path(self, stage: str) -> Path:
         return self.stage_dir(stage) / "model.pt"
 
-    def state(self) -> Literal["absent", "empty", "foreign", "unfinished", "finished"]:
-        """What ``path`` holds: nothing, an empty folder, something that is not a milkit run,
-        an unfinished run (config.yaml, no metrics.json) or a finished one."""
+    def state(self) -> Literal["absent", "file", "empty", "foreign", "unfinished", "finished"]:
+        """What ``path`` holds: nothing, a file, an empty folder, a folder that is not a milkit
+        run, an unfinished run (config.yaml, no metrics.json) or a finished one."""
         if not self.path.exists():
             return "absent"
         if not self.path.is_dir():
-            return "foreign"
+            return "file"
         if self.config_path.is_file():
             return "finished" if self.metrics_path.is_file() else "unfinished"
         return "foreign" if any(self.path.iterdir()) else "empty"
@@ -74,6 +74,8 @@ class RunDir:
 
     def read_raw_config(self) -> dict:
         """config.yaml as a dict; a missing or unparsable one is an error naming the file."""
+        if not self.path.is_dir():
+            raise FileNotFoundError(f"{self.path}: run directory does not exist")
         if not self.config_path.is_file():
             raise FileNotFoundError(f"{self.path}: not a milkit run directory (no config.yaml)")
         try:

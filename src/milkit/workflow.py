@@ -37,6 +37,8 @@ def train_run(exp: Experiment, out_dir: str | Path, overwrite: bool = False, res
     if overwrite and resume:
         raise ValueError("--overwrite and --resume exclude each other: replace the run, or continue it")
     state = run.state()
+    if state == "file":
+        raise FileExistsError(f"{run.path}: is a file; --out must be a folder (new, empty, or a milkit run)")
     if state == "foreign":
         raise FileExistsError(f"{run.path}: not empty and not a milkit run (no config.yaml); "
                               "choose a new or empty --out (nothing there was changed)")
@@ -53,9 +55,16 @@ def train_run(exp: Experiment, out_dir: str | Path, overwrite: bool = False, res
     elif state in ("unfinished", "finished"):  # --overwrite, after every check passed
         log.info("%s: replacing the run there (--overwrite)", run.path)
         run.clear()
-    run.path.mkdir(parents=True, exist_ok=True)
-    if not resuming_run:
-        run.write_config(exp)
+    try:
+        run.path.mkdir(parents=True, exist_ok=True)
+        if not resuming_run:
+            run.write_config(exp)
+    except BaseException:
+        if state == "absent":  # leave no half-made run behind
+            import shutil
+
+            shutil.rmtree(run.path, ignore_errors=True)
+        raise
     from milkit.engine import resuming, seed_everything
 
     seed_everything(exp.seed)  # model initialisation depends on the seed only, not on what ran before

@@ -324,6 +324,8 @@ class FeatureTable:
         fdir = Path(cfg.features_dir)
         if not fdir.is_dir():
             raise FileNotFoundError(f"{fdir}: features folder does not exist")
+        if cfg.annotations_dir is not None and not Path(cfg.annotations_dir).is_dir():
+            raise FileNotFoundError(f"{cfg.annotations_dir}: annotations folder (data.annotations_dir) does not exist")
         layout = detect_layout(fdir) if cfg.layout == "auto" else cfg.layout
         index = index_feature_files(fdir, layout)
         if cfg.labels_csv is not None:
@@ -354,15 +356,14 @@ class FeatureTable:
                 raise ValueError(f"{self.source}: split_mode 'csv' needs a split value on every row "
                                  f"(slide {self.rows[missing].slide_id!r} has none)")
             tr, va, te = (np.flatnonzero([r.split == s for r in self.rows]) for s in ("train", "val", "test"))
+            _check_cases(self.rows, [tr, va, te], self.source)
             carve = cfg.val_from_train if cfg.val_from_train is not None else (len(va) == 0 and len(tr) > 0)
             if carve:
                 tr, va = self._carve_val(tr, va, labels, groups, cfg, seed)
             for name, part in (("train", tr), ("val", va), ("test", te)):
                 if len(part) == 0:
                     raise ValueError(f"{self.source}: the {name} split is empty (no row has split '{name}')")
-            parts = [tr, va, te]
-            _check_cases(self.rows, parts, self.source)
-            return parts
+            return [tr, va, te]
         if mode == "kfold":
             return list(kfold_splits(labels, groups, cfg.folds, seed, cfg.val_fraction)[cfg.fold])
         return stratified_group_split(labels, groups, cfg.fractions, seed)
