@@ -185,6 +185,10 @@ def user_message(err: BaseException) -> str | None:
     if isinstance(err, ValidationError):  # a config object built outside config.py
         parts = [f"{'.'.join(map(str, e['loc'])) or e.get('title', '')}: {e['msg']}" for e in err.errors()]
         return f"{err.title}: " + "; ".join(parts)
+    from milkit.io import DiskFullError
+
+    if isinstance(err, DiskFullError):
+        return str(err)
     if isinstance(err, OSError) and not isinstance(err, FileNotFoundError) and err.strerror and err.filename:
         return f"{err.filename}: {err.strerror}"
     if isinstance(err, KeyError):
