@@ -5,7 +5,7 @@ BIN := $(VENV)/bin
 # PyTorch is installed first and explicitly (a CPU run needs nothing more).
 TORCH_SPEC ?= torch==2.14.1 torchvision==0.29.1
 
-.PHONY: demo test bench clean
+.PHONY: demo test reliability bench clean
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -28,6 +28,10 @@ demo: $(VENV)/.installed
 
 test: $(VENV)/.installed-test
 	OMP_NUM_THREADS=2 $(BIN)/python -m pytest
+
+# the bad-input corpus, resume after SIGKILL, umask (tests/reliability; about a minute)
+reliability: $(VENV)/.installed-test
+	OMP_NUM_THREADS=2 $(BIN)/python -m pytest tests/reliability -q
 
 clean:
 	rm -rf $(VENV) runs

@@ -210,7 +210,6 @@ def _log_notices() -> None:
         h._milkit = True  # type: ignore[attr-defined]
         logger.addHandler(h)
         logger.setLevel(logging.INFO)
-        logger.propagate = False
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -140,13 +140,19 @@ def load_npz(path: str | Path, keys: tuple[str, ...], what: str = "") -> tuple:
         raise ValueError(f"{path}: not a readable .npz ({err})") from None
 
 
-def remove_stale_temps(folder: str | Path) -> list[Path]:
-    """Delete milkit's own leftover temporary files (``.<name>.<random>.tmp``) in ``folder``,
-    left by a process that was killed mid-write; returns what was removed."""
-    out = []
-    for p in Path(folder).glob(f"{TMP_PREFIX}*{TMP_SUFFIX}"):
-        if p.is_file():
-            with contextlib.suppress(FileNotFoundError):
+def remove_stale_temps(folder: str | Path, recursive: bool = False, min_age_s: float = 0.0) -> list[Path]:
+    """Delete milkit's own leftover temporary files (``.<name>.<random>.tmp``) in ``folder``
+    (and below it with ``recursive``), left by a process killed mid-write; only those older than
+    ``min_age_s`` seconds, so that a writer still running beside us keeps its file."""
+    import time
+
+    now, out = time.time(), []
+    pattern = f"{TMP_PREFIX}*{TMP_SUFFIX}"
+    for p in Path(folder).rglob(pattern) if recursive else Path(folder).glob(pattern):
+        try:
+            if p.is_file() and now - p.stat().st_mtime >= min_age_s:
                 p.unlink()
                 out.append(p)
+        except FileNotFoundError:
+            pass
     return out

@@ -52,6 +52,10 @@ def train_run(exp: Experiment, out_dir: str | Path, overwrite: bool = False, res
     resuming_run = resume and state in ("unfinished", "finished")
     if resuming_run:
         _check_same_config(run, exp)
+        from milkit import io
+
+        for p in io.remove_stale_temps(run.path, recursive=True):  # half-written by the killed process
+            log.info("removed %s (left by the interrupted run)", p)
     elif state in ("unfinished", "finished"):  # --overwrite, after every check passed
         log.info("%s: replacing the run there (--overwrite)", run.path)
         run.clear()

@@ -175,3 +175,21 @@ def test_h5_has_patch_level_and_no_none_strings(tmp_path):
     assert a["patch_level"] == 1 and a["downsample"] == 2  # the 2× level of the pyramid
     assert "mpp" not in a and "target_mpp" not in a
     assert not [k for k, v in a.items() if isinstance(v, (str, bytes)) and v in ("None", b"None")]
+
+
+def test_tile_removes_its_stale_temp_files_only(tmp_path):
+    from milkit.slide.synthetic import make_slide
+    from milkit.slide.tiling import STALE_TMP_S, TilingConfig, tile_slides
+
+    s = make_slide(tmp_path / "slides", "a", False, seed=0, size=(256, 256), mpp=0.25)
+    out = tmp_path / "tiles"
+    out.mkdir()
+    old, fresh, mine = out / ".a.h5.x1y2z3.tmp", out / ".b.h5.q9w8e7.tmp", out / "notes.tmp"
+    for p in (old, fresh, mine):
+        p.write_bytes(b"partial")
+    t = os.stat(old).st_mtime - STALE_TMP_S - 5
+    os.utime(old, (t, t))
+    os.utime(mine, (t, t))
+    tile_slides([s.path], out, TilingConfig(patch_size=32, tissue={"thumbnail_size": 128}), progress=False)
+    assert not old.exists() and fresh.exists() and mine.exists()  # a live writer's and the user's files stay
+    assert (out / "a.h5").is_file()

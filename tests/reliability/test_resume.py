@@ -59,6 +59,7 @@ def test_sigkill_mid_training_then_resume(tmp_path, capsys):
     assert "--resume" in err and err.count("\n") == 1, err
     assert {p: p.stat().st_mtime_ns for p in run.rglob("*")} == before
 
+    (last.parent / ".last.ckpt.k1ll3d.tmp").write_bytes(b"half a checkpoint")  # as if killed mid-write
     r = subprocess.run(cmd + ["--resume"], env=env, capture_output=True, text=True, timeout=240)
     assert r.returncode == 0, r.stderr[-2000:]
     assert "resuming from" in r.stderr and "last.ckpt" in r.stderr

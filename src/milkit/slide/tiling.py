@@ -28,6 +28,9 @@ from milkit.slide.tissue import TissueConfig, tissue_mask
 
 log = logging.getLogger(__name__)
 
+#: a milkit temp file older than this (s) in the output folder is a leftover, not a live write
+STALE_TMP_S = 600.0
+
 
 class TilingConfig(StrictModel):
     """Patch grid settings. Give at most one of ``target_mpp``, ``target_magnification`` and
@@ -242,6 +245,9 @@ def tile_slides(slides: list[Path], out_dir: Path, cfg: TilingConfig, mpp: float
     from milkit.slide.progress import track
 
     out_dir = Path(out_dir)
+    for folder in (out_dir, out_dir / "thumbnails"):  # temp files of a tile run killed mid-write
+        if folder.is_dir():
+            io.remove_stale_temps(folder, min_age_s=STALE_TMP_S)
     done, errors = [], []
     for p in track(slides, "tiling", enabled=progress):
         h5 = out_dir / f"{slide_id(p)}.h5"
