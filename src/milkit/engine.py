@@ -109,7 +109,7 @@ def fit_stage(
     callbacks: list = []
     ckpt = None
     if val_loader is not None:
-        ckpt = ModelCheckpoint(
+        ckpt = __import__("milkit.checkpointing").checkpointing.LaterOnTiesCheckpoint(  # ties → later epoch (issue 12)
             dirpath=stage_dir / "checkpoints",
             filename="best",
             monitor=monitor,
