@@ -51,7 +51,9 @@ class IKDConfig(StrictModel):
         "vgg16", description="§3 Fig. 3: first 3 VGG16 blocks; Table 2: ResNet; vgg_small for CPU runs"
     )
     width: int = Field(16, ge=1, description="channels of vgg_small's first block (CPU runs only)")
-    pretrained_path: str | None = Field(None, description="local ImageNet state dict; None = random init")
+    pretrained_path: str | None = Field(
+        None, description="ImageNet weights: a torchvision state dict file, 'imagenet' = torchvision download "
+        "(internet), None = random init (CPU/test configs only; the paper configs name a file)")
     learn_fusion: bool = Field(True, description="§3.1: fusion weights w are learnable")
     fusion_init: tuple[float, float, float] = Field((0.3, 0.3, 0.4), description="released code's fixed w (NOTES.md)")
     teacher_epochs: int = Field(30, ge=1, description="§4.2: stage 1 trains the teacher for 30 epochs")

@@ -93,7 +93,9 @@ class MaxMinMethod(SegMethod):
         # -- network (§3.3(a): ResNet-18 shared by 𝓜 and 𝓒, WILDCAT pooling) --------
         backbone: Literal["resnet18"] = "resnet18"
         backbone_stages: int = Field(4, ge=1, le=4, description="ResNet-18 residual stages kept (paper: all 4)")
-        pretrained_path: str | None = Field(None, description="local torchvision ResNet-18 weights (§3.3: ImageNet)")
+        pretrained_path: str | None = Field(
+            None, description="ImageNet weights: a torchvision state dict file, 'imagenet' = torchvision download "
+            "(internet), None = random init (CPU/test configs only; the paper configs name a file)")
         modalities: int = Field(5, ge=1, description="WILDCAT modalities per class (§3.3(a) GlaS 5, Camelyon 4)")
         kmax: float = Field(0.3, gt=0, description="§3.3(a) GlaS 0.3, Camelyon 0.1")
         kmin: float = Field(0.0, ge=0, description="§3.3(a) GlaS 0, Camelyon 0.1")

@@ -58,7 +58,9 @@ class SegBaselineConfig(StrictModel):
     name: Literal["segmentation_baseline"] = "segmentation_baseline"
     baseline: str = Field("unet", description="a key of seg_baselines.BASELINES")
     backbone: str = Field("resnet18", description="backbone of CAM/MIL baselines (Max-Min §5.1: ResNet-18)")
-    pretrained_path: str | None = Field(None, description="local ImageNet state dict; None = random init")
+    pretrained_path: str | None = Field(
+        None, description="ImageNet weights: a torchvision state dict file, 'imagenet' = torchvision download "
+        "(internet), None = random init (CPU/test configs only; the paper configs name a file)")
     pixel_threshold: float = Field(0.5, gt=0, lt=1, description="mask = map >= threshold (IKD §4.2)")
     blur_sigma: float = Field(0.0, ge=0, description="Gaussian blur of the map before thresholding")
     monitor: str = Field("val/f1", description="validation metric for the best checkpoint")

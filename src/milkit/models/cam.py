@@ -11,8 +11,9 @@ pixel map (B, H, W) in [0, 1] of the positive class:
 - :class:`DeepMILNet`: attention MIL (Ilse et al. 2018) over feature-map cells, the
   pixel map being the attention weights; VGG-MIL or ResNet-MIL by the backbone.
 
-Backbones are torchvision ResNet-18 / VGG-16 feature extractors with random
-initialisation; ImageNet weights are loaded only from a local file (never downloaded).
+Backbones are torchvision ResNet-18 / VGG-16 feature extractors: random initialisation,
+ImageNet weights from a local file, or torchvision's download (``pretrained_path:
+imagenet``; :mod:`milkit.nn.pretrained`).
 """
 
 from __future__ import annotations
@@ -26,7 +27,7 @@ from torch import Tensor, nn
 from torchvision.models.vgg import cfgs as vgg_cfgs
 from torchvision.models.vgg import make_layers
 
-from milkit.nn.pretrained import load_torchvision_weights
+from milkit.nn.pretrained import load_pretrained
 from milkit.nn.attention import AttentionPool
 from milkit.nn.wildcat import WildcatHead
 
@@ -47,8 +48,7 @@ def build_backbone(name: str = "resnet18", stages: int = 4, pretrained_path: str
         if stages not in _RESNET18_CHANNELS:
             raise ValueError(f"resnet18 backbone has stages 1..4, got {stages}")
         net = torchvision.models.resnet18(weights=None)
-        if pretrained_path:
-            load_torchvision_weights(net, pretrained_path)
+        load_pretrained(net, "resnet18", pretrained_path)
         layers = [net.conv1, net.bn1, net.relu, net.maxpool, net.layer1, net.layer2, net.layer3, net.layer4]
         return nn.Sequential(*layers[: 4 + stages]), _RESNET18_CHANNELS[stages]
     if name == "vgg16":
@@ -57,8 +57,7 @@ def build_backbone(name: str = "resnet18", stages: int = 4, pretrained_path: str
         # only the convolutional part: VGG-16's 120M-parameter classifier is never used
         holder = nn.Module()
         holder.features = make_layers(vgg_cfgs["D"], batch_norm=False)
-        if pretrained_path:
-            load_torchvision_weights(holder, pretrained_path)
+        load_pretrained(holder, "vgg16", pretrained_path)
         end, ch = _VGG16_BLOCKS[stages]
         return nn.Sequential(*list(holder.features.children())[:end]), ch
     raise ValueError(f"unknown backbone {name!r}; use 'resnet18' or 'vgg16'")
