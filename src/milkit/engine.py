@@ -27,6 +27,7 @@ from lightning.pytorch.loggers import CSVLogger
 from lightning.pytorch.plugins.io import TorchCheckpointIO
 from torch.utils.data import DataLoader
 
+from milkit.checkpointing import LaterOnTiesCheckpoint
 from milkit.config import TrainerConfig
 from milkit.io import load_state_dict, save_state_dict
 
@@ -193,7 +194,7 @@ def fit_stage(
                                        save_top_k=1, save_weights_only=False, enable_version_counter=False)]
     ckpt = None
     if val_loader is not None:
-        ckpt = ModelCheckpoint(
+        ckpt = LaterOnTiesCheckpoint(  # ties → later epoch (issue 12, Max-Min authors' rule)
             dirpath=ckpt_dir,
             filename="best",
             monitor=monitor,

@@ -44,7 +44,7 @@ def test_lse_pool_limits():
 
 def test_grad_cam_is_relu_of_gradient_weighted_features():
     torch.manual_seed(0)
-    net = build_cam_model("grad_cam", backbone="resnet18", stages=1).eval()
+    net = build_cam_model("grad_cam", backbone="resnet18", stages=1, cam_class="positive").eval()
     x = torch.randn(1, 3, 16, 16)
     from milkit.models.cam import imagenet_normalise
 

@@ -25,8 +25,8 @@ from milkit.workflow import train_run
 
 #: the offline benchmark set: 64-px synthetic tissue, half the images with lesions
 SYNTHETIC = {"kind": "seg_synthetic", "image_size": 64, "n_train": 96, "n_val": 32, "n_test": 48}
-COLUMNS = [("classification_error", "Cl. err (%)", 100), ("f1_pos", "F1+ (%)", 100), ("f1_neg", "F1− (%)", 100),
-           ("f1", "F1 IKD (%)", 100), ("iou", "IoU (%)", 100), ("hd_pos", "HD^Pos (px)", 1)]
+COLUMNS = [("classification_error", "Cl. err (%)", 100), ("f1_pos", "F1+ tumour (%)", 100), ("f1_neg", "F1− (%)", 100),
+           ("f1", "F1 IKD (%)", 100), ("iou", "IoU± (%)", 100), ("hd_pos", "HD^Pos (px)", 1)]
 
 
 def default_config_dir() -> Path:

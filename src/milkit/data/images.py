@@ -18,13 +18,21 @@ Formats (``format``):
   ``image``, ``mask`` (may be empty for normal patches), ``label`` and optional ``split``;
   as the P512 protocol (Max-Min) or IKD's 1280-px patches are distributed as lists.
 * ``digestpath`` — DigestPath 2019 tissue set: ``*pos*/<name>.jpg`` with ``<name>_mask.jpg``
-  (label 1) and ``*neg*/<name>.jpg`` (label 0).
+  (label 1) and ``*neg*/<name>.jpg`` (label 0). IKD §4.1 crops the images at random
+  into 1536×1536 patches (``crop_size``) before resizing; see "Crops" below.
 * ``folder`` — generic: ``csv`` (default ``<root>/labels.csv``) with ``image_id,label,split``;
   image ``<root>/<image_id>.<ext>``; mask beside it as ``<image_id>_mask.<ext>`` or in
   ``<root>/masks/<image_id>.<ext>``.
 
 Without a ``split`` column, images are split at random (stratified by label, seeded by
 ``build(seed)``) with ``val_fraction`` / ``test_fraction``.
+
+Crops (``crop_size``, any format; the DigestPath configs set 1536 as IKD §4.1): after
+the split (so every crop of a source image stays in its split), each image gives
+``crops_per_image`` random ``crop_size`` squares (seeded by ``build(seed)``; an image
+smaller than ``crop_size`` gives one crop of its shorter side). A crop is positive iff
+its part of the mask has foreground ("pos-patches that contained cancerous tissues");
+crops of negative images are negative. The crop is then resized to ``image_size``.
 """
 
 from __future__ import annotations
@@ -57,6 +65,10 @@ class SegImagesConfig(DataConfig):
     test_fraction: float = Field(0.1, ge=0, lt=1, description="DigestPath: IKD §4.1 uses 225/25 ≈ 10%")
     max_images: int | None = Field(None, ge=3, description="cap per split (quick runs); None = all")
     lazy: bool = Field(False, description="read images on access instead of at build (large patch sets)")
+    crop_size: int | None = Field(
+        None, ge=8, description="random square crops (px) before resizing; IKD §4.1 DigestPath: 1536; None = whole image")
+    crops_per_image: int = Field(
+        120, ge=1, description="crops per image; IKD §4.1: 9,000 pos + 18,000 neg patches from 225 images ≈ 120")
 
     def build(self, seed: int) -> DataSplits:
         root = Path(self.root)
@@ -67,6 +79,8 @@ class SegImagesConfig(DataConfig):
         if not records:
             raise ValueError(f"{root}: no images found for format {self.format!r}")
         assigned = _assign_splits(records, self.val_fraction, self.test_fraction, seed)
+        if self.crop_size is not None:
+            assigned = random_crops(assigned, self.crop_size, self.crops_per_image, seed)
         out = {}
         for split in SPLITS:
             recs = [r for r in assigned if r["split"] == split]
@@ -99,10 +113,19 @@ class LazyImages(BagDataset):
         return [int(r["label"]) for r in self.records]
 
 
+def _box(rec: dict) -> tuple[int, int, int, int] | None:
+    if rec.get("box") is None:
+        return None
+    x, y, c = rec["box"]
+    return (x, y, x + c, y + c)
+
+
 def _load(rec: dict, size: int) -> Bag:
     path: Path = rec["image"]
+    box = _box(rec)
     try:
         with Image.open(path) as im:
+            im = im.crop(box) if box is not None else im
             img = im.convert("RGB").resize((size, size), Image.BILINEAR)
     except (OSError, ValueError) as err:
         raise ValueError(f"{path}: cannot read image ({err})") from None
@@ -112,6 +135,7 @@ def _load(rec: dict, size: int) -> Bag:
         mpath: Path = rec["mask"]
         try:
             with Image.open(mpath) as m:
+                m = m.crop(box) if box is not None else m
                 arr = np.asarray(m.convert("L").resize((size, size), Image.NEAREST))
         except (OSError, ValueError) as err:
             raise ValueError(f"{mpath}: cannot read mask ({err})") from None
@@ -120,6 +144,39 @@ def _load(rec: dict, size: int) -> Bag:
     elif rec["label"] == 0:
         meta["mask"] = torch.zeros(size, size, dtype=torch.uint8)
     return Bag(instances=x, label=int(rec["label"]), bag_id=rec["id"], meta=meta)
+
+
+def _mask_array(path: Path) -> np.ndarray:
+    """A full-resolution mask as bool (JPEG masks thresholded at 127, as in :func:`_load`)."""
+    try:
+        with Image.open(path) as m:
+            arr = np.asarray(m.convert("L"))
+    except (OSError, ValueError) as err:
+        raise ValueError(f"{path}: cannot read mask ({err})") from None
+    return arr > (127 if path.suffix.lower() in (".jpg", ".jpeg") else 0)
+
+
+def random_crops(records: list[dict], crop: int, per_image: int, seed: int) -> list[dict]:
+    """Replace every image record by ``per_image`` random square crops (IKD §4.1)."""
+    out: list[dict] = []
+    for idx, rec in enumerate(records):
+        try:
+            with Image.open(rec["image"]) as im:
+                w, h = im.size
+        except (OSError, ValueError) as err:
+            raise ValueError(f"{rec['image']}: cannot read image ({err})") from None
+        c = min(crop, w, h)
+        mask = _mask_array(rec["mask"]) if rec.get("mask") is not None else None
+        if mask is not None and mask.shape != (h, w):
+            raise ValueError(f"{rec['mask']}: mask is {mask.shape[1]}×{mask.shape[0]} but its image is {w}×{h}")
+        rng = np.random.default_rng([seed, idx])
+        for _ in range(per_image):
+            x, y = int(rng.integers(0, w - c + 1)), int(rng.integers(0, h - c + 1))
+            label = int(rec["label"])
+            if mask is not None:
+                label = int(mask[y:y + c, x:x + c].any())
+            out.append({**rec, "id": f"{rec['id']}@{x}_{y}", "box": (x, y, c), "label": label})
+    return out
 
 
 def _parse_label(value: str, where: str) -> int:

@@ -41,15 +41,22 @@ def fusion_kd_loss(sides: list[Tensor], fused: Tensor, target: Tensor, labels: T
     return loss
 
 
+#: Eq. 3's cross-entropy: two-class (the authors' code and OEEM [34], which Eq. 3 cites);
+#: "positive" (−t log s alone, as printed) pushes every pixel towards foreground (issue 12)
+DEFAULT_WCE_FORM = "binary"
+
+
 def weighted_ce(
-    student: Tensor, target: Tensor, eps: float = 1e-7, detach_weights: bool = False, form: str = "positive"
+    student: Tensor, target: Tensor, eps: float = 1e-7, detach_weights: bool = True, form: str = DEFAULT_WCE_FORM
 ) -> Tensor:
-    """Eq. 3: L_wce = Σ_i ce_i · e^{−ce_i} / Σ_j e^{−ce_j}, ce_i = −t_i log s_i, per image; mean over images.
+    """Eq. 3: L_wce = Σ_i ce_i · w_i, w = softmax(−ce) over the pixels of an image; mean over images.
 
     ``target`` is soft (the teacher's probabilities, never rounded — NOTES.md).
-    ``form="positive"`` is Eq. 3 as printed; ``"binary"`` adds the background term
-    −(1 − t_i) log(1 − s_i), i.e. the two-class CE of OEEM [34] that Eq. 3 cites.
-    ``detach_weights`` stops the gradient through the softmax weights (off: Eq. 3 as written).
+    ``form="binary"`` (default): ce_i = −t_i log s_i − (1 − t_i) log(1 − s_i), the two-class
+    CE of OEEM [34] that Eq. 3 cites; ``"positive"``: ce_i = −t_i log s_i as printed.
+    ``detach_weights`` (default on) treats w as constants, as OEEM does: with gradients
+    through w, ∂L/∂ce_i = w_i·(1 − ce_i + L) is negative on a hard pixel (ce_i > 1 + L),
+    so descent would move that pixel *away* from the teacher.
     """
     if student.shape != target.shape:
         raise ValueError(f"student map has shape {tuple(student.shape)} but target has shape {tuple(target.shape)}")
@@ -71,7 +78,7 @@ def student_loss(
     labels: Tensor,
     a: float = DEFAULT_A,
     smooth: float = 1.0,
-    wce_form: str = "positive",
+    wce_form: str = DEFAULT_WCE_FORM,
 ) -> tuple[Tensor, dict[str, Tensor]]:
     """Eq. 4: L^s = L_kd + a·L_wce; returns the loss and its parts."""
     target = student_targets(teacher_fused, labels)

@@ -17,9 +17,11 @@ Stages (each trained through ``engine.fit_stage``, every checkpoint kept in the 
 
 Masks: Gaussian blur σ = 3 of the fused map, threshold 0.5 (§4.2).
 
-Options beyond the paper (off by default): ``student_target: mask`` distils the
-teacher's blurred, thresholded pseudo-mask instead of its soft map; ``wce_form: binary``
-adds the background term to Eq. 3's cross-entropy.
+Eq. 3's cross-entropy is two-class by default (``wce_form: binary``, the authors' code
+and OEEM [34]); ``wce_form: positive`` is the one-sided −t log s as printed. Its
+softmax(−ce) weights carry no gradient (see :func:`milkit.losses.ikd.weighted_ce`).
+Option beyond the paper (off by default): ``student_target: mask`` distils the
+teacher's blurred, thresholded pseudo-mask instead of its soft map.
 """
 
 from __future__ import annotations
@@ -49,7 +51,9 @@ class IKDConfig(StrictModel):
         "vgg16", description="§3 Fig. 3: first 3 VGG16 blocks; Table 2: ResNet; vgg_small for CPU runs"
     )
     width: int = Field(16, ge=1, description="channels of vgg_small's first block (CPU runs only)")
-    pretrained_path: str | None = Field(None, description="local ImageNet state dict; None = random init")
+    pretrained_path: str | None = Field(
+        None, description="ImageNet weights: a torchvision state dict file, 'imagenet' = torchvision download "
+        "(internet), None = random init (CPU/test configs only; the paper configs name a file)")
     learn_fusion: bool = Field(True, description="§3.1: fusion weights w are learnable")
     fusion_init: tuple[float, float, float] = Field((0.3, 0.3, 0.4), description="released code's fixed w (NOTES.md)")
     teacher_epochs: int = Field(30, ge=1, description="§4.2: stage 1 trains the teacher for 30 epochs")
@@ -57,7 +61,8 @@ class IKDConfig(StrictModel):
     rounds: int = Field(3, ge=1, description="distillation rounds (checks); §4.4 runs up to 450 epochs = 15")
     a: float = Field(DEFAULT_A, ge=0, description="§3.2 Eq. 4 / Table 4: weight of L_wce, 0.25")
     wce_form: Literal["positive", "binary"] = Field(
-        "positive", description="Eq. 3 as printed (−t log s); binary adds −(1−t) log(1−s) (OEEM [34])"
+        "binary", description="Eq. 3's CE: binary = two-class −t log s − (1−t) log(1−s) (authors' code, OEEM [34]); "
+        "positive = −t log s as printed (pushes every pixel to foreground)"
     )
     student_target: Literal["soft", "mask"] = Field(
         "soft", description="§3.2: the teacher's soft fused map; 'mask' = its blurred, thresholded pseudo-mask"
@@ -101,7 +106,7 @@ def teacher_loss_fn(smooth: float) -> Callable[[nn.Module, SegBatch], tuple[Tens
 class StudentLoss:
     """Eq. 4 against a frozen teacher (eval mode, no gradients), moved to the batch's device."""
 
-    def __init__(self, teacher: nn.Module, a: float, smooth: float, wce_form: str = "positive",
+    def __init__(self, teacher: nn.Module, a: float, smooth: float, wce_form: str = "binary",
                  target: str = "soft", blur_sigma: float = 0.0, threshold: float = 0.5):
         self.teacher = freeze(teacher)
         self.target = target

@@ -7,6 +7,12 @@ terms with t growing per epoch — plus the localizer's own CE on X (Fig. 2).
 
 Table 4's ablation is three switches: ``use_background: false, use_size: false``
 (FG only), ``use_size: false`` (FG + BG), both true (FG + BG + ASC).
+
+Camelyon16 (issue 12): the per-image min–max before Eq. 12 makes the top pixel of every
+image ≥ σ, so a normal patch can never have an empty mask; the Camelyon configs use the
+authors' M⁺ = sigmoid(ω·CAM) on the raw CAM (``mask_normalisation: none``, ``sigma: 0``).
+Footnote 5 (Camelyon16): the classifier's learning rate is ×10, up to 0.01
+(``classifier_lr_mult``, ``classifier_lr_max``; :func:`classifier_lr`).
 """
 
 from __future__ import annotations
@@ -72,15 +78,41 @@ class MaxMinLoss:
         return loss, logs
 
 
-class MaxMinModule(SegModule):
-    """:class:`SegModule` that updates the log-barrier ``t`` at the start of every epoch (§3.3(a))."""
+def classifier_lr(lr: float, mult: float, cap: float | None) -> float:
+    """Footnote 5: the classifier's learning rate, ``lr``·``mult`` but at most ``cap``
+    (never below ``lr``): 1e-3 × 10 → 0.01."""
+    out = lr * mult
+    if cap is not None:
+        out = min(out, max(cap, lr))
+    return float(out)
 
-    def __init__(self, *args, schedule: tuple[float, float, float], **kwargs):
+
+class MaxMinModule(SegModule):
+    """:class:`SegModule` that updates the log-barrier ``t`` at the start of every epoch (§3.3(a))
+    and gives the classifier head its own learning rate (footnote 5)."""
+
+    def __init__(self, *args, schedule: tuple[float, float, float], classifier_lr: tuple[float, float | None] = (1.0, None),
+                 **kwargs):
         super().__init__(*args, **kwargs)
         self.schedule = schedule
+        self.classifier_lr = classifier_lr
 
     def on_train_epoch_start(self) -> None:
         self.loss_fn.t = t_schedule(self.current_epoch, *self.schedule)
+
+    def configure_optimizers(self):  # noqa: D102
+        from milkit.engine import build_optimizer, build_scheduler
+
+        mult, cap = self.classifier_lr
+        if mult == 1.0:
+            return super().configure_optimizers()
+        cfg = self.trainer_cfg
+        head = [p for p in self.model.classifier_head.parameters() if p.requires_grad]
+        ids = {id(p) for p in head}
+        opt = build_optimizer([p for p in self.model.parameters() if id(p) not in ids], cfg)
+        opt.add_param_group({"params": head, "lr": classifier_lr(cfg.lr, mult, cap)})
+        sched = build_scheduler(opt, cfg)  # the per-epoch schedule scales both groups alike
+        return opt if sched is None else {"optimizer": opt, "lr_scheduler": {"scheduler": sched, "interval": "epoch"}}
 
 
 class MaxMinMethod(SegMethod):
@@ -93,7 +125,9 @@ class MaxMinMethod(SegMethod):
         # -- network (§3.3(a): ResNet-18 shared by 𝓜 and 𝓒, WILDCAT pooling) --------
         backbone: Literal["resnet18"] = "resnet18"
         backbone_stages: int = Field(4, ge=1, le=4, description="ResNet-18 residual stages kept (paper: all 4)")
-        pretrained_path: str | None = Field(None, description="local torchvision ResNet-18 weights (§3.3: ImageNet)")
+        pretrained_path: str | None = Field(
+            None, description="ImageNet weights: a torchvision state dict file, 'imagenet' = torchvision download "
+            "(internet), None = random init (CPU/test configs only; the paper configs name a file)")
         modalities: int = Field(5, ge=1, description="WILDCAT modalities per class (§3.3(a) GlaS 5, Camelyon 4)")
         kmax: float = Field(0.3, gt=0, description="§3.3(a) GlaS 0.3, Camelyon 0.1")
         kmin: float = Field(0.0, ge=0, description="§3.3(a) GlaS 0, Camelyon 0.1")
@@ -103,7 +137,8 @@ class MaxMinMethod(SegMethod):
         sigma: float = Field(0.15, description="Eq. 12 σ (§3.3(a))")
         omega: float = Field(5.0, gt=0, description="Eq. 12 ω (§3.3(a))")
         mask_normalisation: Literal["image", "batch", "none"] = Field(
-            "image", description="min–max of the CAM before Eq. 12: per image (NOTES.md); 'batch' = released code")
+            "image", description="min–max of the CAM before Eq. 12: per image (NOTES.md, GlaS); 'batch' = released "
+            "code; 'none' = raw CAM (Camelyon16 configs: sigmoid(ω·CAM) with sigma 0, so normal patches can be empty)")
         # -- loss (Eq. 7, Table 4 switches) ---------------------------------------------
         variant: Literal["eem", "sem"] = Field("sem", description="R of Eq. 8: eem = −H(p̂⁻), sem = H(q, p̂⁻)")
         lam: float = Field(1e-7, ge=0, description="λ of Eq. 7 (§3.3(a) GlaS: 1e-7)")
@@ -111,6 +146,9 @@ class MaxMinMethod(SegMethod):
         use_size: bool = Field(True, description="Table 4 'ASC': log-barrier size terms")
         size_normalised: bool = Field(False, description="sizes as fractions of |Ω| (paper: pixel counts, Eqs. 10–11)")
         localizer_weight: float = Field(1.0, ge=0, description="weight of 𝓜's own CE (Fig. 2: 1)")
+        classifier_lr_mult: float = Field(
+            1.0, ge=1, description="footnote 5 (Camelyon16): the classifier's lr ×10 up to classifier_lr_max; 1 = off (GlaS)")
+        classifier_lr_max: float | None = Field(0.01, gt=0, description="footnote 5: up to 0.01")
         t0: float = Field(5.0, gt=0, description="initial t (§3.3(a) GlaS 5, Camelyon 10)")
         t_factor: float = Field(1.01, ge=1, description="t multiplier per epoch (GlaS 1.01, Camelyon 1.1)")
         t_max: float = Field(10.0, gt=0, description="largest t (GlaS 10, Camelyon 30)")
@@ -148,7 +186,8 @@ class MaxMinMethod(SegMethod):
         model = self.build_model()
         loss = MaxMinLoss(self.terms(), c.t0, c.flips, c.rot90, c.color_jitter)
         module = MaxMinModule(model, loss, tr, blur_sigma=c.blur_sigma, threshold=c.pixel_threshold,
-                              schedule=(c.t0, c.t_factor, c.t_max))
+                              schedule=(c.t0, c.t_factor, c.t_max),
+                              classifier_lr=(c.classifier_lr_mult, c.classifier_lr_max))
         seed = self.exp.seed
         fit_stage(
             module,
@@ -172,4 +211,4 @@ class MaxMinMethod(SegMethod):
         return {"seg": lab}
 
 
-__all__ = ["MaxMinMethod", "MaxMinLoss", "MaxMinModule", "augment_images", "SegLabeler"]
+__all__ = ["MaxMinMethod", "MaxMinLoss", "MaxMinModule", "augment_images", "classifier_lr", "SegLabeler"]

@@ -58,11 +58,15 @@ class SegBaselineConfig(StrictModel):
     name: Literal["segmentation_baseline"] = "segmentation_baseline"
     baseline: str = Field("unet", description="a key of seg_baselines.BASELINES")
     backbone: str = Field("resnet18", description="backbone of CAM/MIL baselines (Max-Min §5.1: ResNet-18)")
-    pretrained_path: str | None = Field(None, description="local ImageNet state dict; None = random init")
+    pretrained_path: str | None = Field(
+        None, description="ImageNet weights: a torchvision state dict file, 'imagenet' = torchvision download "
+        "(internet), None = random init (CPU/test configs only; the paper configs name a file)")
     pixel_threshold: float = Field(0.5, gt=0, lt=1, description="mask = map >= threshold (IKD §4.2)")
     blur_sigma: float = Field(0.0, ge=0, description="Gaussian blur of the map before thresholding")
-    monitor: str = Field("val/f1", description="validation metric for the best checkpoint")
-    monitor_mode: Literal["max", "min"] = "max"
+    monitor: str = Field(
+        "val/classification_error",
+        description="best checkpoint: validation classification error (Max-Min §3.3(b); needs no masks)")
+    monitor_mode: Literal["max", "min"] = "min"
     unet_width: int = Field(16, ge=1, description="U-Net channels at the first level")
     unet_depth: int = Field(3, ge=1)
     options: dict[str, Any] = Field(default_factory=dict, description="baseline-specific options")
@@ -170,6 +174,9 @@ class CamBaselineOptions(StrictModel):
     alpha: float = Field(0.6, description="WILDCAT α (§3.3(a); NOTES.md)")
     dropout: float = Field(0.1, ge=0, lt=1, description="WILDCAT spatial dropout (§3.3(a))")
     lse_r: float = Field(10.0, gt=0, description="CAM-LSE sharpness r (paper silent; Pinheiro & Collobert use 5-10)")
+    cam_class: Literal["predicted", "posterior", "positive"] = Field(
+        "predicted", description="which class's CAM is the mask: the predicted one (GlaS benign glands are class 0), "
+        "posterior-weighted (as Max-Min §3.3(a)) or class 1 (issue 12)")
     mil_hidden: int = Field(128, ge=1, description="Deep MIL attention hidden size (Ilse et al.: 128)")
     flips: bool = Field(True, description="random flips (§3.3)")
     rot90: bool = Field(True, description="random k·90° rotations (§3.3(a) Camelyon)")
@@ -184,6 +191,8 @@ def _cam_net(kind: str, backbone: str | None = None) -> Callable[[Any], nn.Modul
         o = baseline_options(cfg) or CamBaselineOptions()
         kw: dict[str, Any] = {"backbone": backbone or cfg.backbone, "stages": o.backbone_stages,
                               "pretrained_path": cfg.pretrained_path}
+        if kind in ("cam_avg", "cam_max", "cam_lse", "wildcat", "grad_cam"):
+            kw.update(cam_class=o.cam_class)
         if kind == "wildcat":
             kw.update(modalities=o.modalities, kmax=o.kmax, kmin=o.kmin, alpha=o.alpha, dropout=o.dropout)
         elif kind == "cam_lse":

@@ -1,16 +1,20 @@
 """Pixel-level segmentation metrics, computed per image and then averaged.
 
-Conventions (Max-Min §5.1 "Evaluation", IKD-MIL §4.2 "Evaluation metrics"):
+Conventions (Max-Min §5.1 "Evaluation", IKD-MIL §4.2 "Evaluation metrics"; issue 12):
 
-* ``f1_pos`` (F1+) = Dice of the foreground masks, ``f1_neg`` (F1−) = Dice of the
-  background masks, ``iou`` = foreground IoU; all averaged over every image. When
-  both masks of a region are empty the score is 1 (nothing to find, nothing found).
-* ``f1`` is IKD-MIL's F1: F1+ on positive images (truth has foreground) and F1− on
-  negative images, averaged over all images; ``iou_pos`` / ``f1_pos_on_pos`` are
-  restricted to positive images.
-* ``hd_pos`` (HD^Pos) = symmetric Hausdorff distance (pixels) between the
-  foreground pixel sets, on positive images only (scipy ``directed_hausdorff``);
-  an empty prediction on a positive image scores the image diagonal.
+* ``f1_pos`` (F1+) = Dice of the foreground masks averaged over *tumour* images (truth
+  has foreground) — on a normal image F1+ is 0 for any non-empty prediction and says
+  nothing about localisation; ``f1_pos_all`` averages it over every image (GlaS: the
+  same, every image has glands). ``f1_neg`` (F1−) = Dice of the background masks over
+  every image. When both masks of a region are empty the score is 1.
+* ``f1`` is IKD-MIL's F1: F1+ on tumour images and F1− on normal images, averaged
+  over all images; ``iou`` likewise: IoU+ (foreground IoU) on tumour images and IoU−
+  (background IoU) on normal ones. ``iou_pos`` / ``iou_neg`` are IoU+ on tumour images
+  and IoU− on normal images; ``iou_fg`` is foreground IoU over every image.
+* ``hd_pos`` (HD^Pos) = symmetric Hausdorff distance (pixels) between the *borders*
+  of the predicted and true foreground (a pixel of a region with a 4-neighbour outside
+  it or on the image edge), on tumour images only (scipy ``directed_hausdorff``); an
+  empty prediction on a tumour image scores the image diagonal.
 * ``confusion`` = pixel confusion matrix summed over all pixels of all images.
 * Image level: ``classification_error`` at 0.5 and ``image_auroc``.
 """
@@ -21,6 +25,7 @@ import math
 from dataclasses import dataclass, field
 
 import numpy as np
+from scipy.ndimage import binary_erosion
 from scipy.spatial.distance import directed_hausdorff
 
 from milkit.metrics.classification import auroc, nan_to_none
@@ -51,8 +56,16 @@ def iou(pred, truth) -> float:
     return float(np.logical_and(p, t).sum() / union)
 
 
-def hausdorff(pred, truth) -> float:
-    """Symmetric Hausdorff distance between foreground pixel sets (pixels).
+def border(mask) -> np.ndarray:
+    """Border pixels of a binary mask: in the mask, with a 4-neighbour outside it
+    (pixels on the image edge count as border)."""
+    m = np.asarray(mask, bool)
+    return m & ~binary_erosion(m, structure=np.array([[0, 1, 0], [1, 1, 1], [0, 1, 0]], bool), border_value=0)
+
+
+def hausdorff(pred, truth, borders: bool = True) -> float:
+    """Symmetric Hausdorff distance (pixels) between the borders of the foregrounds
+    (``borders=False``: between the filled pixel sets).
 
     NaN when the truth is empty (undefined, HD is reported on positive images only);
     the image diagonal when the prediction is empty but the truth is not.
@@ -62,6 +75,8 @@ def hausdorff(pred, truth) -> float:
         return float("nan")
     if not p.any():
         return float(math.hypot(*t.shape))
+    if borders:
+        p, t = border(p), border(t)
     a, b = np.argwhere(p), np.argwhere(t)
     return float(max(directed_hausdorff(a, b)[0], directed_hausdorff(b, a)[0]))
 
@@ -73,12 +88,15 @@ def image_metrics(pred, truth) -> dict[str, float]:
         raise ValueError(f"predicted mask has shape {p.shape} but truth mask has shape {t.shape}")
     positive = bool(t.any())
     f1p, f1n = dice(p, t), dice(~p, ~t)
+    iou_fg, iou_bg = iou(p, t), iou(~p, ~t)
     return {
         "positive": positive,
         "f1_pos": f1p,
         "f1_neg": f1n,
         "f1": f1p if positive else f1n,
-        "iou": iou(p, t),
+        "iou_fg": iou_fg,
+        "iou_bg": iou_bg,
+        "iou": iou_fg if positive else iou_bg,
         "hd": hausdorff(p, t),
         "tp": int(np.logical_and(p, t).sum()),
         "fp": int(np.logical_and(p, ~t).sum()),
@@ -118,12 +136,20 @@ def summarize(rows: list[dict], labels=None, probs=None) -> dict:
     out: dict = {"n_images": len(rows)}
     if rows:
         pos = [r for r in rows if r["positive"]]
+        neg = [r for r in rows if not r["positive"]]
         out["n_positive"] = len(pos)
-        for k in ("f1_pos", "f1_neg", "f1", "iou"):
-            out[k] = float(np.mean([r[k] for r in rows]))
-        out["f1_pos_on_pos"] = float(np.mean([r["f1_pos"] for r in pos])) if pos else float("nan")
-        out["iou_pos"] = float(np.mean([r["iou"] for r in pos])) if pos else float("nan")
-        out["hd_pos"] = float(np.mean([r["hd"] for r in pos])) if pos else float("nan")
+
+        def mean(k: str, rs: list[dict]) -> float:
+            return float(np.mean([r[k] for r in rs])) if rs else float("nan")
+
+        for k in ("f1_neg", "f1", "iou", "iou_fg"):
+            out[k] = mean(k, rows)
+        out["f1_pos"] = mean("f1_pos", pos)  # F1+ on tumour images (issue 12)
+        out["f1_pos_on_pos"] = out["f1_pos"]  # older name, same value
+        out["f1_pos_all"] = mean("f1_pos", rows)
+        out["iou_pos"] = mean("iou_fg", pos)
+        out["iou_neg"] = mean("iou_bg", neg)
+        out["hd_pos"] = mean("hd", pos)
         conf = {k: int(sum(r[k] for r in rows)) for k in ("tp", "fp", "fn", "tn")}
         out["confusion"] = {**conf, "matrix_rows_truth_cols_pred": [[conf["tn"], conf["fp"]], [conf["fn"], conf["tp"]]]}
     if labels is not None and len(labels):

@@ -2,7 +2,9 @@
 
 Every network maps an image batch (B, 3, H, W) to a :class:`SegOutput`: class scores
 (B, C) — the image logit is ``logits[:, 1] − logits[:, 0]`` for the binary task — and a
-pixel map (B, H, W) in [0, 1] of the positive class:
+pixel map (B, H, W) in [0, 1]. Which class's map (``cam_class``, issue 12): ``predicted``
+(default: the CAM of the predicted class — on GlaS benign images the glands are class 0's
+evidence), ``posterior`` (Σ_c p̂_c·CAM_c, Max-Min's "winning CAM"), ``positive`` (class 1):
 
 - :class:`CAMNet` with ``pooling``: ``"avg"`` CAM-Avg (GAP, Zhou et al. 2016),
   ``"max"`` CAM-Max (Oquab et al. 2015), ``"lse"`` CAM-LSE (log-sum-exp, Pinheiro &
@@ -11,8 +13,9 @@ pixel map (B, H, W) in [0, 1] of the positive class:
 - :class:`DeepMILNet`: attention MIL (Ilse et al. 2018) over feature-map cells, the
   pixel map being the attention weights; VGG-MIL or ResNet-MIL by the backbone.
 
-Backbones are torchvision ResNet-18 / VGG-16 feature extractors with random
-initialisation; ImageNet weights are loaded only from a local file (never downloaded).
+Backbones are torchvision ResNet-18 / VGG-16 feature extractors: random initialisation,
+ImageNet weights from a local file, or torchvision's download (``pretrained_path:
+imagenet``; :mod:`milkit.nn.pretrained`).
 """
 
 from __future__ import annotations
@@ -26,7 +29,7 @@ from torch import Tensor, nn
 from torchvision.models.vgg import cfgs as vgg_cfgs
 from torchvision.models.vgg import make_layers
 
-from milkit.nn.pretrained import load_torchvision_weights
+from milkit.nn.pretrained import load_pretrained
 from milkit.nn.attention import AttentionPool
 from milkit.nn.wildcat import WildcatHead
 
@@ -47,8 +50,7 @@ def build_backbone(name: str = "resnet18", stages: int = 4, pretrained_path: str
         if stages not in _RESNET18_CHANNELS:
             raise ValueError(f"resnet18 backbone has stages 1..4, got {stages}")
         net = torchvision.models.resnet18(weights=None)
-        if pretrained_path:
-            load_torchvision_weights(net, pretrained_path)
+        load_pretrained(net, "resnet18", pretrained_path)
         layers = [net.conv1, net.bn1, net.relu, net.maxpool, net.layer1, net.layer2, net.layer3, net.layer4]
         return nn.Sequential(*layers[: 4 + stages]), _RESNET18_CHANNELS[stages]
     if name == "vgg16":
@@ -57,8 +59,7 @@ def build_backbone(name: str = "resnet18", stages: int = 4, pretrained_path: str
         # only the convolutional part: VGG-16's 120M-parameter classifier is never used
         holder = nn.Module()
         holder.features = make_layers(vgg_cfgs["D"], batch_norm=False)
-        if pretrained_path:
-            load_torchvision_weights(holder, pretrained_path)
+        load_pretrained(holder, "vgg16", pretrained_path)
         end, ch = _VGG16_BLOCKS[stages]
         return nn.Sequential(*list(holder.features.children())[:end]), ch
     raise ValueError(f"unknown backbone {name!r}; use 'resnet18' or 'vgg16'")
@@ -117,6 +118,26 @@ class SegmentsMixin:
         return torch.softmax(out.logits, dim=-1)[:, 1].detach(), out.pixel_map.detach()
 
 
+CAM_CLASSES = ("predicted", "posterior", "positive")
+
+
+def _check_cam_class(cam_class: str) -> None:
+    if cam_class not in CAM_CLASSES:
+        raise ValueError(f"unknown cam_class {cam_class!r}; use one of {', '.join(CAM_CLASSES)}")
+
+
+def class_map(cams: Tensor, logits: Tensor, cam_class: str = "predicted") -> Tensor:
+    """(B, C, h, w) class maps → (B, h, w): the predicted class's map, the
+    posterior-weighted sum Σ_c p̂_c·CAM_c (Max-Min §3.3(a)) or the positive class's."""
+    _check_cam_class(cam_class)
+    if cam_class == "positive":
+        return cams[:, -1]
+    if cam_class == "predicted":
+        idx = logits.argmax(dim=-1)
+        return cams[torch.arange(cams.shape[0], device=cams.device), idx]
+    return torch.einsum("bc,bchw->bhw", torch.softmax(logits, dim=-1), cams)
+
+
 def lse_pool(maps: Tensor, r: float) -> Tensor:
     """Log-sum-exp pooling (1/r)·log(mean exp(r·z)) over the cells of (B, C, h, w) → (B, C)."""
     flat = maps.flatten(2)
@@ -132,11 +153,12 @@ class CAMNet(SegmentsMixin, nn.Module):
     def __init__(self, pooling: str = "avg", backbone: str = "resnet18", stages: int = 4,
                  pretrained_path: str | None = None, n_classes: int = 2, lse_r: float = 10.0,
                  modalities: int = 5, kmax: float = 0.3, kmin: float = 0.0, alpha: float = 0.6,
-                 dropout: float = 0.1):
+                 dropout: float = 0.1, cam_class: str = "predicted"):
         super().__init__()
         if pooling not in self.POOLINGS:
             raise ValueError(f"unknown CAM pooling {pooling!r}; use one of {self.POOLINGS}")
-        self.pooling, self.lse_r, self.n_classes = pooling, lse_r, n_classes
+        _check_cam_class(cam_class)
+        self.pooling, self.lse_r, self.n_classes, self.cam_class = pooling, lse_r, n_classes, cam_class
         self.features, ch = build_backbone(backbone, stages, pretrained_path)
         if pooling == "wildcat":
             self.head = WildcatHead(ch, n_classes, modalities, kmax, kmin, alpha, dropout)
@@ -156,17 +178,22 @@ class CAMNet(SegmentsMixin, nn.Module):
                 logits = cams.amax(dim=(2, 3))
             else:
                 logits = lse_pool(cams, self.lse_r)
-        pix = minmax_per_image(upsample(cams[:, -1], x.shape[-2:])) if with_map else None
+        pix = None
+        if with_map:
+            pix = minmax_per_image(upsample(class_map(cams, logits.detach(), self.cam_class), x.shape[-2:]))
         return SegOutput(logits=logits, cams=cams, pixel_map=pix)
 
 
 class GradCAMNet(SegmentsMixin, nn.Module):
-    """GAP + linear classifier; the pixel map is Grad-CAM of the positive image logit:
-    ReLU(Σ_k α_k A_k) with α_k the spatial mean of ∂(l₁ − l₀)/∂A_k (Selvaraju et al. Eq. 1–2)."""
+    """GAP + linear classifier; the pixel map is Grad-CAM ReLU(Σ_k α_k A_k) with α_k the
+    spatial mean of ∂(c·(l₁ − l₀))/∂A_k (Selvaraju et al. Eq. 1–2), c = ±1 for the predicted
+    class (``cam_class: predicted``), p̂₁ − p̂₀ (``posterior``) or 1 (``positive``)."""
 
     def __init__(self, backbone: str = "resnet18", stages: int = 4, pretrained_path: str | None = None,
-                 n_classes: int = 2):
+                 n_classes: int = 2, cam_class: str = "predicted"):
         super().__init__()
+        _check_cam_class(cam_class)
+        self.cam_class = cam_class
         self.features, ch = build_backbone(backbone, stages, pretrained_path)
         self.fc = nn.Linear(ch, n_classes)
 
@@ -179,7 +206,15 @@ class GradCAMNet(SegmentsMixin, nn.Module):
             logits = self.fc(feats.mean(dim=(2, 3)))
             if not with_map:
                 return SegOutput(logits=logits)
-            score = (logits[:, 1] - logits[:, 0]).sum()
+            diff = logits[:, 1] - logits[:, 0]
+            if self.cam_class == "predicted":
+                coef = torch.where(diff.detach() >= 0, 1.0, -1.0)
+            elif self.cam_class == "posterior":
+                p = torch.softmax(logits.detach(), dim=-1)
+                coef = p[:, 1] - p[:, 0]
+            else:
+                coef = torch.ones_like(diff)
+            score = (coef * diff).sum()
             (grad,) = torch.autograd.grad(score, feats, retain_graph=self.training, create_graph=False)
         weights = grad.mean(dim=(2, 3), keepdim=True)
         cam = F.relu((weights * feats.detach()).sum(dim=1))

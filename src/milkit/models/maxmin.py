@@ -4,7 +4,8 @@ A localizer 𝓜 and a classifier 𝓒 share one ResNet-18 backbone (§3.3(a)); 
 own WILDCAT head (multi-map transfer + class-wise/spatial pooling, :mod:`milkit.nn.wildcat`).
 
 Forward (Algorithm 1, lines 1–4): X → 𝓜 → CAMs and posterior p̂ → M⁺ = Eq. 12 of the
-posterior-weighted CAM (upsampled to the image, min–max normalised), M⁻ = 1 − M⁺ →
+posterior-weighted CAM (upsampled to the image, min–max normalised per image, or raw for
+Camelyon16: ``mask_normalisation``), M⁻ = 1 − M⁺ →
 𝓒(X⊙M⁺), 𝓒(X⊙M⁻). At test time (lines 7–11) the image class is argmax 𝓒(X⊙M⁺) and
 the mask is M⁺.
 """
@@ -81,7 +82,7 @@ class MaxMinNet(nn.Module):
     def segment(self, images: Tensor) -> tuple[Tensor, Tensor]:
         """Algorithm 1 lines 7–11: (p̂⁺ of the positive class (B,), M⁺ (B, H, W)).
 
-        M⁺ ≥ 0.5 exactly where the normalised posterior-weighted CAM exceeds σ (Eq. 12).
+        M⁺ ≥ 0.5 exactly where the (normalised) posterior-weighted CAM exceeds σ (Eq. 12).
         """
         out = self(images, with_background=False)
         return torch.softmax(out.fg_logits, dim=-1)[:, 1], out.mask_fg

@@ -10,8 +10,8 @@ weights (NOTES.md), and ``learn_fusion=False`` keeps them fixed.
 Backbones (IKD Table 2: the framework takes any MIL segmentation backbone):
 ``vgg16`` (torchvision VGG-16 blocks 1–3, the paper's), ``resnet18`` (stem+layer1,
 layer2, layer3) and ``vgg_small`` (VGG-style blocks with ``width`` channels and
-BatchNorm, for CPU runs). ImageNet weights are read only from ``pretrained_path``
-(a local torchvision state dict); otherwise the init is random. Nothing is downloaded.
+BatchNorm, for CPU runs). ``pretrained_path``: a local torchvision state dict,
+``imagenet`` (torchvision's download) or None (random init); see :mod:`milkit.nn.pretrained`.
 """
 
 from __future__ import annotations
@@ -25,7 +25,7 @@ import torch.nn.functional as F
 import torchvision
 from torch import Tensor, nn
 
-from milkit.nn.pretrained import load_torchvision_weights
+from milkit.nn.pretrained import load_pretrained
 
 Backbone = Literal["vgg16", "resnet18", "vgg_small"]
 
@@ -48,14 +48,12 @@ def build_blocks(backbone: Backbone, width: int = 16, pretrained_path: str | Non
     """Three feature blocks and their output channels."""
     if backbone == "vgg16":
         net = torchvision.models.vgg16(weights=None)
-        if pretrained_path:
-            load_torchvision_weights(net, pretrained_path)
+        load_pretrained(net, "vgg16", pretrained_path)
         f = list(net.features.children())
         return nn.ModuleList([nn.Sequential(*f[0:5]), nn.Sequential(*f[5:10]), nn.Sequential(*f[10:17])]), [64, 128, 256]
     if backbone == "resnet18":
         net = torchvision.models.resnet18(weights=None)
-        if pretrained_path:
-            load_torchvision_weights(net, pretrained_path)
+        load_pretrained(net, "resnet18", pretrained_path)
         blocks = [nn.Sequential(net.conv1, net.bn1, net.relu, net.maxpool, net.layer1), net.layer2, net.layer3]
         return nn.ModuleList(blocks), [64, 128, 256]
     if backbone == "vgg_small":

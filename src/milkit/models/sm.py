@@ -5,7 +5,9 @@ SmAP: instance embedding Linear(P→512)+GELU, attention pooling with hidden 128
 
 - ``early`` (default): on the embeddings before attention; the pooled vector uses the
   smoothed embeddings; spectral norm on both attention layers;
-- ``mid``: on the hidden attention layer tanh(V h); spectral norm on the last layer w;
+- ``mid``: on the hidden attention layer; spectral norm on the last layer w. ``sm_mid_tanh``
+  says where: ``after`` (default) Sm(tanh(V h)) — §4.3 "before entering the last layer",
+  i.e. on the input of w; ``before`` tanh(Sm(V h)) — torchmil's reading (logits differ ~0.07);
 - ``late``: on the attention logits; no spectral norm.
 
 SmTAP: the same embedding, two pre-LN transformer layers (512 dims, 8 heads, no
@@ -31,6 +33,7 @@ from milkit.nn.smooth import BatchGraphs, SmoothOperator
 from milkit.nn.transformer import TransformerEncoder
 
 SmWhere = Literal["early", "mid", "late"]
+SmMidTanh = Literal["after", "before"]
 
 
 class SmSettings(StrictModel):
@@ -50,9 +53,12 @@ class SmAttentionPool(nn.Module):
     """Attention pooling s_k = wᵀ tanh(V h_k) (Eq. 1–2) with Sm early, mid or late (§4.3)."""
 
     def __init__(self, dim: int, hidden: int, where: SmWhere, sm: SmoothOperator, use_spectral_norm: bool = True,
-                 linear_rewrite: bool = True):
+                 linear_rewrite: bool = True, mid_tanh: SmMidTanh = "after"):
         super().__init__()
         self.linear_rewrite = linear_rewrite
+        if mid_tanh not in ("after", "before"):
+            raise ValueError(f"sm_mid_tanh must be after or before, got {mid_tanh!r}")
+        self.mid_tanh = mid_tanh
         if where not in ("early", "mid", "late"):
             raise ValueError(f"sm_where must be early, mid or late, got {where!r}")
         self.where, self.sm = where, sm
@@ -80,9 +86,12 @@ class SmAttentionPool(nn.Module):
             return z, a, s, h
         if self.where == "early":
             h = self.sm(h, graphs, mask)
-        t = torch.tanh(self.V(h))
-        if self.where == "mid":
-            t = self.sm(t, graphs, mask)
+        if self.where == "mid" and self.mid_tanh == "before":
+            t = torch.tanh(self.sm(self.V(h), graphs, mask))  # torchmil: Sm on V h, then tanh
+        else:
+            t = torch.tanh(self.V(h))
+            if self.where == "mid":
+                t = self.sm(t, graphs, mask)  # §4.3: Sm on the input of the last layer w
         s = self.w(t).squeeze(-1)
         if self.where == "late":
             s = self.sm(s, graphs, mask)
@@ -107,6 +116,9 @@ class SmAP(MILModel):
         attention_hidden: int = Field(128, ge=1, description="attention hidden 128, tanh, App. B.2")
         spectral_norm: bool = Field(True, description="on the layers after Sm, NOTES.md Sm (paper §4.3)")
         sm_linear_rewrite: bool = Field(True, description="early Sm computed on the 128-d hidden layer (same values)")
+        sm_mid_tanh: SmMidTanh = Field(
+            "after", description="SmAP-mid: Sm after tanh (§4.3: on the input of the last layer; default) or before "
+            "(torchmil)")
 
     def __init__(
         self,
@@ -118,18 +130,19 @@ class SmAP(MILModel):
         attention_hidden: int = 128,
         use_spectral_norm: bool = True,
         linear_rewrite: bool = True,
+        mid_tanh: SmMidTanh = "after",
     ):
         super().__init__()
         self.encoder = encoder
         self.embed = _embedding(in_dim, embed_dim)
         self.pool = SmAttentionPool(embed_dim, attention_hidden, sm_where, sm or SmoothOperator(), use_spectral_norm,
-                                    linear_rewrite)
+                                    linear_rewrite, mid_tanh)
         self.classifier = nn.Linear(embed_dim, 1)
 
     @classmethod
     def from_config(cls, cfg: "SmAP.Config", encoder: nn.Module, in_dim: int) -> "SmAP":
         return cls(encoder, in_dim, cfg.build(), cfg.sm_where, cfg.embed_dim, cfg.attention_hidden, cfg.spectral_norm,
-                   cfg.sm_linear_rewrite)
+                   cfg.sm_linear_rewrite, cfg.sm_mid_tanh)
 
     def forward(self, x: Tensor, mask: Tensor | None = None, adj: object | None = None) -> MILOutput:
         mask = full_mask(x, mask)
@@ -155,6 +168,7 @@ class SmTAP(MILModel):
         dropout: float = Field(0.0, ge=0, lt=1, description="0, NOTES.md Sm")
         spectral_norm: bool = Field(True, description="NOTES.md Sm")
         sm_linear_rewrite: bool = Field(True, description="the pooling's early Sm on the 128-d hidden layer (same values)")
+        sm_mid_tanh: SmMidTanh = Field("after", description="as SmAP: mid Sm after tanh (§4.3) or before (torchmil)")
 
     def __init__(
         self,
@@ -170,6 +184,7 @@ class SmTAP(MILModel):
         dropout: float = 0.0,
         use_spectral_norm: bool = True,
         linear_rewrite: bool = True,
+        mid_tanh: SmMidTanh = "after",
     ):
         super().__init__()
         settings = settings or SmSettings()
@@ -178,7 +193,7 @@ class SmTAP(MILModel):
         self.transformer = TransformerEncoder(embed_dim, heads, layers, ff_dim, dropout)
         self.layer_sm = nn.ModuleList(settings.build() for _ in range(layers))
         self.pool = SmAttentionPool(embed_dim, attention_hidden, sm_where, settings.build(), use_spectral_norm,
-                                    linear_rewrite)
+                                    linear_rewrite, mid_tanh)
         self.classifier = nn.Linear(embed_dim, 1)
 
     @classmethod
@@ -186,7 +201,7 @@ class SmTAP(MILModel):
         settings = SmSettings(**{k: getattr(cfg, k) for k in SmSettings.model_fields})
         return cls(
             encoder, in_dim, settings, cfg.sm_where, cfg.embed_dim, cfg.attention_hidden,
-            cfg.layers, cfg.heads, cfg.ff_dim, cfg.dropout, cfg.spectral_norm, cfg.sm_linear_rewrite,
+            cfg.layers, cfg.heads, cfg.ff_dim, cfg.dropout, cfg.spectral_norm, cfg.sm_linear_rewrite, cfg.sm_mid_tanh,
         )
 
     def forward(self, x: Tensor, mask: Tensor | None = None, adj: object | None = None) -> MILOutput:
