@@ -52,7 +52,7 @@ def test_random_subbag_mask_keeps_half_at_least_one():
 def test_vat_terms_hand_computed_for_constant_model():
     c = 1.5
 
-    def bag_fn(xx, m):
+    def bag_fn(xx, m, adj=None):
         return torch.full((xx.shape[0],), c) + 0.0 * xx.flatten(1).sum(1)
 
     x = torch.rand(2, 6, 3)
@@ -73,7 +73,7 @@ def test_vat_terms_hand_computed_for_constant_model():
 def test_vat_terms_switch_off_and_gradients_flow():
     lin = torch.nn.Linear(3, 1)
 
-    def bag_fn(xx, m):
+    def bag_fn(xx, m, adj=None):
         s = lin(xx).squeeze(-1) * m
         return s.sum(1) / m.sum(1)
 
@@ -102,7 +102,7 @@ def test_split_model_path_equals_whole_model_path():
               use={"noise": True, "perturbation": True, "entropy": True})
     enc, head = split_model(model)
     a = vat_mil_terms(enc, head, x, mask, torch.tensor([1.0, 0.0]), generator=torch.Generator().manual_seed(3), **kw)
-    b = vat_mil_terms(lambda xx, m: xx, lambda xx, m: model(xx, m).bag_logits, x, mask, torch.tensor([1.0, 0.0]),
+    b = vat_mil_terms(lambda xx, m: xx, lambda xx, m, adj=None: model(xx, m).bag_logits, x, mask, torch.tensor([1.0, 0.0]),
                       generator=torch.Generator().manual_seed(3), **kw)
     for k in a:
         assert torch.allclose(a[k], b[k], atol=1e-5), k
