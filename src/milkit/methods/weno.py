@@ -68,8 +68,6 @@ TEACHER_SIGNALS: dict[str, str] = {
 SOFTMAX_SIGNALS = ("transmil",)
 #: kept for callers that imported the old name
 ATTENTION_TEACHERS = tuple(TEACHER_SIGNALS)
-#: DSMIL trains on 0.5·bag BCE + 0.5·max-instance BCE (DSMIL paper/code; WENO code)
-DSMIL_LOSS_WEIGHTS = (0.5, 0.5)
 
 
 class TeacherWithoutAttentionError(ValueError):
