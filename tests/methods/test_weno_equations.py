@@ -182,3 +182,22 @@ def test_sgd_configs_say_momentum_0_and_paper_configs_grid_search_hpm() -> None:
         if "cifar10" in path.name:
             assert m["encoder"]["name"] == "alexnet_cifar_conv" and m["student_hidden"] == [4096, 4096]
             assert m["teacher_trunk"] == [4096, 4096] and m["hpm_warmup_epochs"] == 150  # Fig. 3
+
+
+def test_pseudo_label_readings_paper_and_code() -> None:
+    """paper = softmax a_ij of Eq. 5 normalised per bag; code = pre-softmax logits, global min–max."""
+    from milkit.methods.weno import signal_for
+
+    ds = _tiny_bags()
+    batch = collate_bags([ds[0], ds[1]])
+    paper, code = _cfg(pseudo_label="paper"), _cfg(pseudo_label="code")
+    assert (paper.resolved_signal(), paper.resolved_normalisation()) == ("softmax", "per_bag")
+    assert (code.resolved_signal(), code.resolved_normalisation()) == ("logits", "global")
+    assert _cfg(pseudo_label="code", normalisation="per_bag").resolved_normalisation() == "per_bag"
+    net = build_net(paper)
+    with torch.no_grad():
+        out = net.teacher_forward(net.encoder(batch.instances), batch.mask)
+    assert torch.allclose(signal_for(out, batch.mask, "abmil", "softmax"), out.attention, atol=1e-6)
+    assert torch.equal(signal_for(out, batch.mask, "abmil", "logits"), out.instance_scores)
+    # TransMIL's scores already are softmax weights: kept as they are
+    assert torch.equal(signal_for(out, batch.mask, "transmil", "softmax"), out.instance_scores)

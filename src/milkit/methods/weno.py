@@ -2,22 +2,26 @@
 
 One instance encoder f is shared (§3.2.1) by
 
-- the **teacher**: any attention MIL model of milkit (ABMIL, DSMIL, SmAP, CLAM …) built
-  on top of f's embeddings, trained on bag labels with BCE (Eq. 8–12);
+- the **teacher**: any attention MIL model of milkit (``TEACHER_SIGNALS``: ABMIL, CLAM,
+  DSMIL, TransMIL, DTFD, SmAP, SmTAP) built on top of f's embeddings (optionally through
+  an unshared ``teacher_trunk``), trained on bag labels with BCE (Eq. 8–12; DSMIL
+  0.5·bag + 0.5·max-instance);
 - the **student**: an instance classifier head φ_s on f (Eq. 14), trained on soft
   pseudo labels (Eq. 13): instances of positive bags get the teacher's min–max
-  normalised attention (Eq. 7; per bag by default, over the epoch as an option),
-  clamped to [ε, 1−ε]; instances of negative bags get 0. With a DSMIL teacher the
-  signal is DSMIL's instance classifier (NOTES.md).
+  normalised signal (Eq. 7), clamped to [ε, 1−ε]; instances of negative bags get 0.
+  ``pseudo_label: paper`` = softmax attention a_ij normalised per bag (the paper's text);
+  ``code`` = pre-softmax logits normalised over all training instances (released code).
+  With a DSMIL teacher the signal is DSMIL's instance classifier (NOTES.md).
 
 Training alternates inside ONE LightningModule with manual optimisation: every epoch
 a teacher pass over the training bags (the Lightning train loader), recording the
 teacher's instance signal, then — within the last training step of the epoch — a
 student pass over all training instances shuffled across bags in mini-batches of 256
 (NOTES.md), before Lightning's validation runs. Hard positive instance mining (§3.3):
-after ``hpm_warmup_epochs``, instances of positive bags whose student probability
-exceeds ``hpm_threshold`` are hidden from the teacher (the most positive one is kept
-when none would remain). Inference (§3.2.3): the student scores every instance and
+from 0-based epoch ``hpm_warmup_epochs`` on, instances of positive bags whose student
+probability exceeds ``hpm_threshold`` are hidden from the teacher (the most positive one
+is kept when none would remain); on graph bags the teacher then sees the induced
+subgraph of the kept instances (``milkit.data.graph.follow_mask``). Inference (§3.2.3): the student scores every instance and
 the bag score is their max; the teacher's bag score is the second labeler "teacher".
 
 Ablations (Table 4): ``distillation`` off = the plain teacher; ``shared_encoder`` off =
@@ -259,6 +263,10 @@ class WENOConfig(StrictModel):
     )
     clamp_eps: float = Field(1e-5, gt=0, lt=0.5, description="targets clamped to [ε, 1−ε] (NOTES.md, released code)")
     student_batch_size: int = Field(256, ge=1, description="student pass mini-batch (NOTES.md)")
+    student_encoder_warmup_epochs: int = Field(
+        0, ge=0, description="epochs in which the student's loss trains its head only, not the shared encoder "
+        "(0 = the paper: both branches update f from the first epoch, §3.2.1)"
+    )
     student_neg_weight: float | None = Field(
         None, gt=0, lt=1, description="released code's class weighting of the student CE (0.2); None = plain CE, Eq. 15"
     )
@@ -483,17 +491,25 @@ class WENOModule(L.LightningModule):
         g = torch.Generator().manual_seed(self.seed * 100_003 + self.current_epoch)
         order = seen[torch.randperm(len(seen), generator=g)]
         total, n = 0.0, 0
+        # before student_encoder_warmup_epochs the student's loss trains its head only: the
+        # shared encoder is not pulled by pseudo labels of a teacher that has not learned yet
+        shared_step = self.net.student_encoder is None and self.current_epoch >= self.cfg.student_encoder_warmup_epochs
         for chunk in order.split(self.cfg.student_batch_size):
             x = self._inst_x[chunk].to(self.device)
             t = targets[chunk].to(self.device)
-            logits = self.net.student_logits_flat(x)
+            if shared_step or self.net.student_encoder is not None:
+                logits = self.net.student_logits_flat(x)
+            else:
+                with torch.no_grad():
+                    h = self.net.student_embed(x)
+                logits = self.net.student_head(h).squeeze(-1)
             loss = self.student_loss(logits, t)
             stu.zero_grad()
-            if self.net.student_encoder is None:
+            if shared_step:
                 enc.zero_grad()
             self.manual_backward(loss)
             stu.step()
-            if self.net.student_encoder is None:
+            if shared_step:
                 enc.step()
             total += float(loss.detach()) * len(chunk)
             n += len(chunk)
