@@ -1,8 +1,9 @@
 """Issue 12 (WENO): on a small generated positive-ratio set, WENO's student labels instances at
 least as well as plain ABMIL's attention (the paper's headline claim, Table 1).
 
-Margin: student instance AUROC ≥ ABMIL's + 0.02. Checked by hand on seeds 0, 1, 2 (see
-docs/benchmarks.md "WENO student vs ABMIL"); the test runs seed 0.
+Margin: student instance AUROC ≥ ABMIL's + 0.02. Checked by hand on seeds 0, 1, 2 with the
+default pseudo_label "code": +0.048, +0.033, +0.123 (paper reading: +0.029, +0.024, +0.092);
+see docs/benchmarks.md "WENO student vs ABMIL". The test runs seed 0.
 """
 
 from __future__ import annotations
@@ -16,10 +17,10 @@ from milkit.run_dir import RunDir
 from milkit.workflow import make_method
 
 MARGIN = 0.02
-DATA = {"kind": "positive_ratio_bags", "source": "digits", "positive_ratio": 0.1, "bag_size": 30,
-        "n_train_bags": 20, "n_val_bags": 10, "n_test_bags": 20, "representation": "flat", "image_size": 8}
+DATA = {"kind": "positive_ratio_bags", "source": "digits", "positive_ratio": 0.2, "bag_size": 20,
+        "n_train_bags": 30, "n_val_bags": 10, "n_test_bags": 20, "representation": "flat", "image_size": 8}
 ENCODER = {"name": "linear", "in_dim": 64, "out_dim": 32}
-TRAINER = {"max_epochs": 12, "optimizer": "adam", "lr": 1e-3, "progress_bar": False, "monitor": "val/auroc_minus_bce"}
+TRAINER = {"max_epochs": 15, "optimizer": "adam", "lr": 3e-3, "progress_bar": False, "monitor": "val/auroc_minus_bce"}
 
 
 def instance_aurocs(seed: int) -> dict[str, float]:
@@ -27,7 +28,7 @@ def instance_aurocs(seed: int) -> dict[str, float]:
     out = {}
     for method in ({"name": "mil", "encoder": ENCODER, "model": {"name": "abmil", "gated": False}},
                    {"name": "weno", "encoder": ENCODER, "teacher": {"name": "abmil", "gated": False},
-                    "student_batch_size": 64}):
+                    "student_batch_size": 64, "hpm_warmup_epochs": 8}):
         exp = build_experiment({"seed": seed, "data": DATA, "method": method, "trainer": TRAINER})
         splits = exp.data.build(seed)
         seed_everything(seed)

@@ -76,7 +76,7 @@ def _grads(module: torch.nn.Module) -> float:
 
 def test_shared_encoder_gets_gradients_from_both_losses() -> None:
     ds = _tiny_bags()
-    cfg = _cfg()
+    cfg = _cfg(pseudo_label="paper")
     net = build_net(cfg)
     mod = WENOModule(net, cfg, TrainerConfig(), ds, seed=0)
     batch = collate_bags([ds[0], ds[1]])
@@ -112,7 +112,7 @@ def test_unshared_encoder_keeps_the_student_off_the_teacher_encoder() -> None:
 
 def test_hpm_signal_covers_dropped_instances() -> None:
     ds = _tiny_bags()
-    cfg = _cfg(hpm_warmup_epochs=0, hpm_threshold=0.01)
+    cfg = _cfg(hpm_warmup_epochs=0, hpm_threshold=0.01, pseudo_label="paper")
     net = build_net(cfg)
     with torch.no_grad():
         net.student_head.bias.fill_(10.0)  # student says "positive" everywhere -> all but one dropped

@@ -251,9 +251,11 @@ class WENOConfig(StrictModel):
         None, description="§4.3: grid-search the HPM threshold on validation (student bag AUROC); on in paper configs"
     )
     pseudo_label: Literal["paper", "code"] = Field(
-        "paper",
-        description="Eq. 7/13 signal: paper = softmax attention a_ij of Eq. 5, min–max per bag (the paper's reading, "
-        "NOTES.md default); code = pre-softmax logits, min–max over all training instances (released code)",
+        "code",
+        description="Eq. 7/13 signal: code = pre-softmax logits, min–max over all training instances (released code; "
+        "default: measured better, see docs/benchmarks.md 'WENO student vs ABMIL' — a per-bag min–max of softmax "
+        "weights gives every positive but the top one an exponentially small target); paper = softmax attention "
+        "a_ij of Eq. 5, min–max per bag (the paper's text, NOTES.md; on in the paper configs)",
     )
     normalisation: Literal["per_bag", "global"] | None = Field(
         None, description="override the min–max of pseudo_label (ablations); None = per_bag for paper, global for code"
