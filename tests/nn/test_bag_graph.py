@@ -52,3 +52,30 @@ def test_errors_name_the_problem():
         grid_adjacency(np.zeros((3, 3)), 1)
     with pytest.raises(ValueError, match="empty"):
         grid_adjacency(np.zeros((0, 2)), 1)
+
+
+def test_induced_subgraph_renormalises_on_kept_nodes_and_isolates_appended():
+    """Issue 16: Â of the kept nodes is D^{-1/2} W D^{-1/2} with the kept degrees; noise nodes get no edge."""
+    from milkit.data.graph import follow_mask, induced_subgraph
+
+    ys, xs = np.mgrid[0:2, 0:3]  # 2×3 grid, nodes 0..5 row-major
+    g = grid_adjacency(np.stack([xs.ravel(), ys.ravel()], 1), 1)
+    keep = torch.tensor([True, True, False, True, False, False])  # nodes 0, 1, 3 (an L: all pairwise neighbours)
+    s = induced_subgraph(g, keep, n_isolated=2)
+    assert s.num_nodes == 5 and s.grid is None
+    assert s.degree().tolist() == [2, 2, 2, 0, 0]
+    a = s.dense_normalized_adjacency()
+    assert a[0, 1] == pytest.approx(0.5) and a[1, 2] == pytest.approx(0.5)  # 1/√(2·2), not 1/√(3·5) as in g
+    assert torch.all(a[3:] == 0) and torch.all(a[:, 3:] == 0)
+    # without appended nodes the grid fast path survives and describes the kept positions
+    s2 = induced_subgraph(g, keep)
+    assert s2.grid is not None and s2.grid.rows.tolist() == [0, 0, 1] and s2.grid.cols.tolist() == [0, 1, 0]
+    # batch form: bag 0 padded (5 real of 6 slots), drop its node 2, append 1 noise instance
+    g5 = grid_adjacency(np.stack([np.arange(5), np.zeros(5)], 1), 1)  # a chain
+    mask = torch.tensor([[1, 1, 1, 1, 1, 0]], dtype=torch.bool)
+    new = torch.tensor([[1, 1, 0, 1, 1, 0, 1]], dtype=torch.bool)
+    (f,) = follow_mask([g5], mask, new)
+    assert f.num_nodes == 5 and f.degree().tolist() == [1, 1, 1, 1, 0]
+    assert follow_mask(None, mask, new) is None
+    with pytest.raises(ValueError, match="padded position"):
+        follow_mask([g5], mask, torch.ones(1, 6, dtype=torch.bool))

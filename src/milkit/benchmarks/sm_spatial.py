@@ -40,17 +40,29 @@ SPATIAL_MODELS: dict[str, dict] = {
     "dtfd": {"name": "dtfd"},
 }
 ENCODERS: dict[str, dict] = {"abmil": {"name": "linear", "out_dim": 512}}
+#: WENO rows (issue 16): label → teacher; shared encoder Linear(32→512)+ReLU as ABMIL's, the
+#: student scores instances (bag = max), HPM from half the epochs on
+WENO_TEACHERS: dict[str, dict] = {
+    "weno_abmil": {"name": "abmil", "gated": False},
+    "weno_smap": {"name": "smap", "sm_where": "early"},
+}
+SPATIAL_MODELS.update(WENO_TEACHERS)
+ENCODERS.update({k: {"name": "linear", "out_dim": 512} for k in WENO_TEACHERS})
 DEFAULT_MODELS = "abmil,abmil_sm_t0,smap_early,smap_mid,smap_late,smtap,transmil,dsmil,clam_sb"
 METRICS = ("bag_auroc", "bag_f1", "instance_auroc", "instance_f1", "dirichlet_energy")
 
 
 def experiment_dict(model: dict, seed: int, data: dict, epochs: int, lr: float, batch_size: int,
-                    encoder: dict | None = None) -> dict:
+                    encoder: dict | None = None, weno: bool = False) -> dict:
     enc = {"name": "identity", **(encoder or {}), "in_dim": data.get("feature_dim", 32)}
+    method = {"name": "mil", "encoder": enc, "model": model}
+    if weno:
+        method = {"name": "weno", "encoder": enc, "teacher": model, "hpm_warmup_epochs": max(1, epochs // 2),
+                  "pseudo_label": "code"}
     return {
         "seed": seed,
         "data": {"kind": "spatial_bags", **data},
-        "method": {"name": "mil", "encoder": enc, "model": model},
+        "method": method,
         "trainer": {"max_epochs": epochs, "lr": lr, "batch_size": batch_size, "warmup_epochs": min(5, epochs - 1),
                     "monitor": "val/auroc_minus_bce", "monitor_mode": "max", "progress_bar": False,
                     "accelerator": "cpu"},
@@ -66,11 +78,12 @@ def run_one(exp_raw: dict, run_dir: Path) -> dict:
     exp = build_experiment(exp_raw)
     metrics = train_run(exp, run_dir, overwrite=True)
     _, labelers, _ = load_labelers(run_dir)
+    stage = "student" if exp.method.name == "weno" else "mil"
     test = exp.data.build(exp.seed).test
-    rows = labelers["mil"].predict_dataset(test)
+    rows = labelers[stage].predict_dataset(test)
     energy = mean_dirichlet_energy([r["scores"] for r in rows], [b.adj for b in test])
     truth = mean_dirichlet_energy([b.instance_labels.numpy() for b in test], [b.adj for b in test])
-    t = metrics["mil"]["test"]
+    t = metrics[stage]["test"]
     return {"bag_auroc": t.get("bag_auroc"), "bag_f1": t.get("bag_f1"), "instance_auroc": t.get("instance_auroc"),
             "instance_f1": t.get("instance_f1"), "dirichlet_energy": energy, "label_energy": truth,
             "train_seconds": metrics["_run"]["train_seconds"]}
@@ -126,7 +139,8 @@ def register(app: typer.Typer) -> None:
         label_energy = []
         for seed in range(seeds):
             for m in names:
-                raw = experiment_dict(SPATIAL_MODELS[m], seed, data, epochs, lr, batch_size, ENCODERS.get(m))
+                raw = experiment_dict(SPATIAL_MODELS[m], seed, data, epochs, lr, batch_size, ENCODERS.get(m),
+                                      weno=m in WENO_TEACHERS)
                 r = run_one(raw, out / "runs" / m / f"seed{seed}")
                 results[m].append(r)
                 label_energy.append(r["label_energy"])

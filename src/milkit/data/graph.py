@@ -244,3 +244,61 @@ def graph_from_dense(w: Tensor) -> BagGraph:
     w.fill_diagonal_(0)
     idx = torch.nonzero(w, as_tuple=False).T
     return BagGraph(int(w.shape[0]), idx.long(), w[idx[0], idx[1]].float(), None)
+
+
+# -- graphs that follow dropped / appended instances (issue 16) -------------------------
+def induced_subgraph(graph: BagGraph, keep: Tensor, n_isolated: int = 0) -> BagGraph:
+    """The graph on the kept nodes, plus ``n_isolated`` appended nodes with no edge.
+
+    ``keep`` (num_nodes,) bool: node ``i`` survives when ``keep[i]``; survivors are
+    renumbered in order, appended nodes come after them. Edges between two kept nodes
+    keep their weight W_ij; Â = D^{-1/2} W D^{-1/2} is then computed from the degrees
+    of the kept nodes only (re-normalised; a node whose neighbours were all dropped is
+    isolated, its row of Â is 0). Added noise instances (D2L's X_n) get no edge. The
+    grid fast path is kept when nothing is appended (an induced subgraph of an
+    8-neighbour grid graph is the 8-neighbour graph of the kept positions).
+    """
+    keep = keep.to(device=graph.edge_index.device, dtype=torch.bool).reshape(-1)
+    if keep.numel() != graph.num_nodes:
+        raise ValueError(f"keep has {keep.numel()} entries for a graph of {graph.num_nodes} nodes")
+    if n_isolated < 0:
+        raise ValueError(f"n_isolated must be >= 0, got {n_isolated}")
+    n_keep = int(keep.sum())
+    new_id = torch.cumsum(keep.long(), 0) - 1
+    src, dst = graph.edge_index
+    e = keep[src] & keep[dst]
+    ei = new_id[graph.edge_index[:, e]]
+    grid = None
+    if graph.grid is not None and n_isolated == 0 and n_keep > 0:
+        g = graph.grid
+        grid = GridLayout(g.rows[keep], g.cols[keep], g.height, g.width)
+    return BagGraph(n_keep + int(n_isolated), ei, graph.edge_weight[e], grid)
+
+
+def follow_mask(graphs: list | None, mask: Tensor, new_mask: Tensor) -> list | None:
+    """Per-bag graphs for a padded batch whose mask changed from ``mask`` (B, N) to ``new_mask`` (B, N').
+
+    Node k of a bag graph is the k-th real (True) position of its mask (the convention of
+    :mod:`milkit.nn.smooth`). Positions ``< N`` may only be dropped (True → False: WENO's
+    hard positive mining, D2L's sub-bags); positions ``≥ N`` are appended instances (D2L's
+    noise instances) and become isolated nodes. Returns None when ``graphs`` is None.
+    """
+    if graphs is None:
+        return None
+    b, n = mask.shape
+    if new_mask.shape[0] != b or new_mask.shape[1] < n:
+        raise ValueError(f"new mask {tuple(new_mask.shape)} does not extend mask {tuple(mask.shape)}")
+    if len(graphs) != b:
+        raise ValueError(f"{len(graphs)} bag graphs for a batch of {b} bags")
+    old, head, tail = mask.to(torch.bool), new_mask[:, :n].to(torch.bool), new_mask[:, n:].to(torch.bool)
+    if bool((head & ~old).any()):
+        raise ValueError("new mask switches on a padded position; append new instances after the bag instead")
+    out = []
+    for i, g in enumerate(graphs):
+        if g is None:
+            out.append(None)
+            continue
+        keep = head[i][old[i]]
+        n_new = int(tail[i].sum())
+        out.append(g if (n_new == 0 and bool(keep.all())) else induced_subgraph(g, keep, n_new))
+    return out

@@ -44,10 +44,21 @@ class TeacherConfig(StrictModel):
     use_entropy: bool = True
     noise_fraction: float = Field(0.2, gt=0, description="K_n − K = max(1, round(0.2·K)); paper silent, NOTES.md")
     perturbation: Literal["adversarial", "random"] = Field(
-        "adversarial", description="VAT direction (Miyato et al.); §III-B says 'random' in the norm ball"
+        "adversarial",
+        description="direction of X_δ. Default adversarial: the method is 'virtual adversarial' training (Miyato et "
+        "al.; NOTES.md); §III-B's 'random perturbation within the norm ball' = perturbation random + radius ball",
     )
-    delta: float = Field(1.0, gt=0, description="norm-ball radius δ; paper silent, NOTES.md default 1.0")
-    xi: float = Field(1e-6, gt=0, description="power-iteration step ξ (Miyato et al.)")
+    radius: Literal["sphere", "ball"] = Field(
+        "sphere", description="sphere: ‖Δx_k‖ = δ (VAT, default with adversarial); ball: ‖Δx_k‖ ~ U(0, δ) (§III-B reading)"
+    )
+    delta: float = Field(
+        1.0, gt=0, description="norm-ball radius δ per instance, in input units; paper silent, NOTES.md default 1.0 "
+        "(28×28 digits in [0,1] have ‖x‖ ≈ 9, so δ = 1 is ~10 % of an instance's norm)"
+    )
+    xi: float = Field(
+        1e-3, gt=0, description="power-iteration step ξ relative to each instance's norm (probe at x + ξ‖x‖d); "
+        "Miyato et al.'s absolute 1e-6 underflows in float32 (x + ξd == x)"
+    )
     power_iterations: int = Field(1, ge=1)
     subbag_fraction: float = Field(0.5, gt=0, le=1, description="|X̄| = half the bag; paper silent, NOTES.md")
     subbag_realisations: int = Field(1, ge=1, description="R; breast uses 5, §IV-A")
@@ -113,6 +124,8 @@ class DistillToLabel(Method):
                 subbag_fraction=t.subbag_fraction,
                 subbag_realisations=t.subbag_realisations,
                 use=use,
+                radius=t.radius,
+                adj=batch.adj,
             )
             loss = sum(weights[k] * v for k, v in terms.items())
             return loss, {k: v.detach() for k, v in terms.items()}
@@ -132,13 +145,13 @@ class DistillToLabel(Method):
         teacher = self.build_model()
         fit_stage(BagModule(teacher, self._teacher_loss(data_range(splits.train)), tr), train, val,
                   run.stage_dir("teacher"), tr, seed, max_epochs=self.cfg.teacher.epochs)
-        labelers["teacher"] = Labeler(teacher, "singleton")
+        labelers["teacher"] = Labeler(singleton_view(teacher), "singleton")
         if not self.cfg.train_student:
             return labelers
         student = copy.deepcopy(teacher) if self.cfg.student.init == "teacher" else self.build_model()
         fit_stage(StudentModule(student, freeze(copy.deepcopy(teacher)), self.cfg.student, tr), train, val,
                   run.stage_dir("student"), tr, seed, max_epochs=self.cfg.student.epochs)
-        labelers["student"] = Labeler(student, "singleton")
+        labelers["student"] = Labeler(singleton_view(student), "singleton")
         return labelers
 
     def load(self, run) -> dict[str, Labeler]:
@@ -146,15 +159,52 @@ class DistillToLabel(Method):
         out = {}
         for stage in self.stages():
             model = restore_submodule(self.build_model(), run.model_path(stage))
+            model = singleton_view(model) if modes[stage] == "singleton" else model
             out[stage] = Labeler(model, modes[stage], run.read_threshold(stage).get("threshold"))
         return out
 
 
 def split_model(model: MILModel):
-    """(encode, head) of a model: its own split when it has one, else identity + whole model."""
+    """(encode, head(h, mask, adj)) of a model: its own split when it has one, else identity + whole model
+    (which then gets the bag graphs, e.g. SmAP)."""
     if isinstance(model, EmbeddingMILModel):
-        return model.encode, lambda h, m: model.head(h, m).bag_logits
-    return (lambda x, m: x), (lambda x, m: model(x, m, None).bag_logits)
+        return model.encode, lambda h, m, adj=None: model.head(h, m).bag_logits
+    return (lambda x, m: x), (lambda x, m, adj=None: model(x, m, adj).bag_logits)
+
+
+class SingletonView(MILModel):
+    """A MIL model that scores each instance as a bag of size one (§III-C) by running the
+    whole model on B·N one-instance bags (each with a one-node graph, no edge), for
+    models without their own ``instance_logits`` (DSMIL, CLAM, TransMIL, DTFD, SmAP …)."""
+
+    def __init__(self, model: MILModel):
+        super().__init__()
+        self.model = model
+
+    def forward(self, x: Tensor, mask: Tensor | None = None, adj: object | None = None):  # noqa: D102
+        return self.model(x, mask, adj)
+
+    def instance_logits(self, x: Tensor, mask: Tensor | None = None) -> Tensor:
+        from milkit.data.graph import BagGraph
+        from milkit.models.base import full_mask
+
+        mask = full_mask(x, mask)
+        b, n = mask.shape
+        real = x[mask].unsqueeze(1)  # (M, 1, ...)
+        one = BagGraph(1, torch.zeros(2, 0, dtype=torch.long, device=x.device), torch.zeros(0, device=x.device))
+        logits = []
+        for chunk in real.split(256):
+            logits.append(self.model(chunk, None, [one] * chunk.shape[0]).bag_logits)
+        out = x.new_zeros(b, n)
+        out[mask] = torch.cat(logits).to(out.dtype) if logits else out.new_zeros(0)
+        return out
+
+
+def singleton_view(model: MILModel) -> MILModel:
+    """``model`` itself when it scores single instances, else a :class:`SingletonView` of it."""
+    if isinstance(model, EmbeddingMILModel) or type(model).instance_logits is not MILModel.instance_logits:
+        return model
+    return SingletonView(model)
 
 
 def data_range(ds: BagDataset) -> tuple[float, float]:
@@ -178,8 +228,8 @@ class StudentModule(BagModule):
     def _loss(self, model: MILModel, batch: BagBatch) -> tuple[Tensor, dict[str, Tensor]]:
         c = self.scfg
         with torch.no_grad():
-            t_out, t_inst = bag_and_instance_logits(self.teacher, batch.instances, batch.mask)
-        s_out, s_inst = bag_and_instance_logits(model, batch.instances, batch.mask)
+            t_out, t_inst = bag_and_instance_logits(singleton_view(self.teacher), batch.instances, batch.mask, batch.adj)
+        s_out, s_inst = bag_and_instance_logits(singleton_view(model), batch.instances, batch.mask, batch.adj)
         t_bag, s_bag = t_out.bag_logits, s_out.bag_logits
         terms = student_terms(s_bag, t_bag, s_inst, t_inst, batch.labels, batch.mask, c.temperature,
                               c.instance_reduction)

@@ -3,7 +3,8 @@
 Instance scores are the model's own (attention logits for ABMIL, D2L Tables I–II
 "MIL [11]"), or single-instance-bag probabilities with ``instance_scores: singleton``.
 A model that defines ``aux_loss(output, batch)`` (CLAM's clustering loss, DSMIL's
-max-instance loss) has it added to the BCE.
+max-instance loss) has it added to the BCE; DSMIL's two terms are weighted 0.5/0.5 as in
+the DSMIL and WENO code (``AUX_WEIGHTS``).
 """
 
 from __future__ import annotations
@@ -26,17 +27,33 @@ from milkit.nn.encoders import EncoderConfig
 from milkit.run_dir import RunDir
 
 
+#: (bag, auxiliary) loss weights per model class name; DSMIL: 0.5·bag + 0.5·max-instance BCE
+#: (DSMIL code ``0.5*bag_loss + 0.5*max_loss``; WENO's released DSMIL teacher the same)
+AUX_WEIGHTS: dict[str, tuple[float, float]] = {"DSMIL": (0.5, 0.5)}
+
+
+def loss_weights(model: torch.nn.Module) -> tuple[float, float]:
+    """(bag weight, auxiliary weight) for ``model``; (1, 1) unless listed in ``AUX_WEIGHTS``."""
+    return AUX_WEIGHTS.get(type(model).__name__, (1.0, 1.0))
+
+
+def combine_losses(model: torch.nn.Module, bce: Tensor, batch: BagBatch, out, logs: dict | None = None) -> Tensor:
+    """w_bag·BCE + w_aux·aux_loss (the model's auxiliary loss when it has one, see ``loss_weights``)."""
+    if not hasattr(model, "aux_loss"):
+        return bce
+    wb, wa = loss_weights(model)
+    aux = model.aux_loss(out, batch)
+    if logs is not None:
+        logs["aux"] = aux.detach()
+    return wb * bce + wa * aux
+
+
 def mil_loss(model: MILModel, batch: BagBatch) -> tuple[Tensor, dict[str, Tensor]]:
-    """Bag BCE (+ the model's auxiliary loss when it has one)."""
+    """Bag BCE (+ the model's auxiliary loss when it has one, weighted by ``loss_weights``)."""
     out = model(batch.instances, batch.mask, batch.adj)
     bce = bce_with_targets(out.bag_logits, batch.labels).mean()
     logs = {"bce": bce.detach()}
-    loss = bce
-    if hasattr(model, "aux_loss"):
-        aux = model.aux_loss(out, batch)
-        logs["aux"] = aux.detach()
-        loss = loss + aux
-    return loss, logs
+    return combine_losses(model, bce, batch, out, logs), logs
 
 
 class MILMethod(Method):

@@ -2,22 +2,26 @@
 
 One instance encoder f is shared (§3.2.1) by
 
-- the **teacher**: any attention MIL model of milkit (ABMIL, DSMIL, SmAP, CLAM …) built
-  on top of f's embeddings, trained on bag labels with BCE (Eq. 8–12);
+- the **teacher**: any attention MIL model of milkit (``TEACHER_SIGNALS``: ABMIL, CLAM,
+  DSMIL, TransMIL, DTFD, SmAP, SmTAP) built on top of f's embeddings (optionally through
+  an unshared ``teacher_trunk``), trained on bag labels with BCE (Eq. 8–12; DSMIL
+  0.5·bag + 0.5·max-instance);
 - the **student**: an instance classifier head φ_s on f (Eq. 14), trained on soft
   pseudo labels (Eq. 13): instances of positive bags get the teacher's min–max
-  normalised attention (Eq. 7; per bag by default, over the epoch as an option),
-  clamped to [ε, 1−ε]; instances of negative bags get 0. With a DSMIL teacher the
-  signal is DSMIL's instance classifier (NOTES.md).
+  normalised signal (Eq. 7), clamped to [ε, 1−ε]; instances of negative bags get 0.
+  ``pseudo_label: paper`` = softmax attention a_ij normalised per bag (the paper's text);
+  ``code`` = pre-softmax logits normalised over all training instances (released code).
+  With a DSMIL teacher the signal is DSMIL's instance classifier (NOTES.md).
 
 Training alternates inside ONE LightningModule with manual optimisation: every epoch
 a teacher pass over the training bags (the Lightning train loader), recording the
 teacher's instance signal, then — within the last training step of the epoch — a
 student pass over all training instances shuffled across bags in mini-batches of 256
 (NOTES.md), before Lightning's validation runs. Hard positive instance mining (§3.3):
-after ``hpm_warmup_epochs``, instances of positive bags whose student probability
-exceeds ``hpm_threshold`` are hidden from the teacher (the most positive one is kept
-when none would remain). Inference (§3.2.3): the student scores every instance and
+from 0-based epoch ``hpm_warmup_epochs`` on, instances of positive bags whose student
+probability exceeds ``hpm_threshold`` are hidden from the teacher (the most positive one
+is kept when none would remain); on graph bags the teacher then sees the induced
+subgraph of the kept instances (``milkit.data.graph.follow_mask``). Inference (§3.2.3): the student scores every instance and
 the bag score is their max; the teacher's bag score is the second labeler "teacher".
 
 Ablations (Table 4): ``distillation`` off = the plain teacher; ``shared_encoder`` off =
@@ -40,17 +44,34 @@ from milkit import io
 from milkit.config import StrictModel, TrainerConfig
 from milkit.data.bag import BagBatch, BagDataset
 from milkit.data.base import DataSplits
+from milkit.data.graph import follow_mask
 from milkit.engine import build_optimizer, build_scheduler, fit_stage, restore_submodule, seed_everything
 from milkit.losses.bernoulli import bce_with_targets
 from milkit.methods.base import Labeler, Method, bag_loader, evaluate_labeler
+from milkit.methods.mil import combine_losses
 from milkit.metrics.classification import auroc
 from milkit.models.base import MILModel, MILOutput, encode_instances, full_mask
 from milkit.models.factory import ModelSection, model_config
 from milkit.nn.encoders import EncoderConfig, build_encoder
 from milkit.run_dir import RunDir
 
-#: registered MIL models whose MILOutput carries normalised attention weights
-ATTENTION_TEACHERS = ("abmil", "dsmil", "smap", "smtap", "clam_sb", "clam_mb")
+#: registered MIL models that can serve as WENO's teacher, and what their instance signal is
+#: (``MILOutput.instance_scores``; the "code" pseudo-label reading uses it as is, the "paper"
+#: reading its softmax over the bag unless it is already a softmax weight)
+TEACHER_SIGNALS: dict[str, str] = {
+    "abmil": "pre-softmax attention logits (Eq. 5); gated too",
+    "clam_sb": "pre-softmax attention logits of the positive branch",
+    "clam_mb": "pre-softmax attention logits of the positive class",
+    "smap": "pre-softmax attention logits after Sm",
+    "smtap": "pre-softmax attention logits after Sm",
+    "dsmil": "instance-classifier logits (NOTES.md: DSMIL teacher)",
+    "transmil": "class-token attention of the last layer (already a softmax weight)",
+    "dtfd": "tier-1 instance activations a_k·wᵀh_k",
+}
+#: teachers whose instance_scores are already softmax weights over the bag
+SOFTMAX_SIGNALS = ("transmil",)
+#: kept for callers that imported the old name
+ATTENTION_TEACHERS = tuple(TEACHER_SIGNALS)
 
 
 class TeacherWithoutAttentionError(ValueError):
@@ -94,6 +115,27 @@ def pseudo_labels(
     return torch.where(bag_label > 0.5, y, torch.zeros_like(y)).to(signal.dtype)
 
 
+def bag_softmax(scores: Tensor, mask: Tensor) -> Tensor:
+    """softmax over each bag's real instances of (B, N) scores; 0 where padded."""
+    z = scores.masked_fill(~mask, float("-inf"))
+    return torch.softmax(z, dim=1).masked_fill(~mask, 0.0)
+
+
+def signal_for(out: MILOutput, mask: Tensor, teacher: str, reading: Literal["softmax", "logits"]) -> Tensor:
+    """The teacher's instance signal that Eq. 13 normalises (see ``TEACHER_SIGNALS``).
+
+    ``logits``: ``instance_scores`` as they are (released code: ``returnBeforeSoftMaxA``);
+    ``softmax``: the attention weights a_ij of Eq. 5 = softmax over the bag of those logits
+    (teachers whose scores already are softmax weights keep them).
+    """
+    s = out.instance_scores
+    if s is None:
+        raise TeacherWithoutAttentionError(f"teacher {teacher!r} returned no instance signal")
+    if reading == "logits" or teacher in SOFTMAX_SIGNALS:
+        return s
+    return bag_softmax(s, mask)
+
+
 def hpm_keep_mask(student_probs: Tensor, mask: Tensor, bag_labels: Tensor, threshold: float) -> Tensor:
     """Hard positive instance mining, §3.3: which instances the teacher sees.
 
@@ -118,9 +160,11 @@ def hpm_keep_mask(student_probs: Tensor, mask: Tensor, bag_labels: Tensor, thres
 class WENONet(nn.Module):
     """Shared encoder f, teacher (attention MIL on f's embeddings), student head φ_s (Fig. 2)."""
 
-    def __init__(self, encoder: nn.Module, teacher: MILModel, student_head: nn.Module, student_encoder: nn.Module | None):
+    def __init__(self, encoder: nn.Module, teacher: MILModel, student_head: nn.Module, student_encoder: nn.Module | None,
+                 teacher_trunk: nn.Module | None = None):
         super().__init__()
         self.encoder = encoder
+        self.teacher_trunk = teacher_trunk or nn.Identity()  # unshared FC layers before the teacher (released code)
         self.teacher = teacher
         self.student_head = student_head
         self.student_encoder = student_encoder  # None = shared encoder (§3.2.1)
@@ -140,7 +184,8 @@ class WENONet(nn.Module):
         return self.student_head(h).squeeze(-1) * mask
 
     def teacher_forward(self, h: Tensor, mask: Tensor, adj: object | None = None) -> MILOutput:
-        return self.teacher(h, mask, adj)
+        """Teacher on embeddings ``h`` seen through ``mask`` (``adj`` must match ``mask``, see follow_mask)."""
+        return self.teacher(self.teacher_trunk(h), mask, adj)
 
 
 class WENOStudent(MILModel):
@@ -185,30 +230,45 @@ class WENOConfig(StrictModel):
     encoder: EncoderConfig = Field(default_factory=EncoderConfig, description="instance encoder f (§3.2.1)")
     teacher: ModelSection = Field(
         default_factory=lambda: model_config({"name": "abmil"}),
-        description="attention MIL teacher (§3.2.2; ABMIL and DSMIL in §4.5)",
+        description="attention MIL teacher (§3.2.2; ABMIL and DSMIL in §4.5); any of TEACHER_SIGNALS",
     )
-    student_hidden: int | None = Field(
-        None, ge=1, description="hidden width of the student head; None = one linear layer (§4.3: FC heads)"
+    teacher_trunk: list[int] | None = Field(
+        None, description="unshared FC+ReLU widths between f and the teacher (released AlexNet code: [4096, 4096])"
+    )
+    student_hidden: int | list[int] | None = Field(
+        None, description="hidden widths of the student head (FC+ReLU each); None = one linear layer (§4.3: FC heads); "
+        "released AlexNet code: [4096, 4096]"
     )
     distillation: bool = Field(True, description="Table 4 'Distillation' (off = the plain teacher)")
     shared_encoder: bool = Field(True, description="Table 4 'Shared Encoder' (§3.2.1)")
     hpm: bool = Field(True, description="Table 4 'HPM' (§3.3)")
     hpm_threshold: float = Field(0.5, gt=0, lt=1, description="§3.3; NOTES.md: released code's working setting 0.5")
-    hpm_warmup_epochs: int = Field(10, ge=0, description="§3.3 'a certain number of epochs'; NOTES.md: code 10")
+    hpm_warmup_epochs: int = Field(
+        11, ge=0, description="HPM from 0-based epoch index hpm_warmup_epochs on; 11 = the released code's 'epoch > 10' "
+        "(§3.3 'a certain number of epochs'; Fig. 3 CIFAR: after epoch 150)"
+    )
     hpm_threshold_grid: list[float] | None = Field(
-        None, description="§4.3: grid-search the HPM threshold on validation (student bag AUROC)"
+        None, description="§4.3: grid-search the HPM threshold on validation (student bag AUROC); on in paper configs"
     )
-    normalisation: Literal["per_bag", "global"] = Field(
-        "per_bag", description="Eq. 7 min–max per bag (paper's reading, NOTES.md); global = released code"
+    pseudo_label: Literal["paper", "code"] = Field(
+        "code",
+        description="Eq. 7/13 signal: code = pre-softmax logits, min–max over all training instances (released code; "
+        "default: measured better, see docs/benchmarks.md 'WENO student vs ABMIL' — a per-bag min–max of softmax "
+        "weights gives every positive but the top one an exponentially small target); paper = softmax attention "
+        "a_ij of Eq. 5, min–max per bag (the paper's text, NOTES.md; on in the paper configs)",
     )
-    teacher_signal: Literal["instance_scores", "attention"] = Field(
-        "instance_scores",
-        description="what Eq. 13 normalises: the teacher's instance_scores = pre-softmax attention for ABMIL/SmAP "
-        "(released code, returnBeforeSoftMaxA) and DSMIL's instance classifier (NOTES.md); "
-        "attention = the softmax weights a_ij of Eq. 5 (literal reading)",
+    normalisation: Literal["per_bag", "global"] | None = Field(
+        None, description="override the min–max of pseudo_label (ablations); None = per_bag for paper, global for code"
+    )
+    teacher_signal: Literal["softmax", "logits"] | None = Field(
+        None, description="override the signal of pseudo_label (ablations); None = softmax for paper, logits for code"
     )
     clamp_eps: float = Field(1e-5, gt=0, lt=0.5, description="targets clamped to [ε, 1−ε] (NOTES.md, released code)")
     student_batch_size: int = Field(256, ge=1, description="student pass mini-batch (NOTES.md)")
+    student_encoder_warmup_epochs: int = Field(
+        0, ge=0, description="epochs in which the student's loss trains its head only, not the shared encoder "
+        "(0 = the paper: both branches update f from the first epoch, §3.2.1)"
+    )
     student_neg_weight: float | None = Field(
         None, gt=0, lt=1, description="released code's class weighting of the student CE (0.2); None = plain CE, Eq. 15"
     )
@@ -218,10 +278,10 @@ class WENOConfig(StrictModel):
     def _teacher(cls, v: object) -> StrictModel:
         cfg = model_config(v)
         name = getattr(cfg, "name", None)
-        if name not in ATTENTION_TEACHERS:
+        if name not in TEACHER_SIGNALS:
             raise TeacherWithoutAttentionError(
-                f"teacher {name!r} has no attention; WENO needs an attention MIL teacher "
-                f"(one of: {', '.join(ATTENTION_TEACHERS)})"
+                f"method.teacher: model {name!r} has no attention: it cannot be WENO's teacher (Eq. 13 needs an attention or instance signal); "
+                f"use one of: {', '.join(TEACHER_SIGNALS)}"
             )
         return cfg
 
@@ -236,22 +296,44 @@ class WENOConfig(StrictModel):
                 raise ValueError(f"hpm_threshold_grid values must lie in (0, 1), got {bad}")
         return v
 
-    def resolved_signal(self) -> Literal["attention", "instance_scores"]:
-        return self.teacher_signal
+    @field_validator("teacher_trunk", "student_hidden")
+    @classmethod
+    def _widths(cls, v):
+        widths = [v] if isinstance(v, int) else v
+        if widths is not None and any(w < 1 for w in widths):
+            raise ValueError(f"layer widths must be >= 1, got {v}")
+        return v
+
+    def resolved_signal(self) -> Literal["softmax", "logits"]:
+        return self.teacher_signal or ("softmax" if self.pseudo_label == "paper" else "logits")
+
+    def resolved_normalisation(self) -> Literal["per_bag", "global"]:
+        return self.normalisation or ("per_bag" if self.pseudo_label == "paper" else "global")
+
+
+def _mlp(dim: int, widths: list[int], out: int | None) -> tuple[nn.Module, int]:
+    """FC+ReLU layers of ``widths`` (then a Linear to ``out`` when given)."""
+    if not widths and out is not None:
+        return nn.Linear(dim, out), out  # one linear layer (state-dict names as before)
+    layers: list[nn.Module] = []
+    for w in widths:
+        layers += [nn.Linear(dim, w), nn.ReLU()]
+        dim = w
+    if out is not None:
+        layers.append(nn.Linear(dim, out))
+    return (nn.Sequential(*layers) if layers else nn.Identity()), dim
 
 
 def build_net(cfg: WENOConfig) -> WENONet:
-    """Encoder, teacher on its embeddings (identity encoder inside), student head (+ own encoder)."""
+    """Encoder, (unshared trunk +) teacher on its embeddings (identity encoder inside), student head (+ own encoder)."""
     encoder, dim = build_encoder(cfg.encoder)
     cls = _teacher_class(cfg)
-    teacher = cls.from_config(cfg.teacher, nn.Identity(), dim)
-    if cfg.student_hidden:
-        head: nn.Module = nn.Sequential(nn.Linear(dim, cfg.student_hidden), nn.ReLU(), nn.Linear(cfg.student_hidden, 1))
-    else:
-        head = nn.Linear(dim, 1)
+    trunk, tdim = _mlp(dim, cfg.teacher_trunk or [], None)
+    teacher = cls.from_config(cfg.teacher, nn.Identity(), tdim)
+    hidden = [cfg.student_hidden] if isinstance(cfg.student_hidden, int) else (cfg.student_hidden or [])
+    head, _ = _mlp(dim, hidden, 1)
     student_encoder = None if cfg.shared_encoder else build_encoder(cfg.encoder)[0]
-    return WENONet(encoder, teacher, head, student_encoder)
-
+    return WENONet(encoder, teacher, head, student_encoder, trunk if cfg.teacher_trunk else None)
 
 def _teacher_class(cfg: WENOConfig):
     from milkit import registry
@@ -261,6 +343,16 @@ def _teacher_class(cfg: WENOConfig):
 
 # --------------------------------------------------------------------------------------
 # the LightningModule: alternating teacher / student optimisation
+
+
+class _NoOpt:
+    """Stands in for the optimiser of a parameter-free part (identity encoder)."""
+
+    def zero_grad(self, *a, **k) -> None:  # noqa: D102
+        pass
+
+    def step(self, *a, **k) -> None:  # noqa: D102
+        pass
 
 
 class WENOModule(L.LightningModule):
@@ -294,36 +386,40 @@ class WENOModule(L.LightningModule):
         self._val: dict[str, list[Tensor]] = {"student": [], "teacher": [], "y": []}
 
     # -- optimisers: encoder, teacher head, student head (released code: one per part) --
+    def _param_groups(self) -> list[list]:
+        return [
+            list(self.net.encoder.parameters()),
+            list(self.net.teacher_trunk.parameters()) + list(self.net.teacher.parameters()),
+            list(self.net.student_head.parameters())
+            + (list(self.net.student_encoder.parameters()) if self.net.student_encoder is not None else []),
+        ]
+
     def configure_optimizers(self):  # noqa: D102
         tc = self.trainer_cfg
-        opts = [
-            build_optimizer(self.net.encoder.parameters(), tc),
-            build_optimizer(self.net.teacher.parameters(), tc),
-            build_optimizer(
-                list(self.net.student_head.parameters())
-                + (list(self.net.student_encoder.parameters()) if self.net.student_encoder is not None else []),
-                tc,
-            ),
-        ]
+        groups = self._param_groups()
+        # a parameter-free encoder (identity on features) gets no optimiser of its own
+        self._has_opt = [bool(g) for g in groups]
+        opts = [build_optimizer(g, tc) for g in groups if g]
         scheds = [build_scheduler(o, tc) for o in opts]
         if scheds[0] is not None:
             return opts, scheds
         return opts
 
     def _opts(self) -> tuple:
-        enc, tea, stu = self.optimizers()
+        got = self.optimizers()
+        got = list(got) if isinstance(got, (list, tuple)) else [got]
+        out = []
+        for has in getattr(self, "_has_opt", [True, True, True]):
+            out.append(got.pop(0) if has else _NoOpt())
+        enc, tea, stu = out
         return enc, tea, stu
 
     def hpm_active(self) -> bool:
         return self.cfg.hpm and self.cfg.distillation and self.current_epoch >= self.cfg.hpm_warmup_epochs
 
-    def teacher_signal(self, out: MILOutput) -> Tensor:
-        sig = out.attention if self.signal_kind == "attention" else out.instance_scores
-        if sig is None:
-            raise TeacherWithoutAttentionError(
-                f"teacher {type(self.net.teacher).__name__} returned no attention; WENO needs an attention MIL teacher"
-            )
-        return sig
+    def teacher_signal(self, out: MILOutput, mask: Tensor) -> Tensor:
+        """Eq. 13's instance signal of the teacher's output (``pseudo_label`` reading)."""
+        return signal_for(out, mask, self.cfg.teacher.name, self.signal_kind)  # type: ignore[attr-defined]
 
     def teacher_loss(self, batch: BagBatch) -> tuple[Tensor, MILOutput, Tensor, Tensor]:
         """Eq. 8–12 on one batch of bags, with HPM (§3.3) when active.
@@ -337,10 +433,10 @@ class WENOModule(L.LightningModule):
             with torch.no_grad():
                 p = torch.sigmoid(self.net.student_logits(batch.instances, mask, h.detach()))
             keep = hpm_keep_mask(p, mask, batch.labels, self.cfg.hpm_threshold)
-        out = self.net.teacher_forward(h, keep, batch.adj)
-        loss = bce_with_targets(out.bag_logits, batch.labels).mean()
-        if hasattr(self.net.teacher, "aux_loss"):  # DSMIL's max-instance stream, CLAM's clustering
-            loss = loss + self.net.teacher.aux_loss(out, dataclasses.replace(batch, mask=keep))
+        adj = follow_mask(batch.adj, mask, keep)  # the bag graph follows the dropped instances (issue 16)
+        out = self.net.teacher_forward(h, keep, adj)
+        bce = bce_with_targets(out.bag_logits, batch.labels).mean()
+        loss = combine_losses(self.net.teacher, bce, dataclasses.replace(batch, mask=keep, adj=adj), out)
         return loss, out, h, keep
 
     def training_step(self, batch: BagBatch, batch_idx: int) -> None:
@@ -369,7 +465,7 @@ class WENOModule(L.LightningModule):
         instance gets the teacher's own view (dropped ones included)."""
         if not torch.equal(keep, batch.mask):
             out = self.net.teacher_forward(h.detach(), batch.mask, batch.adj)
-        sig = self.teacher_signal(out).detach().float().cpu()
+        sig = self.teacher_signal(out, batch.mask).detach().float().cpu()
         for b, bid in enumerate(batch.bag_ids):
             if bid not in self._row:
                 raise ValueError(f"bag {bid!r} is not in the training split WENO was built with")
@@ -384,7 +480,8 @@ class WENOModule(L.LightningModule):
         y = torch.zeros_like(self._signal)
         if bool(seen.any()):
             y[seen] = pseudo_labels(
-                self._signal[seen], self._inst_bag[seen], self._inst_bag_label[seen], self.cfg.normalisation, self.cfg.clamp_eps
+                self._signal[seen], self._inst_bag[seen], self._inst_bag_label[seen], self.cfg.resolved_normalisation(),
+                self.cfg.clamp_eps,
             )
         return y
 
@@ -396,17 +493,25 @@ class WENOModule(L.LightningModule):
         g = torch.Generator().manual_seed(self.seed * 100_003 + self.current_epoch)
         order = seen[torch.randperm(len(seen), generator=g)]
         total, n = 0.0, 0
+        # before student_encoder_warmup_epochs the student's loss trains its head only: the
+        # shared encoder is not pulled by pseudo labels of a teacher that has not learned yet
+        shared_step = self.net.student_encoder is None and self.current_epoch >= self.cfg.student_encoder_warmup_epochs
         for chunk in order.split(self.cfg.student_batch_size):
             x = self._inst_x[chunk].to(self.device)
             t = targets[chunk].to(self.device)
-            logits = self.net.student_logits_flat(x)
+            if shared_step or self.net.student_encoder is not None:
+                logits = self.net.student_logits_flat(x)
+            else:
+                with torch.no_grad():
+                    h = self.net.student_embed(x)
+                logits = self.net.student_head(h).squeeze(-1)
             loss = self.student_loss(logits, t)
             stu.zero_grad()
-            if self.net.student_encoder is None:
+            if shared_step:
                 enc.zero_grad()
             self.manual_backward(loss)
             stu.step()
-            if self.net.student_encoder is None:
+            if shared_step:
                 enc.step()
             total += float(loss.detach()) * len(chunk)
             n += len(chunk)

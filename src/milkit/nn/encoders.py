@@ -9,6 +9,9 @@
 - ``alexnet_cifar``: WENO §4.3's AlexNet for CIFAR-10-MIL, as the authors' released code
   builds it for 32-px images: five 3×3 conv–BN–ReLU layers (96, 192, 384, 384, 192) with
   3×3/2 max-pooling after the 1st, 2nd and 5th, then FC 4096–ReLU–FC 4096–ReLU.
+  ``alexnet_cifar_conv`` is the conv part alone (192·3·3 = 1728-d on 32 px): the part
+  the released code shares between teacher and student, whose FC 4096–4096 layers sit
+  in each branch (WENO's ``teacher_trunk`` / ``student_hidden``).
 - ``resnet18``: WENO §4.3's ResNet-18 for the other datasets (torchvision, no pre-training
   as §4.3 says; the 512-d pooled features).
 """
@@ -28,7 +31,7 @@ class EncoderConfig(StrictModel):
     """Which encoder and its sizes."""
 
     name: Literal["lenet5", "identity", "linear", "linear_bn", "linear_ln", "d2l_colon", "d2l_breast", "small_cnn",
-                  "alexnet_cifar", "resnet18"] = "lenet5"
+                  "alexnet_cifar", "alexnet_cifar_conv", "resnet18"] = "lenet5"
     in_channels: int = Field(1, ge=1, description="image channels (patch encoders)")
     image_size: int = Field(28, ge=8, description="patch side in pixels (patch encoders)")
     in_dim: int | None = Field(None, ge=1, description="feature size (feature encoders)")
@@ -78,7 +81,8 @@ class SmallCNN(nn.Module):
 class AlexNetCIFAR(nn.Module):
     """WENO §4.3's AlexNet for 32-px CIFAR-10 instances (released-code layout, see module doc)."""
 
-    def __init__(self, in_channels: int = 3, image_size: int = 32, out_dim: int = 4096, dropout: float = 0.0):
+    def __init__(self, in_channels: int = 3, image_size: int = 32, out_dim: int = 4096, dropout: float = 0.0,
+                 fc: bool = True):
         super().__init__()
         layers: list[nn.Module] = []
         c = in_channels
@@ -93,9 +97,13 @@ class AlexNetCIFAR(nn.Module):
             side = (side - 3) // 2 + 1
         if side < 1:
             raise ValueError(f"alexnet_cifar needs patches of at least 15 px, got {image_size}")
-        self.fc = nn.Sequential(nn.Linear(c * side * side, out_dim), nn.ReLU(), nn.Dropout(dropout),
-                                nn.Linear(out_dim, out_dim), nn.ReLU(), nn.Dropout(dropout))
-        self.out_dim = out_dim
+        if fc:
+            self.fc: nn.Module = nn.Sequential(nn.Linear(c * side * side, out_dim), nn.ReLU(), nn.Dropout(dropout),
+                                               nn.Linear(out_dim, out_dim), nn.ReLU(), nn.Dropout(dropout))
+            self.out_dim = out_dim
+        else:  # conv features only (the released code's shared part)
+            self.fc = nn.Identity()
+            self.out_dim = c * side * side
 
     def forward(self, x: Tensor) -> Tensor:
         return self.fc(self.features(x).flatten(1))
@@ -123,6 +131,11 @@ def build_encoder(cfg: EncoderConfig) -> tuple[nn.Module, int]:
     if cfg.name == "alexnet_cifar":
         out = cfg.out_dim or 4096
         return AlexNetCIFAR(cfg.in_channels, cfg.image_size, out, cfg.dropout), out
+    if cfg.name == "alexnet_cifar_conv":
+        if cfg.out_dim is not None:
+            raise ValueError("encoder 'alexnet_cifar_conv' is the conv part only: its size follows image_size; drop out_dim")
+        enc = AlexNetCIFAR(cfg.in_channels, cfg.image_size, fc=False)
+        return enc, enc.out_dim
     if cfg.name == "resnet18":
         if cfg.out_dim not in (None, 512):
             raise ValueError(f"encoder 'resnet18' gives 512-d features; out_dim {cfg.out_dim} is not possible")
