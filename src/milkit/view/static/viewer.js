@@ -4,7 +4,8 @@
   "use strict";
   var M = window.milkit = {slide: null, drawn: 0, threshold: 0.5, slides: []};
   var $ = function (id) { return document.getElementById(id); };
-  var viewer = OpenSeadragon({id: "osd", prefixUrl: "/static/openseadragon/images/", showNavigator: true,
+  // the canvas drawer: WebGL (OpenSeadragon 5+ default) falls back to slow software rendering without a GPU
+  var viewer = OpenSeadragon({id: "osd", prefixUrl: "/static/openseadragon/images/", showNavigator: true, drawer: "canvas",
     animationTime: 0.2, maxZoomPixelRatio: 4, gestureSettingsMouse: {clickToZoom: false}});
   M.viewer = viewer;
   var canvas = document.createElement("canvas");
