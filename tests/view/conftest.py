@@ -1,10 +1,12 @@
-"""A tiny labelled cohort for the viewer tests: three synthetic slides (two with a lesion),
+"""A tiny labelled cohort for the viewer tests: three slides of real IHC tissue (two with a
+DAB-stained lesion; milkit.slide.synthetic.make_ihc_slide),
 tiled, with patch scores that follow the lesion (a stand-in for a trained model: these
 tests check what the viewer draws, not a model), written by milkit.slide.outputs. Slide
 s02 is a stripped pyramid with SubIFD levels that OpenSlide cannot open (tifffile path)."""
 
 from __future__ import annotations
 
+import json
 import os
 import shutil
 import socket
@@ -21,7 +23,7 @@ import tifffile
 
 from milkit.slide.annotations import patch_tumour_fraction, read_asap_xml
 from milkit.slide.outputs import SlideScores, write_slide_outputs
-from milkit.slide.synthetic import make_slide, render_slide
+from milkit.slide.synthetic import make_ihc_slide, render_ihc_slide
 from milkit.slide.tiling import TilingConfig, tile_slides
 
 SIZE = (1024, 1024)
@@ -51,15 +53,15 @@ def view_cohort(tmp_path_factory) -> ViewCohort:
     ann_dir.mkdir()
     lesions = {}
     for i, positive in enumerate([True, False, True]):
-        s = make_slide(slides_dir, f"s{i:02d}", positive=positive, seed=i, size=SIZE, mpp=0.25, lesion_scale=0.14)
+        s = make_ihc_slide(slides_dir, f"s{i:02d}", positive=positive, seed=i, size=SIZE, mpp=0.25, lesion_scale=0.14)
         if s.annotation is not None:
             shutil.move(s.annotation, ann_dir / s.annotation.name)
         lesions[f"s{i:02d}"] = s.lesion
     tiles = root / "tiles"
-    tile_slides(sorted(slides_dir.glob("*.tif")), tiles, TilingConfig(patch_size=32, target_mpp=0.5,
-                                                                        tissue={"thumbnail_size": 256}), progress=False)
+    cfg = TilingConfig(patch_size=32, target_mpp=0.5, tissue={"method": "fixed", "threshold": 15, "thumbnail_size": 256})
+    tile_slides(sorted(slides_dir.glob("*.tif")), tiles, cfg, progress=False)
     # s02 again, as a pyramid only tifffile reads (same pixels, same geometry)
-    img = render_slide(SIZE, lesions["s02"], 2)
+    img = render_ihc_slide(SIZE, lesions["s02"], 2)
     (slides_dir / "s02.tif").unlink()
     _strip_pyramid(slides_dir / "s02.tif", img)
     import h5py
@@ -75,6 +77,15 @@ def view_cohort(tmp_path_factory) -> ViewCohort:
                         0.25, float(scores.max()), meta={"slide": str(slides_dir / f"{sid}.tif"),
                                                          "threshold_source": "test"})
         write_slide_outputs(labels_dir, s, None, 1.0)
+    # s02 as the trust issue writes it: calibrated probabilities and uncertainty per patch
+    with h5py.File(labels_dir / "s02" / "instances.h5", "a") as f:
+        f["probability"] = np.clip(f["score"][()] ** 2, 0, 1).astype(np.float32)
+        f["uncertainty"] = np.full(len(f["score"]), 0.125, np.float32)
+    # review regions for s00 (the trust issue's review.geojson): one square
+    (labels_dir / "s00" / "review.geojson").write_text(json.dumps({"type": "FeatureCollection", "features": [
+        {"type": "Feature", "geometry": {"type": "Polygon", "coordinates": [[[100, 100], [300, 100], [300, 300],
+                                                                           [100, 300], [100, 100]]]},
+         "properties": {"reason": "uncertain"}}]}))
     return ViewCohort(root, slides_dir, ann_dir, labels_dir, lesions)
 
 

@@ -45,6 +45,13 @@ def test_tiles_are_images_from_both_backends(server):
         assert Image.open(io.BytesIO(body)).mode == "RGBA"
     meta = json.loads(_get(f"{server}/api/slide/s02")[2])
     assert meta["slide_backend"] == "tifffile"
+    # the calibrated probability, when written, is what the heatmap shows (and the page says so)
+    assert meta["value_source"].startswith("calibrated") and meta["values"] == pytest.approx(meta["probability"], abs=1e-5)
+    assert meta["uncertainty"][0] == 0.125
+    raw = json.loads(_get(f"{server}/api/slide/s00")[2])
+    assert raw["value_source"].startswith("raw") and raw["probability"] is None
+    assert raw["review"][0]["note"] == "uncertain" and raw["review"][0]["rings"][0][0] == [100.0, 100.0]
+    assert raw["annotations"][0]["positive"] and len(raw["annotations"][0]["rings"][0]) >= 3
     assert _get(f"{server}/slide/s00_files/10/99_99.jpeg")[0] == 404
     assert _get(f"{server}/api/slide/nope")[0] == 404
 
@@ -135,6 +142,14 @@ def test_viewer_layers_threshold_click_and_list(page, server, view_cohort):
     ARTIFACTS.mkdir(parents=True, exist_ok=True)
     page.screenshot(path=str(ARTIFACTS / "viewer.png"))
     assert (ARTIFACTS / "viewer.png").stat().st_size > 10_000
+
+    # the review-region layer (review.geojson) is drawn along its outline and can be hidden
+    with_review = _shot(page)
+    page.uncheck("#show-review")
+    page.wait_for_timeout(300)
+    without = _shot(page)
+    x, y = _px(page, 100, 200)
+    assert np.abs(with_review[y - 4:y + 5, x - 4:x + 5] - without[y - 4:y + 5, x - 4:x + 5]).sum() > 500
 
     # the slide list sorts and opens slides (s02: the tifffile-read pyramid)
     page.click("#slide-table th[data-k='bag_prob']")
