@@ -80,13 +80,17 @@ class Catalog:
             if key not in infos:
                 infos[key] = slide_info(run) if run else {}
                 m = json.loads((run / "metrics.json").read_text()) if run and (run / "metrics.json").is_file() else {}
-                evaluated[key] = (m.get("annotations") or {}).get("per_slide", {})
+                ev_all = m.get("annotations") or {}
+                same = self.annotations_dir is None or (
+                    ev_all.get("annotations_dir") and Path(ev_all["annotations_dir"]).resolve() == self.annotations_dir.resolve()
+                    and Path(ev_all.get("labels_dir", "")).resolve() == self.labels_dir.resolve())
+                evaluated[key] = ev_all.get("per_slide", {}) if same else {}
             info = infos[key]
             row = {"id": sid, "split": split_of(info, sid), "true_label": info[sid].label if sid in info else None,
                    "bag_prob": float(a.get("bag_prob", np.nan)), "n_patches": n, "n_positive": npos,
                    "patch_auroc": None, "patch_f1": None, "n_tumour_patches": None}
             ev = evaluated[key].get(sid)
-            if ev and self.annotations_dir is None:
+            if ev:  # what 'milkit evaluate --annotations' wrote for these labels and annotations
                 row.update(patch_auroc=ev.get("instance_auroc"), patch_f1=ev.get("instance_f1"),
                            n_tumour_patches=ev.get("n_tumour_patches"))
             elif self.annotations_dir is not None:
