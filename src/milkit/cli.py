@@ -90,14 +90,16 @@ def evaluate(
     """Score every stage on validation and test (metrics.json, report.html), or slide labels against annotations."""
     from milkit.workflow import evaluate_run, print_table
 
+    if labels is not None and annotations is None:
+        fail(f"--labels {labels}: needs --annotations DIR (labels are scored against annotations)")
     if annotations is not None:
         from milkit.slide.labeling import evaluate_annotations
 
         metrics = evaluate_annotations(run_dir, annotations, labels)
-        keys = ("n_slides", "instance_auroc", "instance_f1", "instance_accuracy", "slide_auroc")
-        for k in keys:
-            if k in metrics:
-                typer.echo(f"{k}: {metrics[k]}")
+        keys = ("n_slides", "slide_auroc", "instance_auroc", "instance_f1", "froc")
+        for split, m in metrics["splits"].items():  # per split, never pooled
+            typer.echo(f"{split}: " + "  ".join(f"{k} {m[k]:.4g}" if isinstance(m[k], float) else f"{k} {m[k]}"
+                                                  for k in keys if k in m))
         where = Path(run_dir) if (Path(run_dir) / "config.yaml").is_file() else Path(metrics["labels_dir"])
         typer.echo(f"report: {where / 'report_annotations.html'}")
     else:

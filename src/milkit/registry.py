@@ -45,6 +45,7 @@ DATASETS: dict[str, str] = {
 # Modules exposing ``register(app: typer.Typer)`` that add top-level commands.
 COMMAND_MODULES: list[str] = [
     "milkit.slide.commands",
+    "milkit.view.commands",  # milkit view
 ]
 
 # Modules exposing ``register(app: typer.Typer)`` that add ``milkit benchmark <name>`` commands.

@@ -118,3 +118,58 @@ def test_score_raster_and_uint8_encoding():
     assert n.min() == 0 and n.max() == 1 and how["normalisation"].startswith("percentile")
     p, _ = normalise_scores(np.array([0.2, 0.7]), "probability")
     np.testing.assert_allclose(p, [0.2, 0.7])
+
+
+def _fc(*geoms, name="Tumor"):
+    return json.dumps({"type": "FeatureCollection", "features": [
+        {"type": "Feature", "geometry": g, "properties": {"classification": {"name": name}}} for g in geoms]})
+
+
+def test_tumour_fraction_is_the_exact_intersection_area(tmp_path):
+    p = tmp_path / "tri.geojson"
+    p.write_text(_fc({"type": "Polygon", "coordinates": [[[0, 0], [64, 0], [0, 64], [0, 0]]]}))
+    frac = patch_tumour_fraction(read_annotations(p), np.array([[0, 0], [32, 0], [64, 64]]), 64)
+    # half the patch; ∫_32^64 (64 − x) dx / 64² = 512 / 4096; nothing
+    np.testing.assert_allclose(frac, [0.5, 0.125, 0.0], atol=1e-6)
+    # a strip 30 px wide covers 30/64 < 0.5 of a patch: the former 1/4-resolution raster with
+    # filled outlines counted 8 of 16 mask columns (0.5) and called the patch tumour
+    p.write_text(_fc({"type": "Polygon", "coordinates": [_square(0, 0, 64)[:1] + [[30, 0], [30, 64], [0, 64], [0, 0]]]}))
+    labels, frac = patch_labels(read_annotations(p), np.array([[0, 0]]), 64, 0.5, (256, 256))
+    assert frac[0] == pytest.approx(30 / 64, abs=1e-6) and labels.tolist() == [0]
+
+
+def test_exclusion_groups_and_holes_are_not_tumour_exactly(tmp_path):
+    p = tmp_path / "a.xml"
+    p.write_text(ASAP)
+    coords = np.array([[0, 0], [100, 0], [100, 100], [0, 100], [50, 50]])
+    frac = patch_tumour_fraction(read_asap_xml(p), coords, 100)
+    # the _2 square [100, 200)² is cut out of the tumour square [0, 200)²; the centred patch
+    # [50, 150)² loses its lower-right quarter
+    np.testing.assert_allclose(frac, [1, 1, 0, 1, 0.75], atol=1e-6)
+    q = tmp_path / "ring.geojson"
+    q.write_text(_fc({"type": "Polygon", "coordinates": [_square(0, 0, 128), _square(32, 32, 64)]}))
+    frac = patch_tumour_fraction(read_annotations(q), np.array([[32, 32], [0, 0]]), 64)
+    np.testing.assert_allclose(frac, [0.0, 0.75], atol=1e-6)  # the hole, and a corner patch a quarter in it
+
+
+def test_points_lines_only_and_outside_polygons_are_named_errors(tmp_path, caplog):
+    from milkit.slide.annotations import check_regions
+
+    pts = tmp_path / "points.geojson"
+    pts.write_text(_fc({"type": "Point", "coordinates": [5, 5]}, {"type": "LineString", "coordinates": [[0, 0], [9, 9]]}))
+    with pytest.raises(ValueError, match=r"points\.geojson.*points or lines"):
+        read_annotations(pts)
+    dots = tmp_path / "dots.xml"
+    dots.write_text(ASAP.split('<Annotation Name="T"')[0] + ASAP[ASAP.index('<Annotation Name="dot"'):])
+    with pytest.raises(ValueError, match=r"dots\.xml.*points or lines"):
+        read_annotations(dots)
+    far = tmp_path / "far.geojson"
+    far.write_text(_fc({"type": "Polygon", "coordinates": [_square(5000, 5000, 100)]}))
+    regions = read_annotations(far)
+    with pytest.raises(ValueError, match=r"far\.geojson.*outside the 1024×1024 slide"):
+        check_regions(regions, far, (1024, 1024))
+    half = tmp_path / "half.geojson"
+    half.write_text(_fc({"type": "Polygon", "coordinates": [_square(1000, 0, 48)]}))
+    with caplog.at_level("WARNING"):
+        check_regions(read_annotations(half), half, (1024, 1024))
+    assert "half.geojson" in caplog.text and "50% of the tumour area lies outside" in caplog.text

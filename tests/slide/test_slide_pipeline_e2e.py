@@ -44,14 +44,17 @@ def test_label_then_evaluate_recovers_the_lesion(run, cohort):
     assert {p.name for p in paths} >= {"instances.csv", "instances.h5", "probability.tif", "detections.geojson",
                                        "heatmap.png", "slides.csv"}
     res = evaluate_annotations(out, cohort.ann_dir)
-    assert res["n_slides"] == 4 and res["n_tumour_instances"] > 5
+    # scored per split, as the run split them (s06, s07 val; s08, s09 test), never pooled
+    assert set(res["splits"]) == {"val", "test"} and res["splits"]["test"]["n_slides"] == 2
+    test = res["splits"]["test"]
+    assert test["n_tumour_instances"] > 5 and res["per_slide"]["s08"]["split"] == "test"
     # chance is 0.5; the lesion's texture makes it separable, the margin is wide
-    assert res["instance_auroc"] > 0.75
-    assert json.loads((out / "metrics.json").read_text())["annotations"]["instance_auroc"] == res["instance_auroc"]
+    assert test["instance_auroc"] > 0.75
+    assert json.loads((out / "metrics.json").read_text())["annotations"]["splits"]["test"] == test
     # the two positive slides carry the annotations
     assert res["per_slide"]["s06"]["annotation"].endswith("s06.xml") and res["per_slide"]["s07"]["annotation"] is None
-    page = (out / "report_annotations.html").read_text()  # slide and patch ROC, patch-score histogram
-    assert "slides vs annotations" in page and page.count("data:image/png;base64,") == 2
+    page = (out / "report_annotations.html").read_text()  # per-split table, per-slide table, thumbnails
+    assert "Metrics per split" in page and "?slide=s08" in page and page.count("data:image/png;base64,") == 8
 
 
 def test_probability_tiff_opens_in_openslide_aligned_with_level0(run):

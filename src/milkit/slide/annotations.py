@@ -1,15 +1,18 @@
 """Annotations: Camelyon16/ASAP XML and QuPath GeoJSON → polygons → patch labels and pixel masks.
 
 All geometry is level-0 (x, y) pixels. ASAP groups ``_2``, ``Exclusion`` and ``None``
-are non-tumour holes (FORMATS.md "Annotations"): tumour regions are painted first,
-then non-tumour regions (and every polygon's interior rings) are subtracted.
-A patch is positive when its tumour fraction reaches ``threshold`` (0.5 by default,
-as in Camelyon16 work, Sm App. B; always recorded with the labels).
+are non-tumour holes (FORMATS.md "Annotations"): the tumour area is the union of tumour
+polygons minus their interior rings, minus every non-tumour region. A patch's tumour
+fraction is the exact area of patch ∩ tumour (shapely), so no rasterisation inflates a
+lesion; it is positive when the fraction reaches ``threshold`` (0.5 by default, as in
+Camelyon16 work, Sm App. B; always recorded with the labels). Pixel masks (for drawing
+and pixel metrics) are still rasterised by :func:`level_mask`.
 """
 
 from __future__ import annotations
 
 import json
+import logging
 import uuid
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -21,6 +24,7 @@ from PIL import Image, ImageDraw
 #: ASAP/QuPath group or class names (lower case) that are not tumour
 NON_TUMOUR = frozenset({"_2", "exclusion", "none", "normal", "ignore", "ignore*", "other", "background", "negative"})
 ANNOTATION_SUFFIXES = (".xml", ".geojson", ".json")
+log = logging.getLogger(__name__)
 
 
 @dataclass
@@ -45,7 +49,9 @@ def read_asap_xml(path: str | Path) -> list[Region]:
     except ET.ParseError as err:
         raise ValueError(f"{path}: not valid ASAP XML ({err})") from None
     regions = []
+    n_shapes = 0
     for ann in root.iter("Annotation"):
+        n_shapes += 1
         pts = []
         for c in ann.iter("Coordinate"):
             try:
@@ -57,7 +63,18 @@ def read_asap_xml(path: str | Path) -> list[Region]:
         pts.sort(key=lambda t: t[0])
         group = ann.get("PartOfGroup")
         regions.append(Region(np.array([(x, y) for _, x, y in pts]), [], group or "", _is_tumour(group)))
+    _check_area(path, n_shapes, len(regions))
     return regions
+
+
+def _check_area(path: Path, n_shapes: int, n_polygons: int) -> None:
+    """Points and lines carry no area: a file of only those is an error, some of them a warning."""
+    if n_shapes and not n_polygons:
+        raise ValueError(f"{path}: its {n_shapes} annotation(s) are all points or lines; "
+                         "patch labels need polygons (an area)")
+    if n_shapes > n_polygons:
+        log.warning("%s: %d of %d annotations are points or lines and are ignored (no area)",
+                    path, n_shapes - n_polygons, n_shapes)
 
 
 def _rings_to_regions(rings: list, name: str | None, offset: tuple[float, float], path: Path) -> Region | None:
@@ -104,13 +121,18 @@ def read_geojson(path: str | Path, offset: tuple[float, float] = (0.0, 0.0)) -> 
     else:
         raise ValueError(f"{path}: expected a GeoJSON FeatureCollection, Feature or list of features")
     regions = []
+    n_shapes = n_area = 0
     for f in feats:
         if not isinstance(f, dict):
             raise ValueError(f"{path}: a feature is not a JSON object")
         props = f.get("properties") or {}
         cls = props.get("classification")
         name = cls.get("name") if isinstance(cls, dict) else (cls if isinstance(cls, str) else None)
-        regions += _geometry_regions(f.get("geometry"), name, offset, path)
+        got = _geometry_regions(f.get("geometry"), name, offset, path)
+        n_shapes += f.get("geometry") is not None
+        n_area += bool(got)
+        regions += got
+    _check_area(path, n_shapes, n_area)
     return regions
 
 
@@ -164,20 +186,71 @@ def level_mask(regions: list[Region], level0_size: tuple[int, int], downsample: 
     return rasterize(regions, (int(np.ceil(w0 / downsample)), int(np.ceil(h0 / downsample))), downsample)
 
 
-def patch_tumour_fraction(regions: list[Region], coords: np.ndarray, size_level0: int,
-                          level0_size: tuple[int, int] | None = None, px_per_patch: int = 16) -> np.ndarray:
-    """Tumour fraction of each level-0 square patch, measured on a mask with about
-    ``px_per_patch`` pixels along a patch side."""
-    from milkit.slide.tiling import patch_fractions
+def tumour_geometry(regions: list[Region]):
+    """The tumour area as one shapely geometry (level-0 px): the union of tumour exteriors
+    minus their holes, minus every non-tumour region (Camelyon16 ``_2``/``Exclusion``).
+    Self-intersecting outlines are repaired with ``shapely.make_valid``."""
+    import shapely
+    from shapely.geometry import Polygon
 
-    coords = np.asarray(coords, np.int64).reshape(-1, 2)
+    def poly(r: Region, with_holes: bool):
+        holes = [h for h in r.holes if len(h) >= 3] if with_holes else []
+        g = Polygon(r.exterior, holes)
+        return g if g.is_valid else shapely.make_valid(g)
+
+    pos = [poly(r, True) for r in regions if r.positive]
+    if not pos:
+        return shapely.Polygon()
+    geom = shapely.union_all(pos)
+    neg = [poly(r, False) for r in regions if not r.positive]
+    if neg:
+        geom = geom.difference(shapely.union_all(neg))
+    return geom
+
+
+def patch_tumour_fraction(regions: list[Region], coords: np.ndarray, size_level0: int,
+                          level0_size: tuple[int, int] | None = None, px_per_patch: int | None = None) -> np.ndarray:
+    """Exact tumour fraction of each level-0 square patch: area(patch ∩ tumour) / area(patch),
+    with :func:`tumour_geometry` (no rasterisation; ``level0_size`` and ``px_per_patch`` are
+    accepted for callers of the former raster version and ignored)."""
+    import shapely
+
+    coords = np.asarray(coords, np.float64).reshape(-1, 2)
+    out = np.zeros(len(coords), np.float32)
     if len(coords) == 0 or not any(r.positive for r in regions):
-        return np.zeros(len(coords), np.float32)
-    ds = max(1.0, size_level0 / px_per_patch)
-    if level0_size is None:
-        level0_size = (int(coords[:, 0].max()) + size_level0, int(coords[:, 1].max()) + size_level0)
-    mask = level_mask(regions, level0_size, ds)
-    return patch_fractions(mask, ds, coords, size_level0)
+        return out
+    geom = tumour_geometry(regions)
+    if geom.is_empty:
+        return out
+    s = float(size_level0)
+    boxes = shapely.box(coords[:, 0], coords[:, 1], coords[:, 0] + s, coords[:, 1] + s)
+    shapely.prepare(geom)
+    hit = np.flatnonzero(shapely.intersects(geom, boxes))
+    if hit.size:
+        out[hit] = shapely.area(shapely.intersection(boxes[hit], geom)) / (s * s)
+    return np.clip(out, 0.0, 1.0)
+
+
+def check_regions(regions: list[Region], path: str | Path, level0_size: tuple[int, int] | None = None) -> None:
+    """Refuse annotations that would silently turn a positive slide negative (issue #13):
+    a file whose shapes are all points/lines (no area), or whose tumour polygons all lie
+    outside the ``level0_size`` slide; warn when some tumour area falls outside it."""
+    if level0_size is None or not regions:
+        return
+    import shapely
+
+    geom = tumour_geometry(regions)
+    if geom.is_empty:
+        return
+    w, h = level0_size
+    inside = geom.intersection(shapely.box(0, 0, w, h)).area
+    if inside <= 0:
+        x0, y0, x1, y1 = (int(round(v)) for v in geom.bounds)
+        raise ValueError(f"{path}: every tumour polygon lies outside the {w}×{h} slide "
+                         f"(bounds x {x0}..{x1}, y {y0}..{y1}; wrong slide or coordinate offset?)")
+    if inside < 0.99 * geom.area:
+        log.warning("%s: %.0f%% of the tumour area lies outside the %d×%d slide and is ignored",
+                    path, 100 * (1 - inside / geom.area), w, h)
 
 
 def patch_labels(regions: list[Region], coords: np.ndarray, size_level0: int, threshold: float = 0.5,

@@ -144,8 +144,15 @@ def _feature_file(features_dir: Path, slide_path: Path) -> Path:
 
 def evaluate_annotations(run_dir: str | Path, annotations_dir: Path, labels_dir: Path | None = None,
                          tumour_fraction: float = TUMOUR_FRACTION) -> dict:
-    """Score ``labels_dir/<slide>/instances.h5`` against ``annotations_dir/<slide>.xml|.geojson``;
-    writes the result into RUN_DIR/metrics.json under ``annotations`` and returns it."""
+    """Score ``labels_dir/<slide>/instances.h5`` against ``annotations_dir/<slide>.xml|.geojson``
+    per split (the run's own train/val/test, milkit.slide.cohort; never pooled across splits);
+    writes the result into RUN_DIR/metrics.json under ``annotations`` and the per-slide page
+    ``report_annotations.html`` (milkit.view.slide_report), and returns it."""
+    from milkit.slide.annotations import check_regions, tumour_geometry
+    from milkit.slide.cohort import SPLIT_ORDER, slide_info, split_of
+    from milkit.slide.froc import detections, froc, lesion_hits
+    from milkit.view.slide_report import SlideResult, write_slide_report
+
     run = RunDir(run_dir)
     annotations_dir = Path(annotations_dir)
     if not annotations_dir.is_dir():
@@ -154,49 +161,78 @@ def evaluate_annotations(run_dir: str | Path, annotations_dir: Path, labels_dir:
     files = sorted(labels_dir.glob("*/instances.h5"))
     if not files:
         raise ValueError(f"{labels_dir}: no <slide>/instances.h5 (run 'milkit label --slides' first)")
-    ys, ss, ps = [], [], []
-    per_slide = {}
-    slide_y, slide_p = [], []
+    info = slide_info(run.path)
+    results: list[SlideResult] = []
     for f in files:
         s = read_instances_h5(f)
         ann = find_annotation(annotations_dir, s.slide_id)
         regions = read_annotations(ann, offset=s.bounds_offset) if ann is not None else []
-        y, frac = patch_labels(regions, s.coords, s.size_level0, tumour_fraction, s.level0_size)
-        ys.append(y)
-        ss.append(s.scores)
-        ps.append(s.labels)
-        m = {"n_patches": int(len(y)), "n_tumour_patches": int(y.sum()), "annotation": str(ann) if ann else None,
-             "bag_prob": s.bag_prob, "instance_auroc": auroc(y, s.scores) if len(y) else float("nan")}
-        if len(y):
-            m.update({f"instance_{k}": v for k, v in binary_metrics(y, s.labels, 0.5).items() if k != "auroc"})
-        per_slide[s.slide_id] = m
-        slide_y.append(int(y.any()))
-        slide_p.append(s.bag_prob)
-    y_all, s_all, p_all = np.concatenate(ys), np.concatenate(ss), np.concatenate(ps)
-    pooled = binary_metrics(y_all, p_all, 0.5) if len(y_all) else {}
-    pooled["auroc"] = auroc(y_all, s_all)
-    per_auc = [m["instance_auroc"] for m in per_slide.values() if np.isfinite(m["instance_auroc"])]
-    result = {
+        if ann is not None:
+            check_regions(regions, ann, s.level0_size)
+        y, _ = patch_labels(regions, s.coords, s.size_level0, tumour_fraction, s.level0_size)
+        geom = tumour_geometry(regions)
+        lesions = [] if geom.is_empty else list(getattr(geom, "geoms", [geom]))
+        prob = _probability(f)
+        sid = s.slide_id
+        true = info[sid].label if sid in info else int(bool(lesions))
+        results.append(SlideResult(sid, split_of(info, sid), true, s, y, prob, ann, lesions))
+    splits: dict[str, dict] = {}
+    n_lesion = 0
+    froc_in: dict[str, list] = {}
+    for r in results:
+        conf = r.prob if r.prob is not None else r.scores.scores
+        c, k = detections(r.scores.coords, conf, r.scores.size_level0)
+        froc_in.setdefault(r.split, []).append((k, lesion_hits(c, r.lesions, n_lesion), None))
+        n_lesion += len(r.lesions)
+    for split in SPLIT_ORDER:
+        rs = [r for r in results if r.split == split]
+        if rs:
+            splits[split] = _split_metrics(rs, froc(froc_in[split], sum(len(r.lesions) for r in rs)))
+    per_slide = {r.slide_id: r.metrics() for r in results}
+    result = nan_to_none({
         "tumour_fraction_threshold": tumour_fraction,
-        "patch_positive_rule": "tumour fraction >= threshold",
-        "n_slides": len(files),
-        "instance_auroc": pooled["auroc"],
-        "instance_f1": pooled.get("f1"),
-        "instance_accuracy": pooled.get("accuracy"),
-        "n_instances": int(len(y_all)),
-        "n_tumour_instances": int(y_all.sum()),
-        "mean_slide_instance_auroc": float(np.mean(per_auc)) if per_auc else float("nan"),
-        "slide_auroc": auroc(np.array(slide_y), np.array(slide_p)),
+        "patch_positive_rule": "exact tumour area fraction (shapely) >= threshold",
+        "split_source": "the run's config (labels CSV / seed)" if info else "none (no feature-bag run): 'unlisted'",
         "labels_dir": str(labels_dir),
         "annotations_dir": str(annotations_dir),
+        "splits": splits,
         "per_slide": per_slide,
-    }
-    result = nan_to_none(result)
+    })
+    where = run.path if run.config_path.is_file() else labels_dir
     if run.config_path.is_file():
         run.update_metrics("annotations", result)
-    section = f"slides vs annotations (patch positive if tumour fraction ≥ {tumour_fraction:g})"
-    flat = {k: v for k, v in result.items() if not isinstance(v, dict)}
-    scores = ScoreSet(np.array(slide_y), np.array(slide_p, dtype=float), y_all, s_all, instance_name="patch")
-    write_report(run.path if run.config_path.is_file() else labels_dir, {section: {"test": flat}},
-                 {section: {"test": scores}}, name="report_annotations.html")
+    write_slide_report(where, result, results, labels_dir)
     return result
+
+
+def _probability(path: Path) -> np.ndarray | None:
+    """The calibrated ``probability`` dataset of an instances.h5 when it has one."""
+    import h5py
+
+    with h5py.File(path, "r") as f:
+        return np.asarray(f["probability"][()], np.float64) if "probability" in f else None
+
+
+def _split_metrics(rs: list, froc_result: dict) -> dict:
+    """Patch and slide metrics of the slides of one split (pooled patches within the split only)."""
+    y = np.concatenate([r.patch_true for r in rs])
+    s = np.concatenate([r.scores.scores for r in rs])
+    lab = np.concatenate([r.scores.labels for r in rs])
+    pooled = binary_metrics(y, lab, 0.5) if len(y) else {}
+    per_auc = [m for m in (r.metrics()["instance_auroc"] for r in rs) if m is not None and np.isfinite(m)]
+    sy = np.array([r.true_label for r in rs])
+    sp = np.array([r.scores.bag_prob for r in rs], dtype=float)
+    return {
+        "n_slides": len(rs),
+        "n_positive_slides": int(sy.sum()),
+        "n_instances": int(len(y)),
+        "n_tumour_instances": int(y.sum()),
+        "instance_auroc": auroc(y, s) if len(y) else float("nan"),
+        "instance_f1": pooled.get("f1"),
+        "instance_accuracy": pooled.get("accuracy"),
+        "mean_slide_instance_auroc": float(np.mean(per_auc)) if per_auc else float("nan"),
+        "slide_auroc": auroc(sy, sp),
+        "froc": froc_result["froc"],
+        "froc_sensitivity_at_fp": froc_result["sensitivity_at_fp"],
+        "n_lesions": froc_result["n_lesions"],
+    }

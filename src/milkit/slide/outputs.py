@@ -5,6 +5,7 @@
 - ``heatmap.png``    normalised scores over the thumbnail (coolwarm, alpha 0.5)
 - ``probability.tif`` pyramidal tiled TIFF aligned with level 0 (milkit.slide.heatmap)
 - ``detections.geojson`` QuPath FeatureCollection: one detection square per positive patch
+- ``outlines.geojson`` QuPath annotations: the merged positive region (milkit.slide.qupath)
 """
 
 from __future__ import annotations
@@ -21,6 +22,7 @@ import numpy as np
 from milkit import io
 from milkit.slide.annotations import patch_feature_collection
 from milkit.slide.heatmap import normalise_scores, overlay, score_raster, write_probability_tiff
+from milkit.slide.qupath import write_outlines
 
 
 @dataclass
@@ -117,6 +119,7 @@ def write_slide_outputs(out_dir: Path, s: SlideScores, thumb: np.ndarray | None,
     fc = patch_feature_collection(s.coords, s.scores, s.labels, s.size_level0, s.bounds_offset,
                                   score_name="probability" if s.score_kind == "probability" else "score")
     io.write_text(paths[3], json.dumps(fc))
+    paths.append(write_outlines(d / "outlines.geojson", s.coords, s.labels, s.size_level0, s.bounds_offset))
     if thumb is not None:
         img = overlay(thumb, thumb_downsample, raster, cell)
         p = d / "heatmap.png"

@@ -147,3 +147,66 @@ def make_slide(
         ann = out_dir / f"{name}.xml"
         write_asap_xml(ann, [lesion])
     return SyntheticSlide(path=path, lesion=lesion, annotation=ann, size=size, mpp=mpp)
+
+
+# ----------------------------------------------------------------------------- real-image slides
+def _ihc_stains() -> tuple[np.ndarray, np.ndarray]:
+    """scikit-image's bundled immunohistochemistry sample (512×512, haematoxylin + DAB; shipped
+    inside the wheel, no download) as (DAB-positive original, the same tissue with the DAB
+    stain removed by colour deconvolution, Ruifrok & Johnston 2001)."""
+    from skimage import data
+    from skimage.color import hed2rgb, rgb2hed
+
+    ihc = data.immunohistochemistry()
+    hed = rgb2hed(ihc)
+    hed[..., 2] = 0
+    neg = np.clip(hed2rgb(hed) * 255, 0, 255).astype(np.uint8)
+    return ihc, neg
+
+
+def _mosaic(src: np.ndarray, h: int, w: int, rng: np.random.Generator) -> np.ndarray:
+    """Tile ``src`` into (h, w, 3) with a random flip/rotation per tile."""
+    t = src.shape[0]
+    out = np.empty((h, w, 3), np.uint8)
+    for y in range(0, h, t):
+        for x in range(0, w, t):
+            k, flip = int(rng.integers(4)), bool(rng.integers(2))
+            tile = np.rot90(src, k)
+            tile = tile[:, ::-1] if flip else tile
+            out[y:y + t, x:x + t] = tile[: h - y, : w - x]
+    return out
+
+
+def render_ihc_slide(size: tuple[int, int], lesion: np.ndarray | None, seed: int) -> np.ndarray:
+    """RGB (H, W, 3): an elliptical piece of real IHC tissue on glass; outside the lesion the
+    DAB (brown) stain is removed, inside it the tissue keeps it (a DAB-positive lesion)."""
+    w, h = size
+    rng = np.random.default_rng(seed)
+    pos, neg = _ihc_stains()
+    layout = np.random.default_rng(seed + 1)
+    img = np.empty((h, w, 3), np.uint8)
+    img[:] = GLASS
+    tissue = _blob_mask(h, w, rng)
+    normal = _mosaic(neg, h, w, layout)
+    img[tissue] = normal[tissue]
+    if lesion is not None:
+        m = Image.new("L", (w, h), 0)
+        ImageDraw.Draw(m).polygon([tuple(p) for p in lesion], fill=1)
+        les = np.asarray(m, bool) & tissue
+        img[les] = _mosaic(pos, h, w, np.random.default_rng(seed + 1))[les]  # same layout: only the stain differs
+    return img
+
+
+def make_ihc_slide(out_dir: str | Path, name: str, positive: bool, seed: int, size: tuple[int, int] = (1536, 1536),
+                   mpp: float | None = 0.5, lesion_scale: float = 0.16) -> SyntheticSlide:
+    """Like :func:`make_slide`, with real IHC tissue (:func:`render_ihc_slide`) instead of drawn texture."""
+    out_dir = Path(out_dir)
+    rng = np.random.default_rng(seed + 7919)
+    lesion = lesion_polygon(size, rng, lesion_scale) if positive else None
+    path = out_dir / f"{name}.tif"
+    write_pyramid_tiff(path, render_ihc_slide(size, lesion, seed), mpp)
+    ann = None
+    if lesion is not None:
+        ann = out_dir / f"{name}.xml"
+        write_asap_xml(ann, [lesion])
+    return SyntheticSlide(path=path, lesion=lesion, annotation=ann, size=size, mpp=mpp)
