@@ -41,6 +41,8 @@ class ScoreSet:
     instance_score: np.ndarray | None = None
     threshold: float | None = None
     instance_name: str = "instance"
+    #: calibrated instance probabilities (what ``threshold`` applies to), when the labeler has them
+    instance_prob: np.ndarray | None = None
 
 
 # ----------------------------------------------------------------------------- plots
@@ -85,7 +87,9 @@ def histogram_figure(sc: ScoreSet, split: str, seed: int = 0) -> str | None:
         return None
     from matplotlib.figure import Figure
 
-    y, s = np.asarray(sc.instance_true), np.asarray(sc.instance_score, dtype=float)
+    prob = sc.instance_prob is not None and len(sc.instance_prob) == len(sc.instance_true)
+    y = np.asarray(sc.instance_true)
+    s = np.asarray(sc.instance_prob if prob else sc.instance_score, dtype=float)
     if len(s) > MAX_HISTOGRAM_POINTS:  # subsample, reproducibly
         keep = np.random.default_rng(seed).choice(len(s), MAX_HISTOGRAM_POINTS, replace=False)
         y, s = y[keep], s[keep]
@@ -93,14 +97,18 @@ def histogram_figure(sc: ScoreSet, split: str, seed: int = 0) -> str | None:
     y, s = y[finite], s[finite]
     fig = Figure(figsize=(5, 3.2))
     ax = fig.subplots()
-    bins = np.linspace(s.min(), s.max(), 41) if len(s) and s.max() > s.min() else 10
+    if prob:
+        bins = np.linspace(0, 1, 41)
+    else:
+        bins = np.linspace(s.min(), s.max(), 41) if len(s) and s.max() > s.min() else 10
     for cls, color, name in ((0, "tab:blue", "negative"), (1, "tab:red", "positive")):
         part = s[y == cls]
         if len(part):
             ax.hist(part, bins=bins, alpha=0.55, color=color, label=f"{name} ({len(part)})", density=True)
     if sc.threshold is not None and math.isfinite(sc.threshold):
         ax.axvline(sc.threshold, color="k", lw=1, ls="--", label=f"threshold {sc.threshold:.3g}")
-    ax.set(title=f"{sc.instance_name} scores — {split}", xlabel="score", ylabel="density")
+    what = "calibrated probability" if prob else "score"
+    ax.set(title=f"{sc.instance_name} {what} — {split}", xlabel=what, ylabel="density")
     ax.legend(fontsize=8)
     return _png(fig)
 

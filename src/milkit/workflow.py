@@ -30,14 +30,13 @@ def train_run(exp: Experiment, out_dir: str | Path, overwrite: bool = False) -> 
     splits = exp.data.build(exp.seed)  # bad data fails here, before anything is written
     run.path.mkdir(parents=True, exist_ok=True)
     run.write_config(exp)
-    method = make_method(exp)
-    from milkit.engine import seed_everything
+    from milkit.trust import assess, ensemble  # K seed replicas, calibration, thresholds, verdict
 
-    seed_everything(exp.seed)  # model initialisation depends on the seed only, not on what ran before
-    labelers = method.fit(splits, run)
-    method.choose_thresholds(labelers, splits, run)
+    method, members = ensemble.fit_members(make_method, exp, splits, run)  # seeds the RNGs per replica
+    labelers = ensemble.finalise(method, members, splits, run, ensemble.n_seeds(exp))
     scores: dict = {}
     metrics = method.evaluate(labelers, splits, run, scores)
+    assess.add_trust(metrics, labelers, splits, exp, scores)
     metrics["_run"] = {"train_seconds": round(time.perf_counter() - t0, 2), "method": exp.method.name,
                        "stages": list(labelers)}
     from milkit import io
@@ -51,8 +50,10 @@ def load_labelers(run_dir: str | Path) -> tuple[Method, dict[str, Labeler], Expe
     """Rebuild a run's method and every stage's labeler from the run directory alone."""
     run = RunDir(run_dir)
     exp = run.read_config()
-    method = make_method(exp)
-    return method, method.load(run), exp
+    from milkit.trust import ensemble
+
+    method, labelers = ensemble.load(make_method, exp, run)  # the seed ensemble when trainer.seeds > 1
+    return method, labelers, exp
 
 
 def _splits_for(exp: Experiment, data_yaml: Path | None) -> DataSplits:
@@ -74,6 +75,9 @@ def evaluate_run(run_dir: str | Path) -> dict:
     splits = exp.data.build(exp.seed)
     scores: dict = {}
     metrics = method.evaluate(labelers, splits, run, scores)
+    from milkit.trust import assess
+
+    assess.add_trust(metrics, labelers, splits, exp, scores)
     old = run.read_metrics()
     old.update(metrics)
     from milkit import io
