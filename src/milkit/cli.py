@@ -34,17 +34,21 @@ def train(
     config: Path = typer.Argument(..., help="experiment YAML, or a shipped config's name (see 'milkit configs')"),
     out: Path = typer.Option(..., "--out", help="run directory to create"),
     set_: Optional[List[str]] = typer.Option(None, "--set", help="override, key.sub=value (repeatable)"),
+    seeds: Optional[int] = typer.Option(None, "--seeds", min=1, help="seed replicas per stage (trainer.seeds)"),
 ) -> None:
     """Train a method on bag labels only; writes a self-describing run directory."""
     from milkit.config import load_experiment
     from milkit.shipped_configs import resolve_config
     from milkit.workflow import train_run
 
-    exp = load_experiment(resolve_config(config), set_)
+    exp = load_experiment(resolve_config(config), list(set_ or []) + ([f"trainer.seeds={seeds}"] if seeds else []))
     metrics = train_run(exp, out)
     from milkit.workflow import print_table
 
     print_table(metrics)
+    from milkit.trust.verdict import print_verdicts
+
+    print_verdicts(metrics, typer.echo)  # last, so it is what the user sees
 
 
 @app.command()

@@ -121,3 +121,10 @@ def assess(slide_true, slide_prob, slide_max_score, *, patch_true=None, patch_sc
 def verdict_line(stage: str, trust: dict) -> str:
     """``stage: VERDICT — rule`` (what ``milkit train`` prints last)."""
     return f"verdict {stage}: {trust.get('verdict', '?').upper()} — {trust.get('rule', '')}"
+
+
+def print_verdicts(metrics: dict, echo) -> None:
+    """One :func:`verdict_line` per stage of ``metrics`` that has a trust block."""
+    for stage, m in metrics.items():
+        if not stage.startswith("_") and isinstance(m, dict) and isinstance(m.get("trust"), dict):
+            echo(verdict_line(stage, m["trust"]))
