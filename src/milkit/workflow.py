@@ -28,9 +28,11 @@ def train_run(exp: Experiment, out_dir: str | Path, overwrite: bool = False) -> 
         raise FileExistsError(f"{run.path}: already holds a run (config.yaml); choose another --out")
     t0 = time.perf_counter()
     splits = exp.data.build(exp.seed)  # bad data fails here, before anything is written
+    from milkit.trust import assess, ensemble  # K seed replicas, calibration, thresholds, verdict
+
+    ensemble.check_supported(make_method(exp), exp)
     run.path.mkdir(parents=True, exist_ok=True)
     run.write_config(exp)
-    from milkit.trust import assess, ensemble  # K seed replicas, calibration, thresholds, verdict
 
     method, members = ensemble.fit_members(make_method, exp, splits, run)  # seeds the RNGs per replica
     labelers = ensemble.finalise(method, members, splits, run, ensemble.n_seeds(exp))

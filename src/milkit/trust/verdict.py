@@ -114,13 +114,31 @@ def assess(slide_true, slide_prob, slide_max_score, *, patch_true=None, patch_sc
         if f:
             verdict, rule = v, text
             break
+    out["measured"] = _measured(s_auc, m_auc, p_auc, agree)
     out.update(verdict=verdict, rule=rule, rules=[f"{v} if {t}" for v, t in rules], fired=[t for (_, t), f in zip(rules, fired) if f])
     return out
 
 
+def _measured(s_auc: dict, m_auc: dict | None, p_auc: dict | None, agree: dict) -> str:
+    def f(d: dict) -> str:
+        lo, hi = d["ci95"]
+        g = lambda v: "n/a" if _nan(v) else f"{v:.2f}"  # noqa: E731
+        return f"{g(d['value'])} [{g(lo)}, {g(hi)}]"
+
+    parts = [f"slide AUROC {f(s_auc)}"]
+    if m_auc is not None:
+        parts.append(f"max-patch slide AUROC {f(m_auc)}")
+    if p_auc is not None:
+        parts.append(f"patch AUROC {f(p_auc)}")
+    rho = agree.get("rho")
+    parts.append(f"seed ρ {rho:.2f}" if isinstance(rho, float) else "seed ρ n/a")
+    return "; ".join(parts)
+
+
 def verdict_line(stage: str, trust: dict) -> str:
-    """``stage: VERDICT — rule`` (what ``milkit train`` prints last)."""
-    return f"verdict {stage}: {trust.get('verdict', '?').upper()} — {trust.get('rule', '')}"
+    """``verdict stage: VERDICT — rule (measured values)`` (what ``milkit train`` prints last)."""
+    m = f" ({trust['measured']})" if trust.get("measured") else ""
+    return f"verdict {stage}: {trust.get('verdict', '?').upper()} — {trust.get('rule', '')}{m}"
 
 
 def print_verdicts(metrics: dict, echo) -> None:
