@@ -100,6 +100,9 @@ def evaluate(
     else:
         metrics = evaluate_run(run_dir)
         print_table(metrics)
+        from milkit.trust.verdict import print_verdicts
+
+        print_verdicts(metrics, typer.echo)
         typer.echo(f"report: {Path(run_dir) / 'report.html'}")
 
 
