@@ -38,6 +38,7 @@ def train(
     resume: bool = typer.Option(
         False, "--resume", help="continue an interrupted run in --out (finished stages kept, the unfinished one from last.ckpt)"
     ),
+    seeds: Optional[int] = typer.Option(None, "--seeds", min=1, help="seed replicas per stage (trainer.seeds)"),
 ) -> None:
     """Train a method on bag labels only; writes a self-describing run directory."""
     from milkit.config import load_experiment
@@ -47,11 +48,14 @@ def train(
     if config.is_dir():
         fail(f"{config}: is a folder, not an experiment YAML")
     path = resolve_config(config)
-    exp = load_experiment(path, set_)
+    exp = load_experiment(path, list(set_ or []) + ([f"trainer.seeds={seeds}"] if seeds else []))
     metrics = train_run(exp, out, overwrite=overwrite, resume=resume, source=str(path))
     from milkit.workflow import print_table
 
     print_table(metrics)
+    from milkit.trust.verdict import print_verdicts
+
+    print_verdicts(metrics, typer.echo)  # last, so it is what the user sees
 
 
 @app.command()
@@ -105,6 +109,9 @@ def evaluate(
     else:
         metrics = evaluate_run(run_dir)
         print_table(metrics)
+        from milkit.trust.verdict import print_verdicts
+
+        print_verdicts(metrics, typer.echo)
         typer.echo(f"report: {Path(run_dir) / 'report.html'}")
 
 

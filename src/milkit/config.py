@@ -66,6 +66,9 @@ class TrainerConfig(StrictModel):
     progress_bar: bool = True
     deterministic: bool = True
     log_every_n_steps: int = 10
+    seeds: int = Field(1, ge=1, description="seed replicas per stage, labels from their ensemble (issue 11 §3)")
+    threshold_criterion: Literal["f1", "youden_product", "youden"] = Field(
+        "f1", description="how the instance threshold is chosen on validation (issue 11 §4: F1)")
 
 
 class Experiment(BaseModel):

@@ -1,9 +1,12 @@
 """``report.html``: one self-contained page per run directory (DESIGN.md, ``milkit evaluate``).
 
-What it shows, per stage: the metrics table of every split; ROC curves of bag (image)
+What it shows, per stage: the trust verdict with the rule that decided it and the checks
+behind it (validation slide / max-patch / patch AUROC with 95 % intervals, seed agreement,
+a reliability diagram, the calibration source; :mod:`milkit.trust`); the metrics table of
+every split; for seed ensembles every seed, the ensemble and their spread; ROC curves of bag (image)
 scores and of instance scores against the instance labels, with the AUROC in the legend;
 histograms of instance scores split by their true label, with the validation threshold;
-the stage's training curves (``stages/<stage>/logs/metrics.csv``); and any figure the
+the stage's training curves (``stages/<stage>/logs/metrics.csv``, seed 0's for an ensemble); and any figure the
 method wrote under ``figures/`` (segmentation examples). Plots are PNGs embedded as base64,
 so the file can be mailed or opened from a cluster's scratch space.
 
@@ -41,6 +44,8 @@ class ScoreSet:
     instance_score: np.ndarray | None = None
     threshold: float | None = None
     instance_name: str = "instance"
+    #: calibrated instance probabilities (what ``threshold`` applies to), when the labeler has them
+    instance_prob: np.ndarray | None = None
 
 
 # ----------------------------------------------------------------------------- plots
@@ -85,7 +90,9 @@ def histogram_figure(sc: ScoreSet, split: str, seed: int = 0) -> str | None:
         return None
     from matplotlib.figure import Figure
 
-    y, s = np.asarray(sc.instance_true), np.asarray(sc.instance_score, dtype=float)
+    prob = sc.instance_prob is not None and len(sc.instance_prob) == len(sc.instance_true)
+    y = np.asarray(sc.instance_true)
+    s = np.asarray(sc.instance_prob if prob else sc.instance_score, dtype=float)
     if len(s) > MAX_HISTOGRAM_POINTS:  # subsample, reproducibly
         keep = np.random.default_rng(seed).choice(len(s), MAX_HISTOGRAM_POINTS, replace=False)
         y, s = y[keep], s[keep]
@@ -93,14 +100,18 @@ def histogram_figure(sc: ScoreSet, split: str, seed: int = 0) -> str | None:
     y, s = y[finite], s[finite]
     fig = Figure(figsize=(5, 3.2))
     ax = fig.subplots()
-    bins = np.linspace(s.min(), s.max(), 41) if len(s) and s.max() > s.min() else 10
+    if prob:
+        bins = np.linspace(0, 1, 41)
+    else:
+        bins = np.linspace(s.min(), s.max(), 41) if len(s) and s.max() > s.min() else 10
     for cls, color, name in ((0, "tab:blue", "negative"), (1, "tab:red", "positive")):
         part = s[y == cls]
         if len(part):
             ax.hist(part, bins=bins, alpha=0.55, color=color, label=f"{name} ({len(part)})", density=True)
     if sc.threshold is not None and math.isfinite(sc.threshold):
         ax.axvline(sc.threshold, color="k", lw=1, ls="--", label=f"threshold {sc.threshold:.3g}")
-    ax.set(title=f"{sc.instance_name} scores — {split}", xlabel="score", ylabel="density")
+    what = "calibrated probability" if prob else "score"
+    ax.set(title=f"{sc.instance_name} {what} — {split}", xlabel=what, ylabel="density")
     ax.legend(fontsize=8)
     return _png(fig)
 
@@ -145,6 +156,28 @@ def training_figure(series: dict[str, list[tuple[int, float]]]) -> str | None:
     return _png(fig)
 
 
+def reliability_figure(rel: dict) -> str | None:
+    """Reliability diagram (observed positive fraction against mean calibrated probability per
+    bin, point size ∝ count) with the diagonal; base64 PNG."""
+    pred, obs, cnt = rel.get("predicted") or [], rel.get("observed") or [], rel.get("count") or []
+    pts = [(p, o, c) for p, o, c in zip(pred, obs, cnt) if p is not None and o is not None and c]
+    if not pts:
+        return None
+    from matplotlib.figure import Figure
+
+    fig = Figure(figsize=(3.6, 3.4))
+    ax = fig.subplots()
+    p, o, c = (np.array(v, float) for v in zip(*pts))
+    ax.plot([0, 1], [0, 1], color="0.7", lw=0.8, ls="--")
+    ax.plot(p, o, color="tab:red", lw=1)
+    ax.scatter(p, o, s=10 + 90 * c / c.max(), color="tab:red", zorder=3)
+    ece = rel.get("ece")
+    ax.set(title=f"reliability (validation patches), ECE {ece:.3f}" if isinstance(ece, float) else "reliability",
+           xlabel="calibrated probability", ylabel="observed positive fraction", xlim=(0, 1), ylim=(0, 1))
+    ax.title.set_fontsize(9)
+    return _png(fig)
+
+
 # ----------------------------------------------------------------------------- html
 def _fmt(v: object) -> str:
     if isinstance(v, float):
@@ -173,10 +206,71 @@ def _img(b64: str | None, alt: str) -> str:
     return "" if b64 is None else f'<img alt="{html.escape(alt)}" src="data:image/png;base64,{b64}">'
 
 
+def _ci_cell(d: object) -> tuple[str, str]:
+    if not isinstance(d, dict):
+        return (_fmt(d), "")
+    ci = d.get("ci95") or [None, None]
+    return (_fmt(d.get("value")), f"[{_fmt(ci[0])}, {_fmt(ci[1])}]")
+
+
+def trust_section(trust: dict, calibration: list | None = None) -> str:
+    """The verdict line with its rule, the checks behind it and the calibration source."""
+    v = str(trust.get("verdict", "?"))
+    parts = [f"<p class='verdict {html.escape(v.replace(' ', '-'))}'><b>verdict: {html.escape(v.upper())}</b>"
+             f" — rule: {html.escape(str(trust.get('rule', '')))}</p>"]
+    rows = [("validation slide AUROC", trust.get("slide_auroc")),
+            ("max-patch slide AUROC (patch scores vs slide labels)", trust.get("max_patch_slide_auroc")),
+            ("validation patch AUROC", trust.get("patch_auroc"))]
+    agree = trust.get("seed_agreement") or {}
+    body = "".join(f"<tr><td>{html.escape(n)}</td><td>{a}</td><td>{b}</td></tr>" for n, (a, b) in
+                   ((n, _ci_cell(d)) for n, d in rows))
+    rho = agree.get("rho")
+    body += (f"<tr><td>seed agreement (mean pairwise Spearman ρ, {agree.get('n_seeds', 1)} seeds)</td>"
+             f"<td>{_fmt(rho) if rho is not None else html.escape(str(agree.get('note', 'undefined')))}</td><td></td></tr>")
+    rel = trust.get("reliability")
+    if isinstance(rel, dict):
+        body += f"<tr><td>expected calibration error (validation patches)</td><td>{_fmt(rel.get('ece'))}</td><td></td></tr>"
+    parts.append(f"<table><tr><th>check (validation)</th><th>value</th><th>95% CI</th></tr>{body}</table>")
+    srcs = sorted({str(c.get("source")) for c in (calibration or []) if isinstance(c, dict)})
+    if srcs:
+        parts.append("<p class='note'>probabilities calibrated (Platt, slope ≥ 0) on: "
+                     + html.escape("; ".join(srcs)) + "</p>")
+    rules = trust.get("rules") or []
+    if rules:
+        parts.append("<details><summary>verdict rules (first that fires decides)</summary><ol>"
+                     + "".join(f"<li>{html.escape(str(r))}</li>" for r in rules) + "</ol></details>")
+    if isinstance(rel, dict):
+        parts.append(_img(reliability_figure(rel), "reliability diagram"))
+    return "\n".join(p for p in parts if p)
+
+
+def seeds_table(stage_metrics: dict) -> str:
+    """Every seed's metrics (each at its own validation threshold), the ensemble's, and their spread."""
+    seeds = stage_metrics.get("seeds")
+    if not isinstance(seeds, list) or not seeds:
+        return ""
+    cols = (("val", "bag_auroc"), ("test", "bag_auroc"), ("test", "instance_auroc"), ("test", "instance_f1"))
+    head = "<tr><th>seed</th>" + "".join(f"<th>{s} {html.escape(k)}</th>" for s, k in cols) + "</tr>"
+    rows = "".join(f"<tr><td>{_fmt(sd.get('seed'))}</td>"
+                   + "".join(f"<td>{_fmt((sd.get(s) or {}).get(k))}</td>" for s, k in cols) + "</tr>" for sd in seeds)
+    rows += ("<tr><td><b>ensemble</b></td>"
+             + "".join(f"<td><b>{_fmt((stage_metrics.get(s) or {}).get(k))}</b></td>" for s, k in cols) + "</tr>")
+    spread = stage_metrics.get("seed_spread") or {}
+
+    def ms(s: str, k: str) -> str:
+        d = (spread.get(s) or {}).get(k)
+        return f"{_fmt(d['mean'])} ± {_fmt(d['sd'])}" if isinstance(d, dict) else "—"
+
+    rows += "<tr><td>mean ± sd over seeds</td>" + "".join(f"<td>{ms(s, k)}</td>" for s, k in cols) + "</tr>"
+    return f"<h3>seeds ({len(seeds)} replicas; labels from their ensemble)</h3><table>{head}{rows}</table>"
+
+
 _STYLE = """body{font-family:system-ui,sans-serif;margin:2em;max-width:70em}
 table{border-collapse:collapse;margin:.5em 0}td,th{border:1px solid #ccc;padding:.2em .6em;text-align:right}
 td:first-child,th:first-child{text-align:left}img{max-width:100%;margin:.3em 0}h2{border-top:1px solid #ddd;padding-top:.6em}
-.note{color:#555}"""
+.note{color:#555}.verdict{font-size:1.15em;padding:.3em .6em;border-left:.4em solid #999}
+.verdict.trustworthy{border-color:#2a2;background:#efe}.verdict.uncertain{border-color:#d90;background:#ffe}
+.verdict.do-not-use{border-color:#c22;background:#fee}"""
 
 
 def render_report(run_path: Path, metrics: dict, scores: dict[str, dict[str, ScoreSet]]) -> str:
@@ -193,17 +287,27 @@ def render_report(run_path: Path, metrics: dict, scores: dict[str, dict[str, Sco
         if stage.startswith("_") or not isinstance(m, dict):
             continue
         parts.append(f"<h2>stage: {html.escape(stage)}</h2>")
+        if isinstance(m.get("trust"), dict):
+            parts.append(trust_section(m["trust"], m.get("calibration")))
         thr = (m.get("threshold") or {}) if isinstance(m.get("threshold"), dict) else {}
         if thr.get("threshold") is not None:
+            extra = [str(thr[k]) for k in ("source",) if thr.get(k)]
+            if thr.get("applies_to"):
+                extra.append(f"on the {thr['applies_to']}")
+            if thr.get("criterion"):
+                extra.append(f"criterion {thr['criterion']}")
             parts.append(f"<p>instance threshold {_fmt(thr.get('threshold'))}"
-                         f"{' (' + html.escape(str(thr['source'])) + ')' if thr.get('source') else ''}</p>")
+                         f"{' (' + html.escape('; '.join(extra)) + ')' if extra else ''}</p>")
         parts.append(_metrics_table(m))
+        parts.append(seeds_table(m))
         stage_scores = scores.get(stage, {})
         if stage_scores:
             parts.append(_img(roc_figure(stage_scores), f"{stage} ROC"))
             for split, sc in stage_scores.items():
                 parts.append(_img(histogram_figure(sc, split), f"{stage} {split} histogram"))
         log = RunDir(run_path).stage_dir(stage) / "logs" / "metrics.csv"
+        if not log.is_file():  # a seed ensemble: replica 0's curves
+            log = RunDir(run_path).seed_stage_dir(stage, 0) / "logs" / "metrics.csv"
         parts.append(_img(training_figure(read_training_log(log)), f"{stage} training curves"))
         fig = m.get("figure")
         if isinstance(fig, str) and (run_path / fig).is_file():

@@ -9,6 +9,7 @@
       stages/<stage>/rng_state.pt RNG state at the end of the stage (a resumed run continues from it)
       stages/<stage>/logs/        CSV log (metrics.csv)
       stages/<stage>/threshold.json   instance threshold chosen on validation
+      stages/<stage>/seed-<k>/    replica k of a seed ensemble (trainer.seeds > 1; milkit.trust)
       metrics.json                written by train and by ``milkit evaluate``
       labels/                     default output of ``milkit label``
 
@@ -47,6 +48,10 @@ class RunDir:
 
     def stage_dir(self, stage: str) -> Path:
         return self.path / "stages" / stage
+
+    def seed_stage_dir(self, stage: str, k: int) -> Path:
+        """Where replica ``k`` of a seed ensemble keeps ``stage`` (milkit.trust.ensemble)."""
+        return self.stage_dir(stage) / f"seed-{k}"
 
     def model_path(self, stage: str) -> Path:
         return self.stage_dir(stage) / "model.pt"

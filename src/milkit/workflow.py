@@ -48,7 +48,9 @@ def train_run(exp: Experiment, out_dir: str | Path, overwrite: bool = False, res
                               f"run (config.yaml); pass {hint}, or choose another --out")
     t0 = time.perf_counter()
     splits = prepare(exp, source)  # bad data fails here, before anything is written
-    method = make_method(exp)
+    from milkit.trust import assess, ensemble  # K seed replicas, calibration, thresholds, verdict
+
+    ensemble.check_supported(make_method(exp), exp)
     resuming_run = resume and state in ("unfinished", "finished")
     if resuming_run:
         _check_same_config(run, exp)
@@ -69,14 +71,14 @@ def train_run(exp: Experiment, out_dir: str | Path, overwrite: bool = False, res
 
             shutil.rmtree(run.path, ignore_errors=True)
         raise
-    from milkit.engine import resuming, seed_everything
+    from milkit.engine import resuming
 
-    seed_everything(exp.seed)  # model initialisation depends on the seed only, not on what ran before
-    with resuming(resuming_run):
-        labelers = method.fit(splits, run)
-    method.choose_thresholds(labelers, splits, run)
+    with resuming(resuming_run):  # fit_members seeds the RNGs per replica
+        method, members = ensemble.fit_members(make_method, exp, splits, run)
+    labelers = ensemble.finalise(method, members, splits, run, ensemble.n_seeds(exp))
     scores: dict = {}
     metrics = method.evaluate(labelers, splits, run, scores)
+    assess.add_trust(metrics, labelers, splits, exp, scores)
     metrics["_run"] = {"train_seconds": round(time.perf_counter() - t0, 2), "method": exp.method.name,
                        "stages": list(labelers)}
     from milkit import io
@@ -156,8 +158,10 @@ def load_labelers(run_dir: str | Path) -> tuple[Method, dict[str, Labeler], Expe
     """Rebuild a run's method and every stage's labeler from the run directory alone."""
     run = RunDir(run_dir)
     exp = run.read_config()
-    method = make_method(exp)
-    return method, method.load(run), exp
+    from milkit.trust import ensemble
+
+    method, labelers = ensemble.load(make_method, exp, run)  # the seed ensemble when trainer.seeds > 1
+    return method, labelers, exp
 
 
 def _splits_for(exp: Experiment, data_yaml: Path | None) -> DataSplits:
@@ -179,6 +183,9 @@ def evaluate_run(run_dir: str | Path) -> dict:
     splits = exp.data.build(exp.seed)
     scores: dict = {}
     metrics = method.evaluate(labelers, splits, run, scores)
+    from milkit.trust import assess
+
+    assess.add_trust(metrics, labelers, splits, exp, scores)
     old = run.read_metrics()
     old.update(metrics)
     from milkit import io

@@ -48,3 +48,34 @@ def test_report_without_instance_labels_or_logs(tmp_path):
 def test_report_escapes_names(tmp_path):
     page = render_report(tmp_path, {"<b>x</b>": {"test": {"bag_auroc": 0.5}}}, {})
     assert "<b>x</b>" not in page and "&lt;b&gt;x&lt;/b&gt;" in page
+
+
+def test_report_shows_the_verdict_rule_reliability_and_seed_spread(tmp_path):
+    from milkit.trust.verdict import assess
+
+    rng = np.random.default_rng(0)
+    y = np.repeat([0, 1], 10)
+    patch_y = np.concatenate([np.r_[np.zeros(9, int), [int(v)]] for v in y])
+    patch_s = patch_y * 2.0 + rng.normal(0, 1, len(patch_y))
+    trust = assess(y, y * 0.8 + 0.1, patch_s.reshape(20, 10).max(1), patch_true=patch_y, patch_score=patch_s,
+                   patch_prob=1 / (1 + np.exp(-patch_s)), patch_group=np.repeat(np.arange(20), 10),
+                   member_scores=[patch_s, patch_s + rng.normal(0, 0.1, len(patch_s))], n_boot=200)
+    seeds = [{"seed": k, "val": {"bag_auroc": 0.8 + k / 100}, "test": {"bag_auroc": 0.7, "instance_auroc": 0.6 + k / 10,
+                                                                         "instance_f1": 0.5}} for k in range(2)]
+    metrics = {"mil": {"trust": trust, "calibration": [{"source": "validation patch labels"}],
+                       "threshold": {"threshold": 0.4, "source": "validation:f1", "criterion": "f1",
+                                     "applies_to": "probability"},
+                       "val": {"bag_auroc": 0.9}, "test": {"bag_auroc": 0.75, "instance_auroc": 0.71},
+                       "seeds": seeds,
+                       "seed_spread": {"test": {"instance_auroc": {"mean": 0.65, "sd": 0.0707}}}}}
+    page = render_report(tmp_path, metrics, {})
+    assert f"verdict: {trust['verdict'].upper()}" in page and html_escape(trust["rule"]) in page
+    assert "validation patch labels" in page and "criterion f1" in page and "on the probability" in page
+    assert "seeds (2 replicas" in page and "0.65 ± 0.0707" in page and "<b>0.71</b>" in page
+    assert page.count("data:image/png;base64,") == 1  # the reliability diagram
+
+
+def html_escape(s: str) -> str:
+    import html
+
+    return html.escape(s)

@@ -61,9 +61,11 @@ def test_label_csv_uses_validation_threshold(learned_run):
     (path, _bags) = label_run(out, None, None, "test", None)
     thr = json.loads((out / "stages" / "student" / "threshold.json").read_text())["threshold"]
     rows = list(csv.DictReader(path.open()))
-    assert rows and set(rows[0]) == {"bag_id", "instance", "score", "label"}
-    for r in rows[:200]:
-        assert int(r["label"]) == int(float(r["score"]) >= thr) or abs(float(r["score"]) - thr) < 1e-5
+    assert rows and set(rows[0]) == {"bag_id", "instance", "score", "probability", "uncertainty", "label", "criterion"}
+    for r in rows[:200]:  # the threshold applies to the calibrated probability (issue 11 §4)
+        p = float(r["probability"])
+        assert int(r["label"]) == int(p >= thr) or abs(p - thr) < 1e-5
+        assert r["criterion"] == "f1" and r["uncertainty"] == ""
 
 
 def test_cli_train_label_evaluate(tmp_path, capsys):

@@ -63,7 +63,8 @@ def test_probability_tiff_opens_in_openslide_aligned_with_level0(run):
     osr = openslide.OpenSlide(str(out / "labels" / "s08" / "probability.tif"))
     assert osr.dimensions == (1024, 1024) == s.level0_size
     assert osr.level_count >= 3 and float(osr.properties["openslide.mpp-x"]) == pytest.approx(0.25)
-    norm, _ = normalise_scores(s.scores, s.score_kind)
+    norm = s.probability  # the calibrated probability on the fixed scale [0, 1] (issue 11 §4)
+    assert norm is not None and json.loads(osr.properties["tiff.ImageDescription"])["scale"] == [0.0, 1.0]
     for k in (0, len(s.coords) // 2, len(s.coords) - 1):
         x, y = (int(v) for v in s.coords[k])
         px = np.asarray(osr.read_region((x + 5, y + 7), 0, (1, 1)))[0, 0, 0]

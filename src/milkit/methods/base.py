@@ -47,22 +47,56 @@ def bag_loader(ds: BagDataset, cfg: TrainerConfig, shuffle: bool, seed: int = 0)
     )
 
 
+@dataclass
+class InstanceOutputs:
+    """What a labeler says about a batch of bags (padded positions hold 0).
+
+    ``raw``: the method's own instance score (attention logit, instance probability, …);
+    ``probability``: the score calibrated on validation (:mod:`milkit.trust.calibration`),
+    None before calibration for non-probability scores; ``uncertainty``: the spread of the
+    calibrated probability over seed replicas, None for a single model (never invented).
+    """
+
+    bag_prob: Tensor
+    raw: Tensor
+    probability: Tensor | None
+    uncertainty: Tensor | None = None
+
+
 class Labeler:
     """A fitted model that turns a bag into a bag probability and instance scores.
 
     ``instance_mode``: ``"model"`` uses the model's own ``instance_scores``
     (attention logits for ABMIL), ``"singleton"`` scores every instance as a bag of
     size one (sigmoid of ``instance_logits``; Distill-to-Label student, §III-C).
+    ``calibrator`` maps raw scores to validation-calibrated probabilities; ``threshold``
+    applies to the probability once calibrated (``threshold_on``), and ``criterion`` names
+    how it was chosen on validation.
     """
 
-    def __init__(self, model: MILModel, instance_mode: InstanceMode = "model", threshold: float | None = None):
+    def __init__(self, model: MILModel, instance_mode: InstanceMode = "model", threshold: float | None = None,
+                 calibrator=None, criterion: str | None = None):
         self.model = model.eval()
         self.instance_mode = instance_mode
         self.threshold = threshold
+        self.calibrator = calibrator
+        self.criterion = criterion
 
     @property
     def score_kind(self) -> str:
         return "probability" if self.instance_mode == "singleton" else "score"
+
+    @property
+    def members(self) -> list["Labeler"]:
+        """The seed replicas behind this labeler (itself for a single model)."""
+        return [self]
+
+    @property
+    def threshold_on(self) -> str:
+        """``"probability"`` when labels threshold the (calibrated) probability, else ``"score"``."""
+        if getattr(self, "calibrator", None) is not None or self.score_kind == "probability":
+            return "probability"
+        return "score"
 
     @torch.no_grad()
     def __call__(self, batch: BagBatch) -> tuple[Tensor, Tensor]:
@@ -76,72 +110,114 @@ class Labeler:
         return torch.sigmoid(out.bag_logits), inst
 
     @torch.no_grad()
+    def outputs(self, batch: BagBatch) -> InstanceOutputs:
+        """Raw score, calibrated probability (when available) and bag probability of a batch."""
+        bag_prob, raw = self(batch)
+        cal = getattr(self, "calibrator", None)
+        mask = batch.mask.to(raw.dtype)
+        if cal is not None:
+            prob = torch.as_tensor(cal(raw.double().cpu().numpy()), dtype=raw.dtype).to(raw.device) * mask
+        elif self.score_kind == "probability":
+            prob = raw.clamp(0, 1)
+        else:
+            prob = None
+        return InstanceOutputs(bag_prob, raw, prob, None)
+
+    @torch.no_grad()
     def predict_dataset(self, ds: BagDataset) -> list[dict]:
-        """Per bag: id, label, bag probability, instance scores and labels (numpy)."""
+        """Per bag: id, label, bag probability, instance ``scores`` (what instance AUROC ranks:
+        the raw score here), ``raw``, ``probability`` and ``uncertainty`` (None when
+        unavailable) and instance labels (numpy)."""
         rows = []
         for bag in ds:
-            batch = collate_bags([bag])
-            p, s = self(batch)
+            o = self.outputs(collate_bags([bag]))
+            n = len(bag)
+            raw = o.raw[0, :n].cpu().numpy()
             rows.append(
                 {
                     "bag_id": bag.bag_id,
                     "label": int(bag.label),
-                    "bag_prob": float(p[0]),
-                    "scores": s[0, : len(bag)].cpu().numpy(),
+                    "bag_prob": float(o.bag_prob[0]),
+                    "scores": raw,
+                    "raw": raw,
+                    "probability": None if o.probability is None else o.probability[0, :n].cpu().numpy(),
+                    "uncertainty": None if o.uncertainty is None else o.uncertainty[0, :n].cpu().numpy(),
                     "instance_labels": None if bag.instance_labels is None else bag.instance_labels.cpu().numpy(),
                 }
             )
         return rows
 
+    def label_values(self, row: dict) -> np.ndarray:
+        """The per-instance values that ``threshold`` applies to (probability or score)."""
+        if self.threshold_on == "probability" and row.get("probability") is not None:
+            return row["probability"]
+        return row["scores"]
 
-def _instance_arrays(rows: list[dict]) -> tuple[np.ndarray, np.ndarray] | None:
+
+def _instance_arrays(rows: list[dict], key: str | None = "scores",
+                     values=None) -> tuple[np.ndarray, np.ndarray] | None:
     ys, ss = [], []
     for r in rows:
         if r["instance_labels"] is None:
             continue
         keep = r["instance_labels"] >= 0
         ys.append(r["instance_labels"][keep])
-        ss.append(r["scores"][keep])
+        ss.append((values(r) if values is not None else r[key])[keep])
     if not ys:
         return None
     return np.concatenate(ys), np.concatenate(ss)
 
 
-def select_threshold(labeler: Labeler, val: BagDataset, criterion: str = "youden_product") -> dict:
-    """Instance threshold chosen on validation instance labels (NOTES.md "Common ground").
+#: threshold criterion when the config names none (issue 11 §4: F1 on validation)
+DEFAULT_CRITERION = "f1"
+
+
+def select_threshold(labeler: Labeler, val: BagDataset, criterion: str = DEFAULT_CRITERION,
+                     rows: list[dict] | None = None) -> dict:
+    """Instance threshold chosen on validation instance labels by ``criterion`` (``f1``,
+    ``youden_product`` or ``youden``; NOTES.md "Common ground"), on the calibrated probability
+    once the labeler has one (``applies_to``).
 
     Without validation instance labels there is nothing to choose on: probabilities
     use 0.5, other scores their validation median, and the source says so.
     """
-    rows = labeler.predict_dataset(val)
-    arrs = _instance_arrays(rows)
+    rows = labeler.predict_dataset(val) if rows is None else rows
+    on = labeler.threshold_on
+    arrs = _instance_arrays(rows, values=labeler.label_values)
+    base = {"criterion": criterion, "applies_to": on}
     if arrs is not None and len(np.unique(arrs[0])) == 2:
-        return {"threshold": choose_threshold(*arrs, criterion=criterion), "source": f"validation:{criterion}"}
-    if labeler.score_kind == "probability":
-        return {"threshold": 0.5, "source": "default:0.5 (no validation instance labels)"}
+        return {"threshold": choose_threshold(*arrs, criterion=criterion), "source": f"validation:{criterion}", **base}
+    base["criterion"] = "none (no validation instance labels)"
+    if on == "probability":
+        return {"threshold": 0.5, "source": "default:0.5 (no validation instance labels)", **base}
     scores = np.concatenate([r["scores"] for r in rows]) if rows else np.zeros(1)
-    return {"threshold": float(np.median(scores)), "source": "default:validation median (no instance labels)"}
+    return {"threshold": float(np.median(scores)), "source": "default:validation median (no instance labels)", **base}
 
 
 def evaluate_labeler(labeler: Labeler, ds: BagDataset, threshold: float | None,
-                     scores: ScoreSet | None = None) -> dict:
-    """Bag AUROC (and bag F1/accuracy at 0.5); instance AUROC/F1/accuracy at ``threshold``.
-    Fills ``scores`` (for the report) when given."""
-    rows = labeler.predict_dataset(ds)
+                     scores: ScoreSet | None = None, rows: list[dict] | None = None) -> dict:
+    """Bag AUROC (and bag F1/accuracy at 0.5); instance AUROC (on ``scores``) and F1/accuracy
+    at ``threshold`` (on :meth:`Labeler.label_values`). Fills ``scores`` (for the report) when given."""
+    rows = labeler.predict_dataset(ds) if rows is None else rows
     y = np.array([r["label"] for r in rows])
     p = np.array([r["bag_prob"] for r in rows])
     bag = binary_metrics(y, p, 0.5)
     out: dict = {"bag_auroc": bag["auroc"], "bag_f1": bag["f1"], "bag_accuracy": bag["accuracy"], "n_bags": len(rows)}
     arrs = _instance_arrays(rows)
+    vals = _instance_arrays(rows, values=labeler.label_values)
     if scores is not None:
         scores.bag_true, scores.bag_prob, scores.threshold = y, p, threshold
         scores.instance_true, scores.instance_score = arrs if arrs is not None else (None, None)
+        if vals is not None and labeler.threshold_on == "probability":
+            scores.instance_prob = vals[1]  # what the threshold applies to (histogram)
     if arrs is None:
         out["instance"] = "not computable: this dataset has no instance labels"
     else:
-        inst = binary_metrics(arrs[0], arrs[1], threshold if threshold is not None else 0.5)
+        inst = binary_metrics(vals[0], vals[1], threshold if threshold is not None else 0.5)
+        inst["auroc"] = auroc(*arrs)
         out.update({f"instance_{k}": v for k, v in inst.items()})
         out["instance_threshold"] = threshold
+        out["instance_threshold_criterion"] = getattr(labeler, "criterion", None)
     return nan_to_none(out)
 
 
@@ -243,9 +319,13 @@ class Method:
 
     # -- defaults for MIL methods (override for pixel-map methods) -------------------
     def choose_thresholds(self, labelers: dict[str, Labeler], splits: DataSplits, run: RunDir) -> None:
+        """Per stage: the threshold chosen on validation by ``trainer.threshold_criterion``
+        (default F1), written to ``stages/<stage>/threshold.json`` with its criterion."""
+        criterion = getattr(self.exp.trainer, "threshold_criterion", DEFAULT_CRITERION)
         for name, lab in labelers.items():
-            info = select_threshold(lab, splits.val)
+            info = select_threshold(lab, splits.val, criterion)
             lab.threshold = info["threshold"]
+            lab.criterion = info["criterion"]
             run.write_threshold(name, info)
 
     def evaluate(self, labelers: dict[str, Labeler], splits: DataSplits, run: RunDir,
@@ -255,6 +335,8 @@ class Method:
         out: dict = {}
         for name, lab in labelers.items():
             thr = run.read_threshold(name)
+            if thr.get("criterion") is not None:
+                lab.criterion = thr["criterion"]
             out[name] = {"threshold": thr}
             for split in ("val", "test"):
                 sc = ScoreSet(np.zeros(0), np.zeros(0))
@@ -264,16 +346,28 @@ class Method:
         return out
 
     def label(self, labeler: Labeler, ds: BagDataset, out_dir: Path, stage: str) -> list[Path]:
-        """Write instance labels: CSV ``bag_id,instance,score,label`` (+ x,y when coords exist)."""
+        """Write instance labels: CSV ``bag_id,instance,score,probability,uncertainty,label,criterion``
+        (+ x,y when coords exist). ``score`` is the raw score (the mean over seeds for an
+        ensemble), ``probability`` the calibrated one, ``uncertainty`` the seed spread (empty
+        for one seed: unavailable), ``label`` = value ≥ threshold on ``threshold_on``, and
+        ``criterion`` how the threshold was chosen on validation."""
         rows = labeler.predict_dataset(ds)
         thr = labeler.threshold if labeler.threshold is not None else 0.5
+        criterion = getattr(labeler, "criterion", None) or "default 0.5 (no threshold.json)"
         buf = _io.StringIO()
         w = csv.writer(buf)
         has_coords = any(b.coords is not None for b in ds)
-        w.writerow(["bag_id", "instance", "score", "label"] + (["x", "y"] if has_coords else []))
+        w.writerow(["bag_id", "instance", "score", "probability", "uncertainty", "label", "criterion"]
+                   + (["x", "y"] if has_coords else []))
+
+        def fmt(a, k: int) -> str:
+            return "" if a is None else f"{float(a[k]):.6g}"
+
         for bag, r in zip(ds, rows):
-            for k, s in enumerate(r["scores"]):
-                row = [r["bag_id"], k, f"{float(s):.6g}", int(s >= thr)]
+            vals = labeler.label_values(r)
+            for k in range(len(r["raw"])):
+                row = [r["bag_id"], k, fmt(r["raw"], k), fmt(r["probability"], k), fmt(r["uncertainty"], k),
+                       int(vals[k] >= thr), criterion]
                 if has_coords:
                     row += [int(bag.coords[k, 0]), int(bag.coords[k, 1])] if bag.coords is not None else ["", ""]
                 w.writerow(row)

@@ -4,7 +4,10 @@ and a pyramidal tiled TIFF probability map aligned with level 0 (opens in OpenSl
 The raster's cells are ``cell = gcd(patch_size_level0, stride_level0)`` level-0 pixels;
 a cell covered by several (overlapping) patches holds their mean. TIFF pixels are uint8:
 0 where no patch was scored, else ``1 + round(254·p)`` with p ∈ [0, 1] the (normalised)
-score, so p ≈ (v − 1)/254. tifffile writes the TIFF tile by tile from the raster, so the
+score, so p ≈ (v − 1)/254; ``milkit label`` draws the validation-calibrated probability
+(milkit.trust.calibration) on the one fixed scale [0, 1] for every slide, so a negative
+slide looks cold, and records that scale in the TIFF's ImageDescription (``scale``).
+The heatmap PNG carries a colour bar of the same scale. tifffile writes the TIFF tile by tile from the raster, so the
 level-0 image never sits in memory.
 """
 
@@ -79,6 +82,33 @@ def overlay(thumb: np.ndarray, thumb_downsample: float, raster: np.ndarray, cell
     return Image.fromarray(np.clip(out, 0, 255).astype(np.uint8))
 
 
+def with_colorbar(img: Image.Image, cmap: str = "coolwarm", label: str = "probability",
+                  lo: float = 0.0, hi: float = 1.0) -> Image.Image:
+    """``img`` with a vertical colour bar of ``cmap`` on [lo, hi] (ticks every quarter) on its right."""
+    import matplotlib
+    from PIL import ImageDraw, ImageFont
+
+    w, h = img.size
+    bar_h = max(40, int(0.8 * h))
+    bar_w, pad, text_w = 16, 10, 60
+    canvas = Image.new("RGB", (w + pad + bar_w + text_w + 16, max(h, bar_h + 30)), (255, 255, 255))
+    canvas.paste(img.convert("RGB"), (0, 0))
+    grad = np.linspace(1, 0, bar_h)[:, None].repeat(bar_w, 1)
+    rgb = (matplotlib.colormaps[cmap](grad)[..., :3] * 255).astype(np.uint8)
+    top = (canvas.size[1] - bar_h) // 2
+    x0 = w + pad
+    canvas.paste(Image.fromarray(rgb), (x0, top))
+    draw = ImageDraw.Draw(canvas)
+    font = ImageFont.load_default()
+    draw.rectangle([x0, top, x0 + bar_w - 1, top + bar_h - 1], outline=(0, 0, 0))
+    for q in (0.0, 0.25, 0.5, 0.75, 1.0):
+        y = top + int(round((1 - q) * (bar_h - 1)))
+        draw.line([x0 + bar_w, y, x0 + bar_w + 3, y], fill=(0, 0, 0))
+        draw.text((x0 + bar_w + 5, y - 5), f"{lo + q * (hi - lo):.2g}", fill=(0, 0, 0), font=font)
+    draw.text((max(0, x0 - 4), max(0, top - 14)), label[:14], fill=(0, 0, 0), font=font)
+    return canvas
+
+
 def to_uint8(raster: np.ndarray) -> np.ndarray:
     """0 where no patch, 1 + round(254·p) elsewhere."""
     out = np.zeros(raster.shape, np.uint8)
@@ -120,7 +150,7 @@ def write_probability_tiff(path: str | Path, raster: np.ndarray, cell: int, leve
     r8 = to_uint8(raster)
     w0, h0 = int(level0_size[0]), int(level0_size[1])
     desc = json.dumps({"milkit": "probability map", "encoding": "0 = no patch; p = (v - 1) / 254",
-                       **(description or {})})
+                       "scale": [0.0, 1.0], **(description or {})})
 
     def write(tmp: Path) -> None:
         big = w0 * h0 > 2**31

@@ -1,7 +1,9 @@
 """``milkit label RUN_DIR --slides ...`` and ``milkit evaluate RUN_DIR --annotations DIR``.
 
-Labelling: a trained run's labeler scores every patch of each slide's feature h5; the
-instance threshold is the one chosen on validation at training time (threshold.json).
+Labelling: a trained run's labeler (the seed ensemble when the run has K > 1 seeds) scores
+every patch of each slide's feature h5: raw score, validation-calibrated probability and,
+for ensembles, the seed spread; the instance threshold (on the probability) is the one
+chosen on validation at training time (threshold.json, with its criterion).
 Evaluation: the patch labels written by ``label`` are scored against ASAP XML / GeoJSON
 annotations (a patch is positive iff its tumour fraction ≥ 0.5, Camelyon16 convention,
 Sm App. B; a slide without an annotation file is all negative, as Camelyon16's normal
@@ -50,9 +52,10 @@ def _stride(coords: np.ndarray, attrs: dict, ps0: int) -> int:
 
 
 def _threshold(labeler, scores: np.ndarray) -> tuple[float, str]:
+    """(threshold, where it came from); ``scores`` are the values it applies to."""
     if labeler.threshold is not None:
         return float(labeler.threshold), "validation (threshold.json)"
-    if labeler.score_kind == "probability":
+    if labeler.threshold_on == "probability":
         return 0.5, "default 0.5 (no validation threshold)"
     return float(np.median(scores)) if scores.size else 0.0, "slide median (no validation threshold)"
 
@@ -102,24 +105,37 @@ def label_slides(run_dir: str | Path, slides: list[Path], features_dir: Path | N
             from milkit.data.graph import grid_adjacency
 
             bag.adj = grid_adjacency(ff.coords, ff.patch_size_level0)
-        if len(bag):
+        n = len(bag)
+        probability = uncertainty = None
+        if n:
             batch = collate_bags([bag])
             try:
-                prob, inst = labeler(batch)
+                o = labeler.outputs(batch)
             except RuntimeError as err:
                 raise ValueError(f"{h5}: the model cannot score these features ({err})") from None
-            scores = inst[0, : len(bag)].double().cpu().numpy()
-            bag_prob = float(prob[0])
+            scores = o.raw[0, :n].double().cpu().numpy()
+            if o.probability is not None:
+                probability = o.probability[0, :n].double().cpu().numpy()
+            if o.uncertainty is not None:
+                uncertainty = o.uncertainty[0, :n].double().cpu().numpy()
+            bag_prob = float(o.bag_prob[0])
         else:
             scores, bag_prob = np.zeros(0), float("nan")
-        thr, thr_src = _threshold(labeler, scores)
+            probability = np.zeros(0) if labeler.threshold_on == "probability" else None
+        values = probability if labeler.threshold_on == "probability" and probability is not None else scores
+        thr, thr_src = _threshold(labeler, values)
+        cal = [getattr(m, "calibrator", None) for m in labeler.members]
         s = SlideScores(
-            slide_id=sid, coords=ff.coords, scores=scores, labels=(scores >= thr).astype(np.int64), threshold=thr,
+            slide_id=sid, coords=ff.coords, scores=scores, labels=(values >= thr).astype(np.int64), threshold=thr,
             score_kind=labeler.score_kind, size_level0=ff.patch_size_level0,
             stride_level0=_stride(ff.coords, attrs, ff.patch_size_level0) if len(ff.coords) else ff.patch_size_level0,
             level0_size=(w0, h0), mpp=mpp, bag_prob=bag_prob, bounds_offset=bounds,
             meta={"run_dir": str(run_dir.resolve()), "stage": stage, "threshold_source": thr_src,
+                  "threshold_applies_to": labeler.threshold_on, "n_seeds": len(labeler.members),
                   "features": str(h5), "slide": str(slide_path)},
+            probability=probability, uncertainty=uncertainty,
+            threshold_criterion=str(getattr(labeler, "criterion", None) or thr_src),
+            calibration="; ".join(sorted({c.source for c in cal if c is not None})),
         )
         paths += write_slide_outputs(out, s, thumb, thumb_ds)
         summary.append((sid, bag_prob, len(scores), int(s.labels.sum())))

@@ -1,11 +1,20 @@
 """Everything ``milkit label --slides`` writes for one slide, atomically, in ``OUT/<slide_id>/``:
 
-- ``instances.csv``  x, y (level-0 top-left), score, label
-- ``instances.h5``   coords, score, label + attrs (threshold, score kind, geometry, stage)
-- ``heatmap.png``    normalised scores over the thumbnail (coolwarm, alpha 0.5)
-- ``probability.tif`` pyramidal tiled TIFF aligned with level 0 (milkit.slide.heatmap)
+- ``instances.csv``  x, y (level-0 top-left), score (raw), probability (calibrated on
+  validation), uncertainty (seed spread; empty with one seed: unavailable), label, criterion
+- ``instances.h5``   coords, score, probability, [uncertainty], label + attrs (threshold, its
+  criterion and what it applies to, calibration source, score kind, geometry, stage)
+- ``heatmap.png``    calibrated probability over the thumbnail on the fixed scale [0, 1]
+  (coolwarm, alpha 0.5) with a colour bar; a negative slide looks cold
+- ``probability.tif`` pyramidal tiled TIFF of the probability aligned with level 0
+  (milkit.slide.heatmap; the scale is in its ImageDescription)
 - ``detections.geojson`` QuPath FeatureCollection: one detection square per positive patch
 - ``outlines.geojson`` QuPath annotations: the merged positive region (milkit.slide.qupath)
+- ``review.geojson`` QuPath annotations of the most uncertain regions (milkit.trust.review)
+
+Runs written before calibration existed (no ``calibration.json``) have no probability for
+raw scores; their maps fall back to the per-slide 1st–99th percentile normalisation and the
+TIFF description says so.
 """
 
 from __future__ import annotations
@@ -23,6 +32,8 @@ from milkit import io
 from milkit.slide.annotations import patch_feature_collection
 from milkit.slide.heatmap import normalise_scores, overlay, score_raster, write_probability_tiff
 from milkit.slide.qupath import write_outlines
+from milkit.slide.heatmap import normalise_scores, overlay, score_raster, with_colorbar, write_probability_tiff
+from milkit.trust.review import review_feature_collection, review_scores
 
 
 @dataclass
@@ -42,14 +53,27 @@ class SlideScores:
     bag_prob: float
     bounds_offset: tuple[int, int] = (0, 0)
     meta: dict = field(default_factory=dict)
+    probability: np.ndarray | None = None  # (N,) calibrated on validation
+    uncertainty: np.ndarray | None = None  # (N,) seed spread; None with one seed (unavailable)
+    threshold_criterion: str = ""
+    calibration: str = ""
+
+    def uncertainty_note(self) -> str:
+        return ("seed spread: sd of the calibrated probability over seed replicas" if self.uncertainty is not None
+                else "unavailable: one seed (train with --seeds K for a seed spread)")
 
 
 def write_instances_csv(path: Path, s: SlideScores) -> None:
     buf = _io.StringIO()
     w = csv.writer(buf)
-    w.writerow(["slide_id", "x", "y", "score", "label"])
-    for (x, y), sc, lab in zip(s.coords, s.scores, s.labels):
-        w.writerow([s.slide_id, int(x), int(y), f"{float(sc):.6g}", int(lab)])
+    w.writerow(["slide_id", "x", "y", "score", "probability", "uncertainty", "label", "criterion"])
+
+    def fmt(a, k: int) -> str:
+        return "" if a is None else f"{float(a[k]):.6g}"
+
+    for k, ((x, y), sc, lab) in enumerate(zip(s.coords, s.scores, s.labels)):
+        w.writerow([s.slide_id, int(x), int(y), f"{float(sc):.6g}", fmt(s.probability, k), fmt(s.uncertainty, k),
+                    int(lab), s.threshold_criterion])
     io.write_text(path, buf.getvalue())
 
 
@@ -59,7 +83,14 @@ def write_instances_h5(path: Path, s: SlideScores) -> None:
             f.create_dataset("coords", data=np.asarray(s.coords, np.int64).reshape(-1, 2))
             f.create_dataset("score", data=np.asarray(s.scores, np.float32))
             f.create_dataset("label", data=np.asarray(s.labels, np.uint8))
+            if s.probability is not None:
+                f.create_dataset("probability", data=np.asarray(s.probability, np.float32))
+            if s.uncertainty is not None:
+                f.create_dataset("uncertainty", data=np.asarray(s.uncertainty, np.float32))
             a = f.attrs
+            a["uncertainty"] = s.uncertainty_note()
+            a["threshold_criterion"] = s.threshold_criterion
+            a["calibration"] = s.calibration
             a["slide_id"] = s.slide_id
             a["threshold"] = float(s.threshold)
             a["score_kind"] = s.score_kind
@@ -85,6 +116,8 @@ def read_instances_h5(path: str | Path) -> SlideScores:
                     raise ValueError(f"{path}: no {k!r} dataset (not a milkit instance-labels file)")
             a = dict(f.attrs)
             coords, scores, labels = f["coords"][()], f["score"][()], f["label"][()]
+            prob = np.asarray(f["probability"][()], np.float64) if "probability" in f else None
+            unc = np.asarray(f["uncertainty"][()], np.float64) if "uncertainty" in f else None
     except OSError as err:
         raise ValueError(f"{path}: not a readable HDF5 file ({err})") from None
     if not (len(coords) == len(scores) == len(labels)):
@@ -103,25 +136,42 @@ def read_instances_h5(path: str | Path) -> SlideScores:
         mpp=None if mpp == "None" else float(mpp), bag_prob=float(a["bag_prob"]),
         bounds_offset=(int(a.get("bounds_x", 0)), int(a.get("bounds_y", 0))),
         meta=json.loads(s("meta")) if "meta" in a else {},
+        probability=prob, uncertainty=unc,
+        threshold_criterion=str(s("threshold_criterion")) if "threshold_criterion" in a else "",
+        calibration=str(s("calibration")) if "calibration" in a else "",
     )
 
 
 def write_slide_outputs(out_dir: Path, s: SlideScores, thumb: np.ndarray | None, thumb_downsample: float) -> list[Path]:
     """All per-slide outputs; returns their paths."""
     d = Path(out_dir) / s.slide_id
-    norm, how = normalise_scores(s.scores, s.score_kind)
+    if s.probability is not None:
+        norm = np.clip(np.asarray(s.probability, np.float64), 0, 1)
+        how = {"value": "calibrated probability", "normalisation": "none (one fixed scale for every slide)",
+               "calibration": s.calibration}
+    else:
+        norm, how = normalise_scores(s.scores, s.score_kind)
     raster, cell = score_raster(s.coords, norm, s.size_level0, s.stride_level0, s.level0_size)
-    paths = [d / "instances.csv", d / "instances.h5", d / "probability.tif", d / "detections.geojson"]
+    paths = [d / "instances.csv", d / "instances.h5", d / "probability.tif", d / "detections.geojson",
+             d / "review.geojson"]
     write_instances_csv(paths[0], s)
     write_instances_h5(paths[1], s)
     write_probability_tiff(paths[2], raster, cell, s.level0_size, s.mpp,
                            {"slide_id": s.slide_id, "score_kind": s.score_kind, **how})
     fc = patch_feature_collection(s.coords, s.scores, s.labels, s.size_level0, s.bounds_offset,
                                   score_name="probability" if s.score_kind == "probability" else "score")
+    if s.probability is not None:  # the calibrated probability beside the raw score
+        for f, k in zip(fc["features"], np.flatnonzero(np.asarray(s.labels) > 0)):
+            f["properties"]["measurements"]["calibrated_probability"] = float(s.probability[k])
     io.write_text(paths[3], json.dumps(fc))
     paths.append(write_outlines(d / "outlines.geojson", s.coords, s.labels, s.size_level0, s.bounds_offset))
+    rs, basis = review_scores(s.probability if s.probability is not None else s.scores, s.uncertainty, s.threshold)
+    io.write_text(paths[4], json.dumps(review_feature_collection(s.coords, s.size_level0, s.stride_level0, rs,
+                                                                 basis, s.bounds_offset)))
     if thumb is not None:
         img = overlay(thumb, thumb_downsample, raster, cell)
+        if s.probability is not None:
+            img = with_colorbar(img)
         p = d / "heatmap.png"
         io.write_with(p, lambda tmp: img.save(tmp, format="PNG", compress_level=3))
         paths.append(p)

@@ -1,0 +1,148 @@
+"""The trust verdict of a stage (issue 11 §5): trustworthy / uncertain / do not use.
+
+Everything is measured on the **validation** split (never on test):
+
+- slide AUROC of the bag probabilities, with a percentile-bootstrap 95 % interval;
+- max-patch slide AUROC: the slide labels ranked by the highest patch score of each
+  slide (the MIL assumption: a slide is positive iff some patch is). It checks that the
+  *patch* scores, not just the slide head, explain the slide labels; an inverted patch
+  scorer puts its positives at the bottom and lands at or below 0.5 here;
+- seed agreement: mean pairwise Spearman ρ of the replicas' validation patch scores
+  (unavailable for one seed);
+- where validation patch labels exist: patch AUROC with a slide-level (cluster) bootstrap
+  95 % interval and a reliability diagram of the calibrated probability (ECE).
+
+The rules (:data:`RULES`) are checked in order; the first that fires decides, and its text
+is printed beside the verdict. If none fires, the stage is trustworthy.
+"""
+
+from __future__ import annotations
+
+import itertools
+import math
+
+import numpy as np
+
+from milkit.metrics.classification import bootstrap_auroc
+
+TRUSTWORTHY, UNCERTAIN, DO_NOT_USE = "trustworthy", "uncertain", "do not use"
+#: below this mean pairwise Spearman ρ the replicas disagree about which patches are positive
+MIN_SEED_AGREEMENT = 0.5
+#: below this validation patch AUROC patch labels are too noisy to act on (a reading aid)
+MIN_PATCH_AUROC = 0.8
+N_BOOT = 1000
+
+#: (verdict, rule) in the order they are checked
+RULES: tuple[tuple[str, str], ...] = (
+    (DO_NOT_USE, "validation slide AUROC undefined (one slide class) or its 95% CI includes 0.5"),
+    (DO_NOT_USE, "validation patch AUROC 95% CI includes or lies below 0.5"),
+    (DO_NOT_USE, "max-patch slide AUROC 95% CI lies below 0.5 (patch scores run the wrong way)"),
+    (UNCERTAIN, "max-patch slide AUROC undefined or its 95% CI includes 0.5 (patch scores do not explain the slide labels)"),
+    (UNCERTAIN, f"seed agreement ρ < {MIN_SEED_AGREEMENT} or undefined"),
+    (UNCERTAIN, f"validation patch AUROC < {MIN_PATCH_AUROC}"),
+    (UNCERTAIN, "one seed and no validation patch labels: patch-score stability unmeasured (train with --seeds 3)"),
+)
+
+
+def _nan(v) -> bool:
+    return v is None or (isinstance(v, float) and math.isnan(v))
+
+
+def seed_agreement(member_scores: list[np.ndarray]) -> dict:
+    """Mean pairwise Spearman ρ of the replicas' validation patch scores (same instances, same order)."""
+    from scipy.stats import spearmanr
+
+    if len(member_scores) < 2:
+        return {"rho": None, "n_seeds": len(member_scores), "note": "unavailable: one seed"}
+    rhos = []
+    for a, b in itertools.combinations(member_scores, 2):
+        if len(a) < 3 or np.ptp(a) == 0 or np.ptp(b) == 0:
+            rhos.append(float("nan"))
+        else:
+            rhos.append(float(spearmanr(a, b).statistic))
+    finite = [r for r in rhos if math.isfinite(r)]
+    return {"rho": float(np.mean(finite)) if len(finite) == len(rhos) else None,
+            "pairwise": rhos, "n_seeds": len(member_scores)}
+
+
+def _ci(d: dict) -> dict:
+    return {"value": d["auroc"], "ci95": [d["low"], d["high"]], "n_boot": d["n_boot_used"]}
+
+
+def assess(slide_true, slide_prob, slide_max_score, *, patch_true=None, patch_score=None, patch_prob=None,
+           patch_group=None, member_scores: list[np.ndarray] | None = None, n_boot: int = N_BOOT,
+           seed: int = 0, patch_checks: bool = True) -> dict:
+    """The verdict and the numbers behind it (module docstring). ``slide_max_score`` holds each
+    validation slide's highest patch score; ``patch_*`` the labelled validation patches (None
+    when there are none); ``member_scores`` each replica's validation patch scores."""
+    from milkit.trust.calibration import reliability
+
+    slide_true = np.asarray(slide_true).astype(int)
+    s_auc = _ci(bootstrap_auroc(slide_true, slide_prob, n_boot=n_boot, seed=seed))
+    out: dict = {"slide_auroc": s_auc, "n_slides": int(len(slide_true))}
+    m_auc = _ci(bootstrap_auroc(slide_true, slide_max_score, n_boot=n_boot, seed=seed + 1)) if patch_checks else None
+    out["max_patch_slide_auroc"] = m_auc if patch_checks else "not computed for pixel-map methods"
+    agree = seed_agreement(member_scores or []) if patch_checks else {"rho": None, "note": "not computed"}
+    out["seed_agreement"] = agree
+    has_patch = patch_true is not None and len(np.unique(np.asarray(patch_true))) == 2
+    p_auc = None
+    if has_patch:
+        p_auc = _ci(bootstrap_auroc(patch_true, patch_score, groups=patch_group, n_boot=n_boot, seed=seed + 2))
+        p_auc["bootstrap"] = "slides resampled" if patch_group is not None else "patches resampled"
+        out["patch_auroc"] = p_auc
+        if patch_prob is not None:
+            out["reliability"] = reliability(patch_true, patch_prob)
+    else:
+        out["patch_auroc"] = "unavailable: no validation patch labels"
+
+    lo = s_auc["ci95"][0]
+    fired = [
+        _nan(s_auc["value"]) or _nan(lo) or lo <= 0.5,
+        p_auc is not None and (_nan(p_auc["ci95"][0]) or p_auc["ci95"][0] <= 0.5),
+        m_auc is not None and not _nan(m_auc["ci95"][1]) and m_auc["ci95"][1] < 0.5,
+        m_auc is not None and (_nan(m_auc["ci95"][0]) or m_auc["ci95"][0] <= 0.5),
+        len(member_scores or []) >= 2 and (agree["rho"] is None or agree["rho"] < MIN_SEED_AGREEMENT),
+        p_auc is not None and p_auc["value"] < MIN_PATCH_AUROC,
+        len(member_scores or []) < 2 and p_auc is None,
+    ]
+    if not patch_checks:
+        fired[1:] = [False] * (len(fired) - 1)
+        fired.append(True)
+    rules = list(RULES) + ([] if patch_checks else [(UNCERTAIN, "pixel-map method: patch-level checks not implemented")])
+    verdict, rule = TRUSTWORTHY, "no rule fired: slide and patch checks passed"
+    for (v, text), f in zip(rules, fired):
+        if f:
+            verdict, rule = v, text
+            break
+    out["measured"] = _measured(s_auc, m_auc, p_auc, agree)
+    out.update(verdict=verdict, rule=rule, rules=[f"{v} if {t}" for v, t in rules], fired=[t for (_, t), f in zip(rules, fired) if f])
+    return out
+
+
+def _measured(s_auc: dict, m_auc: dict | None, p_auc: dict | None, agree: dict) -> str:
+    def f(d: dict) -> str:
+        lo, hi = d["ci95"]
+        g = lambda v: "n/a" if _nan(v) else f"{v:.2f}"  # noqa: E731
+        return f"{g(d['value'])} [{g(lo)}, {g(hi)}]"
+
+    parts = [f"slide AUROC {f(s_auc)}"]
+    if m_auc is not None:
+        parts.append(f"max-patch slide AUROC {f(m_auc)}")
+    if p_auc is not None:
+        parts.append(f"patch AUROC {f(p_auc)}")
+    rho = agree.get("rho")
+    parts.append(f"seed ρ {rho:.2f}" if isinstance(rho, float) else "seed ρ n/a")
+    return "; ".join(parts)
+
+
+def verdict_line(stage: str, trust: dict) -> str:
+    """``verdict stage: VERDICT — rule (measured values)`` (what ``milkit train`` prints last)."""
+    m = f" ({trust['measured']})" if trust.get("measured") else ""
+    return f"verdict {stage}: {trust.get('verdict', '?').upper()} — {trust.get('rule', '')}{m}"
+
+
+def print_verdicts(metrics: dict, echo) -> None:
+    """One :func:`verdict_line` per stage of ``metrics`` that has a trust block."""
+    for stage, m in metrics.items():
+        if not stage.startswith("_") and isinstance(m, dict) and isinstance(m.get("trust"), dict):
+            echo(verdict_line(stage, m["trust"]))

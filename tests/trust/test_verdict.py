@@ -1,0 +1,100 @@
+"""The trust verdict (milkit.trust.verdict): random scores → "do not use"; an inverted model is
+never "trustworthy"; a good, stable one is; the bootstrap intervals behave."""
+
+import numpy as np
+import pytest
+
+from milkit.metrics.classification import bootstrap_auroc
+from milkit.trust.verdict import DO_NOT_USE, TRUSTWORTHY, UNCERTAIN, assess, verdict_line
+
+N_SLIDES, N_PATCH, WITNESS = 40, 60, 0.08
+
+
+def _cohort(seed: int):
+    """Validation slides (half positive), patch labels with 8 % witnesses in positive slides."""
+    rng = np.random.default_rng(seed)
+    slide_y = np.array([0, 1] * (N_SLIDES // 2))
+    patch_y = [(rng.uniform(size=N_PATCH) < WITNESS).astype(int) * y for y in slide_y]
+    for i, y in enumerate(slide_y):
+        if y and not patch_y[i].any():
+            patch_y[i][0] = 1
+    return rng, slide_y, patch_y
+
+
+def _assess(rng, slide_y, patch_y, patch_scores, slide_prob, with_patch_labels, k_seeds=1, jitter=0.0):
+    """Run :func:`assess` on per-slide patch scores; replicas = the scores plus small noise."""
+    members = [np.concatenate(patch_scores) + jitter * rng.normal(size=N_SLIDES * N_PATCH) for _ in range(k_seeds)]
+    return assess(slide_y, slide_prob, np.array([s.max() for s in patch_scores]),
+                  patch_true=np.concatenate(patch_y) if with_patch_labels else None,
+                  patch_score=np.concatenate(patch_scores), patch_prob=None,
+                  patch_group=np.repeat(np.arange(N_SLIDES), N_PATCH), member_scores=members, n_boot=300)
+
+
+@pytest.mark.parametrize("seed", range(4))
+@pytest.mark.parametrize("with_patch_labels", [True, False])
+def test_random_scores_get_do_not_use(seed, with_patch_labels):
+    rng, slide_y, patch_y = _cohort(seed)
+    scores = [rng.normal(size=N_PATCH) for _ in slide_y]
+    t = _assess(rng, slide_y, patch_y, scores, rng.uniform(size=N_SLIDES), with_patch_labels, k_seeds=3, jitter=1.0)
+    assert t["verdict"] == DO_NOT_USE, t["rule"]
+
+
+@pytest.mark.parametrize("seed", range(4))
+@pytest.mark.parametrize("with_patch_labels", [True, False])
+@pytest.mark.parametrize("k_seeds", [1, 3])
+def test_inverted_model_is_never_trustworthy(seed, with_patch_labels, k_seeds):
+    """Slide head perfect, replicas in full agreement — but positive patches score lowest."""
+    rng, slide_y, patch_y = _cohort(seed)
+    scores = [-3.0 * y + rng.normal(size=N_PATCH) for y in patch_y]
+    good_slides = slide_y * 0.8 + 0.1 + rng.uniform(-0.05, 0.05, N_SLIDES)
+    t = _assess(rng, slide_y, patch_y, scores, good_slides, with_patch_labels, k_seeds=k_seeds, jitter=0.01)
+    assert t["verdict"] != TRUSTWORTHY, t
+    if with_patch_labels:
+        assert t["verdict"] == DO_NOT_USE and t["patch_auroc"]["ci95"][1] < 0.5
+
+
+@pytest.mark.parametrize("with_patch_labels", [True, False])
+def test_a_good_stable_model_is_trustworthy(with_patch_labels):
+    rng, slide_y, patch_y = _cohort(0)
+    scores = [3.0 * y + rng.normal(size=N_PATCH) for y in patch_y]
+    slide_prob = slide_y * 0.8 + 0.1 + rng.uniform(-0.05, 0.05, N_SLIDES)
+    t = _assess(rng, slide_y, patch_y, scores, slide_prob, with_patch_labels, k_seeds=3, jitter=0.1)
+    assert t["verdict"] == TRUSTWORTHY, t["rule"]
+    assert t["seed_agreement"]["rho"] > 0.9 and t["slide_auroc"]["ci95"][0] > 0.9
+    line = verdict_line("mil", t)
+    assert line.startswith("verdict mil: TRUSTWORTHY") and "slide AUROC" in line
+
+
+def test_one_seed_without_patch_labels_is_uncertain():
+    rng, slide_y, patch_y = _cohort(0)
+    scores = [3.0 * y + rng.normal(size=N_PATCH) for y in patch_y]
+    slide_prob = slide_y * 0.8 + 0.1
+    t = _assess(rng, slide_y, patch_y, scores, slide_prob, False, k_seeds=1)
+    assert t["verdict"] == UNCERTAIN and "one seed" in t["rule"]
+    assert t["seed_agreement"]["rho"] is None and "unavailable" in t["seed_agreement"]["note"]
+
+
+def test_disagreeing_seeds_are_uncertain():
+    rng, slide_y, patch_y = _cohort(0)
+    scores = [3.0 * y + rng.normal(size=N_PATCH) for y in patch_y]
+    t = _assess(rng, slide_y, patch_y, scores, slide_y * 0.8 + 0.1, False, k_seeds=3, jitter=20.0)
+    assert t["verdict"] == UNCERTAIN and "seed agreement" in t["rule"]
+
+
+def test_bootstrap_interval_behaviour():
+    y = np.array([0, 0, 0, 1, 1, 1])
+    perfect = bootstrap_auroc(y, np.array([0.1, 0.2, 0.3, 0.7, 0.8, 0.9]), n_boot=200)
+    assert perfect["auroc"] == 1.0 and perfect["low"] == 1.0 and perfect["high"] == 1.0
+    rng = np.random.default_rng(0)
+    yy = rng.integers(0, 2, 400)
+    ss = yy + rng.normal(0, 1, 400)
+    a = bootstrap_auroc(yy, ss, n_boot=400)
+    assert a["low"] < a["auroc"] < a["high"] and a["n_boot_used"] == 400
+    # duplicating every patch 5× inside its group: patch resampling narrows the interval, group resampling does not
+    y5, s5, g5 = np.repeat(yy, 5), np.repeat(ss, 5), np.repeat(np.arange(400), 5)
+    naive = bootstrap_auroc(y5, s5, n_boot=400)
+    grouped = bootstrap_auroc(y5, s5, groups=g5, n_boot=400)
+    assert naive["high"] - naive["low"] < 0.7 * (a["high"] - a["low"])
+    assert grouped["high"] - grouped["low"] == pytest.approx(a["high"] - a["low"], rel=0.25)
+    one = bootstrap_auroc(np.ones(5), np.arange(5.0))
+    assert np.isnan(one["auroc"]) and np.isnan(one["low"])
