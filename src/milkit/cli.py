@@ -212,9 +212,16 @@ def _log_notices() -> None:
     stderr as ``milkit: ...`` lines."""
     import logging
 
+    class _CurrentStderr(logging.StreamHandler):
+        """Writes to whatever ``sys.stderr`` is at emit time (never a stream closed since)."""
+
+        def emit(self, record: logging.LogRecord) -> None:
+            self.stream = sys.stderr
+            super().emit(record)
+
     logger = logging.getLogger("milkit")
     if not any(getattr(h, "_milkit", False) for h in logger.handlers):
-        h = logging.StreamHandler(sys.stderr)
+        h = _CurrentStderr(sys.stderr)
         h.setFormatter(logging.Formatter("milkit: %(message)s"))
         h._milkit = True  # type: ignore[attr-defined]
         logger.addHandler(h)
