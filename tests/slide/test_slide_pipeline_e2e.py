@@ -112,7 +112,7 @@ def test_cli_label_and_evaluate_slides(run, cohort, tmp_path):
     assert rc == 0 and (labels / "s08" / "probability.tif").is_file()
     assert main(["evaluate", str(out), "--annotations", str(cohort.ann_dir), "--labels", str(labels)]) == 0
     m = json.loads((out / "metrics.json").read_text())["annotations"]
-    assert m["n_slides"] == 1 and m["labels_dir"] == str(labels)
+    assert m["splits"]["test"]["n_slides"] == 1 and m["labels_dir"] == str(labels) and set(m["splits"]) == {"test"}
     # features from another slide: refused, naming the file, nothing written
     wrong = tmp_path / "wrong"
     wrong.mkdir()

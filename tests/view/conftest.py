@@ -105,7 +105,8 @@ def server(view_cohort):
          str(view_cohort.slides_dir), "--annotations", str(view_cohort.ann_dir), "--port", str(port), "--no-browser"],
         env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     url = f"http://127.0.0.1:{port}"
-    for _ in range(600):
+    deadline = time.monotonic() + 300  # startup imports torch (milkit.io); slow on a loaded machine
+    while time.monotonic() < deadline:
         if proc.poll() is not None:
             raise RuntimeError(f"milkit view exited {proc.returncode}: {proc.stdout.read()}")
         try:
@@ -115,7 +116,7 @@ def server(view_cohort):
             time.sleep(0.1)
     else:
         proc.kill()
-        raise RuntimeError("milkit view did not answer within 60 s")
+        raise RuntimeError("milkit view did not answer within 300 s")
     yield url
     proc.terminate()
     try:

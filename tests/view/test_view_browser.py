@@ -72,7 +72,7 @@ def page(server):
 
 
 def _ready(page) -> None:
-    page.wait_for_function("window.milkit && milkit.slide && milkit.fullyLoaded()", timeout=60_000)
+    page.wait_for_function("window.milkit && milkit.slide && milkit.fullyLoaded()", timeout=180_000)
     page.wait_for_timeout(400)  # let OpenSeadragon finish its animation frame
 
 

@@ -115,7 +115,7 @@ def view_link(sid: str, port: int = DEFAULT_PORT) -> str:
 
 def render(result: dict, results: list[SlideResult], labels_dir: Path, thumbnails: bool = True) -> str:
     """The HTML page as a string."""
-    what = {display_values(r.scores.scores, r.scores.score_kind, r.prob)[1] for r in results[:1]}
+    what = {display_values(r.scores.scores, r.scores.score_kind, r.prob)[1] for r in results}
     cmd = f"milkit view {labels_dir} --annotations {result.get('annotations_dir')}"
     p = [f"<!doctype html><html><head><meta charset='utf-8'><title>milkit — slides vs annotations</title>"
          f"<style>{STYLE}</style></head><body><h1>Slides vs annotations</h1>",
