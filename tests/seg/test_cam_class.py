@@ -69,3 +69,21 @@ def test_defaults():
     assert CamBaselineOptions().cam_class == "predicted"
     c = SegBaselineConfig()
     assert (c.monitor, c.monitor_mode) == ("val/classification_error", "min")
+
+
+def test_monitor_mode_follows_the_monitor_unless_given():
+    # a config that names a score monitor without a mode must not keep the worst epoch
+    assert SegBaselineConfig(monitor="val/f1").monitor_mode == "max"
+    assert SegBaselineConfig(monitor="val/image_auroc").monitor_mode == "max"
+    assert SegBaselineConfig(monitor="val/classification_error").monitor_mode == "min"
+    assert SegBaselineConfig(monitor="val/f1", monitor_mode="min").monitor_mode == "min"
+
+
+def test_unet_benchmark_config_keeps_its_best_f1():
+    from pathlib import Path
+
+    from milkit.config import load_experiment
+
+    root = Path(__file__).resolve().parents[2] / "configs" / "segmentation_benchmark"
+    m = load_experiment(root / "unet.yaml").method
+    assert (m.monitor, m.monitor_mode) == ("val/f1", "max")

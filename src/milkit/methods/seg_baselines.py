@@ -27,7 +27,7 @@ from typing import Any, Callable, ClassVar, Literal
 
 import torch
 import torch.nn.functional as F
-from pydantic import Field, field_validator
+from pydantic import Field, field_validator, model_validator
 from torch import Tensor, nn
 
 from milkit.config import StrictModel
@@ -66,7 +66,8 @@ class SegBaselineConfig(StrictModel):
     monitor: str = Field(
         "val/classification_error",
         description="best checkpoint: validation classification error (Max-Min §3.3(b); needs no masks)")
-    monitor_mode: Literal["max", "min"] = "min"
+    monitor_mode: Literal["max", "min"] | None = Field(
+        None, description="None = from the monitor's name: min for errors/losses, max for scores (F1, AUROC)")
     unet_width: int = Field(16, ge=1, description="U-Net channels at the first level")
     unet_depth: int = Field(3, ge=1)
     options: dict[str, Any] = Field(default_factory=dict, description="baseline-specific options")
@@ -77,6 +78,19 @@ class SegBaselineConfig(StrictModel):
         if v not in BASELINES:
             raise ValueError(f"unknown baseline {v!r}; known: {', '.join(sorted(BASELINES))}")
         return v
+
+    @model_validator(mode="after")
+    def _mode(self) -> "SegBaselineConfig":
+        if self.monitor_mode is None:
+            self.monitor_mode = default_monitor_mode(self.monitor)
+        return self
+
+
+def default_monitor_mode(monitor: str) -> str:
+    """``min`` for monitors that are errors or losses (``val/classification_error``,
+    ``*loss*``, ``*bce*``, ``hd*``), ``max`` for scores (``val/f1``, ``val/image_auroc``)."""
+    name = monitor.rsplit("/", 1)[-1].lower()
+    return "min" if ("error" in name or "loss" in name or "bce" in name or name.startswith("hd")) else "max"
 
 
 def baseline_options(cfg: SegBaselineConfig) -> StrictModel | None:
