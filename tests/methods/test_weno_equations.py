@@ -201,3 +201,15 @@ def test_pseudo_label_readings_paper_and_code() -> None:
     assert torch.equal(signal_for(out, batch.mask, "abmil", "logits"), out.instance_scores)
     # TransMIL's scores already are softmax weights: kept as they are
     assert torch.equal(signal_for(out, batch.mask, "transmil", "softmax"), out.instance_scores)
+
+
+def test_hpm_starts_after_epoch_10_as_the_released_code(monkeypatch) -> None:
+    """Released code: HPM when epoch > 10 (0-based); milkit's default hpm_warmup_epochs = 11 = first HPM epoch."""
+    cfg = _cfg()
+    assert cfg.hpm_warmup_epochs == 11
+    mod = WENOModule(build_net(cfg), cfg, TrainerConfig(), _tiny_bags())
+    active = {}
+    for epoch in (10, 11):
+        monkeypatch.setattr(WENOModule, "current_epoch", property(lambda self, e=epoch: e))
+        active[epoch] = mod.hpm_active()
+    assert active == {10: False, 11: True}
