@@ -10,6 +10,7 @@ from pydantic import ValidationError
 
 from milkit.config import ConfigError, TrainerConfig, build_experiment, load_experiment
 from milkit.data.bag import Bag, BagDataset, collate_bags
+from milkit.models.base import encode_instances
 from milkit.methods.weno import (
     WENOConfig,
     WENOModule,
@@ -201,3 +202,31 @@ def test_pseudo_label_readings_paper_and_code() -> None:
     assert torch.equal(signal_for(out, batch.mask, "abmil", "logits"), out.instance_scores)
     # TransMIL's scores already are softmax weights: kept as they are
     assert torch.equal(signal_for(out, batch.mask, "transmil", "softmax"), out.instance_scores)
+
+
+def test_hpm_starts_after_epoch_10_as_the_released_code(monkeypatch) -> None:
+    """Released code: HPM when epoch > 10 (0-based); milkit's default hpm_warmup_epochs = 11 = first HPM epoch."""
+    cfg = _cfg()
+    assert cfg.hpm_warmup_epochs == 11
+    mod = WENOModule(build_net(cfg), cfg, TrainerConfig(), _tiny_bags())
+    active = {}
+    for epoch in (10, 11):
+        monkeypatch.setattr(WENOModule, "current_epoch", property(lambda self, e=epoch: e))
+        active[epoch] = mod.hpm_active()
+    assert active == {10: False, 11: True}
+
+
+def test_released_alexnet_split_shares_conv_features_only() -> None:
+    """Released CIFAR code: shared conv features; teacher FC 4096–4096; student MLP 4096–4096 → 1."""
+    cfg = WENOConfig(encoder={"name": "alexnet_cifar_conv", "in_channels": 3, "image_size": 32},
+                     teacher={"name": "abmil", "gated": False}, teacher_trunk=[4096, 4096], student_hidden=[4096, 4096])
+    net = build_net(cfg)
+    assert not any(isinstance(m, torch.nn.Linear) for m in net.encoder.modules())  # conv part only
+    trunk = [m for m in net.teacher_trunk.modules() if isinstance(m, torch.nn.Linear)]
+    head = [m for m in net.student_head.modules() if isinstance(m, torch.nn.Linear)]
+    assert [(m.in_features, m.out_features) for m in trunk] == [(1728, 4096), (4096, 4096)]
+    assert [(m.in_features, m.out_features) for m in head] == [(1728, 4096), (4096, 4096), (4096, 1)]
+    x = torch.rand(1, 3, 3, 32, 32)
+    mask = torch.ones(1, 3, dtype=torch.bool)
+    h = encode_instances(net.encoder, x, mask)
+    assert net.teacher_forward(h, mask).bag_logits.shape == (1,) and net.student_logits(x, mask, h).shape == (1, 3)

@@ -285,6 +285,12 @@ class WENOConfig(StrictModel):
             )
         return cfg
 
+    @field_validator("teacher_signal", mode="before")
+    @classmethod
+    def _old_signal_names(cls, v: object) -> object:
+        """Run directories written before the rename: instance_scores → logits, attention → softmax."""
+        return {"instance_scores": "logits", "attention": "softmax"}.get(v, v) if isinstance(v, str) else v
+
     @field_validator("hpm_threshold_grid")
     @classmethod
     def _grid(cls, v: list[float] | None) -> list[float] | None:
