@@ -98,3 +98,14 @@ def test_bootstrap_interval_behaviour():
     assert grouped["high"] - grouped["low"] == pytest.approx(a["high"] - a["low"], rel=0.25)
     one = bootstrap_auroc(np.ones(5), np.arange(5.0))
     assert np.isnan(one["auroc"]) and np.isnan(one["low"])
+
+
+def test_too_few_validation_slides_are_never_trustworthy():
+    """Two validation slides give a bootstrap interval of [1, 1]; that is not evidence."""
+    y = np.array([0, 1] * 4)
+    patch_y = np.concatenate([np.r_[np.zeros(9, int), [v]] for v in y])
+    s = patch_y * 5.0
+    t = assess(y, y.astype(float), s.reshape(8, 10).max(1), patch_true=patch_y, patch_score=s,
+               patch_group=np.repeat(np.arange(8), 10), member_scores=[s, s + 0.01], n_boot=200)
+    assert t["slide_auroc"]["ci95"] == [1.0, 1.0]
+    assert t["verdict"] == UNCERTAIN and "too few" in t["rule"]

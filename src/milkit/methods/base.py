@@ -61,6 +61,8 @@ class InstanceOutputs:
     raw: Tensor
     probability: Tensor | None
     uncertainty: Tensor | None = None
+    #: what the calibrator reads (the instance logit in singleton mode, else the raw score)
+    calibration_input: Tensor | None = None
 
 
 class Labeler:
@@ -101,27 +103,35 @@ class Labeler:
     @torch.no_grad()
     def __call__(self, batch: BagBatch) -> tuple[Tensor, Tensor]:
         """(bag probabilities (B,), instance scores (B, N)); padded positions are 0."""
+        bag_prob, raw, _ = self.scores_and_logits(batch)
+        return bag_prob, raw
+
+    @torch.no_grad()
+    def scores_and_logits(self, batch: BagBatch) -> tuple[Tensor, Tensor, Tensor]:
+        """(bag probabilities, raw instance scores, calibration input): in ``singleton`` mode the
+        calibration input is the instance logit itself, not its float32 sigmoid, which rounds
+        to exactly 1 (ties) for confident positives; otherwise it is the raw score."""
         if self.instance_mode == "singleton":
             out, logits = bag_and_instance_logits(self.model, batch.instances, batch.mask, batch.adj)
             inst = torch.sigmoid(logits) * batch.mask
-        else:
-            out = self.model(batch.instances, batch.mask, batch.adj)
-            inst = out.instance_scores
-        return torch.sigmoid(out.bag_logits), inst
+            return torch.sigmoid(out.bag_logits), inst, logits * batch.mask
+        out = self.model(batch.instances, batch.mask, batch.adj)
+        return torch.sigmoid(out.bag_logits), out.instance_scores, out.instance_scores
 
     @torch.no_grad()
     def outputs(self, batch: BagBatch) -> InstanceOutputs:
         """Raw score, calibrated probability (when available) and bag probability of a batch."""
-        bag_prob, raw = self(batch)
+        bag_prob, raw, cal_in = self.scores_and_logits(batch)
         cal = getattr(self, "calibrator", None)
         mask = batch.mask.to(raw.dtype)
         if cal is not None:
-            prob = torch.as_tensor(cal(raw.double().cpu().numpy()), dtype=raw.dtype).to(raw.device) * mask
+            x = cal_in if not cal.logit_input else raw  # logit_input: a calibrator fitted on probabilities
+            prob = torch.as_tensor(cal(x.double().cpu().numpy()), dtype=raw.dtype).to(raw.device) * mask
         elif self.score_kind == "probability":
             prob = raw.clamp(0, 1)
         else:
             prob = None
-        return InstanceOutputs(bag_prob, raw, prob, None)
+        return InstanceOutputs(bag_prob, raw, prob, None, cal_in)
 
     @torch.no_grad()
     def predict_dataset(self, ds: BagDataset) -> list[dict]:
@@ -141,6 +151,8 @@ class Labeler:
                     "scores": raw,
                     "raw": raw,
                     "probability": None if o.probability is None else o.probability[0, :n].cpu().numpy(),
+                    "calibration_input": None if o.calibration_input is None
+                    else o.calibration_input[0, :n].double().cpu().numpy(),
                     "uncertainty": None if o.uncertainty is None else o.uncertainty[0, :n].cpu().numpy(),
                     "instance_labels": None if bag.instance_labels is None else bag.instance_labels.cpu().numpy(),
                 }

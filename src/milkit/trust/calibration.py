@@ -118,9 +118,14 @@ def fit_calibrator(raw: np.ndarray, y: np.ndarray, weights: np.ndarray | None = 
     return cal
 
 
-def slide_label_targets(rows: list[dict], key: str = "raw") -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+def _cal_key(rows: list[dict]) -> str:
+    return "calibration_input" if rows and rows[0].get("calibration_input") is not None else "raw"
+
+
+def slide_label_targets(rows: list[dict], key: str | None = None) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """(raw, target, weight) from slide labels: every instance of a negative slide → 0, the top
     instance of each positive slide → 1; classes weighted equally (module docstring)."""
+    key = key or _cal_key(rows)
     neg = [np.asarray(r[key], np.float64) for r in rows if r["label"] == 0 and len(r[key])]
     pos = [float(np.max(r[key])) for r in rows if r["label"] == 1 and len(r[key])]
     if not neg or not pos:
@@ -132,18 +137,21 @@ def slide_label_targets(rows: list[dict], key: str = "raw") -> tuple[np.ndarray,
     return raw, y, w
 
 
-def calibrate_rows(rows: list[dict], logit_input: bool) -> Calibrator:
-    """Calibrator for one labeler from its validation rows (``Labeler.predict_dataset``):
+def calibrate_rows(rows: list[dict], logit_input: bool = False) -> Calibrator:
+    """Calibrator for one labeler from its validation rows (``Labeler.predict_dataset``), on their
+    ``calibration_input`` (instance logits for probability scores) when present, else ``raw``
+    (``logit_input``: raw scores are probabilities, take their logit):
     on validation patch labels when any validation instance is labelled with both classes,
     otherwise from the slide labels."""
     ys, ss = [], []
+    key = _cal_key(rows)
     for r in rows:
         lab = r.get("instance_labels")
         if lab is None:
             continue
         keep = np.asarray(lab) >= 0
         ys.append(np.asarray(lab)[keep])
-        ss.append(np.asarray(r["raw"])[keep])
+        ss.append(np.asarray(r[key])[keep])
     if ys and len(np.unique(np.concatenate(ys))) == 2:
         return fit_calibrator(np.concatenate(ss), np.concatenate(ys), logit_input=logit_input, source=SOURCE_PATCH)
     raw, y, w = slide_label_targets(rows)

@@ -103,12 +103,14 @@ def calibrate(lab: Labeler, splits: DataSplits, stage_dir: Path) -> Calibrator |
         return None
     lab.calibrator = None
     rows = lab.predict_dataset(splits.val)
-    logit = lab.score_kind == "probability"
+    # probabilities without their logits (a labeler that does not report them): calibrate their logit
+    logit = lab.score_kind == "probability" and (not rows or rows[0].get("calibration_input") is None)
     try:
         cal = calibrate_rows(rows, logit_input=logit)
     except ValueError as err:
-        cal = Calibrator(1.0, 0.0, 0.0, 1.0, logit, f"uncalibrated ({err}): "
-                         + ("the probability as it is" if logit else "σ(raw score)"))
+        prob = lab.score_kind == "probability"
+        cal = Calibrator(1.0, 0.0, 0.0, 1.0, False, f"uncalibrated ({err}): "
+                         + ("the probability as it is (σ of the instance logit)" if prob else "σ(raw score)"))
     lab.calibrator = cal
     io.write_json(stage_dir / "calibration.json", cal.to_dict())
     return cal

@@ -30,6 +30,8 @@ TRUSTWORTHY, UNCERTAIN, DO_NOT_USE = "trustworthy", "uncertain", "do not use"
 MIN_SEED_AGREEMENT = 0.5
 #: below this validation patch AUROC patch labels are too noisy to act on (a reading aid)
 MIN_PATCH_AUROC = 0.8
+#: with fewer validation slides of a class the bootstrap intervals are too optimistic to act on
+MIN_SLIDES_PER_CLASS = 10
 N_BOOT = 1000
 
 #: (verdict, rule) in the order they are checked
@@ -38,6 +40,7 @@ RULES: tuple[tuple[str, str], ...] = (
     (DO_NOT_USE, "validation patch AUROC 95% CI includes or lies below 0.5"),
     (DO_NOT_USE, "max-patch slide AUROC 95% CI lies below 0.5 (patch scores run the wrong way)"),
     (UNCERTAIN, "max-patch slide AUROC undefined or its 95% CI includes 0.5 (patch scores do not explain the slide labels)"),
+    (UNCERTAIN, f"fewer than {MIN_SLIDES_PER_CLASS} validation slides of a class: too few to check"),
     (UNCERTAIN, f"seed agreement ρ < {MIN_SEED_AGREEMENT} or undefined"),
     (UNCERTAIN, f"validation patch AUROC < {MIN_PATCH_AUROC}"),
     (UNCERTAIN, "one seed and no validation patch labels: patch-score stability unmeasured (train with --seeds 3)"),
@@ -101,13 +104,13 @@ def assess(slide_true, slide_prob, slide_max_score, *, patch_true=None, patch_sc
         p_auc is not None and (_nan(p_auc["ci95"][0]) or p_auc["ci95"][0] <= 0.5),
         m_auc is not None and not _nan(m_auc["ci95"][1]) and m_auc["ci95"][1] < 0.5,
         m_auc is not None and (_nan(m_auc["ci95"][0]) or m_auc["ci95"][0] <= 0.5),
+        min(int((slide_true == 1).sum()), int((slide_true == 0).sum())) < MIN_SLIDES_PER_CLASS,
         len(member_scores or []) >= 2 and (agree["rho"] is None or agree["rho"] < MIN_SEED_AGREEMENT),
         p_auc is not None and p_auc["value"] < MIN_PATCH_AUROC,
         len(member_scores or []) < 2 and p_auc is None,
     ]
-    if not patch_checks:
-        fired[1:] = [False] * (len(fired) - 1)
-        fired.append(True)
+    if not patch_checks:  # keep the slide-level rules only
+        fired = [f if i in (0, 4) else False for i, f in enumerate(fired)] + [True]
     rules = list(RULES) + ([] if patch_checks else [(UNCERTAIN, "pixel-map method: patch-level checks not implemented")])
     verdict, rule = TRUSTWORTHY, "no rule fired: slide and patch checks passed"
     for (v, text), f in zip(rules, fired):
