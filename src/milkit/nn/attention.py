@@ -57,3 +57,23 @@ class AttentionPool(nn.Module):
         a = masked_softmax(s, mask)
         z = weighted_sum(a, h)
         return z, a, s.masked_fill(~mask, 0.0)
+
+
+def dropout_mask(x: Tensor, p: float) -> Tensor:
+    """A dropout multiplier for ``x``: 0 with probability ``p``, else 1/(1−p) (inverted dropout)."""
+    keep = 1.0 - p
+    return (torch.rand_like(x) < keep).to(x.dtype).mul_(1.0 / keep)
+
+
+class FastDropout(nn.Dropout):
+    """``nn.Dropout`` with the same distribution (each element kept with probability 1−p,
+    scaled by 1/(1−p)) drawn from ``torch.rand`` instead of ``bernoulli_``, which is several
+    times slower on a CPU. Same state dict (none) and the same output in eval mode; while
+    training, a given seed draws other masks than ``nn.Dropout`` would."""
+
+    def forward(self, x: Tensor) -> Tensor:  # noqa: D102
+        if not self.training or self.p == 0.0:
+            return x
+        if self.p >= 1.0:
+            return x * 0.0
+        return x * dropout_mask(x, self.p)
