@@ -165,3 +165,29 @@ def test_masked_softmax_unchanged():
     w = masked_softmax(s, mask)
     e = torch.exp(torch.tensor([1.0, 3.0]))
     torch.testing.assert_close(w, torch.tensor([[e[0] / e.sum(), 0.0, e[1] / e.sum()]]))
+
+
+def test_gated_attention_pool_equals_reference():
+    """The stacked [V; U] GEMM and the unpadded fast path of AttentionPool (ABMIL, D2L Eq. 1–2)."""
+    from milkit.nn.attention import AttentionPool
+
+    torch.manual_seed(0)
+    pool = AttentionPool(24, 8, gated=True)
+    h = torch.randn(2, 30, 24, requires_grad=True)
+    sc = pool.scorer
+
+    def ref(h, mask):
+        s = sc.w(torch.tanh(sc.V(h)) * torch.sigmoid(sc.U(h))).squeeze(-1)
+        a = masked_softmax(s, mask)
+        return torch.bmm(a.unsqueeze(1), h).squeeze(1), a, s.masked_fill(~mask, 0.0)
+
+    for mask in (torch.ones(2, 30, dtype=torch.bool), torch.arange(30).expand(2, 30) < torch.tensor([[30], [17]])):
+        outs = []
+        for f in (pool, ref):
+            pool.zero_grad()
+            h.grad = None
+            z, a, s = f(h, mask)
+            (z.square().sum() + s.sum()).backward()
+            outs.append((z, a, s, h.grad.clone(), sc.V.weight.grad.clone(), sc.U.bias.grad.clone()))
+        for x, y in zip(*outs):
+            torch.testing.assert_close(x, y, **TOL)
