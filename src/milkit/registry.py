@@ -54,6 +54,7 @@ BENCHMARK_MODULES: list[str] = [
     "milkit.benchmarks.extract",  # tiling and feature-extraction throughput
     "milkit.benchmarks.sm_spatial",  # Sm: spatial synthetic
     "milkit.benchmarks.speed",  # MIL models' speed and memory (vs torchmil)
+    "milkit.benchmarks.train_loop",  # milkit train vs a plain PyTorch loop (issue 15)
     "milkit.benchmarks.positive_ratio",  # WENO Table 1 / Table 4
     "milkit.benchmarks.segmentation",  # IKD-MIL Table 1, Max-Min Tables 1–2
     "milkit.benchmarks.d2l_histology",  # Distill-to-Label Tables I–II on colon/breast

@@ -2,7 +2,13 @@
 
 from __future__ import annotations
 
+import json
+import os
 import shutil
+import stat
+import subprocess
+import sys
+from pathlib import Path
 
 import h5py
 import numpy as np
@@ -103,12 +109,130 @@ def test_extract_named_errors(tmp_path):
         ex.extract_dir(empty, "tiny_cnn", "none")
     with h5py.File(empty / "x.h5", "w") as f:
         f.create_dataset("coords", data=np.zeros((2, 2), np.int64))
-    with pytest.raises(ValueError, match=r"x\.h5: 'coords' has no patch_size"):
-        ex.extract_dir(empty, "tiny_cnn", "none")
+    with pytest.raises(ex.ExtractionFailed, match=r"failed\.csv: 1 of 1 .*x\.h5: 'coords' has no patch_size"):
+        ex.extract_dir(empty, "tiny_cnn", "none", progress=False)
     with h5py.File(empty / "x.h5", "a") as f:
         f["coords"].attrs["patch_size"] = 32
         f["coords"].attrs["patch_size_level0"] = 64
         f["coords"].attrs["slide_path"] = str(tmp_path / "gone.tif")
-    with pytest.raises(FileNotFoundError, match="cannot find the slide 'x'"):
+    with pytest.raises(ex.ExtractionFailed, match="cannot find the slide 'x'"):
         ex.extract_dir(empty, "tiny_cnn", "none", num_workers=0, progress=False)
-    assert sorted(p.name for p in empty.iterdir()) == ["x.h5"]
+    assert sorted(p.name for p in empty.iterdir()) == ["failed.csv", "x.h5"]
+
+
+def _features(path):
+    with h5py.File(path) as f:
+        return f["features"][()] if "features" in f else None
+
+
+def _cohort_copy(cohort, tmp_path, names=("s01", "s02", "s03")):
+    """Tiles (without features) and slides of a few cohort slides, in their own folders."""
+    tiles, slides = tmp_path / "tiles", tmp_path / "slides"
+    tiles.mkdir()
+    slides.mkdir()
+    for n in names:
+        shutil.copy(cohort.tiles_dir / f"{n}.h5", tiles / f"{n}.h5")
+        with h5py.File(tiles / f"{n}.h5", "a") as f:
+            del f["features"]
+        shutil.copy(cohort.slides_dir / f"{n}.tif", slides / f"{n}.tif")
+    return tiles, slides
+
+
+def test_batched_reads_equal_one_read_per_patch(cohort):
+    """One region read per row run gives exactly the pixels of one read per patch:
+    level-0 and level-1 reads, adjacent, overlapping, gapped and off-grid patches."""
+    slide = cohort.slides_dir / "s02.tif"
+    coords = np.array([[0, 0], [64, 0], [128, 0], [160, 0], [321, 0], [448, 0],  # adjacent, overlap, off-grid, gap
+                       [0, 64], [64, 64], [5, 130], [900, 900], [1000, 1000]], np.int64)  # last: past the edge
+    rng = np.random.default_rng(0)
+    idx = rng.permutation(len(coords))  # batch order differs from grid order
+    for size0, patch, inp in ((64, 32, None), (64, 64, None), (64, 32, 40)):
+        ds = ex.PatchDataset(slide, coords, size0, patch, inp)
+        batch = ds.read_batch(idx)
+        for j, i in enumerate(idx):
+            np.testing.assert_array_equal(batch[j], ds[int(i)].permute(1, 2, 0).numpy())
+
+
+def test_unreadable_slide_is_recorded_and_the_rest_go_on(cohort, tmp_path, capsys):
+    tiles, slides = _cohort_copy(cohort, tmp_path)
+    good = (slides / "s02.tif").read_bytes()
+    (slides / "s02.tif").write_bytes(good[: len(good) // 3])  # truncated: unreadable
+    out = tmp_path / "feats"
+    with pytest.raises(ex.ExtractionFailed) as e:  # in a DataLoader worker, as a real run
+        ex.extract_dir(tiles, "tiny_cnn", "none", out_dir=out, slides_dir=slides, num_workers=1, progress=False)
+    assert "failed.csv: 1 of 3 slide(s)" in str(e.value) and "\n" not in str(e.value)
+    rows = (out / "failed.csv").read_text().splitlines()
+    assert rows[0] == "slide,reason" and len(rows) == 2 and rows[1].startswith("s02,")
+    assert "s02.tif" in rows[1]  # the reason names the slide file
+    assert sorted(p.name for p in out.iterdir()) == ["failed.csv", "s01.h5", "s03.h5"]
+    for n in ("s01", "s03"):  # the others are complete and equal the reference features
+        np.testing.assert_allclose(_features(out / f"{n}.h5"), _features(cohort.tiles_dir / f"{n}.h5"),
+                                   rtol=1e-5, atol=1e-6)
+    assert e.value.summary["failed"][0]["slide"] == "s02" and len(e.value.summary["written"]) == 2
+    # the command line: one line naming failed.csv, exit status 2, no traceback
+    from milkit.cli import main
+
+    rc = main(["extract", str(tiles), "--encoder", "tiny_cnn", "--weights", "none", "--out", str(out),
+               "--slides", str(slides), "--workers", "0", "--no-progress"])
+    err = capsys.readouterr().err.strip()
+    assert rc == 2 and "failed.csv" in err and "Traceback" not in err
+    # fixed slide: the rerun writes it, skips the others and drops the stale failed.csv
+    (slides / "s02.tif").write_bytes(good)
+    r = ex.extract_dir(tiles, "tiny_cnn", "none", out_dir=out, slides_dir=slides, num_workers=0, progress=False)
+    assert [Path(p).name for p in r["written"]] == ["s02.h5"] and len(r["skipped"]) == 2
+    assert not (out / "failed.csv").exists()
+
+
+def test_stale_temp_files_removed_and_file_mode_kept(cohort, tmp_path):
+    tiles, slides = _cohort_copy(cohort, tmp_path, ("s01", "s02"))
+    ranks = ex.shard_assignment([len(ex.read_patch_file(tiles / f"{n}.h5").coords) for n in ("s01", "s02")], 2)
+    mine, other = ("s01", "s02") if ranks[0] == 0 else ("s02", "s01")
+    stale = tiles / f".{mine}.h5.k2j_x9q1.tmp"  # what io.atomic_path names a temp file
+    foreign = tiles / f".{other}.h5.a8b7c6d5.tmp"  # another rank's slide: never touched
+    user = [tiles / ".notes.tmp", tiles / f".{mine}.h5.tmp", tiles / f"{mine}.h5.k2j_x9q1.tmp"]
+    for q in [stale, foreign, *user]:
+        q.write_bytes(b"partial")
+    os.chmod(tiles / f"{mine}.h5", 0o640)
+    ex.extract_dir(tiles, "tiny_cnn", "none", num_workers=0, progress=False, environ={"RANK": "0", "WORLD_SIZE": "2"})
+    assert not stale.exists() and foreign.exists() and all(q.exists() for q in user)
+    assert _features(tiles / f"{mine}.h5") is not None
+    assert stat.S_IMODE((tiles / f"{mine}.h5").stat().st_mode) == 0o640  # in place: the h5's mode is kept
+    old = os.umask(0o027)
+    try:  # a new file in another folder follows the umask
+        out = tmp_path / "feats"
+        ex.extract_dir(tiles, "tiny_cnn", "none", out_dir=out, num_workers=0, progress=False)
+    finally:
+        os.umask(old)
+    assert {stat.S_IMODE(p.stat().st_mode) for p in out.glob("*.h5")} == {0o640}
+
+
+_RANK_SCRIPT = """
+import json, sys
+from milkit.slide.extract import extract_dir
+r = extract_dir(sys.argv[1], "tiny_cnn", "none", out_dir=sys.argv[2], num_workers=0, progress=False)
+print(json.dumps(r))
+"""
+
+
+def test_two_ranks_write_each_slide_once(cohort, tmp_path):
+    """torchrun-style sharding: two concurrent processes with RANK/WORLD_SIZE."""
+    names = ("s01", "s02", "s03", "s04", "s05")
+    tiles, _ = _cohort_copy(cohort, tmp_path, names)
+    out = tmp_path / "feats"
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(sys.path), "OMP_NUM_THREADS": "1", "WORLD_SIZE": "2"}
+    procs = [subprocess.Popen([sys.executable, "-c", _RANK_SCRIPT, str(tiles), str(out)], stdout=subprocess.PIPE,
+                              stderr=subprocess.PIPE, text=True, env={**env, "RANK": str(r), "LOCAL_RANK": str(r)})
+             for r in (0, 1)]
+    summaries = []
+    for p in procs:
+        stdout, stderr = p.communicate(timeout=240)
+        assert p.returncode == 0, stderr[-2000:]
+        summaries.append(json.loads(stdout.strip().splitlines()[-1]))
+    assert [s["rank"] for s in summaries] == [0, 1] and all(s["world_size"] == 2 for s in summaries)
+    written = [Path(p).name for s in summaries for p in s["written"]]
+    assert sorted(written) == [f"{n}.h5" for n in names]  # every slide once, by one rank
+    assert all(s["written"] for s in summaries)  # both ranks did work
+    assert sorted(p.name for p in out.iterdir()) == sorted(written)  # no temp files, no failed.csv
+    for n in names:
+        np.testing.assert_allclose(_features(out / f"{n}.h5"), _features(cohort.tiles_dir / f"{n}.h5"),
+                                   rtol=1e-5, atol=1e-6)

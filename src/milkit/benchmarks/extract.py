@@ -1,15 +1,26 @@
-"""``milkit benchmark extract``: patches/s of tiling and feature extraction on a generated slide,
-each beside the plain single-process loop a script would write.
+"""``milkit benchmark extract``: tiling and feature-extraction throughput on a generated slide,
+each beside the plain single-process loop a script would write and the machine's FLOP limit.
 
 - tiling, milkit: tissue mask on a thumbnail, then the grid's tissue fractions by integral image;
 - tiling, plain loop: read every grid patch at level 0 and threshold its own saturation;
-- extraction, milkit: DataLoader workers decode patches, batched inference on the device;
-- extraction, plain loop: one process reads, normalises and encodes one patch at a time.
+- extraction, milkit: :func:`~milkit.slide.extract.encode_patches` end to end (read, decode,
+  normalise, forward; batches decoded in workers);
+- extraction, plain loop: one process reads, normalises and encodes one patch at a time
+  (torchvision/timm model, ``no_grad``);
+- the FLOP limit: this machine's float32 GEMM GFLOP/s (2048² matmul, same torch threads)
+  divided by the encoder's FLOPs per patch (``torch.utils.flop_counter``).
+
+The machine may be shared: every encoder runs ``--rounds`` rounds, and in each round the
+GEMM probe, milkit and the plain loop run back to back (alternating which goes first), so
+that each ratio compares numbers taken under the same load; the table gives medians over
+rounds and the load average before and after.
 """
 
 from __future__ import annotations
 
 import json
+import os
+import statistics
 import tempfile
 import time
 from pathlib import Path
@@ -17,6 +28,8 @@ from typing import Optional
 
 import numpy as np
 import typer
+
+DEFAULT_ENCODERS = "resnet18,resnet50_trunc,timm:vit_small_patch16_224"
 
 
 def _plain_tiling(slide_path: Path, ps0: int, threshold: float) -> np.ndarray:
@@ -36,13 +49,14 @@ def _plain_tiling(slide_path: Path, ps0: int, threshold: float) -> np.ndarray:
 
 
 def _plain_extract(slide_path: Path, coords: np.ndarray, ps0: int, patch: int, enc, device) -> np.ndarray:
+    """The loop a script would write: one patch at a time, read → resize → normalise → model."""
     import torch
     from PIL import Image
 
     from milkit.slide.extract import normalise
     from milkit.slide.reader import Slide
 
-    model = enc.model.to(device).eval()
+    model = enc.model.to(device).eval().to(memory_format=torch.contiguous_format)
     out = []
     with Slide(slide_path) as s, torch.no_grad():
         for x, y in coords:
@@ -51,18 +65,87 @@ def _plain_extract(slide_path: Path, coords: np.ndarray, ps0: int, patch: int, e
             if arr.shape[0] != size:
                 arr = np.asarray(Image.fromarray(arr).resize((size, size), Image.BILINEAR))
             t = torch.from_numpy(arr).permute(2, 0, 1)[None].to(device)
-            out.append(model(normalise(t, enc.mean, enc.std)).float().cpu())
+            out.append(model(normalise(t, enc.mean, enc.std).contiguous()).float().cpu())
     return torch.cat(out).numpy()
 
 
-def run_benchmark(size: int, patch: int, encoder: str, weights: str, workers: int, batch_size: int,
-                  devices: str, max_patches: int | None, workdir: Path) -> dict:
+def gemm_gflops(seconds: float = 0.5, n: int = 2048) -> float:
+    """Float32 GEMM throughput of this process (best of repeated n×n matmuls)."""
     import torch
 
-    from milkit.slide.extract import PatchDataset, build_patch_encoder, encode_patches, pick_device
+    a, b = torch.randn(n, n), torch.randn(n, n)
+    a @ b
+    best, t_end = float("inf"), time.perf_counter() + seconds
+    while time.perf_counter() < t_end or best == float("inf"):
+        t = time.perf_counter()
+        a @ b
+        best = min(best, time.perf_counter() - t)
+    return 2 * n**3 / best / 1e9
+
+
+def flops_per_patch(model, size: int) -> float:
+    """Forward FLOPs of one ``size``² patch (multiply-add = 2 FLOPs)."""
+    import torch
+    from torch.utils.flop_counter import FlopCounterMode
+
+    counter = FlopCounterMode(display=False)
+    with torch.no_grad(), counter:
+        model.eval()(torch.zeros(1, 3, size, size))
+    return float(counter.get_total_flops())
+
+
+def _sync(device) -> None:
+    import torch
+
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+
+
+def bench_encoder(encoder: str, weights: str, slide_path: Path, coords: np.ndarray, patch: int, workers: int,
+                  batch_size: int, device, rounds: int) -> dict:
+    """Rounds of (GEMM probe, milkit, plain loop) on the same patches; medians and per-round ratios."""
+    from milkit.slide.extract import PatchDataset, build_patch_encoder, encode_patches
+
+    enc = build_patch_encoder(encoder, weights)
+    size = enc.input_size or patch
+    fl = flops_per_patch(enc.model, size)
+    ds = PatchDataset(slide_path, coords, patch, patch, enc.input_size)
+    warm = PatchDataset(slide_path, coords[: min(batch_size, 8, len(coords))], patch, patch, enc.input_size)
+    encode_patches(enc, warm, device, batch_size, 0)  # allocator, oneDNN/cuDNN kernels
+    _plain_extract(slide_path, coords[:2], patch, patch, enc, device)
+    n = len(coords)
+    rows, diff = [], 0.0
+    for r in range(rounds):
+        g = gemm_gflops()
+        order = ("milkit", "plain") if r % 2 == 0 else ("plain", "milkit")
+        t = {}
+        for which in order:
+            t0 = time.perf_counter()
+            if which == "milkit":
+                feats = encode_patches(enc, ds, device, batch_size, workers)
+            else:
+                plain = _plain_extract(slide_path, coords, patch, patch, enc, device)
+            _sync(device)
+            t[which] = time.perf_counter() - t0
+        diff = max(diff, float(np.abs(feats - plain).max()) if n else 0.0)
+        limit = g * 1e9 / fl
+        rows.append({"gemm_gflops": g, "limit_patches_per_s": limit, "milkit_patches_per_s": n / t["milkit"],
+                     "plain_patches_per_s": n / t["plain"], "milkit_vs_limit": n / t["milkit"] / limit,
+                     "milkit_vs_plain": t["plain"] / t["milkit"]})
+    med = {k: statistics.median(r[k] for r in rows) for k in rows[0]}
+    return {"encoder": enc.name, "input_px": size, "gflop_per_patch": fl / 1e9, "patches": n, "rounds": rows,
+            "median": med, "max_abs_feature_diff": diff}
+
+
+def run_benchmark(size: int, patch: int, encoders: list[str], weights: str, workers: int, batch_size: int,
+                  devices: str, max_patches: int | None, rounds: int, workdir: Path) -> dict:
+    import torch
+
+    from milkit.slide.extract import pick_device
     from milkit.slide.synthetic import make_slide
     from milkit.slide.tiling import TilingConfig, tile_slide
 
+    load0 = os.getloadavg()
     slide = make_slide(workdir, "bench", True, seed=0, size=(size, size), mpp=0.5, lesion_scale=0.15)
     cfg = TilingConfig(patch_size=patch, downsample=1.0)
     t = time.perf_counter()
@@ -80,70 +163,72 @@ def run_benchmark(size: int, patch: int, encoder: str, weights: str, workers: in
     n_grid = (size // patch) ** 2
     if max_patches is not None:
         coords = coords[:max_patches]
-    enc = build_patch_encoder(encoder, weights)
     device = pick_device(devices, 0)
-    ds = PatchDataset(slide.path, coords, patch, patch, enc.input_size)
-    encode_patches(enc, PatchDataset(slide.path, coords[: min(8, len(coords))], patch, patch, enc.input_size),
-                   device, batch_size, 0)  # warm-up (allocator, cuDNN autotune)
-    if device.type == "cuda":
-        torch.cuda.synchronize()
-    t = time.perf_counter()
-    feats = encode_patches(enc, ds, device, batch_size, workers)
-    if device.type == "cuda":
-        torch.cuda.synchronize()
-    t_ext = time.perf_counter() - t
-    t = time.perf_counter()
-    plain = _plain_extract(slide.path, coords, patch, patch, enc, device)
-    if device.type == "cuda":
-        torch.cuda.synchronize()
-    t_plain_ext = time.perf_counter() - t
-    n = len(coords)
+    results = [bench_encoder(e, weights, slide.path, coords, patch, workers, batch_size, device, rounds)
+               for e in encoders]
     return {
         "slide": f"{size}x{size} px generated tiled TIFF (jpeg), patch {patch} px at level 0",
-        "encoder": enc.name, "device": str(device), "workers": workers, "batch_size": batch_size,
-        "grid_patches": n_grid, "kept_patches": len(a), "extracted_patches": n,
+        "device": str(device), "workers": workers, "batch_size": batch_size, "torch_threads": torch.get_num_threads(),
+        "grid_patches": n_grid, "kept_patches": len(a), "extracted_patches": len(coords),
         "tiling": {"milkit_s": t_tile, "plain_s": t_plain_tile,
                    "milkit_grid_patches_per_s": n_grid / t_tile, "plain_grid_patches_per_s": n_grid / t_plain_tile,
                    "kept_jaccard_vs_plain": len(a & b) / max(1, len(a | b))},
-        "extraction": {"milkit_s": t_ext, "plain_s": t_plain_ext, "milkit_patches_per_s": n / t_ext,
-                       "plain_patches_per_s": n / t_plain_ext,
-                       "max_abs_feature_diff": float(np.abs(feats - plain).max()) if n else 0.0},
-        "torch_threads": torch.get_num_threads(),
+        "extraction": results, "loadavg_before": load0, "loadavg_after": os.getloadavg(), "cpu_count": os.cpu_count(),
     }
+
+
+def markdown(res: dict) -> str:
+    """The result tables as markdown."""
+    tl = res["tiling"]
+    lines = [f"{res['slide']}; {res['device']}, {res['torch_threads']} torch threads, {res['workers']} workers, "
+             f"batch {res['batch_size']}; load average {res['loadavg_before'][0]:.2f} before, "
+             f"{res['loadavg_after'][0]:.2f} after ({res['cpu_count']} CPUs).", "",
+             "| tiling | grid positions | milkit (positions/s) | plain loop (positions/s) | speed-up | kept-set Jaccard |",
+             "|---|---:|---:|---:|---:|---:|",
+             f"| {res['slide'].split(',')[0]} | {res['grid_patches']} | {tl['milkit_grid_patches_per_s']:.0f} | "
+             f"{tl['plain_grid_patches_per_s']:.0f} | {tl['plain_s'] / tl['milkit_s']:.1f}× | "
+             f"{tl['kept_jaccard_vs_plain']:.3f} |", "",
+             "| encoder | px | GFLOP/patch | patches | GEMM GFLOP/s | limit (patches/s) | milkit (patches/s) | "
+             "plain loop (patches/s) | milkit / limit | milkit / plain | max abs Δfeature |",
+             "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
+    for r in res["extraction"]:
+        m = r["median"]
+        lines.append(f"| {r['encoder']} | {r['input_px']} | {r['gflop_per_patch']:.2f} | {r['patches']} | "
+                     f"{m['gemm_gflops']:.0f} | {m['limit_patches_per_s']:.1f} | {m['milkit_patches_per_s']:.1f} | "
+                     f"{m['plain_patches_per_s']:.1f} | {100 * m['milkit_vs_limit']:.0f} % | "
+                     f"{m['milkit_vs_plain']:.2f}× | {r['max_abs_feature_diff']:.1e} |")
+    lines += ["", f"Medians over {len(res['extraction'][0]['rounds']) if res['extraction'] else 0} rounds; "
+              "each round runs the GEMM probe, milkit and the plain loop back to back."]
+    return "\n".join(lines) + "\n"
 
 
 def bench(
     size: int = typer.Option(4096, "--size", help="side of the generated slide in pixels"),
     patch: int = typer.Option(256, "--patch-size"),
-    encoder: str = typer.Option("resnet18", "--encoder"),
+    encoders: str = typer.Option(DEFAULT_ENCODERS, "--encoder", "--encoders", help="comma-separated encoders"),
     weights: str = typer.Option("none", "--weights", help="none (random, no download), imagenet, or a file"),
-    workers: int = typer.Option(2, "--workers"),
-    batch_size: int = typer.Option(64, "--batch-size"),
+    workers: int = typer.Option(1, "--workers"),
+    batch_size: int = typer.Option(32, "--batch-size"),
     devices: str = typer.Option("auto", "--devices"),
-    max_patches: Optional[int] = typer.Option(None, "--max-patches", help="extract at most this many patches"),
-    out: Optional[Path] = typer.Option(None, "--out", help="write the numbers as JSON here"),
+    max_patches: Optional[int] = typer.Option(64, "--max-patches", help="extract at most this many patches"),
+    rounds: int = typer.Option(3, "--rounds", help="side-by-side rounds per encoder (medians reported)"),
+    out: Optional[Path] = typer.Option(None, "--out", help="folder for extract.json and extract.md"),
 ) -> None:
-    """Tiling and extraction throughput vs a plain single-process loop."""
+    """Tiling and extraction throughput vs a plain single-process loop and the FLOP limit."""
     from rich.console import Console
-    from rich.table import Table
 
+    enc_list = [e.strip() for e in encoders.split(",") if e.strip()]
+    if rounds < 1:
+        raise ValueError(f"--rounds must be ≥ 1, got {rounds}")
     with tempfile.TemporaryDirectory() as tmp:
-        res = run_benchmark(size, patch, encoder, weights, workers, batch_size, devices, max_patches, Path(tmp))
-    t = Table(title=f"milkit benchmark extract — {res['slide']}, {res['encoder']} on {res['device']}")
-    for c in ("stage", "patches", "milkit (patches/s)", "plain loop (patches/s)", "speed-up", "agreement"):
-        t.add_column(c)
-    tl, ex = res["tiling"], res["extraction"]
-    t.add_row("tiling (grid positions)", str(res["grid_patches"]), f"{tl['milkit_grid_patches_per_s']:.0f}",
-              f"{tl['plain_grid_patches_per_s']:.0f}", f"{tl['plain_s'] / tl['milkit_s']:.1f}×",
-              f"kept-set Jaccard {tl['kept_jaccard_vs_plain']:.3f}")
-    t.add_row(f"extraction ({res['workers']} workers, batch {res['batch_size']})", str(res["extracted_patches"]),
-              f"{ex['milkit_patches_per_s']:.1f}", f"{ex['plain_patches_per_s']:.1f}",
-              f"{ex['plain_s'] / ex['milkit_s']:.1f}×", f"max |Δfeature| {ex['max_abs_feature_diff']:.2e}")
-    Console().print(t)
+        res = run_benchmark(size, patch, enc_list, weights, workers, batch_size, devices, max_patches, rounds, Path(tmp))
+    md = markdown(res)
+    Console().print(md)
     if out is not None:
         from milkit import io
 
-        io.write_json(out, res)
+        io.write_json(Path(out) / "extract.json", res)
+        io.write_text(Path(out) / "extract.md", f"# milkit benchmark extract\n\n{md}")
     else:
         typer.echo(json.dumps(res, indent=1))
 

@@ -2,11 +2,13 @@
 
 For each model and bag size N (instances × ``dim`` features on a ⌈√N⌉-wide patch grid,
 so that Sm models get their 8-neighbour graph): forward+backward time of one training
-step, inference time (eval, no grad), and the peak resident memory of the process.
-Every (model, N) runs in its own subprocess with ``--threads`` torch threads, so that
-peak memory is its own and one crash or time-out does not end the table. When
-``torchmil`` is importable, its counterparts run on the same bags in the same run and
-the table gives milkit/torchmil time ratios; when it is not, the table says so.
+step, inference time (eval, no grad), the time to build the graph, and the peak resident
+memory of the process. Every (model, N) runs in its own subprocess with ``--threads``
+torch threads, so that one crash or time-out does not end the table. When ``torchmil``
+is importable, its counterpart runs in the same subprocess on the same bag, step for
+step interleaved with milkit's (alternating which goes first), and the ratio is the
+median of the per-round ratios: on a shared machine both sides of a ratio see the same
+load. ``--check`` exits 1 when a goal of issue 15 is missed (:func:`check_goals`).
 
 Timings depend on the machine's load: the load average before and after is reported.
 Models with quadratic self-attention (SmTAP) are skipped above ``--quadratic-max``.
@@ -80,7 +82,8 @@ def _build_milkit(label: str, dim: int):
 TORCHMIL_DIFFERENCES: dict[str, str] = {
     "dtfd": "torchmil's tier-1/2 attention is not gated",
     "transmil": "torchmil's Nyström attention has no output projection and no residual depthwise conv",
-    "clam_sb": "torchmil's instance loss (SmoothTop1SVM) is not in the timed step",
+    "clam_sb": ("torchmil's gated attention has no dropout (milkit: CLAM's 0.25 on both gates; its fc dropout "
+                "is given to torchmil's feat_ext); the instance loss (SmoothTop1SVM) is not in the timed step"),
 }
 
 
@@ -98,8 +101,9 @@ def _build_torchmil(label: str, dim: int):
     if label == "smtap":
         return tm.SmTransformerABMIL(in_shape=(dim,), feat_ext=emb(), transf_n_layers=2, transf_n_heads=8,
                                      transf_use_mlp=False, pool_spectral_norm=True)
-    if label == "clam_sb":
-        return tm.CLAM_SB(in_shape=(dim,), att_dim=256, gated=True, k_sample=8, feat_ext=fc())
+    if label == "clam_sb":  # CLAM's fc: Linear, ReLU, Dropout(0.25) (CLAM code with --drop_out)
+        feat = nn.Sequential(nn.Linear(dim, 512), nn.ReLU(), nn.Dropout(0.25))
+        return tm.CLAM_SB(in_shape=(dim,), att_dim=256, gated=True, k_sample=8, feat_ext=feat)
     if label == "dsmil":
         return tm.DSMIL(in_shape=(dim,), nonlinear_q=True)
     if label == "transmil":
@@ -120,62 +124,91 @@ def _peak_rss_mb() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0
 
 
+def _make_runner(lib: str, label: str, n: int, dim: int, x, graph):
+    """(model, run) where ``run()`` returns the bag logits of one forward pass."""
+    import torch
+
+    if lib == "milkit":
+        model = _build_milkit(label, dim)
+
+        def run():
+            return model(x, None, [graph]).bag_logits
+        return model, run
+    model = _build_torchmil(label, dim)
+    adj = graph.normalized_adjacency().to_sparse_coo().unsqueeze(0) if label.startswith("sm") else None
+    mask = torch.ones(1, n)
+
+    def run():
+        if label == "transmil":
+            out = model(x)
+        elif adj is not None:
+            out = model(x, adj, mask)
+        else:
+            out = model(x, mask)
+        return out[0] if isinstance(out, tuple) else out
+    return model, run
+
+
 def _child(spec: dict) -> dict:
+    """Time every library of ``spec['libs']`` on the same bag, interleaved round by round, so
+    that a ratio compares steps taken under the same machine load."""
     import torch
 
     from milkit.data.graph import grid_adjacency
 
     torch.set_num_threads(spec["threads"])
     torch.manual_seed(0)
-    n, dim, label, lib = spec["n"], spec["dim"], spec["model"], spec["lib"]
+    n, dim, label = spec["n"], spec["dim"], spec["model"]
+    libs = spec.get("libs") or [spec["lib"]]
     x = torch.randn(1, n, dim)
     t0 = time.perf_counter()
     graph = grid_adjacency(_grid_coords(n), 256)
     graph_s = time.perf_counter() - t0
-    if lib == "milkit":
-        model = _build_milkit(label, dim)
-
-        def run():
-            return model(x, None, [graph]).bag_logits
-    else:
-        model = _build_torchmil(label, dim)
-        adj = graph.normalized_adjacency().to_sparse_coo().unsqueeze(0) if label.startswith("sm") else None
-        mask = torch.ones(1, n)
-
-        def run():
-            if label == "transmil":
-                out = model(x)
-            elif adj is not None:
-                out = model(x, adj, mask)
-            else:
-                out = model(x, mask)
-            return out[0] if isinstance(out, tuple) else out
-
     base = _peak_rss_mb()
+    runners = {lib: _make_runner(lib, label, n, dim, x, graph) for lib in libs}
 
-    def timed(step) -> list[float]:
-        """``warmup`` untimed calls, then at least ``repeats`` timed ones and more until
-        ``min_time`` seconds have been spent (short steps get a stable median)."""
-        for _ in range(spec["warmup"]):
-            step()
-        times: list[float] = []
-        while len(times) < spec["repeats"] or sum(times) < spec["min_time"]:
-            t = time.perf_counter()
-            step()
-            times.append(time.perf_counter() - t)
-        return times
-
-    def train_step():
+    def train_step(lib):
+        model, run = runners[lib]
+        model.train()
         model.zero_grad(set_to_none=True)
         run().sum().backward()
 
-    model.train()
-    fb = timed(train_step)
-    model.eval()
-    with torch.no_grad():
-        inf = timed(run)
-    return {"fwd_bwd_s": sorted(fb)[len(fb) // 2], "infer_s": sorted(inf)[len(inf) // 2], "timed": [len(fb), len(inf)],
-            "peak_rss_mb": _peak_rss_mb(), "base_rss_mb": base, "graph_s": graph_s}
+    def infer_step(lib):
+        model, run = runners[lib]
+        model.eval()
+        with torch.no_grad():
+            run()
+
+    # wall time, and the process's CPU time: with one thread the CPU time is the compute
+    # itself, and hardly moves when other processes share the cores (wall time does)
+    out: dict = {lib: {"fwd_bwd": [], "infer": [], "fwd_bwd_cpu": [], "infer_cpu": []} for lib in libs}
+    for kind, step in (("fwd_bwd", train_step), ("infer", infer_step)):
+        for _ in range(spec["warmup"]):
+            for lib in libs:
+                step(lib)
+        r = 0
+        while r < spec["repeats"] or min(sum(out[lib][kind]) for lib in libs) < spec["min_time"]:
+            for lib in (libs if r % 2 == 0 else libs[::-1]):  # alternate who goes first
+                c, t = time.process_time(), time.perf_counter()
+                step(lib)
+                out[lib][kind].append(time.perf_counter() - t)
+                out[lib][f"{kind}_cpu"].append(time.process_time() - c)
+            r += 1
+    med = lambda v: sorted(v)[len(v) // 2]  # noqa: E731
+    res = {}
+    for lib in libs:
+        o = out[lib]
+        res[lib] = {"fwd_bwd_s": med(o["fwd_bwd"]), "infer_s": med(o["infer"]), "fwd_bwd_cpu_s": med(o["fwd_bwd_cpu"]),
+                    "infer_cpu_s": med(o["infer_cpu"]), "timed": [len(o["fwd_bwd"]), len(o["infer"])],
+                    "graph_s": graph_s, "peak_rss_mb": _peak_rss_mb(), "base_rss_mb": base}
+    if len(libs) == 2:  # per-round ratios: each compares two steps taken back to back
+        a, b = libs
+        clock = "_cpu" if spec["threads"] == 1 else ""
+        for kind in ("fwd_bwd", "infer"):
+            res[f"ratio_{kind}"] = med([u / v for u, v in zip(out[a][kind + clock], out[b][kind + clock])])
+            res[f"ratio_{kind}_wall"] = med([u / v for u, v in zip(out[a][kind], out[b][kind])])
+        res["ratio_clock"] = "cpu" if clock else "wall"
+    return res
 
 
 def _run_child(spec: dict, timeout: float) -> dict:
@@ -192,36 +225,70 @@ def _run_child(spec: dict, timeout: float) -> dict:
     return json.loads(lines[-1])
 
 
+#: --check goals (issue 15): fwd+bwd time ratio to torchmil, and absolute SmAP-early seconds
+RATIO_GOAL = 1.05
+RATIO_GOALS = {"smtap": 0.5}
+#: (model, N) → seconds for fwd+bwd (+ graph building at 100k)
+ABSOLUTE_GOALS = {("smap_early", 10_000): (0.15, False), ("smap_early", 100_000): (1.5, True)}
+
+
+def check_goals(results: list[dict]) -> list[str]:
+    """Every goal missed, one line each (empty when all are met); rows without a
+    measurement (error, skipped, no torchmil) are not goals met: they are listed too."""
+    misses = []
+    for r in results:
+        m, t, label, n = r["milkit"], r.get("torchmil"), r["model"], r["n"]
+        if "skipped" in m:
+            continue
+        if "error" in m:
+            misses.append(f"{label} N={n}: milkit {m['error']}")
+            continue
+        goal = ABSOLUTE_GOALS.get((label, n))
+        if goal is not None:  # CPU seconds with one thread (what a quiet machine's wall clock shows)
+            step = m["fwd_bwd_cpu_s"] if r.get("ratio_clock") == "cpu" and "fwd_bwd_cpu_s" in m else m["fwd_bwd_s"]
+            secs = step + (m["graph_s"] if goal[1] else 0.0)
+            what = "fwd+bwd + graph" if goal[1] else "fwd+bwd"
+            if secs > goal[0]:
+                misses.append(f"{label} N={n}: {what} {secs:.3f} s > {goal[0]} s")
+        if label in TORCHMIL_MODELS:
+            limit = RATIO_GOALS.get(label, RATIO_GOAL)
+            if t is None or "error" in t or "skipped" in t:
+                misses.append(f"{label} N={n}: no torchmil measurement ({(t or {}).get('error', 'not run')})")
+            elif r["ratio_fwd_bwd"] > limit:
+                misses.append(f"{label} N={n}: fwd+bwd ratio {r['ratio_fwd_bwd']:.2f} > {limit}")
+    return misses
+
+
 # -- the command ---------------------------------------------------------------------
 def _fmt(v: float | None) -> str:
     return "—" if v is None else (f"{v:.3f}" if v < 10 else f"{v:.1f}")
 
 
 def speed_table(results: list[dict], with_torchmil: bool) -> str:
-    head = "| model | N | fwd+bwd s | infer s | peak RSS MB | graph s |"
-    sep = "|---|---:|---:|---:|---:|---:|"
+    head = "| model | N | fwd+bwd s | fwd+bwd CPU s | infer s | peak RSS MB | graph s |"
+    sep = "|---|---:|---:|---:|---:|---:|---:|"
     if with_torchmil:
-        head += " torchmil fwd+bwd s | torchmil infer s | torchmil peak MB | fwd+bwd ratio | infer ratio |"
-        sep += "---:|---:|---:|---:|---:|"
+        head += " torchmil fwd+bwd s | torchmil infer s | fwd+bwd ratio | infer ratio |"
+        sep += "---:|---:|---:|---:|"
     rows = [head, sep]
     for r in results:
         m, t = r["milkit"], r.get("torchmil")
         if "error" in m or "skipped" in m:
-            line = f"| {r['model']} | {r['n']} | {m.get('error') or m.get('skipped')} | | | |"
+            line = f"| {r['model']} | {r['n']} | {m.get('error') or m.get('skipped')} | | | | |"
         else:
-            line = (f"| {r['model']} | {r['n']} | {_fmt(m['fwd_bwd_s'])} | {_fmt(m['infer_s'])} | "
+            line = (f"| {r['model']} | {r['n']} | {_fmt(m['fwd_bwd_s'])} | {_fmt(m.get('fwd_bwd_cpu_s'))} | "
+                    f"{_fmt(m['infer_s'])} | "
                     f"{m['peak_rss_mb']:.0f} | {_fmt(m['graph_s'])} |")
         if with_torchmil:
             if t is None:
-                line += " n/a | | | | |"
+                line += " n/a | | | |"
             elif "error" in t or "skipped" in t:
-                line += f" {t.get('error') or t.get('skipped')} | | | | |"
+                line += f" {t.get('error') or t.get('skipped')} | | | |"
             else:
                 ok = "error" not in m and "skipped" not in m
-                ratio_fb = _fmt(m["fwd_bwd_s"] / t["fwd_bwd_s"]) if ok else "—"
-                ratio_in = _fmt(m["infer_s"] / t["infer_s"]) if ok else "—"
-                line += (f" {_fmt(t['fwd_bwd_s'])} | {_fmt(t['infer_s'])} | {t['peak_rss_mb']:.0f} | "
-                         f"{ratio_fb} | {ratio_in} |")
+                ratio_fb = _fmt(r.get("ratio_fwd_bwd", m["fwd_bwd_s"] / t["fwd_bwd_s"])) if ok else "—"
+                ratio_in = _fmt(r.get("ratio_infer", m["infer_s"] / t["infer_s"])) if ok else "—"
+                line += f" {_fmt(t['fwd_bwd_s'])} | {_fmt(t['infer_s'])} | {ratio_fb} | {ratio_in} |"
         rows.append(line)
     return "\n".join(rows)
 
@@ -239,18 +306,21 @@ def run_speed(models: list[str], sizes: list[int], dim: int, threads: int, repea
     results = []
     for n in sizes:
         for label in models:
-            spec = {"model": label, "n": n, "dim": dim, "threads": threads, "repeats": repeats if n <= 10_000 else 1,
-                    "warmup": 1 if n <= 10_000 else 0, "min_time": min_time if n <= 10_000 else 0.0}
+            spec = {"model": label, "n": n, "dim": dim, "threads": threads, "repeats": repeats if n <= 10_000 else 2,
+                    "warmup": 1, "min_time": min_time if n <= 10_000 else 0.0}
             row: dict = {"model": label, "n": n}
+            libs = ["milkit"] + (["torchmil"] if use_tm and label in TORCHMIL_MODELS else [])
             if label in QUADRATIC and n > quadratic_max:
                 row["milkit"] = {"skipped": f"skipped: quadratic attention (N > {quadratic_max})"}
-            else:
-                row["milkit"] = _run_child({**spec, "lib": "milkit"}, timeout)
-            if use_tm and label in TORCHMIL_MODELS:
-                if label in QUADRATIC and n > quadratic_max:
+                if len(libs) == 2:
                     row["torchmil"] = {"skipped": "skipped"}
-                else:
-                    row["torchmil"] = _run_child({**spec, "lib": "torchmil"}, timeout)
+            else:
+                got = _run_child({**spec, "libs": libs}, timeout)
+                for lib in libs:
+                    row[lib] = got.get(lib, got) if "error" not in got else {"error": got["error"]}
+                for k in ("ratio_fwd_bwd", "ratio_infer", "ratio_fwd_bwd_wall", "ratio_infer_wall", "ratio_clock"):
+                    if k in got:
+                        row[k] = got[k]
             progress(row)
             results.append(row)
     return {"results": results, "torchmil": use_tm, "threads": threads, "dim": dim,
@@ -272,6 +342,7 @@ def register(app: typer.Typer) -> None:
         timeout: float = typer.Option(900.0, help="seconds per (model, size) before giving up"),
         quadratic_max: int = typer.Option(20_000, help="largest N for quadratic-attention models"),
         torchmil: bool = typer.Option(None, "--torchmil/--no-torchmil", help="compare with torchmil (default: if installed)"),
+        check: bool = typer.Option(False, "--check", help="exit 1 when a speed goal is missed (by hand, not in CI)"),
     ) -> None:
         """Forward+backward and inference time per bag, and peak memory, for every MIL model."""
         from rich.console import Console
@@ -300,6 +371,14 @@ def register(app: typer.Typer) -> None:
         io.write_text(out / "speed.md", f"# milkit benchmark speed\n\n{note}\n\n{table}\n")
         console.print(table)
         console.print(note)
+        if check:
+            misses = check_goals(res["results"])
+            goals = (f"goals: fwd+bwd ≤ {RATIO_GOAL}× torchmil (SmTAP ≤ {RATIO_GOALS['smtap']}×); SmAP-early "
+                     "fwd+bwd ≤ 0.15 s at 10k and ≤ 1.5 s with graph building at 100k")
+            if misses:
+                console.print(f"check FAILED ({goals}):\n" + "\n".join(f"  {m}" for m in misses))
+                raise SystemExit(1)  # (typer.Exit would be swallowed by standalone_mode=False)
+            console.print(f"check passed ({goals})")
 
 
 if __name__ == "__main__":  # the per-measurement subprocess

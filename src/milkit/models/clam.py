@@ -25,20 +25,32 @@ from torch import Tensor, nn
 from milkit.config import StrictModel
 from milkit.data.bag import BagBatch
 from milkit.models.base import MILModel, MILOutput, encode_instances, full_mask
-from milkit.nn.attention import masked_softmax
+from milkit.nn.attention import FastDropout, dropout_mask, masked_softmax
 
 
 class _GatedBranches(nn.Module):
-    """Gated attention a = W(tanh(V h) ⊙ σ(U h)) with ``branches`` outputs (CLAM Attn_Net_Gated)."""
+    """Gated attention a = W(drop(tanh(V h)) ⊙ drop(σ(U h))) with ``branches`` outputs
+    (CLAM Attn_Net_Gated).
+
+    Computed as one GEMM with [V; U] stacked, and one dropout multiplier on the product:
+    two independent dropouts of keep probability q multiply to one of keep probability q²
+    scaled by 1/q², the same distribution with half the random draws. Parameters keep
+    CLAM's layout (``V.0``, ``U.0``, ``W``)."""
 
     def __init__(self, dim: int, hidden: int, branches: int, dropout: float):
         super().__init__()
-        self.V = nn.Sequential(nn.Linear(dim, hidden), nn.Tanh(), nn.Dropout(dropout))
-        self.U = nn.Sequential(nn.Linear(dim, hidden), nn.Sigmoid(), nn.Dropout(dropout))
+        self.V = nn.Sequential(nn.Linear(dim, hidden), nn.Tanh(), FastDropout(dropout))
+        self.U = nn.Sequential(nn.Linear(dim, hidden), nn.Sigmoid(), FastDropout(dropout))
         self.W = nn.Linear(hidden, branches)
+        self.hidden, self.p = hidden, dropout
 
     def forward(self, h: Tensor) -> Tensor:
-        return self.W(self.V(h) * self.U(h))  # (B, N, branches)
+        v, u = self.V[0], self.U[0]
+        vu = F.linear(h, torch.cat([v.weight, u.weight]), torch.cat([v.bias, u.bias]))
+        g = torch.tanh(vu[..., : self.hidden]) * torch.sigmoid(vu[..., self.hidden :])
+        if self.training and self.p > 0:
+            g = g * dropout_mask(g, 1.0 - (1.0 - self.p) ** 2)
+        return self.W(g)  # (B, N, branches)
 
 
 class _CLAM(MILModel):
@@ -59,7 +71,7 @@ class _CLAM(MILModel):
         self.encoder = encoder
         self.n_classes = 2
         self.k_sample, self.bag_weight, self.subtyping = k_sample, bag_weight, subtyping
-        self.fc = nn.Sequential(nn.Linear(in_dim, embed_dim), nn.ReLU(), nn.Dropout(dropout))
+        self.fc = nn.Sequential(nn.Linear(in_dim, embed_dim), nn.ReLU(), FastDropout(dropout))
         branches = self.n_classes if self.multi_branch else 1
         self.attention = _GatedBranches(embed_dim, attention_hidden, branches, dropout)
         if self.multi_branch:

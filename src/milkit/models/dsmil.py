@@ -23,7 +23,7 @@ from torch import Tensor, nn
 from milkit.config import StrictModel
 from milkit.data.bag import BagBatch
 from milkit.models.base import MILModel, MILOutput, encode_instances, full_mask
-from milkit.nn.attention import masked_softmax, weighted_sum
+from milkit.nn.attention import FastDropout, masked_softmax, weighted_sum
 
 
 class DSMIL(MILModel):
@@ -40,7 +40,7 @@ class DSMIL(MILModel):
         self.encoder = encoder
         self.instance_classifier = nn.Linear(in_dim, 1)
         self.q = nn.Sequential(nn.Linear(in_dim, query_dim), nn.ReLU(), nn.Linear(query_dim, query_dim), nn.Tanh())
-        self.v = nn.Dropout(dropout_v)
+        self.v = FastDropout(dropout_v)
         self.bag_classifier = nn.Linear(in_dim, 1)
         self.query_dim, self.combine_max = query_dim, combine_max
 
@@ -49,14 +49,23 @@ class DSMIL(MILModel):
         return cls(encoder, in_dim, cfg.query_dim, cfg.dropout_v, cfg.combine_max)
 
     def forward(self, x: Tensor, mask: Tensor | None = None, adj: object | None = None) -> MILOutput:
+        padded = mask is not None and not bool(mask.all())
         mask = full_mask(x, mask)
         h = encode_instances(self.encoder, x, mask)
-        c = self.instance_classifier(h).squeeze(-1).masked_fill(~mask, 0.0)  # (B, N)
-        crit = c.masked_fill(~mask, float("-inf")).argmax(dim=1)  # (B,)
-        q = self.q(h)
+        # one GEMM for the instance classifier and the query's first layer (both read h)
+        q0, ic = self.q[0], self.instance_classifier
+        y = F.linear(h, torch.cat([q0.weight, ic.weight]), torch.cat([q0.bias, ic.bias]))
+        q_pre, c = y.split([self.query_dim, 1], dim=-1)  # split: its backward is one cat, no zero-fill
+        c = c.squeeze(-1)  # (B, N) instance logits c_k
+        q = self.q[3](self.q[2](self.q[1](q_pre)))  # tanh(W₂ relu(W₁ h)), (B, N, Q)
+        if padded:
+            c = c.masked_fill(~mask, 0.0)
+            crit = c.masked_fill(~mask, float("-inf")).argmax(dim=1)  # (B,)
+        else:
+            crit = c.argmax(dim=1)
         q_max = q[torch.arange(q.shape[0]), crit]  # (B, Q)
         s = torch.bmm(q, q_max.unsqueeze(-1)).squeeze(-1) / math.sqrt(self.query_dim)
-        a = masked_softmax(s, mask)
+        a = masked_softmax(s, mask) if padded else torch.softmax(s, dim=-1)
         bag = weighted_sum(a, self.v(h))
         logit = self.bag_classifier(bag).squeeze(-1)
         max_logit = c.gather(1, crit.unsqueeze(1)).squeeze(1)

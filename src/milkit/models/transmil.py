@@ -28,6 +28,7 @@ from torch import Tensor, nn
 
 from milkit.config import StrictModel
 from milkit.models.base import MILModel, MILOutput, encode_instances, full_mask
+from milkit.nn.attention import FastDropout
 
 
 def moore_penrose_pinv(a: Tensor, iters: int = 6) -> Tensor:
@@ -59,7 +60,7 @@ class NystromAttention(nn.Module):
         super().__init__()
         self.heads, self.dim_head, self.landmarks, self.pinv_iters = heads, dim_head, landmarks, pinv_iters
         self.to_qkv = nn.Linear(dim, 3 * heads * dim_head, bias=False)
-        self.to_out = nn.Sequential(nn.Linear(heads * dim_head, dim), nn.Dropout(dropout))
+        self.to_out = nn.Sequential(nn.Linear(heads * dim_head, dim), FastDropout(dropout))
         self.res_conv = nn.Conv2d(heads, heads, (residual_kernel, 1), padding=(residual_kernel // 2, 0),
                                   groups=heads, bias=False)
 
@@ -72,7 +73,9 @@ class NystromAttention(nn.Module):
         f1 = torch.softmax(q @ kl.transpose(-1, -2), dim=-1)  # (b, h, n, m)
         mid = moore_penrose_pinv(torch.softmax(ql @ kl.transpose(-1, -2), dim=-1), self.pinv_iters)
         f2 = torch.softmax(ql @ k.transpose(-1, -2), dim=-1)  # (b, h, m, n)
-        out = (f1 @ mid) @ (f2 @ v) + self.res_conv(v)
+        # f1 (mid (f2 v)): n·m·d + m²·d + m·n·d multiply-adds per head, against n·m² + 2·n·m·d
+        # for (f1 mid)(f2 v) — the same product, about 3× fewer FLOPs at m = 256, d = 64
+        out = f1 @ (mid @ (f2 @ v)) + self.res_conv(v)
         cls_attn = None
         if return_cls_attention:  # row 0 of the approximate attention matrix, mean over heads
             cls_attn = ((f1[:, :, :1] @ mid) @ f2).squeeze(2).mean(1)  # (b, n)
@@ -94,7 +97,13 @@ class TransLayer(nn.Module):
 
 
 class PPEG(nn.Module):
-    """Pyramid position encoding generator: depth-wise 7×7 + 5×5 + 3×3 convs on the token square."""
+    """Pyramid position encoding generator: depth-wise 7×7 + 5×5 + 3×3 convs on the token square.
+
+    x + conv₇(x) + conv₅(x) + conv₃(x) is computed as one depth-wise 7×7 convolution whose
+    kernel is k₇ + pad(k₅) + pad(k₃) + δ (δ: 1 at the centre) and whose bias is b₇ + b₅ + b₃:
+    the same linear map, one convolution instead of three; the three kernels stay the
+    parameters (TransMIL's layout) and get their gradients through the sum.
+    """
 
     def __init__(self, dim: int):
         super().__init__()
@@ -105,7 +114,9 @@ class PPEG(nn.Module):
     def forward(self, x: Tensor, side: int) -> Tensor:
         b, _, c = x.shape
         cls, feat = x[:, :1], x[:, 1:].transpose(1, 2).reshape(b, c, side, side)
-        feat = feat + self.proj(feat) + self.proj1(feat) + self.proj2(feat)
+        k = self.proj.weight + F.pad(self.proj1.weight, (1, 1, 1, 1)) + F.pad(self.proj2.weight, (2, 2, 2, 2))
+        k = k + F.pad(torch.ones_like(self.proj2.weight[..., :1, :1]), (3, 3, 3, 3))  # + identity
+        feat = F.conv2d(feat, k, self.proj.bias + self.proj1.bias + self.proj2.bias, padding=3, groups=c)
         return torch.cat([cls, feat.flatten(2).transpose(1, 2)], dim=1)
 
 

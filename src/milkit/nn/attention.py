@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor, nn
 
 
@@ -32,7 +33,10 @@ class AttentionScorer(nn.Module):
 
 
 class GatedAttentionScorer(nn.Module):
-    """Gated attention logits s_k = wᵀ(tanh(V h_k) ⊙ sigm(U h_k)) (D2L Eq. 2, Ilse et al. Eq. 9)."""
+    """Gated attention logits s_k = wᵀ(tanh(V h_k) ⊙ sigm(U h_k)) (D2L Eq. 2, Ilse et al. Eq. 9).
+
+    V h and U h are one GEMM with [V; U] stacked (h is read once, forward and backward);
+    the parameters stay ``V``, ``U`` and ``w``."""
 
     def __init__(self, in_dim: int, hidden: int = 128):
         super().__init__()
@@ -41,7 +45,9 @@ class GatedAttentionScorer(nn.Module):
         self.w = nn.Linear(hidden, 1)
 
     def forward(self, h: Tensor) -> Tensor:
-        return self.w(torch.tanh(self.V(h)) * torch.sigmoid(self.U(h))).squeeze(-1)
+        vu = F.linear(h, torch.cat([self.V.weight, self.U.weight]), torch.cat([self.V.bias, self.U.bias]))
+        v, u = vu.split(self.V.out_features, dim=-1)
+        return self.w(torch.tanh(v) * torch.sigmoid(u)).squeeze(-1)
 
 
 class AttentionPool(nn.Module):
@@ -54,6 +60,29 @@ class AttentionPool(nn.Module):
     def forward(self, h: Tensor, mask: Tensor) -> tuple[Tensor, Tensor, Tensor]:
         """h (B, N, D), mask (B, N) → pooled (B, D), weights a (B, N), logits s (B, N) (0 where padded)."""
         s = self.scorer(h)
+        if bool(mask.all()):  # unpadded: the masking below would change nothing
+            a = torch.softmax(s, dim=-1)
+            return weighted_sum(a, h), a, s
         a = masked_softmax(s, mask)
         z = weighted_sum(a, h)
         return z, a, s.masked_fill(~mask, 0.0)
+
+
+def dropout_mask(x: Tensor, p: float) -> Tensor:
+    """A dropout multiplier for ``x``: 0 with probability ``p``, else 1/(1−p) (inverted dropout)."""
+    keep = 1.0 - p
+    return (torch.rand_like(x) < keep).to(x.dtype).mul_(1.0 / keep)
+
+
+class FastDropout(nn.Dropout):
+    """``nn.Dropout`` with the same distribution (each element kept with probability 1−p,
+    scaled by 1/(1−p)) drawn from ``torch.rand`` instead of ``bernoulli_``, which is several
+    times slower on a CPU. Same state dict (none) and the same output in eval mode; while
+    training, a given seed draws other masks than ``nn.Dropout`` would."""
+
+    def forward(self, x: Tensor) -> Tensor:  # noqa: D102
+        if not self.training or self.p == 0.0:
+            return x
+        if self.p >= 1.0:
+            return x * 0.0
+        return x * dropout_mask(x, self.p)

@@ -3,21 +3,33 @@
 Encoders: torchvision ResNet-18 (512-d, after global pooling), ResNet-50 truncated
 after layer 3 (1024-d, as CLAM does), any ``timm:<name>`` model when timm is
 installed, and ``tiny_cnn`` (a small random-weight CNN for tests and smoke runs).
-ImageNet normalisation. Patches are decoded in DataLoader workers (each opens its own
-OpenSlide handle) and normalised on the device in batches.
+ImageNet normalisation. Whole batches are decoded in DataLoader workers (each opens its
+own OpenSlide handle; a row of adjacent patches is one region read), pinned and copied
+non-blocking, normalised on the device and encoded under ``inference_mode`` in
+channels_last (bf16/fp16 autocast on a GPU when asked; float32 on the CPU).
 
 Resumable and safe: a slide whose h5 already holds features from the same encoder is
 skipped; each slide is written to a temporary file and renamed, so an interrupted
-run never leaves a half-written h5. Under torchrun (RANK/WORLD_SIZE) or SLURM
-(SLURM_PROCID/SLURM_NTASKS) each rank takes its own share of the slides.
+run never leaves a half-written h5, and the stale temporary files such a run left are
+removed by the next. An unreadable slide is recorded in ``failed.csv`` (slide, reason),
+the others go on, and the run ends with an error. Extracting in place keeps the h5's
+file mode. Under torchrun (RANK/WORLD_SIZE) or SLURM (SLURM_PROCID/SLURM_NTASKS) each
+rank takes its own share of the slides.
 """
 
 from __future__ import annotations
 
+import contextlib
+import csv
+import glob
 import hashlib
+import io as _stdio
 import logging
 import os
+import re
 import shutil
+import stat
+import time
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -165,13 +177,24 @@ def build_patch_encoder(name: str, weights: str = "imagenet", seed: int = 0) -> 
 
 
 # -- reading patches -------------------------------------------------------------------
+def _same_grid(d: float, lds: float) -> bool:
+    """True when a level-0 offset ``d`` is a whole number of pixels at downsample ``lds``."""
+    q = d / lds
+    return abs(q - round(q)) < 1e-9
+
+
 class PatchDataset(Dataset):
-    """Patches of one slide as uint8 (3, S, S) tensors; the slide is opened lazily in each worker."""
+    """Patches of one slide as uint8 (3, S, S) tensors; the slide is opened lazily in each worker.
+
+    :meth:`read_batch` reads a batch at once: patches on one row whose level-0 offsets
+    are whole pixels at the read level are cut from one region read (each region of the
+    slide is read and decoded once per batch), giving exactly the pixels of one read per patch.
+    """
 
     def __init__(self, slide_path: Path, coords: np.ndarray, size_level0: int, patch_size: int,
                  input_size: int | None, mpp: float | None = None):
         self.slide_path = Path(slide_path)
-        self.coords = coords
+        self.coords = np.asarray(coords, dtype=np.int64).reshape(-1, 2)
         self.size_level0 = int(size_level0)
         self.out = int(input_size or patch_size)
         self.patch_size = int(patch_size)
@@ -181,16 +204,84 @@ class PatchDataset(Dataset):
     def __len__(self) -> int:
         return len(self.coords)
 
-    def __getitem__(self, i: int) -> torch.Tensor:
+    def __getstate__(self) -> dict:  # an open OpenSlide handle never crosses into a worker
+        return {**self.__dict__, "_slide": None}
+
+    def _open(self) -> Slide:
         if self._slide is None:
             self._slide = Slide(self.slide_path, self.mpp)
-        x, y = self.coords[i]
-        arr = self._slide.read_patch((int(x), int(y)), self.size_level0, self.patch_size)
-        if self.out != self.patch_size:
+        return self._slide
+
+    def _finish(self, arr: np.ndarray, read: int) -> np.ndarray:
+        """The read pixels → ``patch_size`` (as :meth:`Slide.read_patch`) → ``input_size``."""
+        if read != self.patch_size or self.out != self.patch_size:
             from PIL import Image
 
-            arr = np.asarray(Image.fromarray(arr).resize((self.out, self.out), Image.BILINEAR))
+            im = Image.fromarray(arr)
+            if read != self.patch_size:
+                im = im.resize((self.patch_size, self.patch_size), Image.BILINEAR)
+            if self.out != self.patch_size:
+                im = im.resize((self.out, self.out), Image.BILINEAR)
+            arr = np.asarray(im)
+        return arr
+
+    def __getitem__(self, i: int) -> torch.Tensor:
+        x, y = self.coords[i]
+        arr = self._open().read_patch((int(x), int(y)), self.size_level0, self.patch_size)
+        arr = self._finish(arr, self.patch_size)
         return torch.from_numpy(np.array(arr, dtype=np.uint8, copy=True)).permute(2, 0, 1)
+
+    def read_batch(self, idx: np.ndarray) -> np.ndarray:
+        """uint8 (b, S, S, 3) of patches ``idx``, reading each row run of patches once."""
+        s = self._open()
+        size0 = self.size_level0
+        level = s.best_level(size0 / self.patch_size)
+        lds = s.level_downsamples[level]
+        read = max(1, int(round(size0 / lds)))
+        c = self.coords[idx]
+        out = np.empty((len(idx), self.out, self.out, 3), np.uint8)
+        order = np.lexsort((c[:, 0], c[:, 1]))
+        k = 0
+        while k < len(order):  # a run: same y, each next x within one patch and on the read grid
+            j = k + 1
+            x0, y0 = c[order[k]]
+            while (j < len(order) and c[order[j], 1] == y0 and c[order[j], 0] - c[order[j - 1], 0] <= size0
+                   and _same_grid(c[order[j], 0] - x0, lds)):
+                j += 1
+            width = int(round((c[order[j - 1], 0] - x0) / lds)) + read
+            region = s.read_region((int(x0), int(y0)), level, (width, read))
+            for t in order[k:j]:
+                off = int(round((c[t, 0] - x0) / lds))
+                out[t] = self._finish(region[:, off : off + read], read)
+            k = j
+        return out
+
+
+class _Batches(Dataset):
+    """One item per batch of a :class:`PatchDataset` (decoded whole in a worker).
+
+    Returns ``(tensor, None)`` or ``(None, reason)``: a worker never raises, so an
+    unreadable slide gives a one-line reason instead of a worker traceback.
+    """
+
+    def __init__(self, ds: PatchDataset, batch_size: int):
+        self.ds, self.batch_size = ds, int(batch_size)
+
+    def __len__(self) -> int:
+        return (len(self.ds) + self.batch_size - 1) // self.batch_size
+
+    def __getitem__(self, b: int):
+        idx = np.arange(b * self.batch_size, min(len(self.ds), (b + 1) * self.batch_size))
+        try:
+            arr = self.ds.read_batch(idx)
+        except Exception as err:  # noqa: BLE001 - reported per slide in failed.csv
+            return None, _one_line(err)
+        return torch.from_numpy(arr).permute(0, 3, 1, 2), None  # NCHW view of NHWC = channels_last
+
+
+def _one_line(err: BaseException) -> str:
+    msg = " ".join(str(err).split()) or type(err).__name__
+    return msg if len(msg) <= 300 else msg[:297] + "..."
 
 
 def normalise(x: torch.Tensor, mean, std) -> torch.Tensor:
@@ -200,27 +291,50 @@ def normalise(x: torch.Tensor, mean, std) -> torch.Tensor:
     return (x.float() / 255.0 - m) / s
 
 
-@torch.no_grad()
+class SlideReadError(ValueError):
+    """A slide's patches could not be read (the reason names the slide)."""
+
+
+def prepare_model(enc: PatchEncoder, device: torch.device) -> nn.Module:
+    """The encoder on ``device`` in eval mode, in channels_last memory (faster convolutions)."""
+    return enc.model.to(device).eval().to(memory_format=torch.channels_last)
+
+
 def encode_patches(enc: PatchEncoder, ds: PatchDataset, device: torch.device, batch_size: int = 64,
-                   num_workers: int = 2, precision: str = "fp32", progress: bool = False) -> np.ndarray:
-    """Features (N, D) float32 for every patch of ``ds``, in order."""
+                   num_workers: int = 2, precision: str = "fp32", progress: bool | object = False) -> np.ndarray:
+    """Features (N, D) float32 for every patch of ``ds``, in order.
+
+    Workers decode whole batches; batches are pinned and copied non-blocking to a GPU;
+    inference runs under ``inference_mode`` in channels_last, with bf16/fp16 autocast on a
+    GPU only when asked (``precision``; the CPU always computes in float32). ``progress``:
+    False, True (a bar for this slide) or a :class:`~milkit.slide.progress.CohortProgress`.
+    """
     from milkit.slide.progress import track
 
     if len(ds) == 0:
         return np.zeros((0, enc.dim), np.float32)
-    loader = DataLoader(ds, batch_size=batch_size, shuffle=False, num_workers=num_workers,
-                        pin_memory=device.type == "cuda", persistent_workers=False)
-    model = enc.model.to(device)
-    out = []
-    amp = precision in ("bf16", "fp16") and device.type == "cuda"
+    cuda = device.type == "cuda"
+    loader = DataLoader(_Batches(ds, batch_size), batch_size=None, shuffle=False, num_workers=num_workers,
+                        pin_memory=cuda, persistent_workers=False, prefetch_factor=2 if num_workers else None)
+    model = prepare_model(enc, device)
+    amp = precision in ("bf16", "fp16") and cuda
     dtype = torch.bfloat16 if precision == "bf16" else torch.float16
-    n_batches = (len(ds) + batch_size - 1) // batch_size
-    for xb in track(loader, f"{ds.slide_path.name}", enabled=progress, total=n_batches):
-        xb = normalise(xb.to(device, non_blocking=True), enc.mean, enc.std)
-        with torch.autocast(device.type, dtype=dtype, enabled=amp):
-            f = model(xb)
-        out.append(f.float().cpu())
-    return torch.cat(out).numpy().astype(np.float32)
+    out = np.empty((len(ds), enc.dim), np.float32)
+    cohort = progress if hasattr(progress, "advance") else None
+    items = track(loader, ds.slide_path.name, enabled=progress is True, total=len(loader))
+    k = 0
+    with torch.inference_mode():
+        for xb, reason in items:
+            if reason is not None:
+                raise SlideReadError(f"{ds.slide_path}: {reason}" if str(ds.slide_path) not in reason else reason)
+            xb = normalise(xb.to(device, non_blocking=True), enc.mean, enc.std)
+            with torch.autocast(device.type, dtype=dtype, enabled=amp):
+                f = model(xb.contiguous(memory_format=torch.channels_last))
+            out[k : k + len(f)] = f.float().cpu().numpy()
+            k += len(f)
+            if cohort is not None:
+                cohort.advance(len(f))
+    return out
 
 
 # -- h5 in, h5 out --------------------------------------------------------------------
@@ -289,8 +403,20 @@ def has_features(path: Path, encoder_name: str) -> bool:
         return False
 
 
+def _output_mode(dst: Path, src: Path) -> int:
+    """The permission bits ``dst`` should get: its own when it exists (extract in place keeps
+    the h5's mode), else what the user's umask gives a new file."""
+    if dst.exists():
+        return stat.S_IMODE(dst.stat().st_mode)
+    umask = os.umask(0)
+    os.umask(umask)
+    return 0o666 & ~umask
+
+
 def write_features(src: Path, dst: Path, features: np.ndarray, encoder_name: str) -> None:
-    """Copy ``src`` (coords + attrs) to a temp file beside ``dst``, add ``features``, rename."""
+    """Copy ``src`` (coords + attrs) to a temp file beside ``dst``, add ``features``, rename;
+    ``dst`` keeps its file mode (or follows the umask when new)."""
+    mode = _output_mode(dst, src)
 
     def write(tmp: Path) -> None:
         shutil.copyfile(src, tmp)
@@ -301,8 +427,33 @@ def write_features(src: Path, dst: Path, features: np.ndarray, encoder_name: str
             d.attrs["encoder"] = encoder_name
             f["coords"].attrs["encoder"] = encoder_name
             f.attrs["encoder"] = encoder_name
+        os.chmod(tmp, mode)
 
     io.write_with(dst, write)
+    if stat.S_IMODE(dst.stat().st_mode) != mode:  # whatever the atomic writer did to the mode
+        os.chmod(dst, mode)
+
+
+#: milkit's own temporary names (io.atomic_path: ``.<name>.<random>.tmp``)
+def stale_temp_files(folder: Path, name: str) -> list[Path]:
+    """Temporary files an interrupted write of ``folder/name`` left behind."""
+    if not folder.is_dir():
+        return []
+    return sorted(q for q in folder.glob(f".{glob.escape(name)}.*.tmp")
+                  if q.is_file() and re.fullmatch(rf"\.{re.escape(name)}\.[A-Za-z0-9_]+\.tmp", q.name))
+
+
+def remove_stale_temp_files(folder: Path, name: str) -> int:
+    """Remove them; returns how many. Only called for slides this rank owns, so a
+    concurrent rank's temporary file is never touched."""
+    n = 0
+    for q in stale_temp_files(folder, name):
+        with contextlib.suppress(FileNotFoundError):
+            q.unlink()
+            n += 1
+    if n:
+        log.info("%s: removed %d stale temporary file(s) of an interrupted run", folder / name, n)
+    return n
 
 
 def find_slide(pf: PatchFile, slides_dir: Path | None) -> Path:
@@ -366,6 +517,42 @@ def pick_device(devices: str, local_rank: int) -> torch.device:
 
 
 # -- the command -----------------------------------------------------------------------
+class ExtractionFailed(ValueError):
+    """Some slides could not be extracted; the others were written. ``summary`` is what
+    :func:`extract_dir` would have returned; the message is one line naming failed.csv."""
+
+    def __init__(self, message: str, summary: dict):
+        super().__init__(message)
+        self.summary = summary
+
+
+def failed_csv_path(out_dir: Path, rank: int, world: int) -> Path:
+    """``failed.csv`` for a single process; ``failed_rank<r>.csv`` per rank under torchrun/SLURM."""
+    return Path(out_dir) / ("failed.csv" if world == 1 else f"failed_rank{rank}.csv")
+
+
+def write_failed_csv(path: Path, failures: list[tuple[str, str]]) -> None:
+    """``slide,reason`` rows (one per slide that could not be extracted)."""
+    buf = _stdio.StringIO()
+    w = csv.writer(buf, lineterminator="\n")
+    w.writerow(["slide", "reason"])
+    w.writerows(failures)
+    io.write_text(path, buf.getvalue())
+
+
+def _read_patch_files(files: list[Path]) -> tuple[list[PatchFile | None], list[str | None]]:
+    pfs: list[PatchFile | None] = []
+    errors: list[str | None] = []
+    for f in files:
+        try:
+            pfs.append(read_patch_file(f))
+            errors.append(None)
+        except (ValueError, OSError) as err:
+            pfs.append(None)
+            errors.append(_one_line(err))
+    return pfs, errors
+
+
 def extract_dir(
     tiles_dir: Path,
     encoder: str,
@@ -379,40 +566,85 @@ def extract_dir(
     mpp: float | None = None,
     progress: bool = True,
     environ: dict[str, str] | None = None,
+    strict: bool = True,
 ) -> dict:
     """Extract features for this rank's share of ``tiles_dir/*.h5``; returns a summary.
 
     Slides are sharded on the full sorted file list before finished ones are skipped,
-    so ranks never disagree about who does what.
+    so ranks never disagree about who does what. A slide that cannot be read (a corrupt
+    slide or patch h5, a missing slide file) is recorded in ``failed.csv`` (slide, reason)
+    and the rest go on; at the end :class:`ExtractionFailed` is raised when ``strict``
+    (the CLI then exits 2). Stale temporary files of an interrupted run are removed.
     """
+    from milkit.slide.progress import CohortProgress
+
     tiles_dir = Path(tiles_dir)
     if not tiles_dir.is_dir():
         raise FileNotFoundError(f"{tiles_dir}: tiles folder does not exist")
+    if batch_size < 1:
+        raise ValueError(f"--batch-size must be ≥ 1, got {batch_size}")
+    if num_workers < 0:
+        raise ValueError(f"--workers must be ≥ 0, got {num_workers}")
     files = sorted(p for p in tiles_dir.glob("*.h5") if not p.name.startswith("."))
     if not files:
         raise ValueError(f"{tiles_dir}: no .h5 patch files (run 'milkit tile' first)")
-    patch_files = [read_patch_file(p) for p in files]
+    patch_files, read_errors = _read_patch_files(files)
     rank, world, local_rank = dist_env(environ)
-    ranks = shard_assignment([len(pf.coords) for pf in patch_files], world)
-    mine = [pf for pf, r in zip(patch_files, ranks) if r == rank]
+    ranks = shard_assignment([0 if pf is None else len(pf.coords) for pf in patch_files], world)
+    mine = [(f, pf, e) for f, pf, e, r in zip(files, patch_files, read_errors, ranks) if r == rank]
     enc = build_patch_encoder(encoder, weights)
     device = pick_device(devices, local_rank)
     out_dir = Path(out_dir) if out_dir is not None else tiles_dir
-    done, skipped, n_patches = [], [], 0
-    for pf in mine:
-        dst = out_dir / pf.path.name
-        if has_features(dst, enc.name):
+    done, skipped, failures, n_patches = [], [], [], 0
+    todo = []
+    for f, pf, err in mine:
+        dst = out_dir / f.name
+        remove_stale_temp_files(out_dir, f.name)
+        if err is None and has_features(dst, enc.name):
             skipped.append(dst)
-            continue
-        slide_path = find_slide(pf, slides_dir)
-        size0 = pf.size_level0
-        if size0 is None:  # CLAM patching: patch_size is at patch_level
-            with Slide(slide_path, mpp) as s:
-                size0 = int(round(pf.patch_size * s.level_downsamples[pf.patch_level or 0]))
-        ds = PatchDataset(slide_path, pf.coords, size0, pf.patch_size, enc.input_size, mpp)
-        feats = encode_patches(enc, ds, device, batch_size, num_workers, precision, progress)
-        write_features(pf.path, dst, feats, enc.name)
-        done.append(dst)
-        n_patches += len(pf.coords)
-    return {"rank": rank, "world_size": world, "device": str(device), "encoder": enc.name, "dim": enc.dim,
-            "written": [str(p) for p in done], "skipped": [str(p) for p in skipped], "patches": n_patches}
+        else:
+            todo.append((f, pf, err, dst))
+    t0 = time.perf_counter()
+    total = sum(len(pf.coords) for _, pf, err, _ in todo if pf is not None)
+    with CohortProgress(total, len(todo), enabled=progress) as bar:
+        for f, pf, err, dst in todo:
+            n = 0 if pf is None else len(pf.coords)
+            bar.start_slide(f.name, n)
+            try:
+                if err is not None:
+                    raise ValueError(err)
+                slide_path = find_slide(pf, slides_dir)
+                size0 = pf.size_level0
+                if size0 is None:  # CLAM patching: patch_size is at patch_level
+                    with Slide(slide_path, mpp) as s:
+                        size0 = int(round(pf.patch_size * s.level_downsamples[pf.patch_level or 0]))
+                ds = PatchDataset(slide_path, pf.coords, size0, pf.patch_size, enc.input_size, mpp)
+                feats = encode_patches(enc, ds, device, batch_size, num_workers, precision, bar)
+                write_features(pf.path, dst, feats, enc.name)
+            except Exception as e:  # noqa: BLE001 - recorded, then the other slides go on
+                reason = _one_line(e)
+                log.error("%s: extraction failed (%s); going on with the other slides", f, reason)
+                failures.append((f.stem.removesuffix("_patches"), reason))
+                bar.end_slide(n)  # its patches leave the overall total
+                continue
+            bar.end_slide()
+            done.append(dst)
+            n_patches += n
+    elapsed = time.perf_counter() - t0
+    failed_csv = failed_csv_path(out_dir, rank, world)
+    if failures:
+        write_failed_csv(failed_csv, failures)
+    elif failed_csv.is_file():  # a rerun that succeeded: the old list no longer holds
+        failed_csv.unlink()
+    summary = {"rank": rank, "world_size": world, "device": str(device), "encoder": enc.name, "dim": enc.dim,
+               "written": [str(p) for p in done], "skipped": [str(p) for p in skipped],
+               "failed": [{"slide": s, "reason": r} for s, r in failures],
+               "failed_csv": str(failed_csv) if failures else None,
+               "patches": n_patches, "seconds": elapsed,
+               "patches_per_s": n_patches / elapsed if elapsed > 0 and n_patches else 0.0}
+    if failures and strict:
+        first = failures[0][1]
+        raise ExtractionFailed(
+            f"{failed_csv}: {len(failures)} of {len(mine)} slide(s) could not be extracted (first: {first}); "
+            f"{len(done)} written, {len(skipped)} already done", summary)
+    return summary
