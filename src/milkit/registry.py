@@ -16,6 +16,7 @@ METHODS: dict[str, str] = {
     "ikd": "milkit.methods.ikd:IKDMethod",
     "maxmin": "milkit.methods.maxmin:MaxMinMethod",
     "segmentation_baseline": "milkit.methods.seg_baselines:SegBaselineMethod",
+    "pseudo_label": "milkit.methods.pseudo_label:PseudoLabelMethod",
 }
 
 MODELS: dict[str, str] = {
@@ -35,6 +36,7 @@ DATASETS: dict[str, str] = {
     "digit_bags": "milkit.data.synthetic:DigitBagsConfig",
     "positive_ratio_bags": "milkit.data.positive_ratio:PositiveRatioBagsConfig",
     "spatial_bags": "milkit.data.spatial:SpatialBagsConfig",
+    "hard_bags": "milkit.data.hard_bags:HardBagsConfig",
     "feature_bags": "milkit.data.features:FeatureBagsConfig",
     "colon_nuclei": "milkit.data.histology:ColonNucleiConfig",
     "breast_ucsb": "milkit.data.histology:BreastUCSBConfig",
@@ -56,6 +58,7 @@ BENCHMARK_MODULES: list[str] = [
     "milkit.benchmarks.positive_ratio",  # WENO Table 1 / Table 4
     "milkit.benchmarks.segmentation",  # IKD-MIL Table 1, Max-Min Tables 1–2
     "milkit.benchmarks.d2l_histology",  # Distill-to-Label Tables I–II on colon/breast
+    "milkit.benchmarks.hard_bags",  # issue 11: every recipe on hard feature bags
 ]
 
 
