@@ -30,6 +30,7 @@ MODELS: dict[str, str] = {
     "dsmil": "milkit.models.dsmil:DSMIL",
     "transmil": "milkit.models.transmil:TransMIL",
     "dtfd": "milkit.models.dtfd:DTFDMIL",
+    "smoothed_instance": "milkit.methods.pseudo_label:SmoothedInstanceMIL",  # pseudo_label's instance model
 }
 
 DATASETS: dict[str, str] = {

@@ -59,11 +59,28 @@ from milkit.run_dir import RunDir
 
 
 class SmoothedInstanceMIL(MILModel):
-    """Instance classifier f on standardised features; instance scores = Sm(f(x)) on the bag
-    graph (no graph: f(x) itself); bag logit = max of the instance scores."""
+    """Instance classifier on the patch graph: standardised features h → Sm_feat(h) (Sm paper
+    "early", Eq. 8) → f (linear or MLP) → Sm_logit (Sm "late") = instance scores; bag logit =
+    their max. Without a graph (``adj`` None) both Sm are the identity. Registered as the MIL
+    model ``smoothed_instance`` (so that ``milkit benchmark speed`` times it); ``encoder`` (if
+    not the identity) runs before the standardisation."""
 
-    def __init__(self, in_dim: int, hidden: int = 0, dropout: float = 0.0, alpha: float = 0.5, sm_steps: int = 10):
+    class Config(StrictModel):
+        name: Literal["smoothed_instance"] = "smoothed_instance"
+        hidden: int = Field(128, ge=0, description="see PseudoLabelConfig.hidden")
+        dropout: float = Field(0.25, ge=0, lt=1)
+        alpha: float = Field(0.5, ge=0, lt=1, description="Sm α on the logits")
+        feature_alpha: float = Field(0.8, ge=0, lt=1, description="Sm α on the features")
+        sm_steps: int = Field(10, ge=0, description="Eq. 8 steps (Sm paper App. B.3)")
+
+    @classmethod
+    def from_config(cls, cfg: "SmoothedInstanceMIL.Config", encoder: nn.Module, in_dim: int) -> "SmoothedInstanceMIL":
+        return cls(in_dim, cfg.hidden, cfg.dropout, cfg.alpha, cfg.feature_alpha, cfg.sm_steps, encoder)
+
+    def __init__(self, in_dim: int, hidden: int = 0, dropout: float = 0.0, alpha: float = 0.5,
+                 feature_alpha: float = 0.5, sm_steps: int = 10, encoder: nn.Module | None = None):
         super().__init__()
+        self.encoder = encoder if encoder is not None and not isinstance(encoder, nn.Identity) else None
         self.register_buffer("mean", torch.zeros(in_dim))
         self.register_buffer("std", torch.ones(in_dim))
         if hidden:
@@ -71,27 +88,48 @@ class SmoothedInstanceMIL(MILModel):
                                                    nn.Linear(hidden, 1))
         else:
             self.scorer = nn.Sequential(nn.Dropout(dropout), nn.Linear(in_dim, 1))
-        self.sm = SmoothOperator(alpha=alpha, trainable_alpha=False, mode="approx", steps=sm_steps) if alpha > 0 and sm_steps > 0 else None
+
+        def sm(a: float) -> SmoothOperator | None:
+            return SmoothOperator(alpha=a, trainable_alpha=False, mode="approx", steps=sm_steps) if a > 0 and sm_steps > 0 else None
+
+        self.sm_feat, self.sm_logit = sm(feature_alpha), sm(alpha)
 
     def set_standardisation(self, x: Tensor) -> None:
         """Mean and sd of the training instances (N, D); sd floored at 1e-6."""
         self.mean.copy_(x.mean(0))
         self.std.copy_(x.std(0).clamp_min(1e-6))
 
-    def raw_logits(self, x: Tensor) -> Tensor:
-        """f(x) of instances (..., D) → (...)."""
-        return self.scorer((x - self.mean) / self.std).squeeze(-1)
+    def features(self, x: Tensor, mask: Tensor, adj: object | None) -> Tensor:
+        """Standardised, graph-smoothed features (B, N, D); 0 where padded."""
+        if self.encoder is not None:
+            x = self.encoder(x)
+        h = ((x - self.mean) / self.std) * mask.unsqueeze(-1)
+        if self.sm_feat is not None and adj is not None:
+            h = self.sm_feat(h, adj, mask)
+        return h
 
     def instance_logits(self, x: Tensor, mask: Tensor | None = None) -> Tensor:
-        return self.raw_logits(x) * full_mask(x, mask)
+        """f of each instance alone (no neighbours: a bag of one has no graph)."""
+        mask = full_mask(x, mask)
+        return self.scorer(self.features(x, mask, None)).squeeze(-1) * mask
 
     def forward(self, x: Tensor, mask: Tensor | None = None, adj: object | None = None) -> MILOutput:
         mask = full_mask(x, mask)
-        raw = self.raw_logits(x) * mask
-        s = self.sm(raw, adj, mask) if (self.sm is not None and adj is not None) else raw
+        raw = self.scorer(self.features(x, mask, adj)).squeeze(-1) * mask
+        s = self.sm_logit(raw, adj, mask) if (self.sm_logit is not None and adj is not None) else raw
         s = s * mask
         bag = s.masked_fill(~mask, float("-inf")).amax(1)
         return MILOutput(bag_logits=bag, instance_scores=s, extras={"raw_logits": raw})
+
+
+@torch.no_grad()
+def smoothed_features(model: SmoothedInstanceMIL, ds: BagDataset) -> Tensor:
+    """Every instance's standardised, smoothed features, bags concatenated (M, D)."""
+    out = []
+    for b in ds:
+        x = b.instances.unsqueeze(0).float()
+        out.append(model.features(x, full_mask(x, None), None if b.adj is None else [b.adj])[0])
+    return torch.cat(out)
 
 
 class PseudoLabelConfig(StrictModel):
@@ -99,11 +137,13 @@ class PseudoLabelConfig(StrictModel):
 
     name: Literal["pseudo_label"] = "pseudo_label"
     in_dim: int | None = Field(None, ge=1, description="feature size; null: read from the data")
-    hidden: int = Field(0, ge=0, description="0: linear instance classifier — the capacity of the linear probe "
-                        "that calibrates hard-bags (§1); > 0: one ReLU hidden layer")
-    dropout: float = Field(0.0, ge=0, lt=1)
-    alpha: float = Field(0.5, ge=0, lt=1, description="Sm α (NOTES.md Sm: 0.5), fixed: smoothness is a prior "
-                         "here (§2 'spatial smoothness'), not learnt from 100 slides; 0 = no smoothing")
+    hidden: int = Field(128, ge=0, description="one ReLU hidden layer of 128 (the attention width of ABMIL/SmAP, "
+                        "NOTES.md); 0: linear instance classifier")
+    dropout: float = Field(0.25, ge=0, lt=1, description="CLAM's 0.25: ~100 slides overfit an MLP quickly")
+    feature_alpha: float = Field(0.8, ge=0, lt=1, description="Sm α on the standardised features ('early'), "
+                                 "fixed: smoothness is a prior here (§2), not learnt from 100 slides; 0.8 beat "
+                                 "0.5 (NOTES.md's Sm init) on hard-bags validation patches")
+    alpha: float = Field(0.5, ge=0, lt=1, description="Sm α on the instance logits ('late', NOTES.md Sm: 0.5), fixed; 0 = off")
     sm_steps: int = Field(10, ge=0, description="Eq. 8 steps T (Sm paper App. B.3: 10)")
     teacher: ModelSection | None = Field(None, description="null: stage 'mil' is the smoothed instance-max "
                                          "classifier; else any registered MIL model (§2 'any MIL model can be its teacher')")
@@ -166,9 +206,9 @@ def pseudo_labels(scores: list[Tensor], labels: list[int], quantile: float, max_
 
 
 def balanced_bce(model: SmoothedInstanceMIL, batch) -> tuple[Tensor, dict[str, Tensor]]:
-    """Class-balanced BCE of f(x) against 0/1 targets (positives are ≤ a few % of the instances)."""
-    x, t = batch
-    logits = model.raw_logits(x)
+    """Class-balanced BCE of f on smoothed features against 0/1 targets (positives are ≤ a few %)."""
+    h, t = batch
+    logits = model.scorer(h).squeeze(-1)
     w_pos = (t == 0).sum().clamp_min(1) / (t == 1).sum().clamp_min(1)
     w = torch.where(t == 1, w_pos.to(logits.dtype), torch.ones_like(logits))
     loss = (w * bce_with_targets(logits, t)).sum() / w.sum()
@@ -186,7 +226,7 @@ class PseudoLabelMethod(Method):
         c = self.cfg
         if c.in_dim is None:
             raise ValueError("method.in_dim is unknown: fit reads it from the data")
-        return SmoothedInstanceMIL(c.in_dim, c.hidden, c.dropout, c.alpha, c.sm_steps)
+        return SmoothedInstanceMIL(c.in_dim, c.hidden, c.dropout, c.alpha, c.feature_alpha, c.sm_steps)
 
     def teacher_model(self) -> MILModel:
         enc = self.cfg.teacher_encoder or EncoderConfig(name="linear", in_dim=self.cfg.in_dim, out_dim=256)
@@ -221,7 +261,7 @@ class PseudoLabelMethod(Method):
             first = self.teacher_model()
         fit_stage(BagModule(first, mil_loss, tr), bag_loader(splits.train, tr, True, seed),
                   bag_loader(splits.val, tr, False), run.stage_dir("mil"), tr, seed,
-                  monitor="val/bag_auroc", monitor_mode="max")
+                  monitor="val/auroc_minus_bce", monitor_mode="max")  # instance-max slide score; BCE breaks AUROC ties
         labelers = {"mil": Labeler(first, "model")}
 
         candidates: list[dict] = []
@@ -232,6 +272,9 @@ class PseudoLabelMethod(Method):
         elif not np.isnan(val_first) and val_first < 0.5:
             sign = -1.0  # an inverted teacher: its negated scores rank instances the right way round
         scores = [sign * s for s in bag_scores(first, splits.train)]
+        template = self.instance_model()
+        template.set_standardisation(x_all)
+        h_all = smoothed_features(template, splits.train)  # fixed α: the smoothed features never change
 
         # stage 'pseudo_label': rounds of re-labelling and re-fitting a fresh instance classifier
         tr_i = self.stage_trainer(c.round_epochs, c.instance_batch_size)
@@ -240,7 +283,7 @@ class PseudoLabelMethod(Method):
             targets = pseudo_labels(scores, y_train, c.negative_quantile, c.max_positive_fraction, c.unlabelled)
             t_all = torch.cat(targets)
             keep = t_all >= 0
-            data = TensorDataset(x_all[keep], t_all[keep].float())
+            data = TensorDataset(h_all[keep], t_all[keep].float())
             g = torch.Generator().manual_seed(seed * 1009 + r)
             loader = DataLoader(data, batch_size=c.instance_batch_size, shuffle=True, generator=g)
             model = self.instance_model()
