@@ -17,7 +17,9 @@ How a slide is made (everything in numpy, a few seconds for 240 slides):
   (a "stain" batch effect, ``stain``), and every patch pixel noise (``pixel_noise``).
 - **Lesions.** Positive slides hold 1–``max_lesions`` lesions grown as connected regions
   (random breadth-first growth over the 4-neighbourhood of tissue cells) until the slide's
-  witness rate, drawn in ``witness_rate``, is reached. A lesion patch adds a lesion
+  witness rate, drawn in ``witness_rate``, is reached — or until the connected piece of
+  tissue the lesion started in is full (small tissue islands cap a lesion, so a few slides
+  fall below the range). A lesion patch adds a lesion
   texture (one of ``n_lesion_textures`` fixed smooth 8×8 patterns, one per lesion) of
   strength ``signal × u`` with u ~ U(0.5, 1.5) per patch: a controllable, varying per-patch
   signal.
