@@ -16,6 +16,7 @@ METHODS: dict[str, str] = {
     "ikd": "milkit.methods.ikd:IKDMethod",
     "maxmin": "milkit.methods.maxmin:MaxMinMethod",
     "segmentation_baseline": "milkit.methods.seg_baselines:SegBaselineMethod",
+    "pseudo_label": "milkit.methods.pseudo_label:PseudoLabelMethod",
 }
 
 MODELS: dict[str, str] = {
@@ -29,12 +30,14 @@ MODELS: dict[str, str] = {
     "dsmil": "milkit.models.dsmil:DSMIL",
     "transmil": "milkit.models.transmil:TransMIL",
     "dtfd": "milkit.models.dtfd:DTFDMIL",
+    "smoothed_instance": "milkit.methods.pseudo_label:SmoothedInstanceMIL",  # pseudo_label's instance model
 }
 
 DATASETS: dict[str, str] = {
     "digit_bags": "milkit.data.synthetic:DigitBagsConfig",
     "positive_ratio_bags": "milkit.data.positive_ratio:PositiveRatioBagsConfig",
     "spatial_bags": "milkit.data.spatial:SpatialBagsConfig",
+    "hard_bags": "milkit.data.hard_bags:HardBagsConfig",
     "feature_bags": "milkit.data.features:FeatureBagsConfig",
     "colon_nuclei": "milkit.data.histology:ColonNucleiConfig",
     "breast_ucsb": "milkit.data.histology:BreastUCSBConfig",
@@ -58,6 +61,7 @@ BENCHMARK_MODULES: list[str] = [
     "milkit.benchmarks.positive_ratio",  # WENO Table 1 / Table 4
     "milkit.benchmarks.segmentation",  # IKD-MIL Table 1, Max-Min Tables 1–2
     "milkit.benchmarks.d2l_histology",  # Distill-to-Label Tables I–II on colon/breast
+    "milkit.benchmarks.hard_bags",  # issue 11: every recipe on hard feature bags
 ]
 
 

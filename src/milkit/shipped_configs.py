@@ -17,13 +17,23 @@ def config_roots() -> list[Path]:
     return [p for p in candidates if p.is_dir()]
 
 
+#: folders listed before the others by ``milkit configs``: what milkit recommends (issue 11 §2)
+FIRST = ("recommended",)
+
+
 def list_configs() -> dict[str, Path]:
-    """Shipped name (``method/file.yaml``) → path; the first root that has a name wins."""
+    """Shipped name (``method/file.yaml``) → path; the first root that has a name wins.
+    ``recommended/`` comes first, then the paper configs in name order."""
     found: dict[str, Path] = {}
     for root in config_roots():
         for p in sorted(root.rglob("*.yaml")):
             found.setdefault(p.relative_to(root).as_posix(), p)
-    return found
+
+    def rank(name: str) -> tuple[int, str]:
+        top = name.split("/", 1)[0]
+        return (FIRST.index(top) if top in FIRST else len(FIRST), name)
+
+    return {k: found[k] for k in sorted(found, key=rank)}
 
 
 def describe(path: Path) -> str:

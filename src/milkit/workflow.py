@@ -81,6 +81,8 @@ def train_run(exp: Experiment, out_dir: str | Path, overwrite: bool = False, res
     assess.add_trust(metrics, labelers, splits, exp, scores)
     metrics["_run"] = {"train_seconds": round(time.perf_counter() - t0, 2), "method": exp.method.name,
                        "stages": list(labelers)}
+    # the stage `milkit label` uses by default (issue 11 §2)
+    metrics["_run"]["primary_stage"] = method.primary_stage if method.primary_stage in labelers else list(labelers)[-1]
     from milkit import io
 
     io.write_json(run.metrics_path, metrics)

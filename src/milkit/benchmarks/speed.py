@@ -40,6 +40,7 @@ MILKIT_MODELS: dict[str, tuple[str, dict]] = {
     "dsmil": ("dsmil", {}),
     "transmil": ("transmil", {}),
     "dtfd": ("dtfd", {}),
+    "pseudo_label": ("smoothed_instance", {}),  # issue 11's recipe: its instance model (Sm on features + logits)
 }
 QUADRATIC = {"smtap"}
 #: milkit label → torchmil class and the arguments that make it the same model

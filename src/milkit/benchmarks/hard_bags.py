@@ -1,0 +1,269 @@
+"""``milkit benchmark hard-bags``: every recipe on hard feature bags (issue 11 §1).
+
+Data: ``hard_bags`` (milkit.data.hard_bags) at the levels asked for, the data fixed by
+``generator_seed`` 0 so that the seeds vary training only (initialisation, data order), as
+in the issue's report. Every recipe runs through its ordinary config and
+:func:`milkit.workflow.train_run`; reported on the test split, mean ± sd over seeds:
+
+- patch AUROC (the primary stage's instance scores), slide AUROC;
+- patch F1 at the threshold chosen on validation patch labels by the run itself
+  (``threshold.json``, the method's default criterion, named in the table), and patch F1
+  at the threshold that maximises F1 on validation (computed here from the same scores);
+- the supervised linear probe on the true train patch labels as the ceiling row (patch
+  AUROC; slide AUROC of its max over patches; F1 at its F1-best validation threshold).
+
+Every shared setting (epochs, learning rate, embedding size) is an option and printed with
+the table. Results go to ``--out``/hard_bags.json + .md, rewritten after every run; a
+cell already in the JSON is not run again (``--resume``), so a cut-short benchmark keeps
+what it measured and can be continued or extended by level, row or seed.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from pathlib import Path
+from typing import Optional
+
+import numpy as np
+import typer
+
+from milkit.benchmarks.common import fmt, markdown_table, mean_std, write_results
+
+#: row label → (method section given the settings, stage whose labels are scored)
+ROWS = (
+    "ABMIL",
+    "gated ABMIL",
+    "SmAP",
+    "DSMIL",
+    "CLAM-SB",
+    "TransMIL",
+    "Distill-to-Label student",
+    "WENO student (ABMIL teacher)",
+    "WENO student (SmAP teacher)",
+    "pseudo_label (this recipe)",
+)
+LEVELS = ("easy", "medium", "hard")
+
+
+def method_section(row: str, s: dict) -> tuple[dict, str]:
+    """The method section of one row and the stage scored. ``s``: the shared settings."""
+    d, e = s["feature_dim"], s["embed_dim"]
+    linear = {"name": "linear", "in_dim": d, "out_dim": e}
+    ident = {"name": "identity", "in_dim": d}
+    if row == "ABMIL":
+        return {"name": "mil", "encoder": linear, "model": {"name": "abmil", "gated": False}}, "mil"
+    if row == "gated ABMIL":
+        return {"name": "mil", "encoder": linear, "model": {"name": "abmil", "gated": True}}, "mil"
+    if row == "SmAP":
+        return {"name": "mil", "encoder": ident, "model": {"name": "smap", "embed_dim": e}}, "mil"
+    if row == "DSMIL":
+        return {"name": "mil", "encoder": linear, "model": {"name": "dsmil"}}, "mil"
+    if row == "CLAM-SB":
+        return {"name": "mil", "encoder": ident, "model": {"name": "clam_sb", "embed_dim": e}}, "mil"
+    if row == "TransMIL":
+        return {"name": "mil", "encoder": ident, "model": {"name": "transmil", "embed_dim": e, "landmarks": e // 2}}, "mil"
+    if row == "Distill-to-Label student":
+        return {"name": "distill_to_label", "encoder": linear, "model": {"name": "abmil", "gated": True},
+                "baseline": False}, "student"
+    if row.startswith("WENO"):
+        teacher = {"name": "smap", "embed_dim": e} if "SmAP" in row else {"name": "abmil", "gated": False}
+        return {"name": "weno", "encoder": {**linear, "name": "linear_ln"}, "teacher": teacher,
+                "hpm_warmup_epochs": max(1, s["epochs"] // 2), "student_batch_size": 256}, "student"
+    if row.startswith("pseudo_label"):
+        return {"name": "pseudo_label"}, "pseudo_label"  # feature size read from the data
+    raise ValueError(f"unknown row {row!r}; rows: {', '.join(ROWS)}")
+
+
+def experiment(row: str, level: str, seed: int, s: dict) -> tuple[dict, str]:
+    method, stage = method_section(row, s)
+    data = {"kind": "hard_bags", "level": level, "generator_seed": s["generator_seed"]}
+    trainer = {"optimizer": "adam", "lr": s["lr"], "weight_decay": 1e-4, "max_epochs": s["epochs"], "batch_size": 1,
+               "monitor": "val/auroc_minus_bce", "progress_bar": False, "accelerator": "cpu"}
+    return {"seed": seed, "data": data, "method": method, "trainer": trainer}, stage
+
+
+def f1_best_threshold(y_val: np.ndarray, s_val: np.ndarray) -> float:
+    """The validation score that maximises F1 (ties: the lowest such threshold)."""
+    from sklearn.metrics import precision_recall_curve
+
+    p, r, t = precision_recall_curve(y_val, s_val)
+    f1 = 2 * p[:-1] * r[:-1] / np.maximum(p[:-1] + r[:-1], 1e-12)
+    return float(t[int(np.argmax(f1))])
+
+
+def _f1(y: np.ndarray, s: np.ndarray, thr: float) -> float:
+    from sklearn.metrics import f1_score
+
+    return float(f1_score(y, (s >= thr).astype(int), zero_division=0))
+
+
+def _patch_arrays(rows: list[dict]) -> tuple[np.ndarray, np.ndarray]:
+    return (np.concatenate([r["instance_labels"] for r in rows]), np.concatenate([r["scores"] for r in rows]))
+
+
+def run_cell(row: str, level: str, seed: int, s: dict, run_dir: Path) -> dict:
+    """Train one recipe on one level with one seed; the test numbers of its scored stage."""
+    from milkit.config import build_experiment
+    from milkit.engine import seed_everything
+    from milkit.workflow import load_labelers, train_run
+
+    raw, stage = experiment(row, level, seed, s)
+    t0 = time.perf_counter()
+    exp = build_experiment(raw)
+    seed_everything(seed)
+    try:
+        m = train_run(exp, run_dir, overwrite=True)
+    except Exception as err:  # a recipe that fails is reported as failed, with its error
+        return {"error": f"{type(err).__name__}: {str(err).splitlines()[0][:200] if str(err) else ''}",
+                "seconds": round(time.perf_counter() - t0, 1)}
+    stage = stage if stage in m else next(k for k in m if not k.startswith("_"))
+    test = m[stage]["test"]
+    _, labelers, _ = load_labelers(run_dir)
+    splits = exp.data.build(exp.seed)
+    yv, sv = _patch_arrays(labelers[stage].predict_dataset(splits.val))
+    yt, st = _patch_arrays(labelers[stage].predict_dataset(splits.test))
+    thr = f1_best_threshold(yv, sv)
+    return {"patch_auroc": test.get("instance_auroc"), "slide_auroc": test.get("bag_auroc"),
+            "patch_f1_run": test.get("instance_f1"), "run_threshold_source": (m[stage].get("threshold") or {}).get("source"),
+            "patch_f1_valf1": _f1(yt, st, thr), "stage": stage, "seconds": round(time.perf_counter() - t0, 1)}
+
+
+def probe_cell(level: str, s: dict) -> dict:
+    """The ceiling row: the supervised linear probe (true train patch labels)."""
+    from sklearn.linear_model import LogisticRegression
+    from sklearn.preprocessing import StandardScaler
+
+    from milkit.data.hard_bags import HardBagsConfig
+    from milkit.metrics.classification import auroc
+
+    t0 = time.perf_counter()
+    sp = HardBagsConfig(level=level, generator_seed=s["generator_seed"]).build(0)
+    xtr = np.concatenate([b.instances.numpy() for b in sp.train])
+    ytr = np.concatenate([b.instance_labels.numpy() for b in sp.train])
+    scaler = StandardScaler().fit(xtr)
+    clf = LogisticRegression(C=1.0, max_iter=2000).fit(scaler.transform(xtr), ytr)
+    score = lambda ds: [clf.decision_function(scaler.transform(b.instances.numpy())) for b in ds]  # noqa: E731
+    sv, st = score(sp.val), score(sp.test)
+    yv = np.concatenate([b.instance_labels.numpy() for b in sp.val])
+    yt = np.concatenate([b.instance_labels.numpy() for b in sp.test])
+    thr = f1_best_threshold(yv, np.concatenate(sv))
+    return {"patch_auroc": float(auroc(yt, np.concatenate(st))),
+            "slide_auroc": float(auroc(np.array(sp.test.labels), np.array([x.max() for x in st]))),
+            "patch_f1_run": None, "patch_f1_valf1": _f1(yt, np.concatenate(st), thr),
+            "seconds": round(time.perf_counter() - t0, 1)}
+
+
+METRICS = (("patch AUROC", "patch_auroc"), ("slide AUROC", "slide_auroc"),
+           ("patch F1 (run's val threshold)", "patch_f1_run"), ("patch F1 (val F1-best threshold)", "patch_f1_valf1"))
+
+
+def render(results: dict) -> str:
+    s = results["settings"]
+    md = "# hard-bags benchmark (issue 11 §1)\n\n"
+    md += (f"Data `hard_bags`, generator seed {s['generator_seed']} (fixed; seeds vary training only); "
+           f"{s['epochs']} epochs, Adam lr {s['lr']}, weight decay 1e-4, batch 1, best validation checkpoint by "
+           f"AUROC − BCE; embeddings {s['embed_dim']}-d. Test split, mean ± sd over the seeds run (n). "
+           "Run's threshold: chosen on validation patch labels by the method's default criterion.\n")
+    for level in results["levels"]:
+        cells = results["cells"].get(level, {})
+        if not cells:
+            continue
+        probe = results["probe"].get(level)
+        md += f"\n## level {level}\n\n"
+        header = ["recipe", "n"] + [m for m, _ in METRICS] + ["s / run"]
+        rows = []
+        for row in [r for r in ROWS if r in cells]:
+            runs = list(cells[row].values())
+            ok = [r for r in runs if "error" not in r]
+            errs = sorted({r["error"] for r in runs if "error" in r})
+            line = [row, str(len(ok))] + [fmt(mean_std(r.get(k) for r in ok)) for _, k in METRICS]
+            line.append(f"{np.mean([r['seconds'] for r in runs]):.0f}")
+            rows.append(line)
+            if errs:
+                rows.append([f"↳ {row}: {len(runs) - len(ok)} run(s) failed: " + "; ".join(errs)] + [""] * (len(header) - 1))
+        if probe:
+            rows.append(["linear probe on true patch labels (ceiling)", "—"]
+                        + [fmt((probe[k], 0.0, 1)) if probe.get(k) is not None else "—" for _, k in METRICS] + [f"{probe['seconds']:.0f}"])
+        md += markdown_table(header, rows)
+        per_seed = {row: {k: round(v["patch_auroc"], 3) for k, v in cells[row].items() if v.get("patch_auroc") is not None}
+                    for row in ROWS if row in cells}
+        md += "\nPatch AUROC per seed: " + "; ".join(f"{r}: {v}" for r, v in per_seed.items()) + "\n"
+    md += f"\nWall time of the runs recorded here: {results.get('wall_s', 0):.0f} s.\n"
+    return md
+
+
+def run(out: Path, levels: list[str], rows: list[str], seeds: list[int], s: dict, resume: bool = True,
+        progress=print) -> dict:
+    out = Path(out)
+    path = out / "hard_bags.json"
+    results: dict = {"settings": s, "levels": [], "cells": {}, "probe": {}, "wall_s": 0.0}
+    if resume and path.is_file():
+        old = json.loads(path.read_text())
+        if old.get("settings") == s:
+            results = old
+    for level in levels:
+        if level not in results["levels"]:
+            results["levels"].append(level)
+    results["levels"] = [lv for lv in LEVELS if lv in results["levels"]]
+
+    def save() -> None:
+        write_results(out, "hard_bags", results, render(results))
+
+    for level in levels:
+        if level not in results["probe"]:
+            results["probe"][level] = probe_cell(level, s)
+            progress(f"{level} probe: {results['probe'][level]}")
+            save()
+        for seed in seeds:
+            for row in rows:
+                cell = results["cells"].setdefault(level, {}).setdefault(row, {})
+                if str(seed) in cell:
+                    continue
+                t0 = time.perf_counter()
+                tag = "".join(c if c.isalnum() else "_" for c in row)
+                cell[str(seed)] = run_cell(row, level, seed, s, out / "runs" / level / f"{tag}_s{seed}")
+                results["wall_s"] += time.perf_counter() - t0
+                progress(f"{level} seed={seed} {row}: {cell[str(seed)]}")
+                save()
+    save()
+    return results
+
+
+def register(app: typer.Typer) -> None:
+    @app.command("hard-bags")
+    def hard_bags(
+        out: Path = typer.Option(Path("benchmark-results/hard-bags"), "--out"),
+        levels: str = typer.Option("hard,medium,easy", "--levels", help="comma-separated, run in this order"),
+        rows: Optional[str] = typer.Option(None, "--rows", help="comma-separated row labels (default: all); see --list"),
+        seeds: str = typer.Option("0,1,2,3,4", "--seeds", help="comma-separated training seeds"),
+        epochs: int = typer.Option(10, "--epochs"),
+        lr: float = typer.Option(3e-4, "--lr"),
+        embed_dim: int = typer.Option(256, "--embed-dim", help="embedding size of every MIL model"),
+        generator_seed: int = typer.Option(0, "--generator-seed"),
+        no_resume: bool = typer.Option(False, "--no-resume", help="rerun cells already in the JSON"),
+        list_rows: bool = typer.Option(False, "--list", help="print the row labels and exit"),
+    ) -> None:
+        """Every recipe on hard feature bags: patch/slide AUROC, patch F1, the linear-probe ceiling."""
+        from rich.console import Console
+
+        if list_rows:
+            for r in ROWS:
+                typer.echo(r)
+            return
+        lv = [x.strip() for x in levels.split(",") if x.strip()]
+        bad = [x for x in lv if x not in LEVELS]
+        if bad:
+            raise ValueError(f"--levels: unknown level(s) {bad}; choose from {', '.join(LEVELS)}")
+        rs = list(ROWS) if rows is None else [x.strip() for x in rows.split(",") if x.strip()]
+        bad = [x for x in rs if x not in ROWS]
+        if bad:
+            raise ValueError(f"--rows: unknown row(s) {bad}; 'milkit benchmark hard-bags --list' prints them")
+        try:
+            sd = [int(x) for x in seeds.split(",") if x.strip()]
+        except ValueError:
+            raise ValueError(f"--seeds: expected comma-separated integers, got {seeds!r}") from None
+        s = {"epochs": epochs, "lr": lr, "embed_dim": embed_dim, "feature_dim": 512, "generator_seed": generator_seed}
+        console = Console()
+        res = run(out, lv, rs, sd, s, resume=not no_resume, progress=console.print)
+        console.print(render(res))

@@ -1,0 +1,325 @@
+"""MIL-constrained, iterated, graph-smoothed pseudo-labels distilled into an instance classifier
+(issue 11 §2; ``method.name: pseudo_label``). No paper: the principles are the issue's.
+
+Stages, both kept in the run directory:
+
+1. ``mil`` — the MIL assumption both ways (Y = max_k y_k, NOTES.md "Common ground"): an
+   instance classifier f (a small MLP, or linear) on standardised features smoothed over the
+   patch graph by Sm (Eq. 8 of the Sm paper, α fixed, "early"), whose logits are smoothed
+   again ("late") and max-pooled into the slide logit, trained with BCE on slide labels. A negative slide pushes *every*
+   smoothed instance logit down; a positive slide pushes at least one up (mi-SVM's
+   constraints, Andrews et al. 2002, as a smooth objective). With ``teacher`` set, this
+   stage is instead that registered MIL model (``models/factory.py``) trained on slide
+   labels, and only its instance scores are used.
+2. ``pseudo_label`` — ``rounds`` of pseudo-labelling (mi-SVM's re-labelling; positive–
+   unlabelled learning, Elkan & Noto 2008): every instance of a negative training slide is a
+   clean negative; in a positive slide, the instances whose smoothed score exceeds the
+   ``negative_quantile`` of the negative slides' scores are positives, and at least the top
+   one (each positive slide holds ≥ 1 positive); the rest stay *unlabelled* and are not
+   trained on. A fresh instance classifier is fitted on these labels (class-balanced BCE):
+   the distillation into an instance classifier that Distill-to-Label and WENO also use.
+
+Model selection cannot pick an inverted solution: every candidate (the ``mil`` instance
+model and each round) is scored on validation by the slide AUROC of the *instance-max*
+aggregate of its smoothed scores, so a candidate ranks slides only through its instances;
+the best is kept (``selection.json``). A teacher whose instance-max validation AUROC is
+below 0.5 has its scores negated before pseudo-labelling (recorded). Inference: instance
+score = smoothed logit of the chosen classifier; slide probability = sigmoid of their max.
+
+``in_dim`` is read from the data when the config leaves it out, and written back into the
+run's ``config.yaml``, so ``milkit label`` / ``evaluate`` rebuild the same model.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+from typing import Literal
+
+import numpy as np
+import torch
+from pydantic import Field
+from torch import Tensor, nn
+from torch.utils.data import DataLoader, TensorDataset
+
+from milkit import io
+from milkit.config import StrictModel, TrainerConfig
+from milkit.data.bag import BagDataset, collate_bags
+from milkit.data.base import DataSplits
+from milkit.engine import fit_stage, restore_submodule
+from milkit.losses.bernoulli import bce_with_targets
+from milkit.methods.base import BagModule, Labeler, LossModule, Method, bag_loader
+from milkit.methods.mil import mil_loss
+from milkit.metrics.classification import auroc
+from milkit.models.base import MILModel, MILOutput, full_mask
+from milkit.models.factory import ModelSection, build_mil_model
+from milkit.nn.encoders import EncoderConfig
+from milkit.nn.smooth import SmoothOperator
+from milkit.run_dir import RunDir
+
+
+class SmoothedInstanceMIL(MILModel):
+    """Instance classifier on the patch graph: standardised features h → Sm_feat(h) (Sm paper
+    "early", Eq. 8) → f (linear or MLP) → Sm_logit (Sm "late") = instance scores; bag logit =
+    their max. Without a graph (``adj`` None) both Sm are the identity. Registered as the MIL
+    model ``smoothed_instance`` (so that ``milkit benchmark speed`` times it); ``encoder`` (if
+    not the identity) runs before the standardisation."""
+
+    class Config(StrictModel):
+        name: Literal["smoothed_instance"] = "smoothed_instance"
+        hidden: int = Field(128, ge=0, description="see PseudoLabelConfig.hidden")
+        dropout: float = Field(0.25, ge=0, lt=1)
+        alpha: float = Field(0.5, ge=0, lt=1, description="Sm α on the logits")
+        feature_alpha: float = Field(0.8, ge=0, lt=1, description="Sm α on the features")
+        sm_steps: int = Field(10, ge=0, description="Eq. 8 steps (Sm paper App. B.3)")
+
+    @classmethod
+    def from_config(cls, cfg: "SmoothedInstanceMIL.Config", encoder: nn.Module, in_dim: int) -> "SmoothedInstanceMIL":
+        return cls(in_dim, cfg.hidden, cfg.dropout, cfg.alpha, cfg.feature_alpha, cfg.sm_steps, encoder)
+
+    def __init__(self, in_dim: int, hidden: int = 0, dropout: float = 0.0, alpha: float = 0.5,
+                 feature_alpha: float = 0.5, sm_steps: int = 10, encoder: nn.Module | None = None):
+        super().__init__()
+        self.encoder = encoder if encoder is not None and not isinstance(encoder, nn.Identity) else None
+        self.register_buffer("mean", torch.zeros(in_dim))
+        self.register_buffer("std", torch.ones(in_dim))
+        if hidden:
+            self.scorer: nn.Module = nn.Sequential(nn.Linear(in_dim, hidden), nn.ReLU(), nn.Dropout(dropout),
+                                                   nn.Linear(hidden, 1))
+        else:
+            self.scorer = nn.Sequential(nn.Dropout(dropout), nn.Linear(in_dim, 1))
+
+        def sm(a: float) -> SmoothOperator | None:
+            return SmoothOperator(alpha=a, trainable_alpha=False, mode="approx", steps=sm_steps) if a > 0 and sm_steps > 0 else None
+
+        self.sm_feat, self.sm_logit = sm(feature_alpha), sm(alpha)
+
+    def set_standardisation(self, x: Tensor) -> None:
+        """Mean and sd of the training instances (N, D); sd floored at 1e-6."""
+        self.mean.copy_(x.mean(0))
+        self.std.copy_(x.std(0).clamp_min(1e-6))
+
+    def features(self, x: Tensor, mask: Tensor, adj: object | None) -> Tensor:
+        """Standardised, graph-smoothed features (B, N, D); 0 where padded."""
+        if self.encoder is not None:
+            x = self.encoder(x)
+        h = ((x - self.mean) / self.std) * mask.unsqueeze(-1)
+        if self.sm_feat is not None and adj is not None:
+            h = self.sm_feat(h, adj, mask)
+        return h
+
+    def instance_logits(self, x: Tensor, mask: Tensor | None = None) -> Tensor:
+        """f of each instance alone (no neighbours: a bag of one has no graph)."""
+        mask = full_mask(x, mask)
+        return self.scorer(self.features(x, mask, None)).squeeze(-1) * mask
+
+    def forward(self, x: Tensor, mask: Tensor | None = None, adj: object | None = None) -> MILOutput:
+        mask = full_mask(x, mask)
+        raw = self.scorer(self.features(x, mask, adj)).squeeze(-1) * mask
+        s = self.sm_logit(raw, adj, mask) if (self.sm_logit is not None and adj is not None) else raw
+        s = s * mask
+        bag = s.masked_fill(~mask, float("-inf")).amax(1)
+        return MILOutput(bag_logits=bag, instance_scores=s, extras={"raw_logits": raw})
+
+
+@torch.no_grad()
+def smoothed_features(model: SmoothedInstanceMIL, ds: BagDataset) -> Tensor:
+    """Every instance's standardised, smoothed features, bags concatenated (M, D)."""
+    out = []
+    for b in ds:
+        x = b.instances.unsqueeze(0).float()
+        out.append(model.features(x, full_mask(x, None), None if b.adj is None else [b.adj])[0])
+    return torch.cat(out)
+
+
+class PseudoLabelConfig(StrictModel):
+    """Every default with its reason (issue 11 §2 principles; no paper)."""
+
+    name: Literal["pseudo_label"] = "pseudo_label"
+    in_dim: int | None = Field(None, ge=1, description="feature size; null: read from the data")
+    hidden: int = Field(128, ge=0, description="one ReLU hidden layer of 128 (the attention width of ABMIL/SmAP, "
+                        "NOTES.md); 0: linear instance classifier")
+    dropout: float = Field(0.25, ge=0, lt=1, description="CLAM's 0.25: ~100 slides overfit an MLP quickly")
+    feature_alpha: float = Field(0.8, ge=0, lt=1, description="Sm α on the standardised features ('early'), "
+                                 "fixed: smoothness is a prior here (§2), not learnt from 100 slides; 0.8 beat "
+                                 "0.5 (NOTES.md's Sm init) on hard-bags validation patches")
+    alpha: float = Field(0.5, ge=0, lt=1, description="Sm α on the instance logits ('late', NOTES.md Sm: 0.5), fixed; 0 = off")
+    sm_steps: int = Field(10, ge=0, description="Eq. 8 steps T (Sm paper App. B.3: 10)")
+    teacher: ModelSection | None = Field(None, description="null: stage 'mil' is the smoothed instance-max "
+                                         "classifier; else any registered MIL model (§2 'any MIL model can be its teacher')")
+    teacher_encoder: EncoderConfig | None = Field(None, description="the teacher's encoder (default linear in_dim→256)")
+    rounds: int = Field(3, ge=0, description="pseudo-label re-fits (mi-SVM iterates to a fixed point; on "
+                        "hard-bags the pseudo-positive count settled by round 2–3: 405, 311, 313)")
+    negative_quantile: float = Field(0.99, gt=0.5, lt=1, description="a positive slide's instance is a pseudo-"
+                                     "positive above this quantile of negative slides' scores (≈ 1 % false-positive rate)")
+    max_positive_fraction: float = Field(0.3, gt=0, le=1, description="at most this fraction of a positive slide "
+                                         "becomes positive (the witness rate of the regime is ≤ 10 %)")
+    unlabelled: Literal["ignore", "negative"] = Field("ignore", description="the other instances of positive "
+                                                      "slides: ignore (PU learning, Elkan & Noto) or negative (mi-SVM)")
+    lr: float = Field(1e-3, gt=0, description="Adam lr of both stages (a linear model on standardised features)")
+    weight_decay: float = Field(1e-2, ge=0, description="L2 on f: 512 weights from ~100 slides need a prior")
+    mil_epochs: int = Field(20, ge=1, description="epochs of stage 'mil': ~260 steps on 100 slides at 8 per step, modest for a CPU")
+    bag_batch_size: int = Field(8, ge=1, description="slides per step of stage 'mil'")
+    round_epochs: int = Field(5, ge=1, description="epochs over the pseudo-labelled instances per round")
+    instance_batch_size: int = Field(512, ge=1, description="instances per step of a round")
+
+
+def _feature_dim(ds: BagDataset) -> int:
+    bag = ds[0]
+    if bag.instances.ndim != 2:
+        raise ValueError(f"method pseudo_label needs feature bags (instances of shape (N, D)); bag {bag.bag_id!r} has "
+                         f"instances of shape {tuple(bag.instances.shape)}")
+    return int(bag.instances.shape[1])
+
+
+@torch.no_grad()
+def bag_scores(model: MILModel, ds: BagDataset) -> list[Tensor]:
+    """Each bag's instance scores (N,) from ``model``'s own output (eval mode)."""
+    model.eval()
+    return [model(b.instances.unsqueeze(0), None, None if b.adj is None else [b.adj]).instance_scores[0] for b in ds]
+
+
+def instance_max_auroc(scores: list[Tensor], labels: list[int]) -> float:
+    """Slide AUROC of the instance-max aggregate (nan when one class is missing)."""
+    return float(auroc(np.array(labels), np.array([float(s.max()) for s in scores])))
+
+
+def pseudo_labels(scores: list[Tensor], labels: list[int], quantile: float, max_fraction: float,
+                  unlabelled: str = "ignore") -> list[Tensor]:
+    """Per bag targets (N,): 0 for every instance of a negative bag; in a positive bag 1 above
+    the ``quantile`` of all negative-bag scores (at least the top one, at most ``max_fraction``),
+    −1 (not trained on) or 0 for the rest (``unlabelled``)."""
+    neg = [s for s, y in zip(scores, labels) if y == 0]
+    thr = float(torch.quantile(torch.cat(neg).double(), quantile)) if neg else float("inf")
+    out = []
+    for s, y in zip(scores, labels):
+        if y == 0:
+            out.append(torch.zeros_like(s))
+            continue
+        t = torch.full_like(s, -1.0 if unlabelled == "ignore" else 0.0)
+        cap = max(1, int(max_fraction * len(s)))
+        order = torch.argsort(s, descending=True)
+        k = int(min(cap, max(1, int((s > thr).sum()))))
+        t[order[:k]] = 1.0
+        out.append(t)
+    return out
+
+
+def balanced_bce(model: SmoothedInstanceMIL, batch) -> tuple[Tensor, dict[str, Tensor]]:
+    """Class-balanced BCE of f on smoothed features against 0/1 targets (positives are ≤ a few %)."""
+    h, t = batch
+    logits = model.scorer(h).squeeze(-1)
+    w_pos = (t == 0).sum().clamp_min(1) / (t == 1).sum().clamp_min(1)
+    w = torch.where(t == 1, w_pos.to(logits.dtype), torch.ones_like(logits))
+    loss = (w * bce_with_targets(logits, t)).sum() / w.sum()
+    return loss, {"pseudo_bce": loss.detach()}
+
+
+class PseudoLabelMethod(Method):
+    """Stages ``mil`` (MIL-constrained instance classifier, or a teacher) and ``pseudo_label`` (primary)."""
+
+    Config = PseudoLabelConfig
+    primary_stage = "pseudo_label"
+
+    # -- building ------------------------------------------------------------------------
+    def instance_model(self) -> SmoothedInstanceMIL:
+        c = self.cfg
+        if c.in_dim is None:
+            raise ValueError("method.in_dim is unknown: fit reads it from the data")
+        return SmoothedInstanceMIL(c.in_dim, c.hidden, c.dropout, c.alpha, c.feature_alpha, c.sm_steps)
+
+    def teacher_model(self) -> MILModel:
+        enc = self.cfg.teacher_encoder or EncoderConfig(name="linear", in_dim=self.cfg.in_dim, out_dim=256)
+        if enc.in_dim is None:
+            enc = enc.model_copy(update={"in_dim": self.cfg.in_dim})
+        return build_mil_model(self.cfg.teacher, enc)
+
+    def stage_trainer(self, epochs: int, batch_size: int) -> TrainerConfig:
+        """The run's trainer (devices, precision, …) with this recipe's optimisation settings."""
+        c = self.cfg
+        return self.exp.trainer.model_copy(update={"lr": c.lr, "weight_decay": c.weight_decay, "max_epochs": epochs,
+                                                   "batch_size": batch_size, "warmup_epochs": 0, "lr_step_every": 0,
+                                                   "lr_milestones": [], "early_stopping_patience": None})
+
+    # -- fitting -------------------------------------------------------------------------
+    def fit(self, splits: DataSplits, run: RunDir) -> dict[str, Labeler]:
+        c, seed = self.cfg, self.exp.seed
+        if c.in_dim is None:
+            c.in_dim = _feature_dim(splits.train)  # feature size read from the data (issue 11 §2)
+            run.write_config(self.exp)
+        elif _feature_dim(splits.train) != c.in_dim:
+            raise ValueError(f"method.in_dim is {c.in_dim} but the data's features have {_feature_dim(splits.train)} dims")
+        x_all = torch.cat([b.instances for b in splits.train]).float()
+        y_train, y_val = list(splits.train.labels), list(splits.val.labels)
+
+        # stage 'mil': the MIL-constrained smoothed instance-max classifier, or a teacher
+        tr = self.stage_trainer(c.mil_epochs, c.bag_batch_size)
+        if c.teacher is None:
+            first: MILModel = self.instance_model()
+            first.set_standardisation(x_all)
+        else:
+            first = self.teacher_model()
+        fit_stage(BagModule(first, mil_loss, tr), bag_loader(splits.train, tr, True, seed),
+                  bag_loader(splits.val, tr, False), run.stage_dir("mil"), tr, seed,
+                  monitor="val/auroc_minus_bce", monitor_mode="max")  # instance-max slide score; BCE breaks AUROC ties
+        labelers = {"mil": Labeler(first, "model")}
+
+        candidates: list[dict] = []
+        sign = 1.0
+        val_first = instance_max_auroc(bag_scores(first, splits.val), y_val)
+        if c.teacher is None:
+            candidates.append({"candidate": "mil", "val_instance_max_auroc": val_first, "path": str(run.model_path("mil"))})
+        elif not np.isnan(val_first) and val_first < 0.5:
+            sign = -1.0  # an inverted teacher: its negated scores rank instances the right way round
+        scores = [sign * s for s in bag_scores(first, splits.train)]
+        template = self.instance_model()
+        template.set_standardisation(x_all)
+        h_all = smoothed_features(template, splits.train)  # fixed α: the smoothed features never change
+
+        # stage 'pseudo_label': rounds of re-labelling and re-fitting a fresh instance classifier
+        tr_i = self.stage_trainer(c.round_epochs, c.instance_batch_size)
+        history = []
+        for r in range(1, c.rounds + 1):
+            targets = pseudo_labels(scores, y_train, c.negative_quantile, c.max_positive_fraction, c.unlabelled)
+            t_all = torch.cat(targets)
+            keep = t_all >= 0
+            data = TensorDataset(h_all[keep], t_all[keep].float())
+            g = torch.Generator().manual_seed(seed * 1009 + r)
+            loader = DataLoader(data, batch_size=c.instance_batch_size, shuffle=True, generator=g)
+            model = self.instance_model()
+            model.set_standardisation(x_all)
+            d = run.stage_dir("pseudo_label") / f"round-{r}"
+            fit_stage(LossModule(model, balanced_bce, tr_i), loader, None, d, tr_i, seed * 1009 + r)
+            val_auc = instance_max_auroc(bag_scores(model, splits.val), y_val)
+            history.append({"round": r, "n_positive": int((t_all == 1).sum()), "n_negative": int((t_all == 0).sum()),
+                            "n_unlabelled": int((t_all < 0).sum())})
+            candidates.append({"candidate": f"round-{r}", "val_instance_max_auroc": val_auc, "path": str(d / "model.pt")})
+            scores = bag_scores(model, splits.train)
+
+        best = max(candidates, key=lambda k: -1.0 if np.isnan(k["val_instance_max_auroc"]) else k["val_instance_max_auroc"]) \
+            if candidates else None
+        if best is None:
+            raise ValueError("method.rounds is 0 and stage 'mil' is a teacher: there is no instance classifier to keep")
+        dest = run.model_path("pseudo_label")
+        dest.parent.mkdir(parents=True, exist_ok=True)
+        shutil.copyfile(best["path"], dest)
+        io.write_json(run.stage_dir("pseudo_label") / "selection.json", {
+            "criterion": "validation slide AUROC of the instance-max aggregate of smoothed instance scores",
+            "chosen": best["candidate"], "teacher_sign": sign, "teacher_val_instance_max_auroc": val_first,
+            "candidates": [{k: v for k, v in cand.items() if k != "path"} for cand in candidates], "rounds": history})
+        final = restore_submodule(self.instance_model(), dest)
+        labelers["pseudo_label"] = Labeler(final, "model")
+        return labelers
+
+    def load(self, run: RunDir) -> dict[str, Labeler]:
+        first = self.instance_model() if self.cfg.teacher is None else self.teacher_model()
+        out = {"mil": Labeler(restore_submodule(first, run.model_path("mil")), "model",
+                              run.read_threshold("mil").get("threshold"))}
+        final = restore_submodule(self.instance_model(), run.model_path("pseudo_label"))
+        out["pseudo_label"] = Labeler(final, "model", run.read_threshold("pseudo_label").get("threshold"))
+        return out
+
+
+def read_selection(run: RunDir) -> dict:
+    """``stages/pseudo_label/selection.json`` of a run (which candidate was kept, and why)."""
+    return json.loads((run.stage_dir("pseudo_label") / "selection.json").read_text())
