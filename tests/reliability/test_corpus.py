@@ -309,6 +309,9 @@ CASES = [
                                 edits=(lambda c: (c.run / "metrics.json").unlink(),)), 2, "--resume"),
     C("out_resume_other_config", cmd("train", "{cfg}", "--out", "{run}", "--resume", "--set", "trainer.lr=0.5"), 2,
       "config.yaml", "trainer.lr"),
+    C("out_resume_broken_last_ckpt", cmd("train", "{cfg}", "--out", "{run}", "--resume", edits=(
+        lambda c: (c.run / "metrics.json").unlink(), lambda c: (c.run / "stages/mil/model.pt").unlink(),
+        in_run("stages/mil/checkpoints/last.ckpt", b"half a checkpoint"))), 2, "last.ckpt", "--overwrite"),
     C("configs_copy_exists", cmd("configs", "--copy", "slides/abmil_features.yaml", "--to", "{root}/exp.yaml"), 2,
       "exp.yaml", "already exists"),
     C("configs_copy_unknown", cmd("configs", "--copy", "slides/nope.yaml", "--to", "{root}"), 2, "nope.yaml"),
