@@ -203,9 +203,20 @@ def _log_notices() -> None:
     stderr as ``milkit: ...`` lines."""
     import logging
 
+    class StderrHandler(logging.StreamHandler):
+        """Writes to whatever ``sys.stderr`` is at the time (it may be replaced after main starts)."""
+
+        @property  # type: ignore[override]
+        def stream(self):
+            return sys.stderr
+
+        @stream.setter
+        def stream(self, value) -> None:
+            pass
+
     logger = logging.getLogger("milkit")
     if not any(getattr(h, "_milkit", False) for h in logger.handlers):
-        h = logging.StreamHandler(sys.stderr)
+        h = StderrHandler()
         h.setFormatter(logging.Formatter("milkit: %(message)s"))
         h._milkit = True  # type: ignore[attr-defined]
         logger.addHandler(h)
