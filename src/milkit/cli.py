@@ -212,16 +212,20 @@ def _log_notices() -> None:
     stderr as ``milkit: ...`` lines."""
     import logging
 
-    class _CurrentStderr(logging.StreamHandler):
-        """Writes to whatever ``sys.stderr`` is at emit time (never a stream closed since)."""
+    class StderrHandler(logging.StreamHandler):
+        """Writes to whatever ``sys.stderr`` is at the time (it may be replaced after main starts)."""
 
-        def emit(self, record: logging.LogRecord) -> None:
-            self.stream = sys.stderr
-            super().emit(record)
+        @property  # type: ignore[override]
+        def stream(self):
+            return sys.stderr
+
+        @stream.setter
+        def stream(self, value) -> None:
+            pass
 
     logger = logging.getLogger("milkit")
     if not any(getattr(h, "_milkit", False) for h in logger.handlers):
-        h = _CurrentStderr(sys.stderr)
+        h = StderrHandler()
         h.setFormatter(logging.Formatter("milkit: %(message)s"))
         h._milkit = True  # type: ignore[attr-defined]
         logger.addHandler(h)

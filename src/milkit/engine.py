@@ -189,6 +189,21 @@ def fit_stage(
     mode = monitor_mode or cfg.monitor_mode
     ckpt_dir = stage_dir / "checkpoints"
     last_ckpt = ckpt_dir / LAST_CKPT
+    ckpt_path = None
+    if resume and last_ckpt.is_file():
+        try:  # a checkpoint that cannot be read is named before Lightning tries it
+            torch.load(last_ckpt, map_location="cpu", weights_only=True)
+        except Exception as err:  # noqa: BLE001 - re-raised naming the file
+            detail = " ".join(str(err).split())[:160]
+            raise ValueError(f"{last_ckpt}: cannot resume from this checkpoint ({type(err).__name__}: {detail}); "
+                             "rerun with --overwrite") from None
+        log.info("%s: resuming from %s", stage_dir, last_ckpt)
+        ckpt_path = str(last_ckpt)
+    elif last_ckpt.is_file() or (stage_dir / "logs").exists():  # a stage begun but not resumed: start clean
+        import shutil
+
+        shutil.rmtree(ckpt_dir, ignore_errors=True)
+        shutil.rmtree(stage_dir / "logs", ignore_errors=True)
     # full state (optimiser, loops, callbacks) every epoch, so that --resume can continue
     callbacks: list = [ModelCheckpoint(dirpath=ckpt_dir, filename=LAST_CKPT.removesuffix(".ckpt"), monitor=None,
                                        save_top_k=1, save_weights_only=False, enable_version_counter=False)]
@@ -226,22 +241,8 @@ def fit_stage(
         default_root_dir=str(stage_dir),
         plugins=[AtomicCheckpointIO()],
     )
-    ckpt_path = None
-    if resume and last_ckpt.is_file():
-        log.info("%s: resuming from %s", stage_dir, last_ckpt)
-        ckpt_path = str(last_ckpt)
-    elif last_ckpt.is_file() or (stage_dir / "logs").exists():  # a stage begun but not resumed: start clean
-        import shutil
-
-        shutil.rmtree(ckpt_dir, ignore_errors=True)
-        shutil.rmtree(stage_dir / "logs", ignore_errors=True)
-    try:
-        trainer.fit(module, train_dataloaders=train_loader, val_dataloaders=val_loader, ckpt_path=ckpt_path,
-                    weights_only=True)
-    except (RuntimeError, EOFError, OSError) as err:
-        if ckpt_path is None or "checkpoint" not in str(err).lower() and not isinstance(err, EOFError):
-            raise
-        raise ValueError(f"{last_ckpt}: cannot resume from this checkpoint ({err}); rerun with --overwrite") from None
+    trainer.fit(module, train_dataloaders=train_loader, val_dataloaders=val_loader, ckpt_path=ckpt_path,
+                weights_only=True)
     if ckpt is not None and ckpt.best_model_path:
         state = torch.load(ckpt.best_model_path, map_location="cpu", weights_only=True)["state_dict"]
         module.load_state_dict(state)

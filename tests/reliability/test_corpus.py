@@ -99,6 +99,14 @@ def h5(slide: str, feats: np.ndarray | None = None, coords: np.ndarray | None = 
     return e
 
 
+def annotation(name: str, text: str) -> Edit:
+    """``ann/<name>`` holding ``text``, and ``data.annotations_dir`` pointing at ``ann/``."""
+    def e(ctx: Ctx) -> None:
+        write(f"ann/{name}", text)(ctx)
+        set_key("data.annotations_dir", str(ctx.root / "ann"))(ctx)
+    return e
+
+
 def labels(*rows: str, header: str = "slide_id,label,split", encoding: str = "utf-8") -> Edit:
     def e(ctx: Ctx) -> None:
         ctx.labels.write_bytes(("\n".join((header, *rows)) + "\n").encode(encoding) if header or rows else b"")
@@ -225,6 +233,11 @@ CASES = [
       "s01.h5", "'s01'", "positive"),
     C("feats_annotations_dir_missing", train(set_key("data.annotations_dir", "/nonexistent/ann")), 2, "/nonexistent/ann"),
     C("feats_unknown_layout", train(set_key("data.layout", "trident")), 2, "data.layout"),
+    C("ann_broken_xml", train(annotation("s00.xml", "<ASAP_Annotations><Annotations>\n")), 2, "s00.xml", "ASAP XML"),
+    C("ann_bad_geojson", train(annotation("s02.geojson", '{"type": "FeatureCollection", "features": [{"type": '
+                                          '"Feature", "geometry": {"type": "Polygon", "coordinates": "x"}}]}')), 2,
+      "s02.geojson"),
+    C("ann_bad_json", train(annotation("s04.json", "{not json")), 2, "s04.json"),
     # -- label CSVs -------------------------------------------------------------------------
     C("csv_missing", train(set_key("data.labels_csv", "/nonexistent/labels.csv")), 2, "/nonexistent/labels.csv"),
     C("csv_no_slide_column", train(labels("s00,1", header="name,label")), 2, "labels.csv", "slide column"),
@@ -248,7 +261,7 @@ CASES = [
     C("split_csv_mode_missing_value", train(labels(*rows(["train"] * 3), "s03,1,"), set_key("data.split_mode", "csv")),
       2, "labels.csv", "'s03'"),
     C("split_kfold_too_few_cases", train(set_key("data.split_mode", "kfold"), set_key("data.folds", 20)), 2,
-      "20 folds"),
+      "labels.csv", "data.folds", "20 folds"),
     # -- slides (milkit tile) -------------------------------------------------------------------
     C("tile_patch_size_zero", tile("ok.tif", "--patch-size", "0"), 2, "--patch-size"),
     C("tile_patch_size_text", tile("ok.tif", "--patch-size", "abc"), 2, "--patch-size"),
@@ -296,6 +309,9 @@ CASES = [
                                 edits=(lambda c: (c.run / "metrics.json").unlink(),)), 2, "--resume"),
     C("out_resume_other_config", cmd("train", "{cfg}", "--out", "{run}", "--resume", "--set", "trainer.lr=0.5"), 2,
       "config.yaml", "trainer.lr"),
+    C("out_resume_broken_last_ckpt", cmd("train", "{cfg}", "--out", "{run}", "--resume", edits=(
+        lambda c: (c.run / "metrics.json").unlink(), lambda c: (c.run / "stages/mil/model.pt").unlink(),
+        in_run("stages/mil/checkpoints/last.ckpt", b"half a checkpoint"))), 2, "last.ckpt", "--overwrite"),
     C("configs_copy_exists", cmd("configs", "--copy", "slides/abmil_features.yaml", "--to", "{root}/exp.yaml"), 2,
       "exp.yaml", "already exists"),
     C("configs_copy_unknown", cmd("configs", "--copy", "slides/nope.yaml", "--to", "{root}"), 2, "nope.yaml"),

@@ -193,3 +193,19 @@ def test_tile_removes_its_stale_temp_files_only(tmp_path):
     tile_slides([s.path], out, TilingConfig(patch_size=32, tissue={"thumbnail_size": 128}), progress=False)
     assert not old.exists() and fresh.exists() and mine.exists()  # a live writer's and the user's files stay
     assert (out / "a.h5").is_file()
+
+
+def test_notices_go_to_the_current_stderr(monkeypatch):
+    import io as _io
+    import logging
+
+    from milkit.cli import _log_notices
+
+    first = _io.StringIO()
+    monkeypatch.setattr(sys, "stderr", first)
+    _log_notices()
+    first.close()  # e.g. an earlier test's captured stream
+    second = _io.StringIO()
+    monkeypatch.setattr(sys, "stderr", second)
+    logging.getLogger("milkit.test").info("carved")
+    assert second.getvalue() == "milkit: carved\n"

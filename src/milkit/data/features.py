@@ -365,7 +365,10 @@ class FeatureTable:
                     raise ValueError(f"{self.source}: the {name} split is empty (no row has split '{name}')")
             return [tr, va, te]
         if mode == "kfold":
-            return list(kfold_splits(labels, groups, cfg.folds, seed, cfg.val_fraction)[cfg.fold])
+            try:
+                return list(kfold_splits(labels, groups, cfg.folds, seed, cfg.val_fraction)[cfg.fold])
+            except ValueError as err:
+                raise ValueError(f"{self.source}: data.folds: {err}") from None
         return stratified_group_split(labels, groups, cfg.fractions, seed)
 
     def _carve_val(self, tr: np.ndarray, va: np.ndarray, labels: np.ndarray, groups: np.ndarray,
