@@ -52,12 +52,10 @@ class DSMIL(MILModel):
         padded = mask is not None and not bool(mask.all())
         mask = full_mask(x, mask)
         h = encode_instances(self.encoder, x, mask)
-        # one GEMM for the instance classifier and the query's first layer (both read h)
-        q0, ic = self.q[0], self.instance_classifier
-        y = F.linear(h, torch.cat([q0.weight, ic.weight]), torch.cat([q0.bias, ic.bias]))
-        q_pre, c = y.split([self.query_dim, 1], dim=-1)  # split: its backward is one cat, no zero-fill
-        c = c.squeeze(-1)  # (B, N) instance logits c_k
-        q = self.q[3](self.q[2](self.q[1](q_pre)))  # tanh(W₂ relu(W₁ h)), (B, N, Q)
+        # (stacking the instance classifier onto q's first layer was tried: a 129-wide GEMM
+        # is slower than a 128-wide one plus a GEMV, 1.16× at 10k instances)
+        c = self.instance_classifier(h).squeeze(-1)  # (B, N) instance logits c_k
+        q = self.q(h)  # tanh(W₂ relu(W₁ h)), (B, N, Q)
         if padded:
             c = c.masked_fill(~mask, 0.0)
             crit = c.masked_fill(~mask, float("-inf")).argmax(dim=1)  # (B,)
