@@ -97,7 +97,8 @@ def write_instances_h5(path: Path, s: SlideScores) -> None:
             a["patch_size_level0"] = int(s.size_level0)
             a["stride_level0"] = int(s.stride_level0)
             a["level0_width"], a["level0_height"] = int(s.level0_size[0]), int(s.level0_size[1])
-            a["mpp"] = "None" if s.mpp is None else float(s.mpp)
+            if s.mpp is not None:  # unknown: the attribute is left out, never the string 'None'
+                a["mpp"] = float(s.mpp)
             a["bag_prob"] = float(s.bag_prob)
             a["bounds_x"], a["bounds_y"] = int(s.bounds_offset[0]), int(s.bounds_offset[1])
             a["coord_space"], a["coord_origin"] = "level0", "top_left"
@@ -127,13 +128,13 @@ def read_instances_h5(path: str | Path) -> SlideScores:
         v = a[k]
         return v.decode() if isinstance(v, bytes) else v
 
-    mpp = s("mpp")
+    mpp = s("mpp") if "mpp" in a else None
     return SlideScores(
         slide_id=str(s("slide_id")), coords=np.asarray(coords, np.int64), scores=np.asarray(scores, np.float64),
         labels=np.asarray(labels, np.int64), threshold=float(a["threshold"]), score_kind=str(s("score_kind")),
         size_level0=int(a["patch_size_level0"]), stride_level0=int(a["stride_level0"]),
         level0_size=(int(a["level0_width"]), int(a["level0_height"])),
-        mpp=None if mpp == "None" else float(mpp), bag_prob=float(a["bag_prob"]),
+        mpp=None if mpp in (None, "None") else float(mpp), bag_prob=float(a["bag_prob"]),
         bounds_offset=(int(a.get("bounds_x", 0)), int(a.get("bounds_y", 0))),
         meta=json.loads(s("meta")) if "meta" in a else {},
         probability=prob, uncertainty=unc,
