@@ -225,10 +225,9 @@ def bench(
     md = markdown(res)
     Console().print(md)
     if out is not None:
-        from milkit import io
+        from milkit.benchmarks.common import write_results
 
-        io.write_json(Path(out) / "extract.json", res)
-        io.write_text(Path(out) / "extract.md", f"# milkit benchmark extract\n\n{md}")
+        write_results(Path(out), "extract", res, f"# milkit benchmark extract\n\n{md}")
     else:
         typer.echo(json.dumps(res, indent=1))
 

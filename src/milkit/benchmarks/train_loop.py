@@ -345,10 +345,9 @@ def bench(
     md = markdown(res)
     Console().print(md)
     if out is not None:
-        from milkit import io
+        from milkit.benchmarks.common import write_results
 
-        io.write_json(Path(out) / "train_loop.json", res)
-        io.write_text(Path(out) / "train_loop.md", f"# milkit benchmark train-loop\n\n{md}")
+        write_results(Path(out), "train_loop", res, f"# milkit benchmark train-loop\n\n{md}")
     else:
         typer.echo(json.dumps(res, indent=1, default=str))
 
