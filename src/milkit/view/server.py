@@ -29,7 +29,8 @@ def create_app(catalog: Catalog) -> Flask:
 
     @app.get("/api/slides")
     def slides():
-        return jsonify({"labels_dir": str(catalog.labels_dir), "slides": catalog.slide_list(),
+        rows = catalog.slide_list()
+        return jsonify({"labels_dir": str(catalog.labels_dir), "slides": rows, "pending": catalog.pending,
                         "colormap": lut().tolist(), "gradient": css_gradient()})
 
     @app.get("/api/slide/<sid>")
