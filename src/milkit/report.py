@@ -267,8 +267,23 @@ def seeds_table(stage_metrics: dict) -> str:
         d = (spread.get(s) or {}).get(k)
         return f"{_fmt(d['mean'])} ± {_fmt(d['sd'])}" if isinstance(d, dict) else "—"
 
+    def get(s: str, k: str, what: str) -> object:
+        d = (spread.get(s) or {}).get(k)
+        return d.get(what) if isinstance(d, dict) else None
+
     rows += "<tr><td>mean ± sd over seeds</td>" + "".join(f"<td>{ms(s, k)}</td>" for s, k in cols) + "</tr>"
-    return f"<h3>seeds ({len(seeds)} replicas; labels from their ensemble)</h3><table>{head}{rows}</table>"
+    rows += ("<tr><td>min / median / max</td>" + "".join(
+        f"<td>{_fmt(get(s, k, 'min'))} / {_fmt(get(s, k, 'median'))} / {_fmt(get(s, k, 'max'))}</td>" for s, k in cols)
+        + "</tr>")
+    rows += ("<tr><td>ensemble − median seed</td>"
+             + "".join(f"<td>{_signed(get(s, k, 'ensemble_minus_median'))}</td>" for s, k in cols) + "</tr>")
+    return (f"<h3>seeds ({len(seeds)} replicas; labels from their ensemble)</h3><table>{head}{rows}</table>"
+            "<p class='note'>each seed at its own validation threshold; the ensemble averages the seeds' "
+            "calibrated probabilities (a negative last row: the ensemble is below its median seed).</p>")
+
+
+def _signed(v: object) -> str:
+    return f"{v:+.4g}" if isinstance(v, float) and math.isfinite(v) else _fmt(v)
 
 
 _STYLE = """body{font-family:system-ui,sans-serif;margin:2em;max-width:70em}

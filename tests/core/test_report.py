@@ -69,11 +69,14 @@ def test_report_shows_the_verdict_rule_reliability_and_seed_spread(tmp_path):
                                      "applies_to": "probability"},
                        "val": {"bag_auroc": 0.9}, "test": {"bag_auroc": 0.75, "instance_auroc": 0.71},
                        "seeds": seeds,
-                       "seed_spread": {"test": {"instance_auroc": {"mean": 0.65, "sd": 0.0707}}}}}
+                       "seed_spread": {"test": {"instance_auroc": {"mean": 0.65, "sd": 0.0707, "min": 0.6, "median": 0.65,
+                                                                   "max": 0.7, "ensemble": 0.71,
+                                                                   "ensemble_minus_median": 0.06}}}}}
     page = render_report(tmp_path, metrics, {})
     assert f"verdict: {trust['verdict'].upper()}" in page and html_escape(trust["rule"]) in page
     assert "validation patch labels" in page and "criterion f1" in page and "on the probability" in page
     assert "seeds (2 replicas" in page and "0.65 ± 0.0707" in page and "<b>0.71</b>" in page
+    assert "<td>0.6 / 0.65 / 0.7</td>" in page and "<td>+0.06</td>" in page  # the spread, the ensemble vs its median
     assert page.count("data:image/png;base64,") == 1  # the reliability diagram
 
 
