@@ -191,5 +191,5 @@ def test_slide_run_report_end_to_end(tmp_path):
         assert float(cells[6]) == pytest.approx(metrics["mil"][split]["instance_auroc"], abs=5e-4)
         assert float(cells[7]) == pytest.approx(metrics["mil"][split]["instance_f1"], abs=5e-4)
     assert f"milkit label {tmp_path / 'run'} --slides SLIDES/ --features {feats}" in section
-    assert "(label first)" in section  # no labels/ written yet
+    assert "(0 of these 8 slides are labelled there now)" in section  # no labels/ written yet
     assert section.count("data:image/png;base64,") == 16  # 2 splits × (2 FN + 2 FP) × (patch labels, heatmap)

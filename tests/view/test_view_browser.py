@@ -221,3 +221,7 @@ def test_run_report_slide_section_in_chromium(page, server, view_cohort, tmp_pat
         sid = href.split("slide=")[1]
         page.goto(href)
         page.wait_for_function(f"window.milkit && milkit.slide && milkit.slide.id === '{sid}'", timeout=120_000)
+    # a link to a slide the labels folder lacks says so (and shows the first slide)
+    page.goto(f"{server}/?slide=nope")
+    page.wait_for_function("document.getElementById('info').textContent.indexOf(\"no slide 'nope'\") === 0",
+                           timeout=120_000)

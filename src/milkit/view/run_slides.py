@@ -180,11 +180,14 @@ def slide_section(run_path: Path, stage: str, per_split: dict[str, list[SlideBag
     label_cmd, view_cmd = _commands(Path(run_path), port)
     labels_dir = Path(run_path) / "labels"
     any_true = any(b.labelled.any() for bs in per_split.values() for b in bs)
+    ids = {b.slide_id for bs in per_split.values() for b in bs}
+    n_labelled = sum((labels_dir / sid / "instances.h5").is_file() for sid in ids)
     what = sorted({_display(b)[1] for bs in per_split.values() for b in bs})
     p = [f"<h2 id='slides-section'>slides — stage {html.escape(stage)}</h2>",
          f"<p class='note'>The stage <code>milkit label</code> uses by default. To open a slide in the viewer: "
          f"<code>{html.escape(label_cmd)}</code> (writes <code>{html.escape(str(labels_dir))}/&lt;slide&gt;/</code>), "
-         f"then <code>{html.escape(view_cmd)}</code>; the <i>open</i> links go to that slide"
+         f"then <code>{html.escape(view_cmd)}</code>; the <i>open</i> links go to that slide "
+         f"({n_labelled} of these {len(ids)} slides are labelled there now)"
          + ("" if any_true else "; no patch labels in these splits, so no patch AUROC/F1") + ".</p>"]
     # metrics per split
     head = ("<tr><th>split</th><th>slides (positive)</th><th>slide AUROC</th><th>patches</th>"
@@ -202,22 +205,20 @@ def slide_section(run_path: Path, stage: str, per_split: dict[str, list[SlideBag
              "(per slide: undefined on a slide without positive patches).</p>")
     # the per-slide table
     thumbs = {split: _worst(bs, split, port) for split, bs in per_split.items()}
-    rows, ids = [], []
+    rows, row_ids = [], []
     for split, bs in per_split.items():
         for b in bs:
             m = b.metrics()
             sid = html.escape(b.slide_id)
             name = f"<a href='#slide-{html.escape(split)}-{sid}'>{sid}</a>" if b.slide_id in thumbs[split][1] else sid
-            have = (labels_dir / b.slide_id / "instances.h5").is_file()
             rows.append([name, html.escape(split), str(b.label), fmt(b.bag_prob), str(m["n_patches"]),
                          str(m["n_positive"]), fmt(m["n_true_positive_patches"]), fmt(m["patch_auroc"]),
                          fmt(m["patch_f1"]),
-                         f"<a class='view' href='{html.escape(figures.view_link(b.slide_id, port))}'>open</a>"
-                         + ("" if have else " <span class='note'>(label first)</span>")])
-            ids.append(f"{split}:{b.slide_id}")
+                         f"<a class='view' href='{html.escape(figures.view_link(b.slide_id, port))}'>open</a>"])
+            row_ids.append(f"{split}:{b.slide_id}")
     p.append("<h3>per slide</h3>" + figures.sortable_table(
         "run-slides", ["slide", "split", "true label", "slide probability", "patches", "positive patches",
-                       "true positive patches", "patch AUROC", "patch F1", "milkit view"], rows, ids))
+                       "true positive patches", "patch AUROC", "patch F1", "milkit view"], rows, row_ids))
     p.append(f"<h3>worst false negatives and false positives</h3><p class='note'>"
              + ("left: ground-truth patch labels (red positive, grey negative); right: " if any_true else "")
              + f"patches on the fixed scale {figures.colour_bar()} ({html.escape('; '.join(what))}).</p>")

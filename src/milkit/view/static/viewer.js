@@ -190,7 +190,10 @@
     renderList();
     if (j.pending) setTimeout(refreshList, 2000);
     var want = new URLSearchParams(location.search).get("slide");
-    var first = j.slides.some(function (s) { return s.id === want; }) ? want : (j.slides[0] || {}).id;
-    if (first) openSlide(first);
+    var found = j.slides.some(function (s) { return s.id === want; });
+    var first = found ? want : (j.slides[0] || {}).id;
+    if (first) openSlide(first).then(function () {
+      if (want && !found) $("info").textContent = "no slide '" + want + "' in " + j.labels_dir + "; showing " + first;
+    });
   });
 })();
