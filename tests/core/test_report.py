@@ -144,6 +144,12 @@ def test_slide_heatmap_uses_the_fixed_scale():
     assert (img[10, 10] == t[0]).all() and (img[10, 100] == t[255]).all()  # 0 → the scale's 0, 1 → its 1
     lab = np.asarray(label_overlay(base, np.array([[0, 0], [64, 0]]), np.array([1, -1]), 64, 128, alpha=255))
     assert (lab[10, 10] == (200, 0, 0)).all() and (lab[10, 100] == 255).all()  # unknown patches are not drawn
+    # many small squares (the vectorised path): a 10×10 grid of 64-px patches on a 20-px image tiles it exactly
+    grid = np.stack(np.meshgrid(np.arange(10), np.arange(10)), -1).reshape(-1, 2) * 64
+    v = (grid[:, 0] // 64 + grid[:, 1] // 64) / 18  # 0 … 1 along the diagonal
+    img = np.asarray(heat_overlay(Image.new("RGB", (20, 20)), grid, v, 64, 640, alpha=255))
+    want = t[np.rint(v * 255).astype(int)].reshape(10, 10, 3).repeat(2, 0).repeat(2, 1)  # row = y, column = x
+    np.testing.assert_array_equal(img, want)
 
 
 def test_slide_run_report_end_to_end(tmp_path):

@@ -14,12 +14,12 @@ No model runs here.
 from __future__ import annotations
 
 import html
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
 
-from milkit.metrics.classification import auroc, binary_metrics
+from milkit.metrics.classification import auroc
 
 #: patch side used when neither the bag nor its coordinates give one
 FALLBACK_PATCH = 1.0
@@ -41,23 +41,35 @@ class SlideBag:
     probability: np.ndarray | None  # (N,) calibrated on validation, when the stage has it
     score_kind: str  # "probability" or "logit"-like: how to show ``score`` without a probability
     patch_true: np.ndarray | None = None  # (N,) 0/1, −1 unknown
+    _metrics: dict | None = field(default=None, repr=False, compare=False)
 
     @property
     def labelled(self) -> np.ndarray:
         return np.zeros(len(self.score), bool) if self.patch_true is None else np.asarray(self.patch_true) >= 0
 
     def metrics(self) -> dict:
-        """Patch counts, and patch AUROC/F1 on the labelled patches (None without two classes / labels)."""
+        """Patch counts, and patch AUROC/F1 on the labelled patches (None without two classes /
+        labels; F1 is undefined on a slide without positive patches). Computed once."""
+        if self._metrics is not None:
+            return self._metrics
         keep = self.labelled
         y = np.asarray(self.patch_true)[keep] if keep.any() else np.zeros(0, int)
         out = {"n_patches": int(len(self.score)), "n_positive": int(np.asarray(self.labels).sum()),
                "n_true_positive_patches": int(y.sum()) if len(y) else None, "patch_auroc": None, "patch_f1": None}
-        if len(y):
-            if y.any():  # F1 is undefined on a slide without positive patches
-                out["patch_f1"] = binary_metrics(y, np.asarray(self.labels)[keep], 0.5)["f1"]
-            a = auroc(y, np.asarray(self.score)[keep])
-            out["patch_auroc"] = a if np.isfinite(a) else None
+        if y.any():
+            out["patch_f1"] = f1(y, np.asarray(self.labels)[keep])
+            if not y.all():
+                out["patch_auroc"] = auroc(y, np.asarray(self.score)[keep])
+        self._metrics = out
         return out
+
+
+def f1(y: np.ndarray, pred: np.ndarray) -> float:
+    """F1 of 0/1 predictions (0 when there is nothing to count, as sklearn's ``zero_division=0``)."""
+    y, pred = np.asarray(y).astype(bool), np.asarray(pred).astype(bool)
+    tp = int((y & pred).sum())
+    den = 2 * tp + int((~y & pred).sum()) + int((y & ~pred).sum())
+    return 2 * tp / den if den else 0.0
 
 
 def slide_geometry(bag) -> dict | None:
@@ -107,7 +119,7 @@ def split_metrics(bags: list[SlideBag]) -> dict:
         yt = np.concatenate([np.asarray(b.patch_true)[b.labelled] for b in lab])
         out["n_true_positive_patches"] = int(yt.sum())
         out["patch_auroc"] = auroc(yt, np.concatenate([b.score[b.labelled] for b in lab]))
-        out["patch_f1"] = binary_metrics(yt, np.concatenate([b.labels[b.labelled] for b in lab]), 0.5)["f1"]
+        out["patch_f1"] = f1(yt, np.concatenate([b.labels[b.labelled] for b in lab]))
         per_auc = [m["patch_auroc"] for m in per if m["patch_auroc"] is not None]
         out["mean_slide_patch_auroc"] = float(np.mean(per_auc)) if per_auc else None
     return out
