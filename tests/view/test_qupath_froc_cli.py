@@ -110,3 +110,15 @@ def test_cli_labels_without_annotations_and_bad_view_input(tmp_path, capsys):
     assert "missing" in capsys.readouterr().err
     assert main(["view", str(tmp_path), "--no-browser"]) == 2
     assert "instances.h5" in capsys.readouterr().err
+
+
+def test_view_on_a_taken_port_is_one_line(view_cohort, capsys):
+    import socket
+
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        assert main(["view", str(view_cohort.labels_dir), "--port", str(port), "--no-browser"]) == 2
+    err = capsys.readouterr().err
+    assert f"--port {port}" in err and "not free" in err and len(err.strip().splitlines()) == 1

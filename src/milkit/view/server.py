@@ -76,6 +76,14 @@ def serve(catalog: Catalog, port: int, open_browser: bool = True) -> None:
     import threading
     import webbrowser
 
+    import socket
+
+    with socket.socket() as probe:  # a taken port is the user's to change: one line naming --port, exit 2
+        probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # as werkzeug: TIME_WAIT is no obstacle
+        try:
+            probe.bind(("127.0.0.1", port))
+        except OSError as err:
+            raise ValueError(f"--port {port}: 127.0.0.1:{port} is not free ({err.strerror}); choose another --port") from None
     url = f"http://127.0.0.1:{port}/"
     app = create_app(catalog)
     logging.getLogger("werkzeug").setLevel(logging.WARNING)
