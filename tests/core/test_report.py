@@ -106,7 +106,7 @@ def test_slide_section_metrics_per_split_by_hand(tmp_path):
     test = [_bag("t1", 1, 0.4, [1, 0, 0, 0], [0.3, 0.7, 0.1, 0.1]), _bag("t0", 0, 0.8, [0, 0, -1, -1], [0.2, 0.1, 0.9, 0.9])]
     m = split_metrics(val)
     # pooled val patches: positives 0.9, 0.8 above every negative (0.2, 0.1, 0.6, 0.1 ×3) → AUROC 1
-    assert m["patch_auroc"] == 1.0 and m["slide_auroc"] == 1.0 and m["n_true_positive_patches"] == 2
+    assert m["patch_auroc"] == 1.0 and m["slide_auroc"] == 1.0 and m["n_truth_positive"] == 2
     # labels at 0.5: TP 2, FP 1 (0.6), FN 0 → F1 = 4/5
     assert m["patch_f1"] == pytest.approx(0.8)
     t = split_metrics(test)

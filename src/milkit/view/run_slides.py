@@ -55,7 +55,7 @@ class SlideBag:
         keep = self.labelled
         y = np.asarray(self.patch_true)[keep] if keep.any() else np.zeros(0, int)
         out = {"n_patches": int(len(self.score)), "n_positive": int(np.asarray(self.labels).sum()),
-               "n_true_positive_patches": int(y.sum()) if len(y) else None, "patch_auroc": None, "patch_f1": None}
+               "n_truth_positive": int(y.sum()) if len(y) else None, "patch_auroc": None, "patch_f1": None}
         if y.any():
             out["patch_f1"] = f1(y, np.asarray(self.labels)[keep])
             if not y.all():
@@ -114,10 +114,10 @@ def split_metrics(bags: list[SlideBag]) -> dict:
     lab = [b for b in bags if b.labelled.any()]
     out = {"n_slides": len(bags), "n_positive_slides": int(y.sum()), "slide_auroc": auroc(y, p),
            "n_patches": int(sum(m["n_patches"] for m in per)), "n_labelled_slides": len(lab),
-           "patch_auroc": None, "patch_f1": None, "mean_slide_patch_auroc": None, "n_true_positive_patches": None}
+           "patch_auroc": None, "patch_f1": None, "mean_slide_patch_auroc": None, "n_truth_positive": None}
     if lab:
         yt = np.concatenate([np.asarray(b.patch_true)[b.labelled] for b in lab])
-        out["n_true_positive_patches"] = int(yt.sum())
+        out["n_truth_positive"] = int(yt.sum())
         out["patch_auroc"] = auroc(yt, np.concatenate([b.score[b.labelled] for b in lab]))
         out["patch_f1"] = f1(yt, np.concatenate([b.labels[b.labelled] for b in lab]))
         per_auc = [m["patch_auroc"] for m in per if m["patch_auroc"] is not None]
@@ -203,14 +203,14 @@ def slide_section(run_path: Path, stage: str, per_split: dict[str, list[SlideBag
          + ("" if any_true else "; no patch labels in these splits, so no patch AUROC/F1") + ".</p>"]
     # metrics per split
     head = ("<tr><th>split</th><th>slides (positive)</th><th>slide AUROC</th><th>patches</th>"
-            "<th>slides with patch labels</th><th>true positive patches</th><th>patch AUROC</th>"
+            "<th>slides with patch labels</th><th>ground-truth positive patches</th><th>patch AUROC</th>"
             "<th>patch F1</th><th>mean per-slide patch AUROC</th></tr>")
     body = ""
     for split, bs in per_split.items():
         m = split_metrics(bs)
         body += (f"<tr><td>{html.escape(split)}</td><td>{m['n_slides']} ({m['n_positive_slides']})</td>"
                  f"<td>{fmt(m['slide_auroc'])}</td><td>{m['n_patches']}</td><td>{m['n_labelled_slides']}</td>"
-                 f"<td>{fmt(m['n_true_positive_patches'])}</td><td>{fmt(m['patch_auroc'])}</td>"
+                 f"<td>{fmt(m['n_truth_positive'])}</td><td>{fmt(m['patch_auroc'])}</td>"
                  f"<td>{fmt(m['patch_f1'])}</td><td>{fmt(m['mean_slide_patch_auroc'])}</td></tr>")
     p.append(f"<h3>metrics per split</h3><table id='slide-splits'>{head}{body}</table>"
              "<p class='note'>each split on its own (never pooled); patch F1 at the stage's validation threshold "
@@ -224,13 +224,13 @@ def slide_section(run_path: Path, stage: str, per_split: dict[str, list[SlideBag
             sid = html.escape(b.slide_id)
             name = f"<a href='#slide-{html.escape(split)}-{sid}'>{sid}</a>" if b.slide_id in thumbs[split][1] else sid
             rows.append([name, html.escape(split), str(b.label), fmt(b.bag_prob), str(m["n_patches"]),
-                         str(m["n_positive"]), fmt(m["n_true_positive_patches"]), fmt(m["patch_auroc"]),
+                         str(m["n_positive"]), fmt(m["n_truth_positive"]), fmt(m["patch_auroc"]),
                          fmt(m["patch_f1"]),
                          f"<a class='view' href='{html.escape(figures.view_link(b.slide_id, port))}'>open</a>"])
             row_ids.append(f"{split}:{b.slide_id}")
     p.append("<h3>per slide</h3>" + figures.sortable_table(
-        "run-slides", ["slide", "split", "true label", "slide probability", "patches", "positive patches",
-                       "true positive patches", "patch AUROC", "patch F1", "milkit view"], rows, row_ids))
+        "run-slides", ["slide", "split", "true label", "slide probability", "patches", "patches labelled positive",
+                       "ground-truth positive patches", "patch AUROC", "patch F1", "milkit view"], rows, row_ids))
     p.append(f"<h3>worst false negatives and false positives</h3><p class='note'>"
              + ("left: ground-truth patch labels (red positive, grey negative); right: " if any_true else "")
              + f"patches on the fixed scale {figures.colour_bar()} ({html.escape('; '.join(what))}).</p>")
