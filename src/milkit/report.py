@@ -7,8 +7,12 @@ every split; for seed ensembles every seed, the ensemble and their spread; ROC c
 scores and of instance scores against the instance labels, with the AUROC in the legend;
 histograms of instance scores split by their true label, with the validation threshold;
 the stage's training curves (``stages/<stage>/logs/metrics.csv``, seed 0's for an ensemble); and any figure the
-method wrote under ``figures/`` (segmentation examples). Plots are PNGs embedded as base64,
-so the file can be mailed or opened from a cluster's scratch space.
+method wrote under ``figures/`` (segmentation examples). For slide runs (bags of patch features
+with coordinates) a per-slide section follows for the primary stage
+(:mod:`milkit.view.run_slides`: metrics per split, a sortable per-slide table with
+``milkit view`` links, heatmap thumbnails of the worst false negatives and positives).
+Plots are PNGs embedded as base64, so the file can be mailed or opened from a cluster's
+scratch space.
 
 Scores arrive as :class:`ScoreSet` objects that ``Method.evaluate`` fills while it scores
 each split, so building the report never runs a model again.
@@ -46,6 +50,8 @@ class ScoreSet:
     instance_name: str = "instance"
     #: calibrated instance probabilities (what ``threshold`` applies to), when the labeler has them
     instance_prob: np.ndarray | None = None
+    #: per slide (milkit.view.run_slides.SlideBag) when the bags are slides with patch coordinates
+    slides: list | None = None
 
 
 # ----------------------------------------------------------------------------- plots
@@ -261,8 +267,23 @@ def seeds_table(stage_metrics: dict) -> str:
         d = (spread.get(s) or {}).get(k)
         return f"{_fmt(d['mean'])} ± {_fmt(d['sd'])}" if isinstance(d, dict) else "—"
 
+    def get(s: str, k: str, what: str) -> object:
+        d = (spread.get(s) or {}).get(k)
+        return d.get(what) if isinstance(d, dict) else None
+
     rows += "<tr><td>mean ± sd over seeds</td>" + "".join(f"<td>{ms(s, k)}</td>" for s, k in cols) + "</tr>"
-    return f"<h3>seeds ({len(seeds)} replicas; labels from their ensemble)</h3><table>{head}{rows}</table>"
+    rows += ("<tr><td>min / median / max</td>" + "".join(
+        f"<td>{_fmt(get(s, k, 'min'))} / {_fmt(get(s, k, 'median'))} / {_fmt(get(s, k, 'max'))}</td>" for s, k in cols)
+        + "</tr>")
+    rows += ("<tr><td>ensemble − median seed</td>"
+             + "".join(f"<td>{_signed(get(s, k, 'ensemble_minus_median'))}</td>" for s, k in cols) + "</tr>")
+    return (f"<h3>seeds ({len(seeds)} replicas; labels from their ensemble)</h3><table>{head}{rows}</table>"
+            "<p class='note'>each seed at its own validation threshold; the ensemble averages the seeds' "
+            "calibrated probabilities (a negative last row: the ensemble is below its median seed).</p>")
+
+
+def _signed(v: object) -> str:
+    return f"{v:+.4g}" if isinstance(v, float) and math.isfinite(v) else _fmt(v)
 
 
 _STYLE = """body{font-family:system-ui,sans-serif;margin:2em;max-width:70em}
@@ -273,11 +294,24 @@ td:first-child,th:first-child{text-align:left}img{max-width:100%;margin:.3em 0}h
 .verdict.do-not-use{border-color:#c22;background:#fee}"""
 
 
-def render_report(run_path: Path, metrics: dict, scores: dict[str, dict[str, ScoreSet]]) -> str:
-    """The HTML page (a string) for a run's ``metrics`` and per-stage, per-split ``scores``."""
+def _slide_stage(metrics: dict, scores: dict[str, dict[str, ScoreSet]]) -> str | None:
+    """The stage whose per-slide section is shown: the primary stage (what ``milkit label``
+    uses) when it has slides, else the last stage that has them."""
+    have = [st for st, per in scores.items() if any(sc.slides for sc in per.values())]
+    info = metrics.get("_run") if isinstance(metrics.get("_run"), dict) else {}
+    primary = info.get("primary_stage")
+    return primary if primary in have else (have[-1] if have else None)
+
+
+def render_report(run_path: Path, metrics: dict, scores: dict[str, dict[str, ScoreSet]],
+                  view_port: int | None = None) -> str:
+    """The HTML page (a string) for a run's ``metrics`` and per-stage, per-split ``scores``;
+    per-slide links point at ``milkit view`` on ``view_port`` (default its ``--port`` default)."""
+    from milkit.view import figures
+
     info = metrics.get("_run", {}) if isinstance(metrics.get("_run"), dict) else {}
     parts = [f"<!doctype html><html><head><meta charset='utf-8'><title>milkit report — {html.escape(run_path.name)}</title>"
-             f"<style>{_STYLE}</style></head><body>",
+             f"<style>{_STYLE}{figures.STYLE}</style></head><body>",
              f"<h1>milkit report — {html.escape(run_path.name)}</h1>",
              f"<p class='note'>run directory: <code>{html.escape(str(run_path))}</code>"
              + (f"; method <b>{html.escape(str(info.get('method')))}</b>" if info.get("method") else "")
@@ -312,14 +346,21 @@ def render_report(run_path: Path, metrics: dict, scores: dict[str, dict[str, Sco
         fig = m.get("figure")
         if isinstance(fig, str) and (run_path / fig).is_file():
             parts.append(_img(base64.b64encode((run_path / fig).read_bytes()).decode("ascii"), fig))
+    stage = _slide_stage(metrics, scores)
+    if stage is not None:
+        from milkit.view.run_slides import slide_section
+
+        parts.append(slide_section(run_path, stage, {sp: sc.slides for sp, sc in scores[stage].items() if sc.slides},
+                                   figures.DEFAULT_PORT if view_port is None else view_port))
+        parts.append(f"<script>{figures.SORT_JS}</script>")
     parts.append("</body></html>")
     return "\n".join(p for p in parts if p)
 
 
 def write_report(run_path: str | Path, metrics: dict, scores: dict[str, dict[str, ScoreSet]],
-                 name: str = "report.html") -> Path:
+                 name: str = "report.html", view_port: int | None = None) -> Path:
     """Write ``RUN_DIR/<name>`` atomically; returns its path."""
     run_path = Path(run_path)
     out = run_path / name
-    io.write_text(out, render_report(run_path, metrics, scores))
+    io.write_text(out, render_report(run_path, metrics, scores, view_port))
     return out

@@ -26,9 +26,40 @@ def test_list_metrics_agree_with_evaluate(view_cohort, tmp_path):
     from milkit.slide.labeling import evaluate_annotations
 
     res = evaluate_annotations(tmp_path, view_cohort.ann_dir, view_cohort.labels_dir)
-    rows = {r["id"]: r for r in Catalog(view_cohort.labels_dir, annotations_dir=view_cohort.ann_dir).slide_list()}
+    rows = {r["id"]: r for r in Catalog(view_cohort.labels_dir, annotations_dir=view_cohort.ann_dir).slide_list(wait=True)}
     for sid, m in res["per_slide"].items():
         assert rows[sid]["n_tumour_patches"] == m["n_tumour_patches"]
         assert rows[sid]["true_label"] == int(m["n_tumour_patches"] > 0) == m["true_label"]
         a, b = rows[sid]["patch_auroc"], m["instance_auroc"]
         assert (a is None and b is None) or np.isclose(a, b)
+
+
+def test_patch_metrics_fill_in_behind_the_list(view_cohort, tmp_path, monkeypatch):
+    """With --annotations and no evaluated metrics, the list comes back at once and the patch
+    AUROC/F1 of several hundred slides follow from a background thread (``pending`` counts down)."""
+    import threading
+
+    src = view_cohort.labels_dir / "s00" / "instances.h5"
+    for i in range(200):
+        (tmp_path / f"c{i:03d}").mkdir()
+        shutil.copy(src, tmp_path / f"c{i:03d}" / "instances.h5")
+    go = threading.Event()
+    calls = []
+    real = Catalog._patch_metrics
+
+    def gated(self, sid, f):
+        go.wait(60)
+        calls.append(sid)
+        return real(self, sid, f) if sid == "c000" else {"patch_auroc": 0.5, "patch_f1": 0.25, "n_tumour_patches": 3}
+
+    monkeypatch.setattr(Catalog, "_patch_metrics", gated)
+    cat = Catalog(tmp_path, annotations_dir=view_cohort.ann_dir)
+    rows = cat.slide_list()
+    assert len(rows) == 200 and cat.pending == 200 and not calls  # listed before any metric was computed
+    assert all(r["patch_auroc"] is None for r in rows)
+    go.set()
+    rows = cat.slide_list(wait=True)
+    assert cat.pending == 0 and len(calls) == 200
+    # c000 is a copy of s00 but has no annotation of its own: all negative, so AUROC undefined, F1 0
+    assert rows[0]["n_tumour_patches"] == 0 and rows[0]["patch_auroc"] is None and rows[0]["true_label"] == 0
+    assert rows[1]["patch_auroc"] == 0.5 and rows[1]["true_label"] == 1

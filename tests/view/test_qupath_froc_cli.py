@@ -15,20 +15,32 @@ from milkit.slide.froc import detections, froc, lesion_hits
 from milkit.slide.qupath import outline_collection
 
 
-def assert_qupath_importable(fc: dict) -> None:
+def assert_qupath_importable(fc: dict, level0_size: tuple[int, int] | None = None) -> None:
     """QuPath's GeoJSON import (File → Import objects): a FeatureCollection of Features with
-    objectType annotation/detection, a classification with name and [r, g, b] colour,
-    and valid (non-self-intersecting) polygons in level-0 pixels."""
+    objectType annotation/detection, a classification with name and [r, g, b] colour, a UUID
+    id where one is given, numeric measurements, and valid (non-self-intersecting) closed
+    polygons in level-0 pixels (inside the slide when its size is given)."""
+    import math
+    import uuid
+
     assert fc["type"] == "FeatureCollection" and isinstance(fc["features"], list)
     for f in fc["features"]:
         assert f["type"] == "Feature"
+        if "id" in f:
+            assert str(uuid.UUID(f["id"])) == f["id"]
         p = f["properties"]
         assert p["objectType"] in ("annotation", "detection")
         cls = p["classification"]
         assert isinstance(cls["name"], str) and cls["name"]
         assert len(cls["color"]) == 3 and all(isinstance(v, int) and 0 <= v <= 255 for v in cls["color"])
+        assert all(isinstance(v, (int, float)) and math.isfinite(v) for v in p.get("measurements", {}).values())
         g = shape(f["geometry"])
-        assert g.geom_type == "Polygon" and g.is_valid and not g.is_empty
+        assert g.geom_type in ("Polygon", "MultiPolygon") and g.is_valid and not g.is_empty
+        rings = [r for poly in getattr(g, "geoms", [g]) for r in (poly.exterior, *poly.interiors)]
+        assert all(r.is_closed for r in rings)
+        if level0_size is not None:
+            x0, y0, x1, y1 = g.bounds
+            assert x0 >= 0 and y0 >= 0 and x1 <= level0_size[0] and y1 <= level0_size[1]
 
 
 def test_merged_outlines_keep_holes_and_follow_import_rules():
@@ -52,11 +64,26 @@ def test_written_outlines_and_detections_import_and_round_trip(view_cohort, tmp_
     d = view_cohort.labels_dir / "s00"
     s = read_instances_h5(d / "instances.h5")
     for name in ("outlines.geojson", "detections.geojson"):
-        assert_qupath_importable(json.loads((d / name).read_text()))
+        assert_qupath_importable(json.loads((d / name).read_text()), s.level0_size)
+    review = json.loads((view_cohort.labels_dir / "s02" / "review.geojson").read_text())  # s00's is the fixture's
+    assert review["features"] and assert_qupath_importable(review, s.level0_size) is None
     back = tumour_geometry(read_geojson(d / "outlines.geojson"))
     assert back.area == pytest.approx(int(s.labels.sum()) * s.size_level0 ** 2)
     empty = json.loads((view_cohort.labels_dir / "s01" / "outlines.geojson").read_text())
     assert empty == {"type": "FeatureCollection", "features": []}  # no positive patch, no outline
+
+
+def test_review_regions_follow_import_rules():
+    from milkit.trust.review import review_feature_collection
+
+    # two diagonal neighbours (8-connected: one region, a MultiPolygon touching at a corner) and a far patch
+    coords = np.array([[0, 0], [64, 64], [640, 640], [1280, 0]])
+    fc = review_feature_collection(coords, 64, 64, np.array([0.9, 0.8, 0.7, 0.0]), "seed spread", offset=(0, 0),
+                                   fraction=0.75)
+    assert_qupath_importable(fc, (2048, 2048))
+    kinds = [shape(f["geometry"]).geom_type for f in fc["features"]]
+    assert kinds == ["MultiPolygon", "Polygon"]  # ranked by mean score: the diagonal pair first
+    assert [f["properties"]["measurements"]["n_patches"] for f in fc["features"]] == [2, 1]
 
 
 def test_froc_by_hand():
@@ -83,3 +110,15 @@ def test_cli_labels_without_annotations_and_bad_view_input(tmp_path, capsys):
     assert "missing" in capsys.readouterr().err
     assert main(["view", str(tmp_path), "--no-browser"]) == 2
     assert "instances.h5" in capsys.readouterr().err
+
+
+def test_view_on_a_taken_port_is_one_line(view_cohort, capsys):
+    import socket
+
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        assert main(["view", str(view_cohort.labels_dir), "--port", str(port), "--no-browser"]) == 2
+    err = capsys.readouterr().err
+    assert f"--port {port}" in err and "not free" in err and len(err.strip().splitlines()) == 1

@@ -179,3 +179,49 @@ def test_slide_report_sorts_in_chromium(page, view_cohort, tmp_path):
     assert asc == sorted(before, key=probs.get)
     assert page.evaluate("Array.from(document.images).every(i => i.complete && i.naturalWidth > 0)")
     assert page.locator("img").count() == 6  # 2 positive (FN candidates) + 1 negative, slide and heatmap each
+
+
+def test_run_report_slide_section_in_chromium(page, server, view_cohort, tmp_path):
+    """report.html's per-slide section of a slide run: the table sorts on a click, every image
+    decodes, in-page links land on a thumbnail and every 'open' link opens that slide in milkit view."""
+    from urllib.parse import urlsplit
+
+    from milkit.report import ScoreSet, write_report
+    from milkit.view.run_slides import SlideBag
+
+    split_of = {"s00": "val", "s01": "val", "s02": "test"}
+    per: dict[str, list] = {"val": [], "test": []}
+    for sid, split in split_of.items():
+        s = read_instances_h5(view_cohort.labels_dir / sid / "instances.h5")
+        ann = view_cohort.ann_dir / f"{sid}.xml"
+        true = (patch_tumour_fraction(read_asap_xml(ann), s.coords, s.size_level0) >= 0.5).astype(int) if ann.is_file() \
+            else np.zeros(len(s.coords), int)
+        per[split].append(SlideBag(sid, int(true.any()), s.bag_prob, s.coords, float(s.size_level0), s.scores,
+                                   s.labels, None, "probability", true))
+    scores = {"mil": {sp: ScoreSet(np.array([b.label for b in bs]), np.array([b.bag_prob for b in bs]), slides=bs)
+                      for sp, bs in per.items()}}
+    port = urlsplit(server).port
+    path = write_report(tmp_path, {"mil": {"val": {}, "test": {}}, "_run": {"primary_stage": "mil"}}, scores,
+                        view_port=port)
+    page.goto(path.as_uri())
+    rows = lambda: page.eval_on_selector_all("#run-slides tbody tr", "rs => rs.map(r => r.dataset.id.split(':')[1])")
+    probs = {b.slide_id: b.bag_prob for bs in per.values() for b in bs}
+    page.click("#run-slides th:nth-child(4)")  # slide probability, ascending
+    assert rows() == sorted(probs, key=probs.get)
+    page.click("#run-slides th:nth-child(4)")  # again: descending
+    assert rows() == sorted(probs, key=probs.get, reverse=True)
+    assert page.evaluate("Array.from(document.images).every(i => i.complete && i.naturalWidth > 0)")
+    assert page.locator("#slides-section ~ div img").count() == 6  # s00 (FN), s01 (FP), s02 (FN): truth + heatmap
+    anchors = page.eval_on_selector_all("#run-slides a[href^='#']", "as => as.map(a => a.getAttribute('href'))")
+    assert len(anchors) == 3 and page.evaluate(
+        "hs => hs.every(h => document.getElementById(decodeURIComponent(h.slice(1))) !== null)", anchors)
+    links = page.eval_on_selector_all("#run-slides a.view", "as => as.map(a => a.href)")
+    assert len(links) == 3
+    for href in links:
+        sid = href.split("slide=")[1]
+        page.goto(href)
+        page.wait_for_function(f"window.milkit && milkit.slide && milkit.slide.id === '{sid}'", timeout=120_000)
+    # a link to a slide the labels folder lacks says so (and shows the first slide)
+    page.goto(f"{server}/?slide=nope")
+    page.wait_for_function("document.getElementById('info').textContent.indexOf(\"no slide 'nope'\") === 0",
+                           timeout=120_000)

@@ -30,6 +30,7 @@ from milkit.metrics.classification import auroc, binary_metrics, choose_threshol
 from milkit.models.base import MILModel, bag_and_instance_logits
 from milkit.report import ScoreSet
 from milkit.run_dir import RunDir
+from milkit.view.run_slides import slide_bags, slide_geometry
 
 InstanceMode = Literal["attention", "singleton", "model"]
 
@@ -155,6 +156,7 @@ class Labeler:
                     else o.calibration_input[0, :n].double().cpu().numpy(),
                     "uncertainty": None if o.uncertainty is None else o.uncertainty[0, :n].cpu().numpy(),
                     "instance_labels": None if bag.instance_labels is None else bag.instance_labels.cpu().numpy(),
+                    "slide": slide_geometry(bag),  # patch coords of a slide's feature bag (report.html)
                 }
             )
         return rows
@@ -222,6 +224,7 @@ def evaluate_labeler(labeler: Labeler, ds: BagDataset, threshold: float | None,
         scores.instance_true, scores.instance_score = arrs if arrs is not None else (None, None)
         if vals is not None and labeler.threshold_on == "probability":
             scores.instance_prob = vals[1]  # what the threshold applies to (histogram)
+        scores.slides = slide_bags(rows, labeler, threshold)  # report.html's per-slide section
     if arrs is None:
         out["instance"] = "not computable: this dataset has no instance labels"
     else:

@@ -1,5 +1,7 @@
 """What ``milkit view`` shows, read lazily: the slide list from ``LABELS_DIR/*/instances.h5``
-(attributes and label counts only), and, per slide on first request, its patches, slide
+(attributes and label counts only; patch AUROC/F1 against ``--annotations`` from the run's
+``metrics.json`` when ``milkit evaluate`` wrote them, else computed in a background thread
+while the page is already usable), and, per slide on first request, its patches, slide
 tiles, heatmap tiles, annotation outlines and review regions (a small LRU of open slides)."""
 
 from __future__ import annotations
@@ -31,6 +33,14 @@ class SlideData:
     heat: object  # milkit.view.tiles.HeatTiles
 
 
+def _with_true_label(row: dict) -> dict:
+    """The row with NaN/inf as None (JSON has no NaN) and, without run labels, the true label
+    from the annotation (a slide with tumour patches is positive)."""
+    if row["true_label"] is None and row["n_tumour_patches"] is not None:
+        row["true_label"] = int(row["n_tumour_patches"] > 0)
+    return {k: (None if isinstance(v, float) and not np.isfinite(v) else v) for k, v in row.items()}
+
+
 def _attr(a, k, default=None):
     v = a.get(k, default)
     return v.decode() if isinstance(v, bytes) else v
@@ -55,6 +65,10 @@ class Catalog:
         self._list: list[dict] | None = None
         self._open: OrderedDict[str, SlideData] = OrderedDict()
         self._lock = threading.Lock()
+        self.pending = 0  # slides whose patch metrics the background thread has still to compute
+        self._filled = threading.Event()
+        self._filled.set()
+        self._list_lock = threading.Lock()
 
     # -- the list ------------------------------------------------------------------
     def _run_of(self, meta: dict) -> Path | None:
@@ -63,12 +77,19 @@ class Catalog:
         r = meta.get("run_dir")
         return Path(r) if r and (Path(r) / "config.yaml").is_file() else None
 
-    def slide_list(self) -> list[dict]:
+    def slide_list(self, wait: bool = False) -> list[dict]:
         """id, split, true label, slide probability, patch counts, and patch AUROC/F1 where
-        annotations exist (from the run's metrics.json when ``evaluate`` wrote them, else computed)."""
-        if self._list is not None:
-            return self._list
-        rows, infos, evaluated = [], {}, {}
+        annotations exist (from the run's metrics.json when ``evaluate`` wrote them, else filled
+        in by a background thread: :attr:`pending` counts what is left; ``wait`` waits for it)."""
+        with self._list_lock:  # two first requests build it once
+            if self._list is None:
+                self._list = self._build_list()
+        if wait:
+            self._filled.wait()
+        return self._list
+
+    def _build_list(self) -> list[dict]:
+        rows, infos, evaluated, todo = [], {}, {}, []
         for sid, f in self.files.items():
             with h5py.File(f, "r") as h:
                 a = dict(h.attrs)
@@ -94,12 +115,28 @@ class Catalog:
                 row.update(patch_auroc=ev.get("instance_auroc"), patch_f1=ev.get("instance_f1"),
                            n_tumour_patches=ev.get("n_tumour_patches"))
             elif self.annotations_dir is not None:
-                row.update(self._patch_metrics(sid, f))
-            if row["true_label"] is None and row["n_tumour_patches"] is not None:
-                row["true_label"] = int(row["n_tumour_patches"] > 0)  # no run labels: from the annotation
-            rows.append({k: (None if isinstance(v, float) and not np.isfinite(v) else v) for k, v in row.items()})
-        self._list = rows
+                todo.append((len(rows), sid, f))
+            rows.append(_with_true_label(row))
+        if todo:
+            self.pending = len(todo)
+            self._filled.clear()
+            threading.Thread(target=self._fill, args=(rows, todo), daemon=True, name="milkit-view-metrics").start()
         return rows
+
+    def _fill(self, rows: list[dict], todo: list[tuple[int, str, Path]]) -> None:
+        """Patch AUROC/F1 of each slide against its annotation, one slide at a time."""
+        try:
+            for i, sid, f in todo:
+                try:
+                    m = self._patch_metrics(sid, f)
+                except (OSError, ValueError, KeyError) as err:
+                    log.warning("%s: patch metrics not computed (%s)", f, err)
+                    m = {}
+                rows[i] = _with_true_label(dict(rows[i], **m))
+                self.pending -= 1
+        finally:
+            self.pending = 0
+            self._filled.set()
 
     def _regions(self, sid: str, offset: tuple[int, int]):
         from milkit.slide.annotations import find_annotation, read_annotations

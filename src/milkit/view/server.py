@@ -29,7 +29,8 @@ def create_app(catalog: Catalog) -> Flask:
 
     @app.get("/api/slides")
     def slides():
-        return jsonify({"labels_dir": str(catalog.labels_dir), "slides": catalog.slide_list(),
+        rows = catalog.slide_list()
+        return jsonify({"labels_dir": str(catalog.labels_dir), "slides": rows, "pending": catalog.pending,
                         "colormap": lut().tolist(), "gradient": css_gradient()})
 
     @app.get("/api/slide/<sid>")
@@ -75,6 +76,14 @@ def serve(catalog: Catalog, port: int, open_browser: bool = True) -> None:
     import threading
     import webbrowser
 
+    import socket
+
+    with socket.socket() as probe:  # a taken port is the user's to change: one line naming --port, exit 2
+        probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # as werkzeug: TIME_WAIT is no obstacle
+        try:
+            probe.bind(("127.0.0.1", port))
+        except OSError as err:
+            raise ValueError(f"--port {port}: 127.0.0.1:{port} is not free ({err.strerror}); choose another --port") from None
     url = f"http://127.0.0.1:{port}/"
     app = create_app(catalog)
     logging.getLogger("werkzeug").setLevel(logging.WARNING)

@@ -9,9 +9,7 @@ Self-contained (images embedded as base64), like ``report.html``.
 
 from __future__ import annotations
 
-import base64
 import html
-import io as _bytes
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -21,11 +19,9 @@ from PIL import Image, ImageDraw
 from milkit import io
 from milkit.metrics.classification import auroc, binary_metrics
 from milkit.slide.outputs import SlideScores
-from milkit.view.colors import css_gradient, display_values, lut
-
-DEFAULT_PORT = 8765
-THUMB = 320
-N_WORST = 3
+from milkit.view import figures
+from milkit.view.colors import display_values
+from milkit.view.figures import DEFAULT_PORT, N_WORST, THUMB, fmt as _fmt, img_tag, view_link
 
 
 @dataclass
@@ -53,24 +49,10 @@ class SlideResult:
         return m
 
 
-def _fmt(v) -> str:
-    if v is None or (isinstance(v, float) and not np.isfinite(v)):
-        return "–"
-    return f"{v:.3f}" if isinstance(v, float) else html.escape(str(v))
-
-
-def _png(img: Image.Image) -> str:
-    buf = _bytes.BytesIO()
-    img.save(buf, format="PNG", optimize=True)
-    return base64.b64encode(buf.getvalue()).decode("ascii")
-
-
 def _thumb(r: SlideResult) -> Image.Image:
     """The slide at ≤ THUMB px (from the slide file recorded in instances.h5 when readable,
     else a white canvas)."""
-    w0, h0 = r.scores.level0_size
-    ds = max(w0, h0) / THUMB
-    size = (max(1, int(round(w0 / ds))), max(1, int(round(h0 / ds))))
+    size = figures.thumb_size(r.scores.level0_size, THUMB)
     path = r.scores.meta.get("slide")
     if path and Path(path).is_file():
         try:
@@ -85,18 +67,9 @@ def _thumb(r: SlideResult) -> Image.Image:
 
 
 def _heat(base: Image.Image, r: SlideResult) -> Image.Image:
-    """Patch values coloured on the fixed [0, 1] scale, alpha 0.6, over ``base``."""
+    """Patch values coloured on the fixed [0, 1] scale over ``base``."""
     values, _ = display_values(r.scores.scores, r.scores.score_kind, r.prob)
-    w0, _ = r.scores.level0_size
-    k = base.width / w0
-    over = Image.new("RGBA", base.size, (0, 0, 0, 0))
-    d = ImageDraw.Draw(over)
-    t = lut()
-    ps = r.scores.size_level0 * k
-    for (x, y), v in zip(r.scores.coords, values):
-        c = t[int(round(float(v) * 255))]
-        d.rectangle([x * k, y * k, x * k + ps, y * k + ps], fill=(int(c[0]), int(c[1]), int(c[2]), 155))
-    return Image.alpha_composite(base.convert("RGBA"), over).convert("RGB")
+    return figures.heat_overlay(base, r.scores.coords, values, r.scores.size_level0, r.scores.level0_size[0])
 
 
 def _outline(img: Image.Image, r: SlideResult) -> Image.Image:
@@ -109,20 +82,18 @@ def _outline(img: Image.Image, r: SlideResult) -> Image.Image:
     return img
 
 
-def view_link(sid: str, port: int = DEFAULT_PORT) -> str:
-    return f"http://127.0.0.1:{port}/?slide={sid}"
-
-
-def render(result: dict, results: list[SlideResult], labels_dir: Path, thumbnails: bool = True) -> str:
-    """The HTML page as a string."""
+def render(result: dict, results: list[SlideResult], labels_dir: Path, thumbnails: bool = True,
+           port: int = DEFAULT_PORT) -> str:
+    """The HTML page as a string; slide links point at ``milkit view`` on ``port``."""
     what = {display_values(r.scores.scores, r.scores.score_kind, r.prob)[1] for r in results}
-    cmd = f"milkit view {labels_dir} --annotations {result.get('annotations_dir')}"
+    cmd = f"milkit view {labels_dir} --annotations {result.get('annotations_dir')} --port {port}"
     p = [f"<!doctype html><html><head><meta charset='utf-8'><title>milkit — slides vs annotations</title>"
-         f"<style>{STYLE}</style></head><body><h1>Slides vs annotations</h1>",
+         f"<style>{STYLE}{figures.STYLE}</style></head><body><h1>Slides vs annotations</h1>",
          f"<p class='note'>labels: <code>{html.escape(str(labels_dir))}</code>; annotations: "
          f"<code>{html.escape(str(result.get('annotations_dir')))}</code>. A patch is tumour when "
          f"{html.escape(result['patch_positive_rule'])} ({result['tumour_fraction_threshold']:g}). Splits: "
-         f"{html.escape(result['split_source'])}. Open a slide with <code>{html.escape(cmd)}</code>.</p>"]
+         f"{html.escape(result['split_source'])}. Start the viewer with <code>{html.escape(cmd)}</code>; "
+         f"the <i>open</i> links then show that slide.</p>"]
     p.append("<h2>Metrics per split</h2><table id='splits'><tr><th>split</th><th>slides (positive)</th>"
              "<th>slide AUROC</th><th>patches (tumour)</th><th>patch AUROC</th><th>patch F1</th>"
              "<th>mean per-slide patch AUROC</th><th>FROC (lesions)</th></tr>")
@@ -135,39 +106,36 @@ def render(result: dict, results: list[SlideResult], labels_dir: Path, thumbnail
              "false positives per slide; detections by non-maximum suppression of patch scores (radius two "
              "patches); read as a step function, no 75 µm dilation, isolated tumour cells not set apart. "
              "Patch F1 at the written labels (the run's validation threshold).</p>")
-    p.append("<h2>Slides</h2><p class='note'>click a column to sort</p><table id='slides' class='sortable'><thead><tr>"
-             + "".join(f"<th>{h}</th>" for h in ("slide", "split", "true label", "slide probability", "patches",
-                                                   "tumour patches", "positive patches", "patch AUROC", "patch F1",
-                                                   "view"))
-             + "</tr></thead><tbody>")
+    rows = []
     for r in results:
         m = r.metrics()
-        p.append(f"<tr><td>{html.escape(r.slide_id)}</td><td>{r.split}</td><td>{r.true_label}</td>"
-                 f"<td>{_fmt(m['bag_prob'])}</td><td>{m['n_patches']}</td><td>{m['n_tumour_patches']}</td>"
-                 f"<td>{m['n_positive_patches']}</td><td>{_fmt(m['instance_auroc'])}</td>"
-                 f"<td>{_fmt(m.get('instance_f1'))}</td>"
-                 f"<td><a href='{view_link(r.slide_id)}'>open</a></td></tr>")
-    p.append("</tbody></table>")
+        rows.append([html.escape(r.slide_id), html.escape(r.split), str(r.true_label), _fmt(m["bag_prob"]),
+                     str(m["n_patches"]), str(m["n_tumour_patches"]), str(m["n_positive_patches"]),
+                     _fmt(m["instance_auroc"]), _fmt(m.get("instance_f1")),
+                     f"<a href='{html.escape(view_link(r.slide_id, port))}'>open</a>"])
+    p.append("<h2>Slides</h2>" + figures.sortable_table(
+        "slides", ["slide", "split", "true label", "slide probability", "patches", "tumour patches",
+                   "positive patches", "patch AUROC", "patch F1", "view"], rows, [r.slide_id for r in results]))
     if thumbnails:
-        p.append(_worst(results, what))
-    p.append(f"<script>{SORT_JS}</script></body></html>")
+        p.append(_worst(results, what, port))
+    p.append(f"<script>{figures.SORT_JS}</script></body></html>")
     return "\n".join(p)
 
 
-def _worst(results: list[SlideResult], what: set[str]) -> str:
+def _worst(results: list[SlideResult], what: set[str], port: int) -> str:
     fn = sorted((r for r in results if r.true_label == 1), key=lambda r: r.scores.bag_prob)[:N_WORST]
     fp = sorted((r for r in results if r.true_label == 0), key=lambda r: -r.scores.bag_prob)[:N_WORST]
     out = [f"<h2>Worst false negatives and false positives</h2><p class='note'>left: slide with the ground-truth "
-           f"outline (green); right: patch heatmap on the fixed scale <span class='bar' style='background:"
-           f"{css_gradient()}'></span> 0 … 1 ({html.escape('; '.join(what))}).</p>"]
+           f"outline (green); right: patch heatmap on the fixed scale {figures.colour_bar()} "
+           f"({html.escape('; '.join(what))}).</p>"]
     for title, rs in (("positive slides with the lowest probability", fn), ("negative slides with the highest probability", fp)):
         out.append(f"<h3>{title}</h3>")
         for r in rs:
             base = _thumb(r)
             out.append(f"<div class='pair' id='thumb-{html.escape(r.slide_id)}'><div><b>{html.escape(r.slide_id)}</b> "
-                       f"({r.split}) p = {_fmt(r.scores.bag_prob)} · <a href='{view_link(r.slide_id)}'>view</a></div>"
-                       f"<img src='data:image/png;base64,{_png(_outline(base, r))}' alt='slide'>"
-                       f"<img src='data:image/png;base64,{_png(_outline(_heat(base, r), r))}' alt='heatmap'></div>")
+                       f"({r.split}) p = {_fmt(r.scores.bag_prob)} · "
+                       f"<a href='{html.escape(view_link(r.slide_id, port))}'>view</a></div>"
+                       f"{img_tag(_outline(base, r), 'slide')}{img_tag(_outline(_heat(base, r), r), 'heatmap')}</div>")
     return "\n".join(out)
 
 
@@ -179,20 +147,5 @@ def write_slide_report(where: Path, result: dict, results: list[SlideResult], la
 
 
 STYLE = """body{font-family:sans-serif;margin:1.5em;max-width:1200px}table{border-collapse:collapse;margin:.5em 0}
-td,th{border:1px solid #ccc;padding:3px 8px;text-align:right}th{background:#f0f0f0;cursor:pointer}
-td:first-child{text-align:left}.note{color:#555;font-size:90%}.pair img{margin:4px;border:1px solid #ccc}
-.bar{display:inline-block;width:140px;height:12px;vertical-align:middle;border:1px solid #999}"""
-
-SORT_JS = """document.querySelectorAll('table.sortable th').forEach(function(th, col){
- th.addEventListener('click', function(){
-  var tb = th.closest('table').tBodies[0], rows = Array.from(tb.rows);
-  var asc = th.dataset.asc !== '1'; th.dataset.asc = asc ? '1' : '0';
-  function key(r){ var t = r.cells[col].textContent, n = parseFloat(t); return isNaN(n) ? t : n; }
-  rows.sort(function(a, b){ var x = key(a), y = key(b);
-    if (typeof x !== typeof y) { x = String(x); y = String(y); }
-    return (x < y ? -1 : x > y ? 1 : 0) * (asc ? 1 : -1); });
-  rows.forEach(function(r){ tb.appendChild(r); });
- });
-});"""
-
-
+td,th{border:1px solid #ccc;padding:3px 8px;text-align:right}th{background:#f0f0f0}
+td:first-child{text-align:left}.note{color:#555;font-size:90%}"""

@@ -172,13 +172,28 @@
     $(id).addEventListener("input", function () { if (heatItem) heatItem.setOpacity(heatOpacity()); });
   });
 
+  // the list arrives at once; patch AUROC/F1 against the annotations may follow (j.pending slides to go)
+  function listNote(j) {
+    $("labels-dir").textContent = j.labels_dir + " · " + j.slides.length + " slides" +
+      (j.pending ? " · patch metrics: " + j.pending + " to go" : "");
+  }
+  function refreshList() {
+    fetch("/api/slides").then(function (r) { return r.json(); }).then(function (j) {
+      M.slides = j.slides; listNote(j); renderList();
+      if (j.pending) setTimeout(refreshList, 2000);
+    });
+  }
   fetch("/api/slides").then(function (r) { return r.json(); }).then(function (j) {
     M.slides = j.slides;
     $("bar").style.background = j.gradient;
-    $("labels-dir").textContent = j.labels_dir + " · " + j.slides.length + " slides";
+    listNote(j);
     renderList();
+    if (j.pending) setTimeout(refreshList, 2000);
     var want = new URLSearchParams(location.search).get("slide");
-    var first = j.slides.some(function (s) { return s.id === want; }) ? want : (j.slides[0] || {}).id;
-    if (first) openSlide(first);
+    var found = j.slides.some(function (s) { return s.id === want; });
+    var first = found ? want : (j.slides[0] || {}).id;
+    if (first) openSlide(first).then(function () {
+      if (want && !found) $("info").textContent = "no slide '" + want + "' in " + j.labels_dir + "; showing " + first;
+    });
   });
 })();
