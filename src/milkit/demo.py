@@ -136,13 +136,13 @@ def run_slide_demo(out: Path, seed: int = 0, console: Console | None = None) -> 
     }, source="milkit demo (slides)")
     console.print("train ABMIL on 6 slides (slide labels only) …")
     train_run(exp, run, overwrite=True)
-    labels = out / "labels"
+    labels = run / "labels"  # where report.html's per-slide links expect them
     label_slides(run, [slides_dir], tiles, labels, None, thumbnail_size=512)
     res = evaluate_annotations(run, ann_dir, labels)
     for split, m in res["splits"].items():
         console.print(f"{split:5s} slides {m['n_slides']}  slide AUROC {_f(m['slide_auroc'])}  patch AUROC "
                       f"{_f(m['instance_auroc'])}  patch F1 {_f(m['instance_f1'])}  FROC {_f(m['froc'])}")
-    console.print(f"report: {run / 'report_annotations.html'}\n"
+    console.print(f"report: {run / 'report_annotations.html'} (and {run / 'report.html'})\n"
                   f"view:   milkit view {labels} --annotations {ann_dir}")
     return res
 
