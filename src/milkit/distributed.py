@@ -134,6 +134,27 @@ def check_supported(exp) -> None:
 # -- loaders --------------------------------------------------------------------------
 
 
+def shard_order(order: list[int], world: int, rank_: int, pad: bool) -> list[int]:
+    """Rank ``rank_``'s items of ``order``: positions rank_, rank_+world, …; with ``pad`` the order
+    is first extended cyclically to a multiple of ``world`` (every rank the same count)."""
+    if pad and order and len(order) % world:
+        total = math.ceil(len(order) / world) * world
+        order = (order * math.ceil(total / len(order)))[:total]
+    return order[rank_::world]
+
+
+def interleave(parts: Sequence[Tensor], world: int) -> Tensor:
+    """Inverse of an unpadded :func:`shard_order`: ``parts[r]`` holds items r, r+world, … of the whole."""
+    n = sum(len(p) for p in parts)
+    for r, p in enumerate(parts):
+        if len(p) != len(range(r, n, world)):
+            raise RuntimeError(f"rank {r} holds {len(p)} of {n} items; expected every {world}-th from {r}")
+    full = parts[0].new_empty((n, *parts[0].shape[1:]))
+    for r, p in enumerate(parts):
+        full[r::world] = p
+    return full
+
+
 class ShardedSampler(Sampler[int]):
     """Rank r of W takes items r, r+W, r+2W, … of the order ``base`` gives one process.
 
@@ -145,19 +166,11 @@ class ShardedSampler(Sampler[int]):
         self.base = base
         self.pad = pad
 
-    def _order(self) -> list[int]:
+    def __iter__(self) -> Iterator[int]:
         # the draw a single process makes (same generator, same state); islice, not list(): one
         # process stops after len(base) items, so RandomSampler's trailing draw never runs either
         order = list(itertools.islice(iter(self.base), len(self.base)))  # type: ignore[arg-type]
-        w = world_size()
-        if self.pad and order and len(order) % w:
-            total = math.ceil(len(order) / w) * w
-            order = (order * math.ceil(total / len(order)))[:total]
-        return order
-
-    def __iter__(self) -> Iterator[int]:
-        order = self._order()
-        yield from order[rank()::world_size()]
+        yield from shard_order(order, world_size(), rank(), self.pad)
 
     def __len__(self) -> int:
         n, w = len(self.base), world_size()  # type: ignore[arg-type]
@@ -207,18 +220,7 @@ def gather_in_order(*shards: Tensor) -> tuple[Tensor, ...]:
     w = d.get_world_size()
     got: list = [None] * w
     d.all_gather_object(got, [t.detach().cpu() for t in shards])
-    out = []
-    for j in range(len(shards)):
-        parts = [g[j] for g in got]
-        n = sum(len(p) for p in parts)
-        for r, p in enumerate(parts):
-            if len(p) != len(range(r, n, w)):
-                raise RuntimeError(f"rank {r} holds {len(p)} of {n} validation items; expected every {w}-th from {r}")
-        full = parts[0].new_empty((n, *parts[0].shape[1:]))
-        for r, p in enumerate(parts):
-            full[r::w] = p
-        out.append(full)
-    return tuple(out)
+    return tuple(interleave([g[j] for g in got], w) for j in range(len(shards)))
 
 
 def _device_for_collectives() -> torch.device:
@@ -228,26 +230,27 @@ def _device_for_collectives() -> torch.device:
     return torch.device("cpu")
 
 
-def merge_seen(values: Tensor, seen: Tensor) -> tuple[Tensor, Tensor]:
-    """Per-item tables each rank filled for its own bags (``seen`` marks what it filled) → the
-    whole table on every rank; an item seen by several ranks (padding) takes the lowest rank's
-    value. One process: unchanged."""
+def merge_seen(values: Tensor, fresh: Tensor) -> tuple[Tensor, Tensor]:
+    """Per-item tables each rank filled for its own bags since the last merge (``fresh`` marks
+    what it filled) → (the same table on every rank, which items any rank filled). An item
+    filled by several ranks (padding) takes the lowest rank's value; one filled by none keeps
+    this rank's value (the previous merge's, the same on every rank). One process: unchanged."""
     d = _dist()
     if d is None or d.get_world_size() == 1:
-        return values, seen
+        return values, fresh
     dev = _device_for_collectives()
-    v, s = values.detach().to(dev), seen.to(dev, torch.uint8)
+    v, s = values.detach().to(dev), fresh.to(dev, torch.uint8)
     vs = [torch.empty_like(v) for _ in range(d.get_world_size())]
     ss = [torch.empty_like(s) for _ in range(d.get_world_size())]
     d.all_gather(vs, v)
     d.all_gather(ss, s)
-    out_v = torch.zeros_like(values.detach().cpu())
-    out_s = torch.zeros(len(seen), dtype=torch.bool)
+    out_v = values.detach().cpu().clone()
+    out_s = torch.zeros(len(fresh), dtype=torch.bool)
     for vr, sr in zip(vs, ss):
         take = sr.cpu().bool() & ~out_s
         out_v[take] = vr.cpu()[take]
         out_s |= take
-    return out_v.to(values.device), out_s.to(seen.device)
+    return out_v.to(values.device), out_s.to(fresh.device)
 
 
 def all_sum(*values: float) -> tuple[float, ...]:

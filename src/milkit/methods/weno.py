@@ -502,8 +502,11 @@ class WENOModule(L.LightningModule):
         rank r then takes every W-th instance of each mini-batch, weighting its loss so that
         DDP's gradient average is the gradient of the mini-batch mean (the one-process step)."""
         enc, _, stu = self._opts()
-        self._signal, self._seen = distributed.merge_seen(self._signal, self._seen)
         world, me = distributed.world_size(), distributed.rank()
+        if world > 1:  # this epoch's records of every rank; _seen_all: ever recorded (one process: _seen)
+            self._signal, fresh = distributed.merge_seen(self._signal, self._seen)
+            self._seen_all = self._seen_all | fresh if hasattr(self, "_seen_all") else fresh
+            self._seen = self._seen_all.clone()
         targets = self.student_targets()
         seen = torch.nonzero(self._seen).squeeze(1)
         g = torch.Generator().manual_seed(self.seed * 100_003 + self.current_epoch)
@@ -535,6 +538,8 @@ class WENOModule(L.LightningModule):
             total += float(loss.detach()) * len(whole) / world
             n += len(chunk)
         total, n = distributed.all_sum(total, n)
+        if world > 1:  # from now on _seen marks what this rank records, for the next merge
+            self._seen = torch.zeros_like(self._seen)
         if n:
             self.log("train/student_loss", total / n, on_step=False, on_epoch=True, batch_size=1)
 
