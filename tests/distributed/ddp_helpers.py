@@ -17,7 +17,7 @@ SRC = HERE.parents[1] / "src"
 #: hard feature bags (issue 11 §1), small: 16 training bags (a multiple of 2 ranks × batch 1,
 #: so the two-process run has no padded step), 12 validation, 12 test, 16–49 patches of 32-d
 DATA = {"kind": "hard_bags", "level": "easy", "n_train": 16, "n_val": 12, "n_test": 12, "min_side": 4,
-        "max_side": 7, "feature_dim": 32, "missing_rate": 0.1, "signal": 5.0, "witness_rate": [0.1, 0.2]}
+        "max_side": 7, "feature_dim": 32, "missing_rate": 0.1, "signal": 12.0, "witness_rate": [0.2, 0.4]}
 #: one process at batch 2 = two processes at batch 1 each (module doc of milkit.distributed)
 ONE = {"accelerator": "cpu", "devices": 1, "batch_size": 2, "progress_bar": False, "log_every_n_steps": 1}
 TWO = ["--set", "trainer.devices=2", "--set", "trainer.strategy=ddp", "--set", "trainer.batch_size=1"]
