@@ -200,11 +200,16 @@ def shard_loader(loader: DataLoader, pad: bool) -> DataLoader:
     )
 
 
-def check_module(module) -> None:
-    """A stage validated under DDP must gather its validation predictions (``gathers_validation``)."""
+def check_stage(module, val_loader: DataLoader, world: int) -> None:
+    """A stage validated under DDP must gather its validation predictions (``gathers_validation``),
+    and every rank needs a validation bag (a rank without one would skip the gathering)."""
     if not getattr(module, "gathers_validation", False):
         raise ValueError(f"{type(module).__name__}: its validation is computed per process; "
                          "this stage cannot run on several processes — use trainer.devices: 1")
+    n = len(val_loader.dataset)  # type: ignore[arg-type]
+    if n < world:
+        raise ValueError(f"the validation split has {n} bag(s), fewer than the {world} processes; "
+                         "use fewer trainer.devices or more validation bags")
 
 
 # -- collectives ----------------------------------------------------------------------

@@ -249,7 +249,7 @@ def fit_stage(
     )
     if trainer.world_size > 1:  # every rank draws one process's bag order and takes its share
         if val_loader is not None:
-            distributed.check_module(module)
+            distributed.check_stage(module, val_loader, trainer.world_size)
             val_loader = distributed.shard_loader(val_loader, pad=False)
         train_loader = distributed.shard_loader(train_loader, pad=True)
     trainer.fit(module, train_dataloaders=train_loader, val_dataloaders=val_loader, ckpt_path=ckpt_path,
