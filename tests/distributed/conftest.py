@@ -7,6 +7,7 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
 
 sys.path.insert(0, str(Path(__file__).parent))
 from ddp_helpers import TWO, env_for, read_trace, run, write_config  # noqa: E402
@@ -37,8 +38,13 @@ def ddp_job(tmp_path_factory) -> dict:
     job = [sys.executable, str(Path(__file__).parent / "ddp_job.py"), str(two), *map(str, cfgs.values()), "--", *TWO]
     proc = run(job, env_for(two, root / "trace"))
     one = {}
-    for name in ("abmil", "weno"):  # the references: one process, batch 2
-        one[name] = root / "one" / name
-        train_run(load_experiment(cfgs[name]), one[name])
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # as each rank runs (OMP_NUM_THREADS=1): the same rounding
+    try:
+        for name in ("abmil", "weno"):  # the references: one process, batch 2
+            one[name] = root / "one" / name
+            train_run(load_experiment(cfgs[name]), one[name])
+    finally:
+        torch.set_num_threads(threads)
     return {"root": root, "one": one, "two": {n: two / n for n in cfgs}, "stdout": proc.stdout,
             "trace": read_trace(root / "trace")}
