@@ -50,6 +50,8 @@ def train(
     path = resolve_config(config)
     exp = load_experiment(path, list(set_ or []) + ([f"trainer.seeds={seeds}"] if seeds else []))
     metrics = train_run(exp, out, overwrite=overwrite, resume=resume, source=str(path))
+    if not metrics:  # a DDP rank other than 0: rank 0 wrote and prints the results
+        return
     from milkit.workflow import print_table
 
     print_table(metrics)

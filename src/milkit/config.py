@@ -22,7 +22,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from milkit import registry
 
@@ -69,6 +69,44 @@ class TrainerConfig(StrictModel):
     seeds: int = Field(1, ge=1, description="seed replicas per stage, labels from their ensemble (issue 11 §3)")
     threshold_criterion: Literal["f1", "youden_product", "youden"] = Field(
         "f1", description="how the instance threshold is chosen on validation (issue 11 §4: F1)")
+
+    # -- several processes (milkit.distributed, docs/scale.md) ---------------------------
+    @field_validator("strategy")
+    @classmethod
+    def _strategy(cls, v: str) -> str:
+        from milkit.distributed import SUPPORTED_STRATEGIES
+
+        if v not in SUPPORTED_STRATEGIES:
+            why = (" (it starts the ranks from inside this process; milkit needs every rank to be a copy of the "
+                   "command, as 'ddp', torchrun and srun start them)"
+                   if v.startswith(("ddp_spawn", "ddp_fork", "ddp_notebook")) else "")
+            raise ValueError(f"{v!r} is not supported{why}; use one of {', '.join(SUPPORTED_STRATEGIES)}")
+        return v
+
+    @field_validator("devices")
+    @classmethod
+    def _devices(cls, v: str | int) -> str | int:
+        if isinstance(v, int):
+            ok = v == -1 or v >= 1
+        else:
+            t = v.strip()
+            ok = t in ("auto", "-1") or (t.isdigit() and int(t) >= 1) or (
+                "," in t and all(p.strip().isdigit() for p in t.split(",") if p.strip()))
+        if not ok:
+            raise ValueError(f"{v!r} is not a device count: use a number ≥ 1, -1 or 'auto' (all), or GPU ids '0,1'")
+        return v
+
+    @model_validator(mode="after")
+    def _processes(self) -> "TrainerConfig":
+        if self.num_nodes < 1:
+            raise ValueError(f"num_nodes must be ≥ 1, got {self.num_nodes}")
+        many = self.num_nodes > 1 or (isinstance(self.devices, int) and self.devices > 1) or (
+            isinstance(self.devices, str) and ("," in self.devices.strip(",") or self.devices.strip().isdigit()
+                                              and int(self.devices) > 1))
+        if many and self.strategy == "single_device":
+            raise ValueError(f"strategy 'single_device' runs one process but devices is "
+                             f"{self.devices!r} and num_nodes {self.num_nodes}; use strategy ddp")
+        return self
 
 
 class Experiment(BaseModel):

@@ -27,6 +27,7 @@ from lightning.pytorch.loggers import CSVLogger
 from lightning.pytorch.plugins.io import TorchCheckpointIO
 from torch.utils.data import DataLoader
 
+from milkit import distributed
 from milkit.checkpointing import LaterOnTiesCheckpoint
 from milkit.config import TrainerConfig
 from milkit.io import load_state_dict, save_state_dict
@@ -150,6 +151,8 @@ def _quiet_lightning() -> None:
     warnings.filterwarnings("ignore", ".*LeafSpec.*")
     warnings.filterwarnings("ignore", ".*module\(s\) in eval mode.*")
     warnings.filterwarnings("ignore", ".*is deprecated.*", category=DeprecationWarning)
+    # DDP: validation values are gathered before they are logged (milkit.distributed), so equal on every rank
+    warnings.filterwarnings("ignore", ".*sync_dist=True.*")
     os.environ.setdefault("POSSIBLE_USER_WARNING", "off")
 
 
@@ -183,7 +186,9 @@ def fit_stage(
             if gen is not None and "loader" in state:  # the shuffle order later stages continue from
                 gen.set_state(state["loader"])
         return out
-    stage_dir.mkdir(parents=True, exist_ok=True)
+    writer = distributed.is_rank_zero()  # DDP: rank 0 alone writes the stage directory
+    if writer:
+        stage_dir.mkdir(parents=True, exist_ok=True)
     seed_everything(seed)
     monitor = monitor or cfg.monitor
     mode = monitor_mode or cfg.monitor_mode
@@ -199,7 +204,7 @@ def fit_stage(
                              "rerun with --overwrite") from None
         log.info("%s: resuming from %s", stage_dir, last_ckpt)
         ckpt_path = str(last_ckpt)
-    elif last_ckpt.is_file() or (stage_dir / "logs").exists():  # a stage begun but not resumed: start clean
+    elif writer and (last_ckpt.is_file() or (stage_dir / "logs").exists()):  # begun but not resumed: start clean
         import shutil
 
         shutil.rmtree(ckpt_dir, ignore_errors=True)
@@ -227,7 +232,8 @@ def fit_stage(
         accelerator=cfg.accelerator,
         devices=cfg.devices,
         num_nodes=cfg.num_nodes,
-        strategy=cfg.strategy,
+        strategy=distributed.strategy_for(cfg),
+        use_distributed_sampler=False,  # several processes: milkit shards the loaders itself (below)
         precision=cfg.precision,
         accumulate_grad_batches=cfg.accumulate_grad_batches,
         gradient_clip_val=cfg.gradient_clip_val,
@@ -241,6 +247,11 @@ def fit_stage(
         default_root_dir=str(stage_dir),
         plugins=[AtomicCheckpointIO()],
     )
+    if trainer.world_size > 1:  # every rank draws one process's bag order and takes its share
+        if val_loader is not None:
+            distributed.check_stage(module, val_loader, trainer.world_size)
+            val_loader = distributed.shard_loader(val_loader, pad=False)
+        train_loader = distributed.shard_loader(train_loader, pad=True)
     trainer.fit(module, train_dataloaders=train_loader, val_dataloaders=val_loader, ckpt_path=ckpt_path,
                 weights_only=True)
     if ckpt is not None and ckpt.best_model_path:
@@ -249,9 +260,11 @@ def fit_stage(
     state = rng_state()
     if getattr(train_loader, "generator", None) is not None:
         state["loader"] = train_loader.generator.get_state()
-    save_state_dict(stage_dir / RNG_FILE, state)
-    save_state_dict(out, {k: v.detach().cpu() for k, v in module.state_dict().items()})  # marks the stage done
-    last_ckpt.unlink(missing_ok=True)  # model.pt + best.ckpt are what a finished stage keeps
+    if writer:
+        save_state_dict(stage_dir / RNG_FILE, state)
+        save_state_dict(out, {k: v.detach().cpu() for k, v in module.state_dict().items()})  # marks the stage done
+        last_ckpt.unlink(missing_ok=True)  # model.pt + best.ckpt are what a finished stage keeps
+    distributed.barrier()  # DDP: no rank goes on before the stage's files are written
     return out
 
 

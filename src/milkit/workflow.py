@@ -32,11 +32,17 @@ def train_run(exp: Experiment, out_dir: str | Path, overwrite: bool = False, res
     anything is written. ``out_dir`` must be new, empty, or (with ``overwrite``) a milkit run to
     replace, or (with ``resume``) an interrupted run to continue: finished stages are kept,
     an unfinished one continues from its ``last.ckpt`` (engine.fit_stage).
+
+    Several processes (DDP, :mod:`milkit.distributed`): every rank trains; rank 0 alone checks
+    and writes the run directory, and the others return ``{}`` once it has finished.
     """
+    from milkit import distributed
+
     run = RunDir(out_dir)
     if overwrite and resume:
         raise ValueError("--overwrite and --resume exclude each other: replace the run, or continue it")
-    state = run.state()
+    writer = distributed.is_rank_zero()
+    state = run.state() if writer else "other-rank"  # rank 0 may already be writing there
     if state == "file":
         raise FileExistsError(f"{run.path}: is a file; --out must be a folder (new, empty, or a milkit run)")
     if state == "foreign":
@@ -48,10 +54,30 @@ def train_run(exp: Experiment, out_dir: str | Path, overwrite: bool = False, res
                               f"run (config.yaml); pass {hint}, or choose another --out")
     t0 = time.perf_counter()
     splits = prepare(exp, source)  # bad data fails here, before anything is written
-    from milkit.trust import assess, ensemble  # K seed replicas, calibration, thresholds, verdict
+    from milkit.trust import ensemble  # K seed replicas, calibration, thresholds, verdict
 
     ensemble.check_supported(make_method(exp), exp)
-    resuming_run = resume and state in ("unfinished", "finished")
+    distributed.check_supported(exp)
+    # another rank resumes when told to: rank 0 decides on the same files before any stage starts
+    resuming_run = resume and state in ("unfinished", "finished", "other-rank")
+    if writer:
+        _prepare_run_dir(run, exp, state, resuming_run)
+    from milkit.engine import resuming
+
+    with resuming(resuming_run):  # fit_members seeds the RNGs per replica
+        method, members = ensemble.fit_members(make_method, exp, splits, run)
+    done = distributed.finish_group()  # DDP: the others wait there while rank 0 evaluates and writes
+    if not writer:
+        distributed.finish_barrier(done)
+        return {}
+    try:
+        return _finish(exp, run, method, members, splits, t0)
+    finally:
+        distributed.finish_barrier(done)
+
+
+def _prepare_run_dir(run: RunDir, exp: Experiment, state: str, resuming_run: bool) -> None:
+    """Resume (stale temporary files removed), replace (--overwrite) or create the run directory."""
     if resuming_run:
         _check_same_config(run, exp)
         from milkit import io
@@ -71,10 +97,12 @@ def train_run(exp: Experiment, out_dir: str | Path, overwrite: bool = False, res
 
             shutil.rmtree(run.path, ignore_errors=True)
         raise
-    from milkit.engine import resuming
 
-    with resuming(resuming_run):  # fit_members seeds the RNGs per replica
-        method, members = ensemble.fit_members(make_method, exp, splits, run)
+
+def _finish(exp: Experiment, run: RunDir, method: Method, members: dict, splits: DataSplits, t0: float) -> dict:
+    """Calibrate, choose thresholds, evaluate and write metrics.json and report.html (rank 0)."""
+    from milkit.trust import assess, ensemble
+
     labelers = ensemble.finalise(method, members, splits, run, ensemble.n_seeds(exp))
     scores: dict = {}
     metrics = method.evaluate(labelers, splits, run, scores)

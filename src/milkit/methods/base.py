@@ -292,13 +292,21 @@ class BagModule(LossModule):
         self._val_probs.append(torch.sigmoid(out.bag_logits).detach().cpu())
         self._val_labels.append(batch.labels.detach().cpu())
 
+    #: DDP: the validation AUROC is computed on every rank's bags (milkit.distributed)
+    gathers_validation: ClassVar[bool] = True
+
     def on_validation_epoch_end(self) -> None:
-        if not self._val_probs:
+        from milkit.distributed import gather_in_order, is_distributed
+
+        if not self._val_probs and not is_distributed():
             return
-        p = torch.cat(self._val_probs).double()
-        y = torch.cat(self._val_labels).double()
+        p, y = (torch.cat(v).double() if v else torch.zeros(0, dtype=torch.float64)
+                for v in (self._val_probs, self._val_labels))
         self._val_probs.clear()
         self._val_labels.clear()
+        p, y = gather_in_order(p, y)  # every rank's validation bags, in dataset order
+        if len(y) == 0:
+            return
         a = auroc(y.numpy(), p.numpy())
         a = 0.5 if np.isnan(a) else a
         bce = float(torch.nn.functional.binary_cross_entropy(p.clamp(1e-7, 1 - 1e-7), y))

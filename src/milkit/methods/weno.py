@@ -40,7 +40,7 @@ import torch
 from pydantic import Field, field_validator
 from torch import Tensor, nn
 
-from milkit import io
+from milkit import distributed, io
 from milkit.config import StrictModel, TrainerConfig
 from milkit.data.bag import BagBatch, BagDataset
 from milkit.data.base import DataSplits
@@ -491,9 +491,22 @@ class WENOModule(L.LightningModule):
             )
         return y
 
+    #: DDP: validation is gathered across ranks, and so is the teacher's instance table
+    gathers_validation = True
+
     def student_pass(self) -> None:
-        """Eq. 14–15 over every training instance, shuffled across bags, batch 256."""
+        """Eq. 14–15 over every training instance, shuffled across bags, batch 256.
+
+        Several processes (DDP): the ranks first merge the teacher signal each recorded for its
+        own bags, so that every rank holds the whole table and draws the same shuffled order;
+        rank r then takes every W-th instance of each mini-batch, weighting its loss so that
+        DDP's gradient average is the gradient of the mini-batch mean (the one-process step)."""
         enc, _, stu = self._opts()
+        world, me = distributed.world_size(), distributed.rank()
+        if world > 1:  # this epoch's records of every rank; _seen_all: ever recorded (one process: _seen)
+            self._signal, fresh = distributed.merge_seen(self._signal, self._seen)
+            self._seen_all = self._seen_all | fresh if hasattr(self, "_seen_all") else fresh
+            self._seen = self._seen_all.clone()
         targets = self.student_targets()
         seen = torch.nonzero(self._seen).squeeze(1)
         g = torch.Generator().manual_seed(self.seed * 100_003 + self.current_epoch)
@@ -502,7 +515,8 @@ class WENOModule(L.LightningModule):
         # before student_encoder_warmup_epochs the student's loss trains its head only: the
         # shared encoder is not pulled by pseudo labels of a teacher that has not learned yet
         shared_step = self.net.student_encoder is None and self.current_epoch >= self.cfg.student_encoder_warmup_epochs
-        for chunk in order.split(self.cfg.student_batch_size):
+        for whole in order.split(self.cfg.student_batch_size):
+            chunk = whole[me::world]  # one process: the whole mini-batch
             x = self._inst_x[chunk].to(self.device)
             t = targets[chunk].to(self.device)
             if shared_step or self.net.student_encoder is not None:
@@ -511,7 +525,9 @@ class WENOModule(L.LightningModule):
                 with torch.no_grad():
                     h = self.net.student_embed(x)
                 logits = self.net.student_head(h).squeeze(-1)
-            loss = self.student_loss(logits, t)
+            # this rank's share of the mini-batch mean; an empty share still joins DDP's all-reduce
+            share = len(chunk) * world / len(whole)
+            loss = self.student_loss(logits, t) * share if len(chunk) else logits.sum() * 0.0
             stu.zero_grad()
             if shared_step:
                 enc.zero_grad()
@@ -519,8 +535,11 @@ class WENOModule(L.LightningModule):
             stu.step()
             if shared_step:
                 enc.step()
-            total += float(loss.detach()) * len(chunk)
+            total += float(loss.detach()) * len(whole) / world
             n += len(chunk)
+        total, n = distributed.all_sum(total, n)
+        if world > 1:  # from now on _seen marks what this rank records, for the next merge
+            self._seen = torch.zeros_like(self._seen)
         if n:
             self.log("train/student_loss", total / n, on_step=False, on_epoch=True, batch_size=1)
 
@@ -544,13 +563,15 @@ class WENOModule(L.LightningModule):
         self._val["y"].append(batch.labels.cpu())
 
     def on_validation_epoch_end(self) -> None:
-        if not self._val["y"]:
+        if not self._val["y"] and not distributed.is_distributed():
             return
-        y = torch.cat(self._val["y"]).double()
-        ps = torch.cat(self._val["student"]).double()
-        pt = torch.cat(self._val["teacher"]).double()
+        y, ps, pt = (torch.cat(self._val[k]).double() if self._val[k] else torch.zeros(0, dtype=torch.float64)
+                     for k in ("y", "student", "teacher"))
         for v in self._val.values():
             v.clear()
+        y, ps, pt = distributed.gather_in_order(y, ps, pt)  # every rank's validation bags, in dataset order
+        if len(y) == 0:
+            return
 
         def score(p: Tensor) -> tuple[float, float]:
             a = auroc(y.numpy(), p.numpy())
@@ -638,9 +659,12 @@ class WENOMethod(Method):
                 best = (float(t), score, net)
         assert best is not None
         dest = run.model_path(stage)
-        dest.parent.mkdir(parents=True, exist_ok=True)
-        shutil.copyfile(run.stage_dir(f"{stage}_hpm{best[0]:g}") / "model.pt", dest)
-        io.write_json(run.stage_dir(stage) / "hpm_grid.json", {"chosen": best[0], "criterion": "val student bag AUROC", "runs": results})
+        if distributed.is_rank_zero():  # every rank chose the same threshold; rank 0 writes
+            dest.parent.mkdir(parents=True, exist_ok=True)
+            shutil.copyfile(run.stage_dir(f"{stage}_hpm{best[0]:g}") / "model.pt", dest)
+            io.write_json(run.stage_dir(stage) / "hpm_grid.json",
+                          {"chosen": best[0], "criterion": "val student bag AUROC", "runs": results})
+        distributed.barrier()
         return self.labelers(best[2])
 
     def load(self, run: RunDir) -> dict[str, Labeler]:
