@@ -6,7 +6,8 @@ installed, and ``tiny_cnn`` (a small random-weight CNN for tests and smoke runs)
 ImageNet normalisation. Whole batches are decoded in DataLoader workers (each opens its
 own OpenSlide handle; a row of adjacent patches is one region read), pinned and copied
 non-blocking, normalised on the device and encoded under ``inference_mode`` in
-channels_last (bf16/fp16 autocast on a GPU when asked; float32 on the CPU).
+channels_last (bf16/fp16 autocast on a GPU when asked; float32 on the CPU, in forward
+chunks of 8 patches per thread).
 
 Resumable and safe: a slide whose h5 already holds features from the same encoder is
 skipped; each slide is written to a temporary file and renamed, so an interrupted
