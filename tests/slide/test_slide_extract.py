@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import shutil
@@ -236,3 +237,26 @@ def test_two_ranks_write_each_slide_once(cohort, tmp_path):
     for n in names:
         np.testing.assert_allclose(_features(out / f"{n}.h5"), _features(cohort.tiles_dir / f"{n}.h5"),
                                    rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("encoder, workers", [("tiny_cnn", 1), ("resnet18", 0)])
+def test_batched_channels_last_features_equal_the_plain_loop(cohort, encoder, workers, monkeypatch):
+    """encode_patches (batched region reads, workers, channels_last, inference_mode, CPU forward
+    in chunks) gives the features of the one-patch-at-a-time contiguous no_grad loop (issue 15:
+    outputs unchanged)."""
+    from milkit.benchmarks.extract import _plain_extract
+
+    monkeypatch.setattr(ex, "CPU_CHUNK_PER_THREAD", 2)  # batches of 3 → forward chunks of 2 + 1
+    monkeypatch.setattr(torch, "get_num_threads", lambda: 1)
+
+    slide = cohort.slides_dir / "s02.tif"
+    coords = np.array([[0, 0], [64, 0], [128, 0], [0, 64], [64, 64], [300, 200], [900, 900]], np.int64)
+    enc = ex.build_patch_encoder(encoder, "none")
+    if enc.input_size is not None:  # ResNet-18 pools globally: 64 px runs the same layers, 12× cheaper
+        enc = dataclasses.replace(enc, input_size=64)
+    ds = ex.PatchDataset(slide, coords, 64, 64, enc.input_size)
+    got = ex.encode_patches(enc, ds, torch.device("cpu"), batch_size=3, num_workers=workers)
+    ref = _plain_extract(slide, coords, 64, 64, enc, torch.device("cpu"))
+    assert got.shape == (len(coords), enc.dim) and got.dtype == np.float32
+    assert np.abs(ref).max() > 1e-3  # features that are not all zero
+    np.testing.assert_allclose(got, ref, rtol=1e-4, atol=1e-5 * np.abs(ref).max())

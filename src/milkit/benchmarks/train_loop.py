@@ -73,13 +73,14 @@ def make_feature_bags(root: Path, n_train: int, n_val: int, n_test: int, n_inst:
     return root
 
 
-def _experiment(root: Path, dim: int, epochs: int, model: str, seed: int, preload: bool):
+def _experiment(root: Path, dim: int, epochs: int, model: str, seed: int, preload: bool,
+                cache_gb: float | None = None):
     from milkit.config import Experiment
     from milkit.registry import lookup, DATASETS, METHODS
 
     data = lookup(DATASETS, "dataset", "feature_bags").model_validate(
         {"kind": "feature_bags", "features_dir": str(root / "features"), "labels_csv": str(root / "labels.csv"),
-         "preload": preload})
+         "preload": preload, **({} if cache_gb is None else {"cache_gb": cache_gb})})
     method = lookup(METHODS, "method", "mil").Config.model_validate(
         {"name": "mil", "encoder": {"name": "linear", "in_dim": dim, "out_dim": 512}, "model": {"name": model}})
     from milkit.config import TrainerConfig
@@ -263,14 +264,14 @@ def run_plain(exp) -> dict:
 
 
 def run_benchmark(n_train: int, n_val: int, n_test: int, n_inst: int, dim: int, epochs: int, model: str,
-                  rounds: int, preload: bool, workdir: Path) -> dict:
+                  rounds: int, preload: bool, workdir: Path, cache_gb: float | None = None) -> dict:
     import torch
 
     global _now
     _now = time.process_time if torch.get_num_threads() == 1 else time.perf_counter
     load0 = os.getloadavg()
     root = make_feature_bags(workdir / "bags", n_train, n_val, n_test, n_inst, dim, seed=0)
-    exp = _experiment(root, dim, epochs, model, 0, preload)
+    exp = _experiment(root, dim, epochs, model, 0, preload, cache_gb)
     rows = []
     for r in range(rounds):
         res = {}
@@ -284,7 +285,7 @@ def run_benchmark(n_train: int, n_val: int, n_test: int, n_inst: int, dim: int, 
         res["fit_ratio"] = m["fit_s"] / p["fit_s"]
         rows.append(res)
     return {"bags": {"train": n_train, "val": n_val, "test": n_test, "instances_mean": n_inst, "dim": dim},
-            "model": model, "epochs": epochs, "preload": preload, "rounds": rows,
+            "model": model, "epochs": epochs, "preload": preload, "cache_gb": exp.data.cache_gb, "rounds": rows,
             "clock": "process CPU time" if _now is time.process_time else "wall time",
             "torch_threads": torch.get_num_threads(), "loadavg_before": load0, "loadavg_after": os.getloadavg(),
             "cpu_count": os.cpu_count()}
@@ -304,7 +305,8 @@ def markdown(res: dict) -> str:
     b = res["bags"]
     lines = [f"{res['model']} on {b['train']} training bags of ~{b['instances_mean']} × {b['dim']} features "
              f"({b['val']} validation, {b['test']} test), {res['epochs']} epochs, batch 1, "
-             f"{res['torch_threads']} torch threads, preload={res['preload']}, timed in {res['clock']}; load average "
+             f"{res['torch_threads']} torch threads, preload={res['preload']}, "
+             f"cache_gb={res.get('cache_gb', 'n/a')}, timed in {res['clock']}; load average "
              f"{res['loadavg_before'][0]:.2f} before, {res['loadavg_after'][0]:.2f} after ({res['cpu_count']} CPUs).",
              "", "| | s / epoch | steps/s | fit s | " + " | ".join(f"{p} s/epoch" for p in PHASES) + " |",
              "|---|---:|---:|---:|" + "---:|" * len(PHASES)]
@@ -330,6 +332,8 @@ def bench(
     model: str = typer.Option("abmil", "--model"),
     rounds: int = typer.Option(2, "--rounds", help="side-by-side rounds (medians reported)"),
     preload: bool = typer.Option(False, "--preload/--no-preload", help="milkit: data.preload (default: the config default)"),
+    cache_gb: Optional[float] = typer.Option(None, "--cache-gb", help="milkit: data.cache_gb (default: the config "
+                                             "default; 0 reads every bag's file on every access)"),
     out: Optional[Path] = typer.Option(None, "--out", help="folder for train_loop.json and train_loop.md"),
 ) -> None:
     """milkit's train vs a plain PyTorch loop on the same feature bags: time per epoch and breakdown."""
@@ -341,7 +345,7 @@ def bench(
     if rounds < 1 or epochs < 1:
         raise ValueError("--rounds and --epochs must be ≥ 1")
     with tempfile.TemporaryDirectory() as tmp:
-        res = run_benchmark(n_train, n_val, n_test, n_inst, dim, epochs, model, rounds, preload, Path(tmp))
+        res = run_benchmark(n_train, n_val, n_test, n_inst, dim, epochs, model, rounds, preload, Path(tmp), cache_gb)
     md = markdown(res)
     Console().print(md)
     if out is not None:

@@ -31,6 +31,7 @@ import torch
 from pydantic import Field, model_validator
 
 from milkit.data.bag import Bag, BagDataset
+from milkit.data.bag_cache import BagCache
 from milkit.data.base import DataConfig, DataSplits
 from milkit.data.splits import kfold_splits, stratified_group_split
 
@@ -291,8 +292,12 @@ class FeatureBagsConfig(DataConfig):
     tumour_fraction: float = Field(0.5, gt=0, le=1)
     #: attach the 8-neighbour bag graph (milkit.data.graph) for Sm
     graph: bool = False
-    #: read every bag once into memory instead of on access
+    #: read every bag once into memory up front (ignores ``cache_gb``)
     preload: bool = False
+    #: keep bags in memory after their first read, up to this many GiB in all (data/bag_cache.py);
+    #: a changed file is read again; 0 = read every bag on every access. Not from a paper: 2 GiB
+    #: holds ~500k 1024-d float32 features, and an epoch then reads no file (docs/scale.md)
+    cache_gb: float = Field(2.0, ge=0)
 
     @model_validator(mode="after")
     def _check(self) -> "FeatureBagsConfig":
@@ -304,6 +309,7 @@ class FeatureBagsConfig(DataConfig):
 
     def build(self, seed: int) -> DataSplits:
         table = FeatureTable.from_config(self)
+        table.cache = BagCache(int(self.cache_gb * 2**30))
         parts = table.split_indices(self, seed)
         return DataSplits(*(FeatureBagDataset(table, idx, self) for idx in parts))
 
@@ -318,6 +324,8 @@ class FeatureTable:
     source: Path
     _inst: dict = field(default_factory=dict, repr=False)  # annotation labels, computed once
     _dim: tuple[int, Path] | None = field(default=None, repr=False)  # (D, first file read)
+    #: bags kept after their first read (shared by the three splits); None = none kept
+    cache: BagCache | None = field(default=None, repr=False)
 
     @classmethod
     def from_config(cls, cfg: FeatureBagsConfig) -> "FeatureTable":
@@ -389,7 +397,25 @@ class FeatureTable:
         cfg.val_from_train = True
         return np.sort(tr[keep]), np.sort(tr[move])
 
+    def sources(self, i: int) -> list[Path]:
+        """The files bag ``i`` is read from (what the cache watches for changes)."""
+        row, path = self.rows[i], self.files[i]
+        if self.layout == "torchmil":
+            return [p for p in (_sibling(path, ("features",), row.slide_id), _sibling(path, ("coords",), row.slide_id),
+                                _sibling(path, ("patch_labels", "inst_labels"), row.slide_id)) if p is not None]
+        if self.layout == "clam_pt":
+            h5 = path.parent.parent / "h5_files" / f"{row.slide_id}.h5"
+            return [path, h5] if h5.is_file() else [path]
+        return [path]
+
+    def get(self, i: int, cfg: FeatureBagsConfig) -> Bag:
+        """Bag ``i``, from the cache when it holds it and its files are unchanged."""
+        if self.cache is None:
+            return self.load(i, cfg)
+        return self.cache.get(i, self.sources(i), lambda: self.load(i, cfg))
+
     def load(self, i: int, cfg: FeatureBagsConfig) -> Bag:
+        """Bag ``i`` read from its file(s)."""
         row, path = self.rows[i], self.files[i]
         if self.layout == "torchmil":
             ff = read_torchmil_bag(path, row.slide_id, cfg.patch_size_level0)
@@ -481,7 +507,8 @@ def _annotation_labels(cfg: FeatureBagsConfig, sid: str, ff: FeatureFile) -> np.
 
 
 class FeatureBagDataset(BagDataset):
-    """Bags of one split, read from disk on access (or all at once with ``preload``)."""
+    """Bags of one split, read on first access and kept within ``cache_gb`` (or all at once
+    with ``preload``)."""
 
     def __init__(self, table: FeatureTable, indices: np.ndarray, cfg: FeatureBagsConfig):
         self.table = table
@@ -495,7 +522,7 @@ class FeatureBagDataset(BagDataset):
     def __getitem__(self, i: int) -> Bag:
         if self._cache is not None:
             return self._cache[i]
-        return self.table.load(self.indices[i], self.cfg)
+        return self.table.get(self.indices[i], self.cfg)
 
     def __iter__(self):
         for i in range(len(self)):

@@ -257,10 +257,30 @@ class LossModule(L.LightningModule):
     def training_step(self, batch, batch_idx: int) -> Tensor:  # noqa: D102
         loss, logs = self.loss_fn(self.model, batch)
         bs = len(batch)
-        self.log("train/loss", loss, on_step=False, on_epoch=True, batch_size=bs)
+        self._accumulate_train_log("train/loss", loss, bs)
         for k, v in logs.items():
-            self.log(f"train/{k}", v, on_step=False, on_epoch=True, batch_size=bs)
+            self._accumulate_train_log(f"train/{k}", v, bs)
         return loss
+
+    # ``train/*`` are batch-size-weighted epoch means, summed here on the device and logged once
+    # per epoch: the value Lightning's ``self.log(on_epoch=True, batch_size=bs)`` per step gives
+    # (same float32 sum and division), without its ~1 ms per call (docs/benchmarks.md, issue 15)
+    def _accumulate_train_log(self, name: str, value, batch_size: int) -> None:
+        acc = self.__dict__.setdefault("_train_log_sums", {})
+        v = value.detach() if isinstance(value, Tensor) else torch.tensor(value, device=self.device,
+                                                                        dtype=torch.get_default_dtype())
+        if v.dtype not in (torch.float32, torch.float64):
+            v = v.to(torch.get_default_dtype())
+        if name in acc:
+            acc[name] = (acc[name][0] + v * batch_size, acc[name][1] + batch_size)
+        else:
+            acc[name] = (v * batch_size, batch_size)
+
+    def on_train_epoch_end(self) -> None:  # noqa: D102
+        acc = self.__dict__.setdefault("_train_log_sums", {})
+        for name, (total, n) in acc.items():
+            self.log(name, total / torch.tensor(n, device=total.device), on_step=False, on_epoch=True, batch_size=1)
+        acc.clear()
 
     def transfer_batch_to_device(self, batch, device, dataloader_idx):  # noqa: D102
         if hasattr(batch, "to") and not isinstance(batch, Tensor):
