@@ -31,6 +31,8 @@ SPATIAL_MODELS: dict[str, dict] = {
     "abmil_sm_t0": {"name": "smap", "sm_steps": 0, "spectral_norm": False},
     "smap_early": {"name": "smap", "sm_where": "early"},
     "smap_mid": {"name": "smap", "sm_where": "mid"},
+    # issue 12: torchmil's reading of SmAP-mid, tanh(Sm(V h)); smap_mid is the default Sm(tanh(V h))
+    "smap_mid_before": {"name": "smap", "sm_where": "mid", "sm_mid_tanh": "before"},
     "smap_late": {"name": "smap", "sm_where": "late"},
     "smtap": {"name": "smtap"},
     "transmil": {"name": "transmil"},
