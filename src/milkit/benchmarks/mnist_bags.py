@@ -36,17 +36,18 @@ def _exp(n: int, k: int, seed: int, epochs: int, n_val: int, n_test: int, mnist:
 
 
 def run(out: Path, ns: list[int], ks: list[int], seeds: int, epochs: int, n_val: int, n_test: int,
-        mnist: Path | None, table_n: int, table_k: int, console: Console, fig2: bool = True) -> dict:
+        mnist: Path | None, table_n: int, table_k: int, console: Console, fig2: bool = True,
+        first_seed: int = 0) -> dict:
     """Fig. 2 for every (K, N) (skipped when ``fig2`` is False), then Tables I–II at (table_n, table_k)."""
     name = dataset_name(mnist)
     results: dict = {"fig2": {}, "table": {}, "settings": {"epochs": epochs, "n_val": n_val, "n_test": n_test,
-                                                           "seeds": seeds, "source": str(mnist or "sklearn-digits"),
+                                                           "seeds": seeds, "first_seed": first_seed, "source": str(mnist or "sklearn-digits"),
                                                            "dataset": name}}
     fig2_rows = []
     for k in ks if fig2 else []:
         for n in ns:
             cell: dict = {"vat": [], "no_vat": [], "vat_test": [], "no_vat_test": []}
-            for seed in range(seeds):
+            for seed in range(first_seed, first_seed + seeds):
                 for key, vat in (("vat", True), ("no_vat", False)):
                     exp = build_experiment(_exp(n, k, seed, epochs, n_val, n_test, mnist, vat, False, False))
                     m = train_run(exp, out / "runs" / f"fig2_K{k}_N{n}_{key}_s{seed}", overwrite=True)
@@ -58,7 +59,7 @@ def run(out: Path, ns: list[int], ks: list[int], seeds: int, epochs: int, n_val:
                           f"; test no VAT {fmt(mean_std(cell['no_vat_test']))}  VAT {fmt(mean_std(cell['vat_test']))}")
     per_stage: dict = {s: {"instance_accuracy": [], "instance_f1": [], "instance_auroc": [], "bag_auroc": []}
                        for s in ("abmil", "teacher", "student")}
-    for seed in range(seeds):
+    for seed in range(first_seed, first_seed + seeds):
         exp = build_experiment(_exp(table_n, table_k, seed, epochs, n_val, n_test, mnist, True, True, True))
         m = train_run(exp, out / "runs" / f"table_K{table_k}_N{table_n}_s{seed}", overwrite=True)
         for s in per_stage:
@@ -102,6 +103,7 @@ def register(app: typer.Typer) -> None:
         quick: bool = typer.Option(False, "--quick", help="one cell (N=100, K=10), 1 seed, 5 epochs, 200 val/test bags"),
         table_only: bool = typer.Option(False, "--table-only", help="skip Fig. 2; only Tables I–II"),
         table_n: Optional[int] = typer.Option(None, "--table-n", help="N of Tables I–II (default: the 4th --n, or the last)"),
+        first_seed: int = typer.Option(0, "--first-seed", min=0, help="seeds run are first_seed .. first_seed+seeds-1"),
     ) -> None:
         """Distill-to-Label Fig. 2 (val and test) and Tables I–II style on digit-bags (MNIST-bags with --mnist)."""
         if quick:
@@ -111,4 +113,5 @@ def register(app: typer.Typer) -> None:
         if table_n is not None and table_n < 1:
             raise typer.BadParameter("--table-n must be ≥ 1")
         tn = table_n or (ns[min(len(ns) - 1, 3)] if not quick else 100)
-        run(out, ns, ks, seeds_, epochs_, nv, nt, mnist, tn, ks[0], Console(), fig2=not table_only)
+        run(out, ns, ks, seeds_, epochs_, nv, nt, mnist, tn, ks[0], Console(), fig2=not table_only,
+            first_seed=first_seed)
