@@ -51,3 +51,25 @@ def test_spatial_summary_and_experiments_validate():
     for name, model in SPATIAL_MODELS.items():
         exp = build_experiment(experiment_dict(model, 0, {"n_train": 4}, 2, 1e-3, 2))
         assert exp.method.model.name == model["name"], name
+
+
+def test_spatial_first_seed_runs_the_named_seeds(tmp_path, monkeypatch):
+    """`--first-seed 3 --seeds 2` trains seeds 3 and 4 (resuming a stopped benchmark) and records it."""
+    import json
+
+    from milkit.benchmarks import sm_spatial
+    from milkit.cli import main
+
+    seen = []
+
+    def fake_run_one(raw, run_dir):
+        seen.append((raw["seed"], run_dir.name, raw["method"]["model"].get("sm_mid_tanh")))
+        return {"bag_auroc": 0.9, "bag_f1": 0.8, "instance_auroc": 0.7, "instance_f1": 0.5, "dirichlet_energy": 0.03,
+                "label_energy": 0.02, "train_seconds": 1.0}
+
+    monkeypatch.setattr(sm_spatial, "run_one", fake_run_one)
+    assert main(["benchmark", "spatial", "--out", str(tmp_path), "--models", "smap_mid_before", "--seeds", "2",
+                 "--first-seed", "3"]) == 0
+    assert seen == [(3, "seed3", "before"), (4, "seed4", "before")]
+    settings = json.loads((tmp_path / "spatial.json").read_text())["settings"]
+    assert (settings["first_seed"], settings["seeds_done"]) == (3, 2)

@@ -33,3 +33,18 @@ def test_benchmark_table_on_all_ones(tmp_path):
     assert row["f1_neg"] == [0.0, 0.0]
     md = (tmp_path / "segmentation.md").read_text()
     assert "all_ones:all_ones" in md and "F1−" in md
+
+
+def test_benchmark_first_seed_runs_only_the_named_seeds(tmp_path, capsys):
+    """`--first-seed 1 --seeds 1` trains seed 1 only (completing an interrupted seed); bad values exit 2."""
+    from milkit.cli import main
+
+    out = tmp_path / "seg"
+    assert main(["benchmark", "segmentation", "--out", str(out), "--only", "all_ones", "--seeds", "1",
+                 "--first-seed", "1", "--image-size", "16"]) == 0
+    runs = out / "runs" / "synthetic" / "all_ones"
+    assert sorted(p.name for p in runs.iterdir()) == ["seed1"]
+    assert "Seeds: 1;" in (out / "segmentation.md").read_text()
+    capsys.readouterr()
+    assert main(["benchmark", "segmentation", "--out", str(out), "--only", "all_ones", "--first-seed", "-1"]) == 2
+    assert "--first-seed" in capsys.readouterr().err

@@ -36,16 +36,18 @@ def _exp(n: int, k: int, seed: int, epochs: int, n_val: int, n_test: int, mnist:
 
 
 def run(out: Path, ns: list[int], ks: list[int], seeds: int, epochs: int, n_val: int, n_test: int,
-        mnist: Path | None, table_n: int, table_k: int, console: Console) -> dict:
+        mnist: Path | None, table_n: int, table_k: int, console: Console, fig2: bool = True,
+        first_seed: int = 0) -> dict:
+    """Fig. 2 for every (K, N) (skipped when ``fig2`` is False), then Tables I–II at (table_n, table_k)."""
     name = dataset_name(mnist)
     results: dict = {"fig2": {}, "table": {}, "settings": {"epochs": epochs, "n_val": n_val, "n_test": n_test,
-                                                           "seeds": seeds, "source": str(mnist or "sklearn-digits"),
+                                                           "seeds": seeds, "first_seed": first_seed, "source": str(mnist or "sklearn-digits"),
                                                            "dataset": name}}
     fig2_rows = []
-    for k in ks:
+    for k in ks if fig2 else []:
         for n in ns:
             cell: dict = {"vat": [], "no_vat": [], "vat_test": [], "no_vat_test": []}
-            for seed in range(seeds):
+            for seed in range(first_seed, first_seed + seeds):
                 for key, vat in (("vat", True), ("no_vat", False)):
                     exp = build_experiment(_exp(n, k, seed, epochs, n_val, n_test, mnist, vat, False, False))
                     m = train_run(exp, out / "runs" / f"fig2_K{k}_N{n}_{key}_s{seed}", overwrite=True)
@@ -57,7 +59,7 @@ def run(out: Path, ns: list[int], ks: list[int], seeds: int, epochs: int, n_val:
                           f"; test no VAT {fmt(mean_std(cell['no_vat_test']))}  VAT {fmt(mean_std(cell['vat_test']))}")
     per_stage: dict = {s: {"instance_accuracy": [], "instance_f1": [], "instance_auroc": [], "bag_auroc": []}
                        for s in ("abmil", "teacher", "student")}
-    for seed in range(seeds):
+    for seed in range(first_seed, first_seed + seeds):
         exp = build_experiment(_exp(table_n, table_k, seed, epochs, n_val, n_test, mnist, True, True, True))
         m = train_run(exp, out / "runs" / f"table_K{table_k}_N{table_n}_s{seed}", overwrite=True)
         for s in per_stage:
@@ -68,9 +70,12 @@ def run(out: Path, ns: list[int], ks: list[int], seeds: int, epochs: int, n_val:
                                                             "bag_auroc")] for s in per_stage]
     md = f"# {name} (Distill-to-Label §III-B protocol)\n\n"
     md += f"Source: {results['settings']['source']}; {seeds} seed(s); {epochs} epochs per stage; "
-    md += f"{n_val} validation / {n_test} test bags.\n\n## Fig. 2: teacher bag AUROC\n\n"
-    md += "Validation bags also choose the checkpoint (as in the paper's figure); test bags are held out.\n\n"
-    md += markdown_table(["K", "N", "val without VAT", "val with VAT", "test without VAT", "test with VAT"], fig2_rows)
+    md += f"{n_val} validation / {n_test} test bags.\n"
+    if fig2:
+        md += "\n## Fig. 2: teacher bag AUROC\n\n"
+        md += "Validation bags also choose the checkpoint (as in the paper's figure); test bags are held out.\n\n"
+        md += markdown_table(["K", "N", "val without VAT", "val with VAT", "test without VAT", "test with VAT"],
+                             fig2_rows)
     md += f"\n## Tables I–II style (N = {table_n}, K = {table_k}), test bags\n\n"
     md += markdown_table(["stage", "inst accuracy", "inst F1", "inst AUROC", "bag AUROC"], rows)
     j, mdp = write_results(out, "mnist_bags", results, md)
@@ -96,11 +101,17 @@ def register(app: typer.Typer) -> None:
         n_test: int = typer.Option(1000, "--n-test"),
         mnist: Optional[Path] = typer.Option(None, "--mnist", help=".npz or IDX folder of MNIST (default: sklearn digits)"),
         quick: bool = typer.Option(False, "--quick", help="one cell (N=100, K=10), 1 seed, 5 epochs, 200 val/test bags"),
+        table_only: bool = typer.Option(False, "--table-only", help="skip Fig. 2; only Tables I–II"),
+        table_n: Optional[int] = typer.Option(None, "--table-n", help="N of Tables I–II (default: the 4th --n, or the last)"),
+        first_seed: int = typer.Option(0, "--first-seed", min=0, help="seeds run are first_seed .. first_seed+seeds-1"),
     ) -> None:
         """Distill-to-Label Fig. 2 (val and test) and Tables I–II style on digit-bags (MNIST-bags with --mnist)."""
         if quick:
             ns, ks, seeds_, epochs_, nv, nt = [100], [10], 1, 5, 200, 200
         else:
             ns, ks, seeds_, epochs_, nv, nt = n or [50, 75, 100, 200, 500], k or [10, 20], seeds, epochs, n_val, n_test
-        run(out, ns, ks, seeds_, epochs_, nv, nt, mnist, ns[min(len(ns) - 1, 3)] if not quick else 100, ks[0],
-            Console())
+        if table_n is not None and table_n < 1:
+            raise typer.BadParameter("--table-n must be ≥ 1")
+        tn = table_n or (ns[min(len(ns) - 1, 3)] if not quick else 100)
+        run(out, ns, ks, seeds_, epochs_, nv, nt, mnist, tn, ks[0], Console(), fig2=not table_only,
+            first_seed=first_seed)

@@ -115,7 +115,8 @@ def register(app: typer.Typer) -> None:
         out: Path = typer.Option(Path("benchmark-results/segmentation"), "--out"),
         configs: Optional[Path] = typer.Option(None, "--configs", help="folder of experiment YAMLs"),
         only: Optional[List[str]] = typer.Option(None, "--only", help="config names (file stems) to run"),
-        seeds: int = typer.Option(3, "--seeds", help="seeds 0..n-1 (papers: 3 repeats)"),
+        seeds: int = typer.Option(3, "--seeds", help="number of seeds (papers: 3 repeats)"),
+        first_seed: int = typer.Option(0, "--first-seed", help="seeds run are first_seed .. first_seed+seeds-1"),
         image_size: int = typer.Option(64, "--image-size", help="synthetic image side (small: CPU)"),
         glas: Optional[Path] = typer.Option(None, "--glas", help="GlaS folder (Grade.csv + bmp files)"),
         camelyon: Optional[Path] = typer.Option(None, "--camelyon", help="Camelyon16 patch folder"),
@@ -135,4 +136,6 @@ def register(app: typer.Typer) -> None:
                 raise ValueError(f"{folder}: no config named {', '.join(unknown)}")
             paths = [p for p in paths if p.stem in set(only)]
         data = datasets(image_size, glas, camelyon, camelyon_csv, real_size, max_images)
-        run(out, paths, list(range(seeds)), data, list(set_ or []), Console())
+        if seeds < 1 or first_seed < 0:
+            raise typer.BadParameter("--seeds must be ≥ 1 and --first-seed ≥ 0")
+        run(out, paths, list(range(first_seed, first_seed + seeds)), data, list(set_ or []), Console())
