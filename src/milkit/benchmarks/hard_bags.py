@@ -12,6 +12,12 @@ in the issue's report. Every recipe runs through its ordinary config and
 - the supervised linear probe on the true train patch labels as the ceiling row (patch
   AUROC; slide AUROC of its max over patches; F1 at its F1-best validation threshold).
 
+- the seed ensemble beside the median seed (issue 11 §3): the seeds share the data and vary
+  initialisation and data order, exactly the replicas of ``trainer.seeds``, so every run keeps
+  its validation and test outputs as the product labels them (calibrated probabilities,
+  ``scores/<level>/<row>_s<seed>.npz``) and the ensemble of a row is formed from them by the
+  product's rule (:func:`milkit.trust.ensemble.ensemble_probability`), at no training cost.
+
 Every shared setting (epochs, learning rate, embedding size) is an option and printed with
 the table. Results go to ``--out``/hard_bags.json + .md, rewritten after every run; a
 cell already in the JSON is not run again (``--resume``), so a cut-short benchmark keeps
