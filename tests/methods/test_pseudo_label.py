@@ -1,4 +1,4 @@
-"""pseudo_label (issue 11 §2): the pseudo-label rule by hand, and a small hard-bags run against ABMIL."""
+"""pseudo_label (issue 11 §2): the pseudo-label rule by hand, and a small hard-bags run that beats ABMIL by a stated margin."""
 
 import json
 
@@ -10,13 +10,20 @@ from milkit.config import build_experiment
 from milkit.methods.pseudo_label import SmoothedInstanceMIL, instance_max_auroc, pseudo_labels
 from milkit.workflow import load_labelers, train_run
 
-#: a small hard set: hardest level's witness rate and signal, fewer and smaller slides
-SMALL = {"kind": "hard_bags", "level": "hard", "n_train": 40, "n_val": 16, "n_test": 24, "min_side": 10, "max_side": 12}
+#: a small hard set: the hardest level (witness rate 2–4 %, signal 3.0, full-size 14–18-patch
+#: slides) with fewer slides — 60 / 30 / 30 instead of 100 / 40 / 100
+SMALL = {"kind": "hard_bags", "level": "hard", "n_train": 60, "n_val": 30, "n_test": 30}
 TRAINER = {"optimizer": "adam", "progress_bar": False, "accelerator": "cpu", "monitor": "val/auroc_minus_bce"}
-#: test patch AUROC on SMALL with the settings below, seeds 0, 1, 2 by hand: 0.679, 0.672, 0.727
-#: (ABMIL, 6 epochs: 0.589, 0.680, 0.901 — on a set this small the recipe does NOT beat ABMIL;
-#: on the full hardest level it does, docs/benchmarks.md "hard-bags")
-CHANCE_MARGIN = 0.1
+ABMIL = {"name": "mil", "encoder": {"name": "linear", "in_dim": 512, "out_dim": 256}, "model": {"name": "abmil"}}
+PSEUDO = {"name": "pseudo_label", "mil_epochs": 12, "rounds": 1}
+#: test patch AUROC on SMALL with these settings (ABMIL 6 epochs at lr 3e-4; pseudo_label 12 + 1 × 5
+#: epochs), seeds tried by hand — recipe / ABMIL / difference:
+#: seed 0: 0.970 / 0.842 / +0.128; 1: 0.963 / 0.723 / +0.240; 2: 0.974 / 0.872 / +0.102;
+#: 3: 0.974 / 0.802 / +0.172; 4: 0.977 / 0.760 / +0.217 (smallest +0.102). On 40 / 16 / 24 slides
+#: the recipe was not stable (seeds 0–2, before output_alpha: 0.904, 0.618, 0.785; ABMIL at
+#: 6 epochs 0.290, 0.223, 0.751).
+#: The margin asserted (seed 0) is below the smallest difference seen.
+MARGIN = 0.05
 
 
 def test_pseudo_labels_by_hand():
@@ -47,16 +54,20 @@ def test_smoothed_instance_model_without_graph_is_max_of_instance_logits():
     assert torch.allclose(out.bag_logits, m.instance_logits(x).amax(1))
 
 
-def _run(tmp_path, name, method, seed):
-    raw = {"seed": seed, "data": SMALL, "method": method, "trainer": {**TRAINER, "lr": 3e-4, "max_epochs": 6}}
+def _run(tmp_path, name, method, seed, epochs):
+    raw = {"seed": seed, "data": SMALL, "method": method, "trainer": {**TRAINER, "lr": 3e-4, "max_epochs": epochs}}
     return train_run(build_experiment(raw), tmp_path / f"{name}_{seed}")
 
 
 @pytest.mark.slow
-def test_small_hard_run_beats_chance_writes_primary_stage_and_reloads(tmp_path):
-    ours = _run(tmp_path, "pl", {"name": "pseudo_label", "mil_epochs": 12, "rounds": 1}, 0)
+def test_small_hard_run_beats_abmil_writes_primary_stage_and_reloads(tmp_path):
+    """Issue 11 tests: the recipe beats ABMIL by MARGIN = 0.05 test patch AUROC on a small hard
+    set (seed 0). Seeds 0–4 tried by hand gave differences +0.128, +0.240, +0.102, +0.172, +0.217
+    (recipe 0.963–0.977, ABMIL 0.723–0.872), see the comment above MARGIN."""
+    ours = _run(tmp_path, "pl", PSEUDO, 0, 1)
     a = ours["pseudo_label"]["test"]["instance_auroc"]
-    assert a >= 0.5 + CHANCE_MARGIN, a
+    abmil = _run(tmp_path, "abmil", ABMIL, 0, 6)["mil"]["test"]["instance_auroc"]
+    assert a - abmil >= MARGIN, (a, abmil)
     run = tmp_path / "pl_0"
     assert ours["_run"]["primary_stage"] == "pseudo_label"
     assert json.loads((run / "metrics.json").read_text())["_run"]["primary_stage"] == "pseudo_label"

@@ -12,6 +12,12 @@ in the issue's report. Every recipe runs through its ordinary config and
 - the supervised linear probe on the true train patch labels as the ceiling row (patch
   AUROC; slide AUROC of its max over patches; F1 at its F1-best validation threshold).
 
+- the seed ensemble beside the median seed (issue 11 §3): the seeds share the data and vary
+  initialisation and data order, exactly the replicas of ``trainer.seeds``, so every run keeps
+  its validation and test outputs as the product labels them (calibrated probabilities,
+  ``scores/<level>/<row>_s<seed>.npz``) and the ensemble of a row is formed from them by the
+  product's rule (:func:`milkit.trust.ensemble.ensemble_probability`), at no training cost.
+
 Every shared setting (epochs, learning rate, embedding size) is an option and printed with
 the table. Results go to ``--out``/hard_bags.json + .md, rewritten after every run; a
 cell already in the JSON is not run again (``--resume``), so a cut-short benchmark keeps
@@ -21,6 +27,7 @@ what it measured and can be continued or extended by level, row or seed.
 from __future__ import annotations
 
 import json
+import os
 import time
 from pathlib import Path
 from typing import Optional
@@ -102,8 +109,82 @@ def _patch_arrays(rows: list[dict]) -> tuple[np.ndarray, np.ndarray]:
     return (np.concatenate([r["instance_labels"] for r in rows]), np.concatenate([r["scores"] for r in rows]))
 
 
-def run_cell(row: str, level: str, seed: int, s: dict, run_dir: Path) -> dict:
-    """Train one recipe on one level with one seed; the test numbers of its scored stage."""
+def _label_values(lab, rows: list[dict]) -> np.ndarray:
+    """What the run labels with: the calibrated probability (the raw score if it has none)."""
+    return np.concatenate([lab.label_values(r) for r in rows]).astype(np.float64)
+
+
+def save_scores(path: Path, lab, val: list[dict], test: list[dict]) -> None:
+    """Keep one run's validation and test outputs as the product labels them (``.npz``):
+    per patch the calibrated probability and the true label, per slide the bag probability
+    and label, so that seed ensembles can be formed afterwards at no training cost."""
+    from milkit import io
+
+    arrays = {}
+    for split, rows in (("val", val), ("test", test)):
+        y, _ = _patch_arrays(rows)
+        arrays[f"{split}_prob"] = _label_values(lab, rows)
+        arrays[f"{split}_y"] = y.astype(np.int64)
+        arrays[f"{split}_bag_prob"] = np.array([r["bag_prob"] for r in rows], np.float64)
+        arrays[f"{split}_bag_y"] = np.array([r["label"] for r in rows], np.int64)
+    io.write_with(path, lambda tmp: np.savez_compressed(open(tmp, "wb"), **arrays))
+
+
+SCORE_KEYS = ("val_prob", "val_y", "val_bag_prob", "val_bag_y", "test_prob", "test_y", "test_bag_prob", "test_bag_y")
+
+
+def ensemble_metrics(members: list[dict], criterion: str = "f1") -> dict:
+    """The seed ensemble of ``members`` (each a dict of :data:`SCORE_KEYS` arrays, one per seed)
+    by the product's rule (:func:`milkit.trust.ensemble.ensemble_probability`: mean of the
+    calibrated probabilities; bag probability: the mean of the bag probabilities), its patch
+    threshold chosen on validation by ``criterion`` as ``milkit train`` does; test patch AUROC,
+    slide AUROC and patch F1 at that threshold. Patches with a label < 0 are left out."""
+    from milkit.metrics.classification import auroc, choose_threshold
+    from milkit.trust.ensemble import ensemble_probability
+
+    if not members:
+        raise ValueError("an ensemble needs at least one member")
+    out = {}
+    for split in ("val", "test"):
+        for key in ("y", "bag_y"):
+            ys = [m[f"{split}_{key}"] for m in members]
+            if any(not np.array_equal(ys[0], y) for y in ys[1:]):
+                raise ValueError(f"ensemble members disagree on the {split} {key.replace('_', ' ')}s: not the same data")
+        out[split] = {"prob": ensemble_probability([m[f"{split}_prob"] for m in members])[0].numpy(),
+                      "bag": ensemble_probability([m[f"{split}_bag_prob"] for m in members])[0].numpy(),
+                      "y": members[0][f"{split}_y"], "bag_y": members[0][f"{split}_bag_y"]}
+    v, t = out["val"], out["test"]
+    kv, kt = v["y"] >= 0, t["y"] >= 0
+    thr = choose_threshold(v["y"][kv], v["prob"][kv], criterion=criterion)
+    return {"patch_auroc": auroc(t["y"][kt], t["prob"][kt]), "slide_auroc": auroc(t["bag_y"], t["bag"]),
+            "patch_f1_run": _f1(t["y"][kt], t["prob"][kt], thr), "threshold": thr, "criterion": criterion,
+            "n": len(members)}
+
+
+def _scores_path(out: Path, level: str, row: str, seed: int | str) -> Path:
+    tag = "".join(c if c.isalnum() else "_" for c in row)
+    return Path(out) / "scores" / level / f"{tag}_s{seed}.npz"
+
+
+def ensemble_cell(out: Path, level: str, row: str, cell: dict) -> dict | None:
+    """Ensemble vs median seed of one (level, row) from the kept scores of its successful seeds."""
+    from milkit import io
+
+    seeds = sorted((k for k, v in cell.items() if "error" not in v and _scores_path(out, level, row, k).is_file()), key=int)
+    if len(seeds) < 2:
+        return None
+    members = [dict(zip(SCORE_KEYS, io.load_npz(_scores_path(out, level, row, k), SCORE_KEYS, "hard-bags scores")))
+               for k in seeds]
+    src = str(cell[seeds[0]].get("run_threshold_source") or "")
+    ens = ensemble_metrics(members, src.split(":", 1)[1] if src.startswith("validation:") else "f1")
+    med = {k: float(np.median([cell[sd][k] for sd in seeds if cell[sd].get(k) is not None]))
+           for k in ("patch_auroc", "slide_auroc", "patch_f1_run")}
+    return {"seeds": [int(k) for k in seeds], "ensemble": ens, "median_seed": med}
+
+
+def run_cell(row: str, level: str, seed: int, s: dict, run_dir: Path, scores_path: Path | None = None) -> dict:
+    """Train one recipe on one level with one seed; the test numbers of its scored stage
+    (and, with ``scores_path``, its validation and test outputs kept for the ensemble)."""
     from milkit.config import build_experiment
     from milkit.engine import seed_everything
     from milkit.workflow import load_labelers, train_run
@@ -121,10 +202,13 @@ def run_cell(row: str, level: str, seed: int, s: dict, run_dir: Path) -> dict:
     test = m[stage]["test"]
     _, labelers, _ = load_labelers(run_dir)
     splits = exp.data.build(exp.seed)
-    yv, sv = _patch_arrays(labelers[stage].predict_dataset(splits.val))
-    yt, st = _patch_arrays(labelers[stage].predict_dataset(splits.test))
+    val_rows, test_rows = labelers[stage].predict_dataset(splits.val), labelers[stage].predict_dataset(splits.test)
+    yv, sv = _patch_arrays(val_rows)
+    yt, st = _patch_arrays(test_rows)
     thr = f1_best_threshold(yv, sv)
-    return {"patch_auroc": test.get("instance_auroc"), "slide_auroc": test.get("bag_auroc"),
+    if scores_path is not None:
+        save_scores(scores_path, labelers[stage], val_rows, test_rows)
+    return {"load": round(os.getloadavg()[0], 1), "patch_auroc": test.get("instance_auroc"), "slide_auroc": test.get("bag_auroc"),
             "patch_f1_run": test.get("instance_f1"), "run_threshold_source": (m[stage].get("threshold") or {}).get("source"),
             "patch_f1_valf1": _f1(yt, st, thr), "stage": stage, "seconds": round(time.perf_counter() - t0, 1)}
 
@@ -156,6 +240,23 @@ def probe_cell(level: str, s: dict) -> dict:
 
 METRICS = (("patch AUROC", "patch_auroc"), ("slide AUROC", "slide_auroc"),
            ("patch F1 (run's val threshold)", "patch_f1_run"), ("patch F1 (val F1-best threshold)", "patch_f1_valf1"))
+#: the metrics compared between the seed ensemble and the median seed
+ENS_METRICS = (("patch AUROC", "patch_auroc"), ("slide AUROC", "slide_auroc"), ("patch F1", "patch_f1_run"))
+
+
+def ensemble_table(ens: dict) -> str:
+    """Per row: median seed, ensemble and their difference for each of :data:`ENS_METRICS`."""
+    header = ["recipe", "n"] + [f"{m}: median seed / ensemble / Δ" for m, _ in ENS_METRICS]
+    rows = []
+    for row in [r for r in ROWS if r in ens]:
+        e = ens[row]
+        cells = []
+        for _, k in ENS_METRICS:
+            med, en = e["median_seed"][k], e["ensemble"][k]
+            d = en - med
+            cells.append(f"{med:.3f} / {en:.3f} / {d:+.3f}" + (" **worse**" if d < -0.0005 else ""))
+        rows.append([row, str(len(e["seeds"]))] + cells)
+    return markdown_table(header, rows)
 
 
 def render(results: dict) -> str:
@@ -164,14 +265,15 @@ def render(results: dict) -> str:
     md += (f"Data `hard_bags`, generator seed {s['generator_seed']} (fixed; seeds vary training only); "
            f"{s['epochs']} epochs, Adam lr {s['lr']}, weight decay 1e-4, batch 1, best validation checkpoint by "
            f"AUROC − BCE; embeddings {s['embed_dim']}-d. Test split, mean ± sd over the seeds run (n). "
-           "Run's threshold: chosen on validation patch labels by the method's default criterion.\n")
+           "Run's threshold: chosen on validation patch labels by the method's default criterion, on the "
+           "calibrated probability. Load: 1-min load average at the end of each run (min–max).\n")
     for level in results["levels"]:
         cells = results["cells"].get(level, {})
         if not cells:
             continue
         probe = results["probe"].get(level)
         md += f"\n## level {level}\n\n"
-        header = ["recipe", "n"] + [m for m, _ in METRICS] + ["s / run"]
+        header = ["recipe", "n"] + [m for m, _ in METRICS] + ["s / run", "load"]
         rows = []
         for row in [r for r in ROWS if r in cells]:
             runs = list(cells[row].values())
@@ -179,16 +281,23 @@ def render(results: dict) -> str:
             errs = sorted({r["error"] for r in runs if "error" in r})
             line = [row, str(len(ok))] + [fmt(mean_std(r.get(k) for r in ok)) for _, k in METRICS]
             line.append(f"{np.mean([r['seconds'] for r in runs]):.0f}")
+            loads = [r["load"] for r in runs if r.get("load") is not None]
+            line.append(f"{min(loads):.1f}–{max(loads):.1f}" if loads else "—")
             rows.append(line)
             if errs:
                 rows.append([f"↳ {row}: {len(runs) - len(ok)} run(s) failed: " + "; ".join(errs)] + [""] * (len(header) - 1))
         if probe:
             rows.append(["linear probe on true patch labels (ceiling)", "—"]
-                        + [fmt((probe[k], 0.0, 1)) if probe.get(k) is not None else "—" for _, k in METRICS] + [f"{probe['seconds']:.0f}"])
+                        + [fmt((probe[k], 0.0, 1)) if probe.get(k) is not None else "—" for _, k in METRICS]
+                        + [f"{probe['seconds']:.0f}", "—"])
         md += markdown_table(header, rows)
         per_seed = {row: {k: round(v["patch_auroc"], 3) for k, v in cells[row].items() if v.get("patch_auroc") is not None}
                     for row in ROWS if row in cells}
         md += "\nPatch AUROC per seed: " + "; ".join(f"{r}: {v}" for r, v in per_seed.items()) + "\n"
+        ens = results.get("ensemble", {}).get(level)
+        if ens:
+            md += ("\nSeed ensemble (mean of the seeds' calibrated probabilities, `trust.ensemble.ensemble_probability`; "
+                   "its threshold chosen on validation by F1) vs the median seed, test split:\n\n" + ensemble_table(ens))
     md += f"\nWall time of the runs recorded here: {results.get('wall_s', 0):.0f} s.\n"
     return md
 
@@ -222,9 +331,13 @@ def run(out: Path, levels: list[str], rows: list[str], seeds: list[int], s: dict
                     continue
                 t0 = time.perf_counter()
                 tag = "".join(c if c.isalnum() else "_" for c in row)
-                cell[str(seed)] = run_cell(row, level, seed, s, out / "runs" / level / f"{tag}_s{seed}")
+                cell[str(seed)] = run_cell(row, level, seed, s, out / "runs" / level / f"{tag}_s{seed}",
+                                           _scores_path(out, level, row, seed))
                 results["wall_s"] += time.perf_counter() - t0
                 progress(f"{level} seed={seed} {row}: {cell[str(seed)]}")
+                ens = ensemble_cell(out, level, row, cell)
+                if ens is not None:
+                    results.setdefault("ensemble", {}).setdefault(level, {})[row] = ens
                 save()
     save()
     return results

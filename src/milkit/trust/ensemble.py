@@ -151,11 +151,10 @@ class EnsembleLabeler(Labeler):
         outs = [m.outputs(batch) for m in self._members]
         if any(o.probability is None for o in outs):
             raise ValueError("every replica of an ensemble needs calibrated probabilities (calibration.json)")
-        probs = torch.stack([o.probability.double() for o in outs])
+        mean, spread = ensemble_probability([o.probability for o in outs])
         raw = torch.stack([o.raw.double() for o in outs]).mean(0)
         bag = torch.stack([o.bag_prob.double() for o in outs]).mean(0)
-        spread = probs.std(0, unbiased=False) * batch.mask.double()
-        return InstanceOutputs(bag.float(), raw.float(), probs.mean(0).float(), spread.float())
+        return InstanceOutputs(bag.float(), raw.float(), mean.float(), (spread * batch.mask.double()).float())
 
     @torch.no_grad()
     def __call__(self, batch: BagBatch):
@@ -203,3 +202,10 @@ def load(make_method: MethodFactory, exp: Experiment, run: RunDir) -> tuple[Meth
         thr = run.read_threshold(stage)
         out[stage] = EnsembleLabeler(labs, thr.get("threshold"), thr.get("criterion"))
     return method, out
+
+
+def ensemble_probability(probs) -> tuple[torch.Tensor, torch.Tensor]:
+    """The ensemble rule: the mean over replicas of their calibrated probabilities and, as the
+    uncertainty, their spread (population sd). ``probs``: one array / tensor per replica, same shape."""
+    p = torch.stack([torch.as_tensor(np.asarray(x) if not torch.is_tensor(x) else x).double() for x in probs])
+    return p.mean(0), p.std(0, unbiased=False)

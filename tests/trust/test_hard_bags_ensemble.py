@@ -1,0 +1,77 @@
+"""The ensemble column of ``milkit benchmark hard-bags`` (issue 11 §3): the seeds' kept
+calibrated probabilities averaged by the product's rule, thresholded on validation, by hand."""
+
+import numpy as np
+import pytest
+
+from milkit.benchmarks.hard_bags import SCORE_KEYS, ensemble_cell, ensemble_metrics, save_scores
+from milkit.trust.ensemble import ensemble_probability
+
+
+def _member(val_prob, test_prob, val_bag, test_bag) -> dict:
+    return {"val_prob": np.array(val_prob), "val_y": np.array([0, 0, 1, 1]),
+            "val_bag_prob": np.array(val_bag), "val_bag_y": np.array([0, 1]),
+            "test_prob": np.array(test_prob), "test_y": np.array([0, 1, 0, 1, -1]),
+            "test_bag_prob": np.array(test_bag), "test_bag_y": np.array([0, 1])}
+
+
+#: ensemble (mean) validation probabilities [0.2, 0.3, 0.4, 0.7]: F1 = 1 at threshold 0.4;
+#: test [0.3, 0.45, 0.5, 0.7] (+ an unlabelled patch): AUROC 3/4, F1 at 0.4 = 2·2/(2·2+1) = 0.8;
+#: test bags [0.4, 0.5]: slide AUROC 1 (member A alone: 0)
+A = _member([0.1, 0.4, 0.35, 0.8], [0.2, 0.6, 0.6, 0.9, 0.9], [0.1, 0.9], [0.6, 0.4])
+B = _member([0.3, 0.2, 0.45, 0.6], [0.4, 0.3, 0.4, 0.5, 0.0], [0.3, 0.7], [0.2, 0.6])
+
+
+def test_ensemble_metrics_by_hand():
+    e = ensemble_metrics([A, B])
+    assert e["threshold"] == pytest.approx(0.4)
+    assert e["patch_auroc"] == pytest.approx(0.75)
+    assert e["patch_f1_run"] == pytest.approx(0.8)
+    assert e["slide_auroc"] == pytest.approx(1.0)
+    assert e["n"] == 2 and e["criterion"] == "f1"
+
+
+def test_an_ensemble_of_identical_seeds_scores_as_one_seed():
+    one, three = ensemble_metrics([A]), ensemble_metrics([A, A, A])
+    for k in ("patch_auroc", "slide_auroc", "patch_f1_run", "threshold"):
+        assert three[k] == pytest.approx(one[k])
+    mean, spread = ensemble_probability([A["test_prob"]] * 3)
+    np.testing.assert_allclose(mean.numpy(), A["test_prob"])
+    assert float(spread.abs().max()) == 0.0
+
+
+def test_members_on_different_data_are_refused():
+    other = {**B, "test_y": np.array([1, 1, 0, 1, -1])}
+    with pytest.raises(ValueError, match="test ys"):
+        ensemble_metrics([A, other])
+
+
+class _Lab:
+    """A stand-in labeler: labels with the rows' probability, as a calibrated run does."""
+
+    def label_values(self, row):
+        return row["probability"]
+
+
+def _rows(member: dict, split: str) -> list[dict]:
+    p, y = member[f"{split}_prob"], member[f"{split}_y"]
+    cut = len(p) // 2
+    parts = [(p[:cut], y[:cut]), (p[cut:], y[cut:])]
+    return [{"probability": pp, "scores": pp, "instance_labels": yy, "bag_prob": float(member[f"{split}_bag_prob"][i]),
+             "label": int(member[f"{split}_bag_y"][i])} for i, (pp, yy) in enumerate(parts)]
+
+
+def test_ensemble_cell_reads_the_kept_scores_and_compares_with_the_median_seed(tmp_path):
+    for seed, m in ((0, A), (1, B)):
+        save_scores(tmp_path / "scores" / "hard" / f"ABMIL_s{seed}.npz", _Lab(), _rows(m, "val"), _rows(m, "test"))
+    with np.load(tmp_path / "scores" / "hard" / "ABMIL_s0.npz") as z:
+        assert set(z.files) == set(SCORE_KEYS)
+        np.testing.assert_allclose(z["test_prob"], A["test_prob"])
+    cell = {"0": {"patch_auroc": 0.6, "slide_auroc": 0.0, "patch_f1_run": 0.5, "run_threshold_source": "validation:f1"},
+            "1": {"patch_auroc": 0.8, "slide_auroc": 1.0, "patch_f1_run": 0.7},
+            "2": {"error": "ValueError: a failed seed has no scores"}}
+    e = ensemble_cell(tmp_path, "hard", "ABMIL", cell)
+    assert e["seeds"] == [0, 1]  # the failed seed is left out
+    assert e["median_seed"] == pytest.approx({"patch_auroc": 0.7, "slide_auroc": 0.5, "patch_f1_run": 0.6})
+    assert e["ensemble"]["patch_auroc"] == pytest.approx(0.75) and e["ensemble"]["patch_f1_run"] == pytest.approx(0.8)
+    assert ensemble_cell(tmp_path, "hard", "ABMIL", {"0": cell["0"]}) is None  # one seed: no ensemble
