@@ -72,3 +72,18 @@ def test_thresholds_and_test_metrics_agree(ddp_job, name) -> None:
             assert mb[stage][split]["n_bags"] == ma[stage][split]["n_bags"] == 12  # nothing twice, nothing left out
             for key in ("bag_auroc", "instance_auroc", "instance_f1"):
                 assert mb[stage][split][key] == pytest.approx(ma[stage][split][key], abs=1e-4), (stage, split, key)
+
+
+def test_train_losses_are_the_mean_over_every_rank(ddp_job) -> None:
+    """``train/*`` epoch means are summed over the ranks' shares before they are logged, so two
+    processes log the loss one process logs (not rank 0's half of the bags)."""
+    import csv
+
+    def train_rows(run_dir: Path) -> list[dict[str, float]]:
+        rows = csv.DictReader((run_dir / "stages" / "mil" / "logs" / "metrics.csv").open())
+        return [{k: float(v) for k, v in r.items() if v} for r in rows if r.get("train/loss")]
+
+    a, b = train_rows(ddp_job["one"]["abmil"]), train_rows(ddp_job["two"]["abmil"])
+    assert len(a) == len(b) == 3
+    for ra, rb in zip(a, b):
+        assert rb["train/loss"] == pytest.approx(ra["train/loss"], abs=1e-5), ra["epoch"]

@@ -277,10 +277,16 @@ class LossModule(L.LightningModule):
             acc[name] = (v * batch_size, batch_size)
 
     def on_train_epoch_end(self) -> None:  # noqa: D102
+        from milkit import distributed
+
         acc = self.__dict__.setdefault("_train_log_sums", {})
+        if acc and distributed.is_distributed():  # every rank's share: the epoch mean one process logs
+            names = list(acc)  # the same keys, in the same order, on every rank (same loss)
+            sums = distributed.all_sum(*(float(acc[k][0]) for k in names), *(float(acc[k][1]) for k in names))
+            acc = {k: (torch.tensor(sums[i], device=self.device), sums[len(names) + i]) for i, k in enumerate(names)}
         for name, (total, n) in acc.items():
             self.log(name, total / torch.tensor(n, device=total.device), on_step=False, on_epoch=True, batch_size=1)
-        acc.clear()
+        self.__dict__["_train_log_sums"] = {}
 
     def transfer_batch_to_device(self, batch, device, dataloader_idx):  # noqa: D102
         if hasattr(batch, "to") and not isinstance(batch, Tensor):
