@@ -332,7 +332,7 @@ def bench(
     model: str = typer.Option("abmil", "--model"),
     rounds: int = typer.Option(2, "--rounds", help="side-by-side rounds (medians reported)"),
     preload: bool = typer.Option(False, "--preload/--no-preload", help="milkit: data.preload (default: the config default)"),
-    cache_gb: Optional[float] = typer.Option(None, "--cache-gb", help="milkit: data.cache_gb (default: the config "
+    cache_gb: Optional[float] = typer.Option(None, "--cache-gb", min=0, help="milkit: data.cache_gb (default: the config "
                                              "default; 0 reads every bag's file on every access)"),
     out: Optional[Path] = typer.Option(None, "--out", help="folder for train_loop.json and train_loop.md"),
 ) -> None:
