@@ -45,9 +45,9 @@ def test_validation_prefers_a_replica_which_then_labels_and_is_recorded():
     assert [r["patch_auroc"] for r in rec["val"]["replicas"]] == pytest.approx([1.0, 1.0, 0.375])
     assert rec["val"]["replicas"][2]["patch_f1"] == pytest.approx(2 / 3)
     assert rec["below_median_on"] == ["patch_f1", "patch_auroc"]
-    assert rec["used"] == "seed-1" and rec["fallback"] == "validation-median replica"
+    assert rec["used"] == "seed-0" and rec["fallback"] == "validation-best replica"  # the default
     assert "median replica" in rec["rule"] and "ties" in rec["rule"]
-    assert choose_labels([A, B, C], fallback="best")["used"] == "seed-0"
+    assert choose_labels([A, B, C], fallback="median")["used"] == "seed-1"
     json.dumps(rec, allow_nan=False)  # the record goes into threshold.json as it is
 
 
@@ -89,13 +89,14 @@ def test_without_patch_labels_the_rule_uses_slide_auroc_minus_bce_and_max_patch_
     # a replica whose top patch sits on the negative slide drags the mean below the median replica: max-patch
     # AUROC 0 (maxima 0.397 on the negative slide > 0.367 on the positive), and bags (1/3, 0.8):
     # 1 − 0.3143 = 0.6857 < 0.6919; replicas ranked (0.633, 0) < (0.692, 1) twice, the tie to the lower
-    # replica: v, seed-2, seed-1 → the validation-median replica is seed-2
+    # replica: v, seed-2, seed-1 → the validation-best replica is seed-1, the median seed-2
     v, x = _m([0.99, 0.1, 0.2, 0.3], none, (0.2, 0.6), group=g), _m([0.1, 0.1, 0.2, 0.4], none, (0.4, 0.9), group=g)
     rec = choose_labels([v, x, x])
     assert rec["val"]["ensemble"]["max_patch_slide_auroc"] == pytest.approx(0.0)
     assert rec["val"]["median_replica"]["max_patch_slide_auroc"] == pytest.approx(1.0)
     assert rec["val"]["ensemble"]["slide_auroc_minus_bce"] == pytest.approx(1 + (math.log(2 / 3) + math.log(0.8)) / 2)
-    assert rec["below_median_on"] == ["slide_auroc_minus_bce", "max_patch_slide_auroc"] and rec["used"] == "seed-2"
+    assert rec["below_median_on"] == ["slide_auroc_minus_bce", "max_patch_slide_auroc"] and rec["used"] == "seed-1"
+    assert choose_labels([v, x, x], fallback="median")["used"] == "seed-2"
 
 
 def test_parse_used_names_the_file_on_a_bad_value():

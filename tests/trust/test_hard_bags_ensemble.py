@@ -90,7 +90,8 @@ def test_ensemble_metrics_applies_the_products_validation_rule(monkeypatch):
                 "val_bag_y": np.array([0, 1]), "test_prob": np.array(test_prob), "test_y": np.array([0, 1, 0, 1]),
                 "test_bag_prob": np.array([0.4, 0.6]), "test_bag_y": np.array([0, 1])}
 
-    # validation as in test_ensemble_choice: the mean is below the median replica → seed-1 (B) labels;
+    # validation as in test_ensemble_choice: the mean is below the median replica → with the median
+    # fallback seed-1 (B) labels (with the default, best, seed-0);
     # B's validation F1 threshold is 0.3 (its two positives 0.35, 0.3 above both negatives 0.2, 0.1):
     # test [0.1, 0.5, 0.3, 0.25] (labels 0 1 0 1) → at 0.3 one TP, one FP, one FN: F1 1/2; AUROC 3/4
     a = mem([0.1, 0.2, 0.3, 0.4], [0.9, 0.1, 0.1, 0.1])
@@ -99,12 +100,12 @@ def test_ensemble_metrics_applies_the_products_validation_rule(monkeypatch):
     calls = []
     real = ensemble.choose_labels
     monkeypatch.setattr(ensemble, "choose_labels", lambda *a, **k: calls.append(1) or real(*a, **k))
-    e = ensemble_metrics([a, b, c])
+    e = ensemble_metrics([a, b, c], fallback="median")
     assert calls == [1]
     assert e["used"] == "seed-1" and e["choice"]["below_median_on"] == ["patch_f1", "patch_auroc"]
     assert e["threshold"] == pytest.approx(0.3)
     assert e["patch_f1_run"] == pytest.approx(0.5) and e["patch_auroc"] == pytest.approx(0.75)
     assert e["slide_auroc"] == pytest.approx(1.0)
     assert e["mean_of_seeds"]["threshold"] == pytest.approx(0.25)  # the plain ensemble, for the record
-    assert ensemble_metrics([a, b, c], fallback="best")["used"] == "seed-0"
+    assert ensemble_metrics([a, b, c])["used"] == "seed-0"
     assert ensemble_metrics([A, B])["used"] == "ensemble"  # the hand-computed pair above: the mean wins
