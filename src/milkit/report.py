@@ -219,8 +219,37 @@ def _ci_cell(d: object) -> tuple[str, str]:
     return (_fmt(d.get("value")), f"[{_fmt(ci[0])}, {_fmt(ci[1])}]")
 
 
-def trust_section(trust: dict, calibration: list | None = None) -> str:
-    """The verdict line with its rule, the checks behind it and the calibration source."""
+def ensemble_choice_section(choice: object) -> str:
+    """Which labels a seed ensemble's stage uses (the ensemble or one replica), the rule, and the
+    validation numbers behind the choice (``trust.ensemble.choose_labels``); empty for one seed."""
+    if not isinstance(choice, dict) or not isinstance(choice.get("val"), dict):
+        return ""
+    keys = [str(k) for k in choice.get("metrics") or []]
+    val = choice["val"]
+    used = str(choice.get("used", "?"))
+    head = "<tr><th>candidate (validation)</th>" + "".join(f"<th>{html.escape(k)}</th>" for k in keys) + "</tr>"
+
+    def row(name: str, d: object, bold: bool) -> str:
+        d = d if isinstance(d, dict) else {}
+        cells = "".join(f"<td>{_fmt(d.get(k))}</td>" for k in keys)
+        return f"<tr><td>{'<b>' if bold else ''}{html.escape(name)}{'</b>' if bold else ''}</td>{cells}</tr>"
+
+    body = row("ensemble", val.get("ensemble"), used == "ensemble")
+    body += row("median replica", val.get("median_replica"), False)
+    for r in val.get("replicas") or []:
+        name = f"seed-{r.get('replica')}" + (f" (seed {r['seed']})" if r.get("seed") is not None else "")
+        body += row(name, r, used == f"seed-{r.get('replica')}")
+    below = ", ".join(str(k) for k in choice.get("below_median_on") or [])
+    why = (f"the ensemble is below the median replica on validation ({html.escape(below)})" if below
+           else "the ensemble is at least as good as the median replica on validation")
+    return (f"<p><b>labels from: {html.escape(used)}</b> — {why}</p>"
+            f"<table>{head}{body}</table>"
+            f"<p class='note'>rule: {html.escape(str(choice.get('rule', '')))}</p>")
+
+
+def trust_section(trust: dict, calibration: list | None = None, ensemble: object = None) -> str:
+    """The verdict line with its rule, the checks behind it, the calibration source and, for a
+    seed ensemble, which labels the stage uses (:func:`ensemble_choice_section`)."""
     v = str(trust.get("verdict", "?"))
     parts = [f"<p class='verdict {html.escape(v.replace(' ', '-'))}'><b>verdict: {html.escape(v.upper())}</b>"
              f" — rule: {html.escape(str(trust.get('rule', '')))}</p>"]
@@ -247,6 +276,7 @@ def trust_section(trust: dict, calibration: list | None = None) -> str:
                      + "".join(f"<li>{html.escape(str(r))}</li>" for r in rules) + "</ol></details>")
     if isinstance(rel, dict):
         parts.append(_img(reliability_figure(rel), "reliability diagram"))
+    parts.append(ensemble_choice_section(ensemble))
     return "\n".join(p for p in parts if p)
 
 
@@ -259,7 +289,10 @@ def seeds_table(stage_metrics: dict) -> str:
     head = "<tr><th>seed</th>" + "".join(f"<th>{s} {html.escape(k)}</th>" for s, k in cols) + "</tr>"
     rows = "".join(f"<tr><td>{_fmt(sd.get('seed'))}</td>"
                    + "".join(f"<td>{_fmt((sd.get(s) or {}).get(k))}</td>" for s, k in cols) + "</tr>" for sd in seeds)
-    rows += ("<tr><td><b>ensemble</b></td>"
+    choice = stage_metrics.get("ensemble")
+    used = str(choice.get("used", "ensemble")) if isinstance(choice, dict) else "ensemble"
+    label = "ensemble" if used == "ensemble" else f"stage ({used})"  # what the stage labels with
+    rows += (f"<tr><td><b>{html.escape(label)}</b></td>"
              + "".join(f"<td><b>{_fmt((stage_metrics.get(s) or {}).get(k))}</b></td>" for s, k in cols) + "</tr>")
     spread = stage_metrics.get("seed_spread") or {}
 
@@ -275,11 +308,12 @@ def seeds_table(stage_metrics: dict) -> str:
     rows += ("<tr><td>min / median / max</td>" + "".join(
         f"<td>{_fmt(get(s, k, 'min'))} / {_fmt(get(s, k, 'median'))} / {_fmt(get(s, k, 'max'))}</td>" for s, k in cols)
         + "</tr>")
-    rows += ("<tr><td>ensemble − median seed</td>"
+    rows += (f"<tr><td>{html.escape(label)} − median seed</td>"
              + "".join(f"<td>{_signed(get(s, k, 'ensemble_minus_median'))}</td>" for s, k in cols) + "</tr>")
-    return (f"<h3>seeds ({len(seeds)} replicas; labels from their ensemble)</h3><table>{head}{rows}</table>"
+    src = "their ensemble" if used == "ensemble" else f"{used}, chosen on validation"
+    return (f"<h3>seeds ({len(seeds)} replicas; labels from {html.escape(src)})</h3><table>{head}{rows}</table>"
             "<p class='note'>each seed at its own validation threshold; the ensemble averages the seeds' "
-            "calibrated probabilities (a negative last row: the ensemble is below its median seed).</p>")
+            "calibrated probabilities (a negative last row: the stage's labels are below its median seed).</p>")
 
 
 def _signed(v: object) -> str:
@@ -322,7 +356,7 @@ def render_report(run_path: Path, metrics: dict, scores: dict[str, dict[str, Sco
             continue
         parts.append(f"<h2>stage: {html.escape(stage)}</h2>")
         if isinstance(m.get("trust"), dict):
-            parts.append(trust_section(m["trust"], m.get("calibration")))
+            parts.append(trust_section(m["trust"], m.get("calibration"), m.get("ensemble")))
         thr = (m.get("threshold") or {}) if isinstance(m.get("threshold"), dict) else {}
         if thr.get("threshold") is not None:
             extra = [str(thr[k]) for k in ("source",) if thr.get(k)]

@@ -98,8 +98,18 @@ def test_cli_seeds_two_replicas_ensemble_and_verdict_last(runs, capsys):
     assert sp["min"] <= sp["median"] <= sp["max"] and sp["ensemble"] == m["test"]["instance_auroc"]
     page = (k2 / "report.html").read_text()
     assert "verdict:" in page and "seeds (2 replicas" in page and "mean ± sd over seeds" in page
+    # ensemble or replica, decided on validation and recorded (trust.ensemble.choose_labels)
+    choice = m["ensemble"]
+    assert choice["used"] in ("ensemble", "seed-0", "seed-1") and choice["basis"] == "validation patch labels"
+    assert (choice["used"] == "ensemble") == (choice["below_median_on"] == [])
+    picked = choice["val"]["ensemble"] if choice["used"] == "ensemble" else \
+        choice["val"]["replicas"][int(choice["used"][5:])]
+    assert m["threshold"]["threshold"] == pytest.approx(picked["threshold"])
+    assert [r["threshold"] for r in choice["val"]["replicas"]] == pytest.approx(
+        [s["threshold"]["threshold"] for s in m["seeds"]])
     _, labelers, _ = load_labelers(k2)
     assert isinstance(labelers["mil"], EnsembleLabeler) and len(labelers["mil"].members) == 2
+    assert labelers["mil"].used == choice["used"]
     path, _ = label_run(k2, root / "lab2", None, "test", None)
     rows = list(csv.DictReader(path.open()))
     assert {"score", "probability", "uncertainty", "label", "criterion"} <= set(rows[0])

@@ -4,7 +4,7 @@ calibrated probabilities averaged by the product's rule, thresholded on validati
 import numpy as np
 import pytest
 
-from milkit.benchmarks.hard_bags import SCORE_KEYS, ensemble_cell, ensemble_metrics, save_scores
+from milkit.benchmarks.hard_bags import SCORE_KEYS, ensemble_cell, ensemble_metrics, ensemble_table, save_scores
 from milkit.trust.ensemble import ensemble_probability
 
 
@@ -75,3 +75,37 @@ def test_ensemble_cell_reads_the_kept_scores_and_compares_with_the_median_seed(t
     assert e["median_seed"] == pytest.approx({"patch_auroc": 0.7, "slide_auroc": 0.5, "patch_f1_run": 0.6})
     assert e["ensemble"]["patch_auroc"] == pytest.approx(0.75) and e["ensemble"]["patch_f1_run"] == pytest.approx(0.8)
     assert ensemble_cell(tmp_path, "hard", "ABMIL", {"0": cell["0"]}) is None  # one seed: no ensemble
+    md = ensemble_table({"ABMIL": e})
+    assert "| ABMIL | 2 | ensemble | 0.700 / 0.750 / +0.050 |" in md
+    assert "in 0 of 3 cells with the rule; the plain ensemble in 0" in md
+
+
+def test_ensemble_metrics_applies_the_products_validation_rule(monkeypatch):
+    """The benchmark calls ``trust.ensemble.choose_labels`` itself (no second implementation): where
+    validation prefers a replica, the numbers are that replica's, at its own validation threshold."""
+    from milkit.trust import ensemble
+
+    def mem(val_prob, test_prob) -> dict:
+        return {"val_prob": np.array(val_prob), "val_y": np.array([0, 0, 1, 1]), "val_bag_prob": np.array([0.3, 0.7]),
+                "val_bag_y": np.array([0, 1]), "test_prob": np.array(test_prob), "test_y": np.array([0, 1, 0, 1]),
+                "test_bag_prob": np.array([0.4, 0.6]), "test_bag_y": np.array([0, 1])}
+
+    # validation as in test_ensemble_choice: the mean is below the median replica → with the median
+    # fallback seed-1 (B) labels (with the default, best, seed-0);
+    # B's validation F1 threshold is 0.3 (its two positives 0.35, 0.3 above both negatives 0.2, 0.1):
+    # test [0.1, 0.5, 0.3, 0.25] (labels 0 1 0 1) → at 0.3 one TP, one FP, one FN: F1 1/2; AUROC 3/4
+    a = mem([0.1, 0.2, 0.3, 0.4], [0.9, 0.1, 0.1, 0.1])
+    b = mem([0.2, 0.1, 0.35, 0.3], [0.1, 0.5, 0.3, 0.25])
+    c = mem([0.9, 0.1, 0.1, 0.6], [0.5, 0.5, 0.5, 0.5])
+    calls = []
+    real = ensemble.choose_labels
+    monkeypatch.setattr(ensemble, "choose_labels", lambda *a, **k: calls.append(1) or real(*a, **k))
+    e = ensemble_metrics([a, b, c], fallback="median")
+    assert calls == [1]
+    assert e["used"] == "seed-1" and e["choice"]["below_median_on"] == ["patch_f1", "patch_auroc"]
+    assert e["threshold"] == pytest.approx(0.3)
+    assert e["patch_f1_run"] == pytest.approx(0.5) and e["patch_auroc"] == pytest.approx(0.75)
+    assert e["slide_auroc"] == pytest.approx(1.0)
+    assert e["mean_of_seeds"]["threshold"] == pytest.approx(0.25)  # the plain ensemble, for the record
+    assert ensemble_metrics([a, b, c])["used"] == "seed-0"
+    assert ensemble_metrics([A, B])["used"] == "ensemble"  # the hand-computed pair above: the mean wins

@@ -133,32 +133,43 @@ def save_scores(path: Path, lab, val: list[dict], test: list[dict]) -> None:
 SCORE_KEYS = ("val_prob", "val_y", "val_bag_prob", "val_bag_y", "test_prob", "test_y", "test_bag_prob", "test_bag_y")
 
 
-def ensemble_metrics(members: list[dict], criterion: str = "f1") -> dict:
-    """The seed ensemble of ``members`` (each a dict of :data:`SCORE_KEYS` arrays, one per seed)
-    by the product's rule (:func:`milkit.trust.ensemble.ensemble_probability`: mean of the
-    calibrated probabilities; bag probability: the mean of the bag probabilities), its patch
-    threshold chosen on validation by ``criterion`` as ``milkit train`` does; test patch AUROC,
-    slide AUROC and patch F1 at that threshold. Patches with a label < 0 are left out."""
+def ensemble_metrics(members: list[dict], criterion: str = "f1", fallback: str | None = None) -> dict:
+    """What a seed ensemble of ``members`` labels with (each a dict of :data:`SCORE_KEYS` arrays,
+    one per seed), by the product's functions: the ensemble of
+    :func:`milkit.trust.ensemble.ensemble_probability` (mean of the calibrated probabilities and of
+    the bag probabilities), or the replica that :func:`milkit.trust.ensemble.choose_labels` picks
+    on validation when the ensemble is below the median replica there (``fallback``: ``median`` /
+    ``best``, default the product's). The chosen candidate's patch threshold is chosen on
+    validation by ``criterion`` as ``milkit train`` does; returned: its test patch AUROC, slide AUROC
+    and patch F1 at that threshold, ``used`` and the ``choice`` record, and the plain ensemble's
+    numbers (``mean_of_seeds``). Patches with a label < 0 are left out."""
     from milkit.metrics.classification import auroc, choose_threshold
-    from milkit.trust.ensemble import ensemble_probability
+    from milkit.trust.ensemble import FALLBACK, choose_labels, ensemble_probability, parse_used
 
     if not members:
         raise ValueError("an ensemble needs at least one member")
-    out = {}
     for split in ("val", "test"):
         for key in ("y", "bag_y"):
             ys = [m[f"{split}_{key}"] for m in members]
             if any(not np.array_equal(ys[0], y) for y in ys[1:]):
                 raise ValueError(f"ensemble members disagree on the {split} {key.replace('_', ' ')}s: not the same data")
-        out[split] = {"prob": ensemble_probability([m[f"{split}_prob"] for m in members])[0].numpy(),
-                      "bag": ensemble_probability([m[f"{split}_bag_prob"] for m in members])[0].numpy(),
-                      "y": members[0][f"{split}_y"], "bag_y": members[0][f"{split}_bag_y"]}
-    v, t = out["val"], out["test"]
-    kv, kt = v["y"] >= 0, t["y"] >= 0
-    thr = choose_threshold(v["y"][kv], v["prob"][kv], criterion=criterion)
-    return {"patch_auroc": auroc(t["y"][kt], t["prob"][kt]), "slide_auroc": auroc(t["bag_y"], t["bag"]),
-            "patch_f1_run": _f1(t["y"][kt], t["prob"][kt], thr), "threshold": thr, "criterion": criterion,
-            "n": len(members)}
+    choice = choose_labels([{"prob": m["val_prob"], "y": m["val_y"], "bag_prob": m["val_bag_prob"],
+                             "bag_y": m["val_bag_y"]} for m in members], criterion, fallback or FALLBACK)
+    y = {split: members[0][f"{split}_y"] for split in ("val", "test")}
+    bag_y = members[0]["test_bag_y"]
+
+    def scored(prob: dict, bag: np.ndarray) -> dict:
+        kv, kt = y["val"] >= 0, y["test"] >= 0
+        thr = choose_threshold(y["val"][kv], prob["val"][kv], criterion=criterion)
+        return {"patch_auroc": auroc(y["test"][kt], prob["test"][kt]), "slide_auroc": auroc(bag_y, bag),
+                "patch_f1_run": _f1(y["test"][kt], prob["test"][kt], thr), "threshold": thr}
+
+    ens = scored({s: ensemble_probability([m[f"{s}_prob"] for m in members])[0].numpy() for s in ("val", "test")},
+                 ensemble_probability([m["test_bag_prob"] for m in members])[0].numpy())
+    k = parse_used(choice["used"], len(members), "choose_labels")
+    out = ens if k is None else scored({s: members[k][f"{s}_prob"] for s in ("val", "test")}, members[k]["test_bag_prob"])
+    return {**out, "criterion": criterion, "n": len(members), "used": choice["used"], "choice": choice,
+            "mean_of_seeds": ens}
 
 
 def _scores_path(out: Path, level: str, row: str, seed: int | str) -> Path:
@@ -166,8 +177,10 @@ def _scores_path(out: Path, level: str, row: str, seed: int | str) -> Path:
     return Path(out) / "scores" / level / f"{tag}_s{seed}.npz"
 
 
-def ensemble_cell(out: Path, level: str, row: str, cell: dict) -> dict | None:
-    """Ensemble vs median seed of one (level, row) from the kept scores of its successful seeds."""
+def ensemble_cell(out: Path, level: str, row: str, cell: dict, fallback: str | None = None) -> dict | None:
+    """What the seed ensemble labels with (:func:`ensemble_metrics`: the ensemble or the replica the
+    validation rule picks) vs the median seed, for one (level, row), from the kept scores of its
+    successful seeds."""
     from milkit import io
 
     seeds = sorted((k for k, v in cell.items() if "error" not in v and _scores_path(out, level, row, k).is_file()), key=int)
@@ -176,10 +189,26 @@ def ensemble_cell(out: Path, level: str, row: str, cell: dict) -> dict | None:
     members = [dict(zip(SCORE_KEYS, io.load_npz(_scores_path(out, level, row, k), SCORE_KEYS, "hard-bags scores")))
                for k in seeds]
     src = str(cell[seeds[0]].get("run_threshold_source") or "")
-    ens = ensemble_metrics(members, src.split(":", 1)[1] if src.startswith("validation:") else "f1")
+    ens = ensemble_metrics(members, src.split(":", 1)[1] if src.startswith("validation:") else "f1", fallback)
+    if ens["used"] != "ensemble":  # name the replica by its training seed too
+        ens["used_seed"] = int(seeds[int(ens["used"].split("-", 1)[1])])
     med = {k: float(np.median([cell[sd][k] for sd in seeds if cell[sd].get(k) is not None]))
            for k in ("patch_auroc", "slide_auroc", "patch_f1_run")}
     return {"seeds": [int(k) for k in seeds], "ensemble": ens, "median_seed": med}
+
+
+def refresh_ensembles(out: Path, fallback: str | None = None) -> dict:
+    """Re-form every (level, row) ensemble of ``out``/hard_bags.json from the kept scores
+    (:func:`ensemble_cell`; no training) and rewrite the JSON and the markdown."""
+    out = Path(out)
+    results = json.loads((out / "hard_bags.json").read_text())
+    for level, rows in results["cells"].items():
+        for row, cell in rows.items():
+            ens = ensemble_cell(out, level, row, cell, fallback)
+            if ens is not None:
+                results.setdefault("ensemble", {}).setdefault(level, {})[row] = ens
+    write_results(out, "hard_bags", results, render(results))
+    return results
 
 
 def run_cell(row: str, level: str, seed: int, s: dict, run_dir: Path, scores_path: Path | None = None) -> dict:
@@ -245,18 +274,29 @@ ENS_METRICS = (("patch AUROC", "patch_auroc"), ("slide AUROC", "slide_auroc"), (
 
 
 def ensemble_table(ens: dict) -> str:
-    """Per row: median seed, ensemble and their difference for each of :data:`ENS_METRICS`."""
-    header = ["recipe", "n"] + [f"{m}: median seed / ensemble / Δ" for m, _ in ENS_METRICS]
+    """Per row: which labels the seed ensemble uses (the ensemble, or the replica the validation rule
+    chose), then median seed, those labels and their difference for each of :data:`ENS_METRICS`;
+    a last line counts the cells below the median seed, with and without the rule."""
+    header = ["recipe", "n", "labels from"] + [f"{m}: median seed / with rule / Δ" for m, _ in ENS_METRICS]
     rows = []
+    worse = plain_worse = total = 0
     for row in [r for r in ROWS if r in ens]:
         e = ens[row]
+        en = e["ensemble"]
+        used = en.get("used", "ensemble")
+        used = used if used == "ensemble" else f"seed {en.get('used_seed', used)}"
         cells = []
         for _, k in ENS_METRICS:
-            med, en = e["median_seed"][k], e["ensemble"][k]
-            d = en - med
-            cells.append(f"{med:.3f} / {en:.3f} / {d:+.3f}" + (" **worse**" if d < -0.0005 else ""))
-        rows.append([row, str(len(e["seeds"]))] + cells)
-    return markdown_table(header, rows)
+            med, v = e["median_seed"][k], en[k]
+            d = v - med
+            total += 1
+            worse += d < -0.0005
+            plain_worse += (en.get("mean_of_seeds") or en)[k] - med < -0.0005
+            cells.append(f"{med:.3f} / {v:.3f} / {d:+.3f}" + (" **worse**" if d < -0.0005 else ""))
+        rows.append([row, str(len(e["seeds"])), used] + cells)
+    return markdown_table(header, rows) + (
+        f"\nBelow the median seed (by more than 0.0005) in {worse} of {total} cells with the rule; "
+        f"the plain ensemble in {plain_worse}.\n")
 
 
 def render(results: dict) -> str:

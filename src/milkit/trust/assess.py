@@ -39,7 +39,9 @@ def _val_arrays(rows: list[dict]) -> dict:
 
 
 def spread(per_seed: list[dict], ensemble: dict, split: str = "test") -> dict:
-    """Mean, sd, min, median, max over seeds of each key in :data:`SPREAD_KEYS`, beside the ensemble."""
+    """Mean, sd, min, median, max over seeds of each key in :data:`SPREAD_KEYS`, beside the stage's
+    own value (key ``ensemble``: what the stage labels with — the ensemble, or the replica the
+    validation rule chose, named by the stage's ``ensemble.used``)."""
     out = {}
     for k in SPREAD_KEYS:
         vals = np.array([s[split].get(k) for s in per_seed if s[split].get(k) is not None], float)
@@ -91,7 +93,8 @@ def stage_trust(lab: Labeler, stage_metrics: dict, splits: DataSplits, criterion
 def add_trust(metrics: dict, labelers: dict[str, Labeler], splits: DataSplits, exp,
               scores: dict[str, dict[str, ScoreSet]] | None = None) -> dict:
     """For every stage in ``metrics``: ``calibration`` (per seed), and ``trust`` (the verdict);
-    for ensembles ``seeds`` and ``seed_spread``. Returns ``metrics`` (changed in place)."""
+    for ensembles ``seeds``, ``seed_spread`` and ``ensemble`` (ensemble or replica, the rule and the
+    validation numbers behind the choice, from ``threshold.json``). Returns ``metrics`` (changed in place)."""
     criterion = getattr(exp.trainer, "threshold_criterion", DEFAULT_CRITERION)
     for stage, lab in labelers.items():
         m = metrics.get(stage)
@@ -101,4 +104,7 @@ def add_trust(metrics: dict, labelers: dict[str, Labeler], splits: DataSplits, e
         m["calibration"] = [c.to_dict() if c is not None else None for c in cals]
         seeds = [exp.seed + k for k in range(len(lab.members))]
         m["trust"] = stage_trust(lab, m, splits, criterion, seeds)
+        thr = m.get("threshold")
+        if isinstance(thr, dict) and isinstance(thr.get("ensemble"), dict):  # one copy, at the stage's top
+            m["ensemble"] = nan_to_none(thr.pop("ensemble"))
     return metrics

@@ -12,6 +12,24 @@ the *calibrated* probabilities (raw scores of different replicas are on differen
 the mean raw score (for the record) and the seed spread — the standard deviation of the
 replicas' calibrated probabilities — as its uncertainty. Its bag probability is the mean of
 the replicas' bag probabilities.
+
+**Ensemble or replica** (issue 11 §3: the ensemble must not be worse than the median seed).
+After calibration and threshold choice, :func:`choose_labels` compares on the *validation*
+split the ensemble with every replica, each at its own validation threshold:
+
+- with validation patch labels: patch F1 at the candidate's threshold (chosen by
+  ``trainer.threshold_criterion``) and patch AUROC of its calibrated probability;
+- without: slide AUROC − BCE of the bag probabilities (what checkpoints are selected on,
+  ``val/auroc_minus_bce``) and the max-patch slide AUROC (slide labels ranked by each slide's
+  highest patch probability: do the *patch* scores explain the slide labels).
+
+If the ensemble is below the median over replicas on either metric, the stage labels with the
+validation-best replica (:data:`FALLBACK`; replicas ranked by the first metric, then the
+second) — its probabilities, raw scores, bag probabilities and threshold — while the
+uncertainty stays the seed spread of all K. Ties and undefined metrics go to the ensemble.
+The decision, its rule and the validation numbers behind it are written to the stage's
+``threshold.json`` under ``ensemble`` (and copied to metrics.json), and :func:`load` rebuilds
+the same labeler from that file. K = 1 is untouched.
 """
 
 from __future__ import annotations
@@ -28,7 +46,7 @@ from milkit import io
 from milkit.config import Experiment
 from milkit.data.bag import BagBatch
 from milkit.data.base import DataSplits
-from milkit.methods.base import InstanceOutputs, Labeler, Method
+from milkit.methods.base import DEFAULT_CRITERION, InstanceOutputs, Labeler, Method, select_threshold
 from milkit.run_dir import RunDir
 from milkit.trust.calibration import Calibrator, calibrate_rows
 
@@ -122,17 +140,37 @@ def read_calibrator(stage_dir: Path) -> Calibrator | None:
 
 
 class EnsembleLabeler(Labeler):
-    """Mean of K calibrated replicas (module docstring); ``members`` keeps the replicas."""
+    """Mean of K calibrated replicas (module docstring); ``members`` keeps the replicas.
+    ``use = k`` labels with replica k instead (the validation rule's fallback, :func:`choose_labels`);
+    the uncertainty is the spread over all K either way."""
 
-    def __init__(self, members: list[Labeler], threshold: float | None = None, criterion: str | None = None):
+    def __init__(self, members: list[Labeler], threshold: float | None = None, criterion: str | None = None,
+                 use: int | None = None):
         if not members:
             raise ValueError("an ensemble needs at least one member")
         self._members = list(members)
-        self.model = members[0].model
         self.instance_mode = members[0].instance_mode
         self.threshold = threshold
         self.calibrator = None
         self.criterion = criterion
+        self.use = use
+
+    @property
+    def use(self) -> int | None:
+        """The replica that labels (None: the ensemble)."""
+        return self._use
+
+    @use.setter
+    def use(self, k: int | None) -> None:
+        if k is not None and not 0 <= k < len(self._members):
+            raise ValueError(f"replica {k} does not exist: the ensemble has {len(self._members)}")
+        self._use = k
+        self.model = self._members[0 if k is None else k].model
+
+    @property
+    def used(self) -> str:
+        """``"ensemble"`` or ``"seed-<k>"`` (the replica's folder name)."""
+        return USED_ENSEMBLE if self._use is None else f"seed-{self._use}"
 
     @property
     def members(self) -> list[Labeler]:
@@ -152,9 +190,13 @@ class EnsembleLabeler(Labeler):
         if any(o.probability is None for o in outs):
             raise ValueError("every replica of an ensemble needs calibrated probabilities (calibration.json)")
         mean, spread = ensemble_probability([o.probability for o in outs])
+        spread = (spread * batch.mask.double()).float()
+        if self._use is not None:  # the replica's own outputs, the ensemble's uncertainty
+            o = outs[self._use]
+            return InstanceOutputs(o.bag_prob, o.raw, o.probability, spread, o.calibration_input)
         raw = torch.stack([o.raw.double() for o in outs]).mean(0)
         bag = torch.stack([o.bag_prob.double() for o in outs]).mean(0)
-        return InstanceOutputs(bag.float(), raw.float(), mean.float(), (spread * batch.mask.double()).float())
+        return InstanceOutputs(bag.float(), raw.float(), mean.float(), spread)
 
     @torch.no_grad()
     def __call__(self, batch: BagBatch):
@@ -163,22 +205,47 @@ class EnsembleLabeler(Labeler):
 
     def predict_dataset(self, ds) -> list[dict]:
         rows = super().predict_dataset(ds)
-        for r in rows:
-            r["scores"] = r["probability"]  # the ensemble's ranking score is its probability
+        if self._use is None:  # a replica ranks by its raw score, as on its own
+            for r in rows:
+                r["scores"] = r["probability"]  # the ensemble's ranking score is its probability
         return rows
 
 
 def finalise(method: Method, members: dict[str, list[Labeler]], splits: DataSplits, run: RunDir,
              K: int) -> dict[str, Labeler]:
     """Calibrate every replica on validation, form the ensembles (K > 1), choose each stage's
-    threshold on validation (``trainer.threshold_criterion``) and write ``threshold.json``."""
+    threshold on validation (``trainer.threshold_criterion``) and write ``threshold.json``; for
+    K > 1 decide on validation whether the ensemble or a replica labels (:func:`choose_stage`)."""
     out: dict[str, Labeler] = {}
     for stage, labs in members.items():
         for k, lab in enumerate(labs):
             calibrate(lab, splits, replica_run(run, k, K).stage_dir(stage))
         out[stage] = labs[0] if K == 1 else EnsembleLabeler(labs)
     method.choose_thresholds(out, splits, run)
+    if K > 1:
+        criterion = getattr(method.exp.trainer, "threshold_criterion", DEFAULT_CRITERION)
+        seed0 = int(getattr(method.exp, "seed", 0))
+        for stage, lab in out.items():
+            choose_stage(lab, splits, run, stage, criterion, seed0)  # type: ignore[arg-type]
     return out
+
+
+def choose_stage(lab: "EnsembleLabeler", splits: DataSplits, run: RunDir, stage: str, criterion: str,
+                 seed0: int = 0) -> dict:
+    """Apply :func:`choose_labels` to one stage's ensemble on validation: set ``lab.use`` and its
+    threshold, and rewrite ``threshold.json`` with the ``ensemble`` record. Returns the record."""
+    rows = [m.predict_dataset(splits.val) for m in lab.members]
+    rec = choose_labels([member_val_arrays(m, r) for m, r in zip(lab.members, rows)], criterion)
+    for r in rec["val"]["replicas"]:
+        r["seed"] = seed0 + r["replica"]
+    info = run.read_threshold(stage)
+    if rec["used"] != USED_ENSEMBLE:
+        k = parse_used(rec["used"], len(lab.members), "choose_labels")
+        lab.use = k
+        info = select_threshold(lab.members[k], splits.val, criterion, rows=rows[k])  # the replica's own
+        lab.threshold, lab.criterion = info["threshold"], info["criterion"]
+    run.write_threshold(stage, {**info, "ensemble": rec})
+    return rec
 
 
 def load(make_method: MethodFactory, exp: Experiment, run: RunDir) -> tuple[Method, dict[str, Labeler]]:
@@ -200,7 +267,9 @@ def load(make_method: MethodFactory, exp: Experiment, run: RunDir) -> tuple[Meth
     out = {}
     for stage, labs in per.items():
         thr = run.read_threshold(stage)
-        out[stage] = EnsembleLabeler(labs, thr.get("threshold"), thr.get("criterion"))
+        used = (thr.get("ensemble") or {}).get("used", USED_ENSEMBLE)  # runs before the rule: the ensemble
+        use = parse_used(used, len(labs), str(run.stage_dir(stage) / "threshold.json"))
+        out[stage] = EnsembleLabeler(labs, thr.get("threshold"), thr.get("criterion"), use=use)
     return method, out
 
 
@@ -209,3 +278,116 @@ def ensemble_probability(probs) -> tuple[torch.Tensor, torch.Tensor]:
     uncertainty, their spread (population sd). ``probs``: one array / tensor per replica, same shape."""
     p = torch.stack([torch.as_tensor(np.asarray(x) if not torch.is_tensor(x) else x).double() for x in probs])
     return p.mean(0), p.std(0, unbiased=False)
+
+
+# -- ensemble or replica: the validation rule (module docstring) ----------------------------
+
+#: which replica labels when validation says the ensemble is not better: ``"best"`` (the
+#: validation-best replica) or ``"median"``. Measured on hard-bags (docs/benchmarks.md, "Seed
+#: ensemble or replica, chosen on validation"): where the rule fired (4 of 18 rows) the best
+#: replica's worst test cell vs the median seed was −0.001, the median replica's −0.016; mean Δ
+#: over all 54 cells +0.018 vs +0.017, cells below the median seed 4 vs 4
+FALLBACK = "best"
+USED_ENSEMBLE = "ensemble"
+BASIS_PATCH = "validation patch labels"
+BASIS_SLIDE = "validation slide labels (no validation patch labels)"
+#: the metrics compared, per basis, in ranking order
+RULE_METRICS = {BASIS_PATCH: ("patch_f1", "patch_auroc"),
+                BASIS_SLIDE: ("slide_auroc_minus_bce", "max_patch_slide_auroc")}
+METRIC_NAMES = {"patch_f1": "patch F1 at its own validation threshold", "patch_auroc": "patch AUROC",
+                "slide_auroc_minus_bce": "slide AUROC − BCE (the checkpoint monitor)",
+                "max_patch_slide_auroc": "max-patch slide AUROC"}
+#: a difference smaller than this is a tie (float noise of averaging identical replicas)
+TIE = 1e-9
+
+
+def member_val_arrays(lab: Labeler, rows: list[dict]) -> dict:
+    """One replica's validation outputs as :func:`choose_labels` reads them: per patch the value
+    it labels with (``label_values``: the calibrated probability), the patch label (−1 unknown)
+    and the slide index; per slide the bag probability and label."""
+    prob = [np.asarray(lab.label_values(r), np.float64) for r in rows]
+    y = [np.asarray(r["instance_labels"]) if r.get("instance_labels") is not None else np.full(len(p), -1)
+         for r, p in zip(rows, prob)]
+    cat = lambda a, dt: np.concatenate(a).astype(dt) if a else np.zeros(0, dt)  # noqa: E731
+    return {"prob": cat(prob, np.float64), "y": cat(y, np.int64),
+            "group": cat([np.full(len(p), i) for i, p in enumerate(prob)], np.int64),
+            "bag_prob": np.array([r["bag_prob"] for r in rows], np.float64),
+            "bag_y": np.array([r["label"] for r in rows], np.int64)}
+
+
+def validation_metrics(c: dict, criterion: str = DEFAULT_CRITERION) -> tuple[str, dict]:
+    """(basis, metrics) of one candidate's validation arrays (keys of :func:`member_val_arrays`;
+    ``group`` optional): :data:`RULE_METRICS` of the basis, plus the threshold it labels at."""
+    from milkit.metrics.classification import auroc, binary_metrics, choose_threshold
+
+    y, p = np.asarray(c["y"]), np.asarray(c["prob"], np.float64)
+    keep = y >= 0
+    if keep.any() and len(np.unique(y[keep])) == 2:
+        thr = choose_threshold(y[keep], p[keep], criterion=criterion)
+        return BASIS_PATCH, {"patch_f1": binary_metrics(y[keep], p[keep], thr)["f1"],
+                             "patch_auroc": auroc(y[keep], p[keep]), "threshold": thr}
+    by, bp = np.asarray(c["bag_y"]), np.clip(np.asarray(c["bag_prob"], np.float64), 1e-7, 1 - 1e-7)
+    bce = float(-np.mean(by * np.log(bp) + (1 - by) * np.log1p(-bp))) if len(by) else float("nan")
+    out = {"slide_auroc_minus_bce": auroc(by, bp) - bce, "max_patch_slide_auroc": float("nan")}
+    g = c.get("group")
+    if g is not None and len(p):
+        mx = np.full(len(by), np.nan)
+        np.fmax.at(mx, np.asarray(g), p)
+        ok = np.isfinite(mx)
+        out["max_patch_slide_auroc"] = auroc(by[ok], mx[ok])
+    return BASIS_SLIDE, out
+
+
+def _finite(v: float | None) -> bool:
+    return v is not None and np.isfinite(v)
+
+
+def rule_text(basis: str, fallback: str = FALLBACK) -> str:
+    """The rule as written into threshold.json / metrics.json / report.html."""
+    a, b = (METRIC_NAMES[k] for k in RULE_METRICS[basis])
+    return (f"the ensemble (mean of the seeds' calibrated probabilities) labels unless, on {basis}, it is below "
+            f"the median replica on {a} or on {b}; then the validation-{fallback} replica (ranked by {a}, then {b}) "
+            "labels, with its own threshold; ties and undefined metrics → ensemble; the uncertainty is the seed "
+            "spread of all replicas either way")
+
+
+def choose_labels(members: list[dict], criterion: str = DEFAULT_CRITERION, fallback: str = FALLBACK) -> dict:
+    """Ensemble or replica (module docstring), from each replica's validation arrays
+    (:func:`member_val_arrays`; the ensemble's are formed here by :func:`ensemble_probability`).
+    Returns the record ``{used: "ensemble" | "seed-<k>", rule, basis, metrics, fallback,
+    below_median_on, val: {ensemble, median_replica, replicas}}``."""
+    if fallback not in ("median", "best"):
+        raise ValueError(f"fallback must be 'median' or 'best', got {fallback!r}")
+    if not members:
+        raise ValueError("an ensemble needs at least one member")
+    ens = {"prob": ensemble_probability([m["prob"] for m in members])[0].numpy(),
+           "bag_prob": ensemble_probability([m["bag_prob"] for m in members])[0].numpy(),
+           "y": members[0]["y"], "bag_y": members[0]["bag_y"], "group": members[0].get("group")}
+    basis, ev = validation_metrics(ens, criterion)
+    keys = RULE_METRICS[basis]
+    sv = [validation_metrics({**m, "y": ens["y"], "bag_y": ens["bag_y"]}, criterion)[1] for m in members]
+    median = {}
+    for k in keys:
+        vals = [s[k] for s in sv if _finite(s[k])]
+        median[k] = float(np.median(vals)) if vals else float("nan")
+    below = [k for k in keys if _finite(ev[k]) and _finite(median[k]) and ev[k] < median[k] - TIE]
+    used = USED_ENSEMBLE
+    if below:
+        rank = lambda i: tuple(sv[i][k] if _finite(sv[i][k]) else -np.inf for k in keys) + (-i,)  # noqa: E731
+        order = sorted(range(len(sv)), key=rank)  # worst → best; ties: the lower replica ranks higher
+        used = f"seed-{order[-1] if fallback == 'best' else order[len(order) // 2]}"
+    from milkit.metrics.classification import nan_to_none
+
+    return nan_to_none({"used": used, "rule": rule_text(basis, fallback), "basis": basis, "metrics": list(keys),
+                        "criterion": criterion, "fallback": f"validation-{fallback} replica", "below_median_on": below,
+                        "val": {"ensemble": ev, "median_replica": median,
+                                "replicas": [{"replica": i, **s} for i, s in enumerate(sv)]}})
+
+
+def parse_used(used: object, n_members: int, where: str) -> int | None:
+    """``"ensemble"`` → None, ``"seed-<k>"`` → k; anything else is an error naming ``where``."""
+    if used == USED_ENSEMBLE:
+        return None
+    if isinstance(used, str) and used.startswith("seed-") and used[5:].isdigit() and int(used[5:]) < n_members:
+        return int(used[5:])
+    raise ValueError(f"{where}: ensemble.used must be 'ensemble' or 'seed-<k>' with k < {n_members}, got {used!r}")

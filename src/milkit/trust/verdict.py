@@ -148,4 +148,14 @@ def print_verdicts(metrics: dict, echo) -> None:
     """One :func:`verdict_line` per stage of ``metrics`` that has a trust block."""
     for stage, m in metrics.items():
         if not stage.startswith("_") and isinstance(m, dict) and isinstance(m.get("trust"), dict):
-            echo(verdict_line(stage, m["trust"]))
+            echo(verdict_line(stage, m["trust"]) + labels_from(m.get("ensemble")))
+
+
+def labels_from(choice: object) -> str:
+    """`` [labels: seed-k — the ensemble was below the median replica on validation …]`` when a seed
+    ensemble's validation rule chose a replica (``trust.ensemble.choose_labels``); else empty."""
+    if not isinstance(choice, dict) or choice.get("used") in (None, "ensemble"):
+        return ""
+    below = ", ".join(str(k) for k in choice.get("below_median_on") or [])
+    return (f" [labels: {choice['used']} — the ensemble was below the median replica on validation"
+            f"{' (' + below + ')' if below else ''}]")
