@@ -149,29 +149,36 @@ def _watch_parent(pid: int, interval: float = 1.0) -> None:
     threading.Thread(target=watch, daemon=True, name="milkit-parent-watch").start()
 
 
-def _worker_logging(k: int) -> None:
-    class Stderr(logging.StreamHandler):
-        @property  # type: ignore[override]
-        def stream(self):
-            return sys.stderr
+class _PipeHandler(logging.Handler):
+    """A worker's milkit log records go to the parent, which logs them with the replica's prefix
+    (its own stderr, whatever it is now: lines never interleave mid-line)."""
 
-        @stream.setter
-        def stream(self, value) -> None:
+    def __init__(self, conn):
+        super().__init__(logging.INFO)
+        self.conn = conn
+        self.lock_ = threading.Lock()
+
+    def emit(self, record: logging.LogRecord) -> None:
+        try:
+            with self.lock_:
+                self.conn.send(("log", record.levelno, record.getMessage()))
+        except Exception:  # noqa: BLE001 - the parent is gone: nothing to tell
             pass
 
+
+def _worker_logging(conn) -> None:
     logger = logging.getLogger("milkit")
     for h in list(logger.handlers):
         logger.removeHandler(h)
-    h = Stderr()
-    h.setFormatter(logging.Formatter(f"milkit: [seed-{k}] %(message)s"))
-    logger.addHandler(h)
+    logger.addHandler(_PipeHandler(conn))
     logger.setLevel(logging.INFO)
+    logger.propagate = False
 
 
 def _worker(make_method: Callable, task: Task, conn) -> None:
     """Train replica ``task.k`` into its own ``seed-<k>/`` folders; report ("ok",) or the error."""
     _watch_parent(task.parent_pid)
-    _worker_logging(task.k)
+    _worker_logging(conn)
     try:
         import torch
 
@@ -235,7 +242,7 @@ def fit_parallel(make_method: Callable, exp: Experiment, run, P: int, resume: bo
     threads = threads_per_worker(P)
     config = exp.to_dict()
     pending = list(range(K))
-    running: dict = {}  # sentinel → (k, process, connection)
+    running: dict = {}  # replica → [process, its open connection or None, its result]
     log.info("training %d seed replicas in %d processes (%s threads each)", K, P,
              threads if threads is not None else "the environment's")
     failure: Exception | None = None
@@ -248,30 +255,54 @@ def fit_parallel(make_method: Callable, exp: Experiment, run, P: int, resume: bo
                 p = ctx.Process(target=_worker, args=(make_method, task, send), name=f"milkit-seed-{k}", daemon=True)
                 p.start()
                 send.close()  # the worker holds the only write end: EOF when it is gone
-                running[p.sentinel] = (k, p, recv)
+                running[k] = (p, recv, None)
             from multiprocessing.connection import wait
 
-            for sentinel in wait(list(running)):
-                k, p, recv = running.pop(sentinel)
-                try:
-                    result = recv.recv() if recv.poll() else None
-                except EOFError:  # died without a word
-                    result = None
+            open_conns = {c: k for k, (_, c, _) in running.items() if c is not None}
+            sentinels = {p.sentinel: k for k, (p, _, _) in running.items()}
+            for obj in wait([*open_conns, *sentinels]):
+                if obj in open_conns:
+                    k = open_conns[obj]
+                    if k in running and running[k][1] is obj:
+                        _read(running, k)
+                    continue
+                k = sentinels[obj]
+                while running[k][1] is not None and running[k][1].poll(0):  # what it sent before it ended
+                    _read(running, k)
+                p, conn, result = running.pop(k)
+                if conn is not None:
+                    conn.close()
                 p.join()
-                recv.close()
                 failure = _outcome(k, exp.seed + k, result, p.exitcode)
                 if failure is not None:
                     break
     finally:
-        for k, p, recv in running.values():  # a failure, or this process interrupted: stop the rest
+        for k, (p, recv, _) in running.items():  # a failure, or this process interrupted: stop the rest
             p.kill()
             p.join()
-            recv.close()
+            if recv is not None:
+                recv.close()
         if running:
             for tmp in io.remove_stale_temps(run.path, recursive=True):  # the killed workers' half-written files
                 log.info("removed %s (left by a stopped replica)", tmp)
     if failure is not None:
         raise failure
+
+
+def _read(running: dict, k: int) -> None:
+    """One message of replica k's worker: a log line (logged here, prefixed) or its result;
+    at the end of the pipe the connection is closed."""
+    p, conn, result = running[k]
+    try:
+        msg = conn.recv()
+    except (EOFError, OSError):
+        conn.close()
+        running[k] = (p, None, result)
+        return
+    if msg[0] == "log":
+        logging.getLogger("milkit").log(msg[1], "[seed-%d] %s", k, msg[2])
+    else:
+        running[k] = (p, conn, msg)
 
 
 def _outcome(k: int, seed: int, result, exitcode: int | None) -> Exception | None:
