@@ -127,7 +127,7 @@ def test_a_worker_that_dies_is_named():
     err = ps._outcome(1, 7, None, -9)
     assert isinstance(err, ps.ReplicaCrashed) and "seed replica 1 (seed 7" in str(err) and "-9" in str(err)
     assert isinstance(ps._outcome(0, 0, ("user", "x.h5: unreadable", ""), 1), ps.ReplicaFailed)  # exit 2
-    assert ps._outcome(0, 0, ("ok", 1.0), 0) is None
+    assert ps._outcome(0, 0, ("ok", 1.0, 2.0), 0) is None
 
 
 def _exp(**trainer) -> object:

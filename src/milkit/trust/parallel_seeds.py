@@ -204,7 +204,7 @@ def _worker(make_method: Callable, task: Task, conn) -> None:
         t0 = time.perf_counter()
         with resuming(task.resume):
             method.fit(splits, replica_run(RunDir(task.run_path), task.k, task.K))
-        conn.send(("ok", round(time.perf_counter() - t0, 2)))
+        conn.send(("ok", round(time.perf_counter() - t0, 2), round(time.process_time(), 2)))
     except BaseException as err:  # noqa: BLE001 - every failure goes back to the parent as one message
         from milkit.cli import user_message
 
@@ -309,7 +309,7 @@ def _outcome(k: int, seed: int, result, exitcode: int | None) -> Exception | Non
     """None when replica k finished; else the error to raise, naming it."""
     who = f"seed replica {k} (seed {seed}, stages/<stage>/seed-{k}/)"
     if result is not None and result[0] == "ok" and exitcode == 0:
-        log.info("[seed-%d] finished in %.1f s", k, result[1])
+        log.info("[seed-%d] trained in %.1f s (the worker's CPU time: %.1f s)", k, result[1], result[2])
         return None
     if result is not None and result[0] == "user":
         if result[2]:
