@@ -123,11 +123,28 @@ def test_a_worker_failure_is_one_line_naming_the_replica(runs, capfd):
     assert not [f for f in _files(bad) if f.endswith(".tmp")]
 
 
-def test_a_worker_that_dies_is_named():
-    err = ps._outcome(1, 7, None, -9)
+class _Conn:
+    def __init__(self, msg):
+        self.msg, self.sent = msg, []
+
+    def recv(self):
+        return self.msg
+
+    def send(self, x):
+        self.sent.append(x)
+
+
+def test_a_worker_that_fails_or_dies_is_named():
+    err = ps._died(1, 7, -9)
     assert isinstance(err, ps.ReplicaCrashed) and "seed replica 1 (seed 7" in str(err) and "-9" in str(err)
-    assert isinstance(ps._outcome(0, 0, ("user", "x.h5: unreadable", ""), 1), ps.ReplicaFailed)  # exit 2
-    assert ps._outcome(0, 0, ("ok", 1.0, 2.0), 0) is None
+    slot = ps._Slot(None, _Conn(("user", 2, "x.h5: unreadable", "")), replica=2)
+    err = ps._read(slot, 10, lambda s: None)
+    assert isinstance(err, ps.ReplicaFailed) and str(err).startswith("seed replica 2 (seed 12")  # exit 2
+    assert isinstance(ps._read(ps._Slot(None, _Conn(("unexpected", 0, "RuntimeError: boom", ""))), 0, None),
+                      ps.ReplicaCrashed)
+    given = []
+    assert ps._read(ps._Slot(None, _Conn(("ok", 0, 1.0, 2.0)), replica=0), 0, given.append) is None
+    assert len(given) == 1  # a finished worker is given the next replica
 
 
 def _exp(**trainer) -> object:

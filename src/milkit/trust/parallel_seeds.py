@@ -117,15 +117,15 @@ def _device_for(exp: Experiment, k: int) -> str | None:
 
 @dataclass
 class Task:
-    """What a worker needs (picklable): the resolved config, not the live objects."""
+    """What a worker needs (picklable): the resolved config, not the live objects. The replicas
+    it trains arrive one at a time over its pipe (an int k; None: no more)."""
 
-    k: int
     K: int
     config: dict
     run_path: str
     resume: bool
     threads: int | None
-    device: str | None
+    devices: dict  # replica → its trainer.devices (several GPUs); empty otherwise
     parent_pid: int
 
 
@@ -149,6 +149,15 @@ def _watch_parent(pid: int, interval: float = 1.0) -> None:
     threading.Thread(target=watch, daemon=True, name="milkit-parent-watch").start()
 
 
+#: a worker's sends (its log lines and its results) go one at a time
+_SEND = threading.Lock()
+
+
+def _send(conn, msg: tuple) -> None:
+    with _SEND:
+        conn.send(msg)
+
+
 class _PipeHandler(logging.Handler):
     """A worker's milkit log records go to the parent, which logs them with the replica's prefix
     (its own stderr, whatever it is now: lines never interleave mid-line)."""
@@ -156,12 +165,10 @@ class _PipeHandler(logging.Handler):
     def __init__(self, conn):
         super().__init__(logging.INFO)
         self.conn = conn
-        self.lock_ = threading.Lock()
 
     def emit(self, record: logging.LogRecord) -> None:
         try:
-            with self.lock_:
-                self.conn.send(("log", record.levelno, record.getMessage()))
+            _send(self.conn, ("log", record.levelno, record.getMessage()))
         except Exception:  # noqa: BLE001 - the parent is gone: nothing to tell
             pass
 
@@ -176,9 +183,11 @@ def _worker_logging(conn) -> None:
 
 
 def _worker(make_method: Callable, task: Task, conn) -> None:
-    """Train replica ``task.k`` into its own ``seed-<k>/`` folders; report ("ok",) or the error."""
+    """Build the data once, then train each replica k the parent sends into its own ``seed-<k>/``
+    folders; report ("ok", k, wall s, CPU s) or the error, and stop at None or on an error."""
     _watch_parent(task.parent_pid)
     _worker_logging(conn)
+    k = None
     try:
         import torch
 
@@ -187,24 +196,26 @@ def _worker(make_method: Callable, task: Task, conn) -> None:
         from milkit.config import build_experiment
         from milkit.engine import resuming, seed_everything
         from milkit.run_dir import RunDir
-        from milkit.trust.ensemble import check_supported as check_method
         from milkit.trust.ensemble import replica_experiment, replica_run
 
         raw = dict(task.config)
-        trainer = {**raw.get("trainer", {}), "progress_bar": False, "parallel_seeds": 1}
-        if task.device is not None:
-            trainer["devices"] = task.device
-        raw["trainer"] = trainer
+        raw["trainer"] = {**raw.get("trainer", {}), "progress_bar": False, "parallel_seeds": 1}
         exp = build_experiment(raw, source=f"{task.run_path}/config.yaml")
-        splits = exp.data.build(exp.seed)  # the split of exp.seed, as the parent built it
-        ek = replica_experiment(exp, task.k)
-        method = make_method(ek)
-        check_method(method, exp)
-        seed_everything(ek.seed)  # initialisation depends on the replica's seed only (as fit_members)
-        t0 = time.perf_counter()
-        with resuming(task.resume):
-            method.fit(splits, replica_run(RunDir(task.run_path), task.k, task.K))
-        conn.send(("ok", round(time.perf_counter() - t0, 2), round(time.process_time(), 2)))
+        splits = exp.data.build(exp.seed)  # the split of exp.seed, as the parent built it; once per worker
+        run = RunDir(task.run_path)
+        while True:
+            k = conn.recv()
+            if k is None:
+                break
+            t0, c0 = time.perf_counter(), time.process_time()
+            ek = replica_experiment(exp, k)
+            if k in task.devices:
+                ek = ek.model_copy(update={"trainer": ek.trainer.model_copy(update={"devices": task.devices[k]})})
+            method = make_method(ek)
+            seed_everything(ek.seed)  # initialisation depends on the replica's seed only (as fit_members)
+            with resuming(task.resume):
+                method.fit(splits, replica_run(run, k, task.K))
+            _send(conn, ("ok", k, round(time.perf_counter() - t0, 2), round(time.process_time() - c0, 2)))
     except BaseException as err:  # noqa: BLE001 - every failure goes back to the parent as one message
         from milkit.cli import user_message
 
@@ -212,9 +223,11 @@ def _worker(make_method: Callable, task: Task, conn) -> None:
         detail = traceback.format_exc() if os.environ.get("MILKIT_DEBUG") else ""
         try:
             if msg is not None:
-                conn.send(("user", msg, detail))
+                _send(conn, ("user", k, msg, detail))
             else:
-                conn.send(("unexpected", f"{type(err).__name__}: {' '.join(str(err).split())}", detail))
+                _send(conn, ("unexpected", k, f"{type(err).__name__}: {' '.join(str(err).split())}", detail))
+        except Exception:  # noqa: BLE001 - the parent is gone
+            pass
         finally:
             conn.close()
         sys.exit(1)
@@ -231,96 +244,105 @@ def _context(exp: Experiment):
     return mp.get_context("spawn")
 
 
+@dataclass
+class _Slot:
+    """One running worker: its process, its pipe (None once closed) and the replica it trains."""
+
+    process: object
+    conn: object
+    replica: int | None = None
+
+
 def fit_parallel(make_method: Callable, exp: Experiment, run, P: int, resume: bool) -> None:
-    """Train the K replicas in up to ``P`` workers; returns when every one has finished, or
-    raises (:class:`ReplicaFailed` / :class:`ReplicaCrashed`) naming the first that did not."""
+    """Train the K replicas in ``P`` workers (each takes the next replica when it is free);
+    returns when every one has finished, or raises (:class:`ReplicaFailed` /
+    :class:`ReplicaCrashed`) naming the first replica that did not."""
+    from multiprocessing.connection import wait
+
     from milkit import io
     from milkit.trust.ensemble import n_seeds
 
     K = n_seeds(exp)
     ctx = _context(exp)
     threads = threads_per_worker(P)
-    config = exp.to_dict()
+    devices = {k: d for k in range(K) if (d := _device_for(exp, k)) is not None}
+    task = Task(K, exp.to_dict(), str(Path(run.path).resolve()), resume, threads, devices, os.getpid())
     pending = list(range(K))
-    running: dict = {}  # replica → [process, its open connection or None, its result]
+    slots: list[_Slot] = []
     log.info("training %d seed replicas in %d processes (%s threads each)", K, P,
              threads if threads is not None else "the environment's")
     failure: Exception | None = None
-    try:
-        while (pending or running) and failure is None:
-            while pending and len(running) < P:
-                k = pending.pop(0)
-                recv, send = ctx.Pipe(duplex=False)
-                task = Task(k, K, config, str(Path(run.path).resolve()), resume, threads, _device_for(exp, k), os.getpid())
-                p = ctx.Process(target=_worker, args=(make_method, task, send), name=f"milkit-seed-{k}", daemon=True)
-                p.start()
-                send.close()  # the worker holds the only write end: EOF when it is gone
-                running[k] = (p, recv, None)
-            from multiprocessing.connection import wait
 
-            open_conns = {c: k for k, (_, c, _) in running.items() if c is not None}
-            sentinels = {p.sentinel: k for k, (p, _, _) in running.items()}
-            for obj in wait([*open_conns, *sentinels]):
-                if obj in open_conns:
-                    k = open_conns[obj]
-                    if k in running and running[k][1] is obj:
-                        _read(running, k)
-                    continue
-                k = sentinels[obj]
-                while running[k][1] is not None and running[k][1].poll(0):  # what it sent before it ended
-                    _read(running, k)
-                p, conn, result = running.pop(k)
-                if conn is not None:
-                    conn.close()
-                p.join()
-                failure = _outcome(k, exp.seed + k, result, p.exitcode)
+    def give(slot: _Slot) -> None:
+        slot.replica = pending.pop(0) if pending else None
+        slot.conn.send(slot.replica)
+
+    try:
+        for _ in range(P):
+            parent_end, child_end = ctx.Pipe(duplex=True)
+            p = ctx.Process(target=_worker, args=(make_method, task, child_end), name="milkit-seed-worker", daemon=True)
+            p.start()
+            child_end.close()  # the worker holds the only other end: EOF when it is gone
+            slot = _Slot(p, parent_end)
+            slots.append(slot)
+            give(slot)
+        while slots and failure is None:
+            ready = wait([x for s in slots for x in ((s.conn,) if s.conn is not None else ()) + (s.process.sentinel,)])
+            for slot in list(slots):
+                if slot.conn is not None and slot.conn in ready:
+                    failure = _read(slot, exp.seed, give)
+                elif slot.process.sentinel in ready:  # ended, and everything it sent is read
+                    slot.process.join()
+                    slots.remove(slot)
+                    if slot.replica is not None:  # it died inside a replica
+                        failure = _died(slot.replica, exp.seed + slot.replica, slot.process.exitcode)
                 if failure is not None:
                     break
     finally:
-        for k, (p, recv, _) in running.items():  # a failure, or this process interrupted: stop the rest
-            p.kill()
-            p.join()
-            if recv is not None:
-                recv.close()
-        if running:
+        stopped = [s for s in slots if s.process.is_alive()]
+        for s in slots:  # a failure, or this process interrupted: stop the rest
+            s.process.kill()
+            s.process.join()
+            if s.conn is not None:
+                s.conn.close()
+        if stopped:
             for tmp in io.remove_stale_temps(run.path, recursive=True):  # the killed workers' half-written files
                 log.info("removed %s (left by a stopped replica)", tmp)
     if failure is not None:
         raise failure
 
 
-def _read(running: dict, k: int) -> None:
-    """One message of replica k's worker: a log line (logged here, prefixed) or its result;
-    at the end of the pipe the connection is closed."""
-    p, conn, result = running[k]
+def _who(k: int, seed: int) -> str:
+    return f"seed replica {k} (seed {seed}, stages/<stage>/seed-{k}/)"
+
+
+def _read(slot: _Slot, seed0: int, give: Callable) -> Exception | None:
+    """One message of a worker: a log line (logged here with the replica's prefix), a finished
+    replica (the worker gets the next), or an error (returned, naming the replica)."""
     try:
-        msg = conn.recv()
-    except (EOFError, OSError):
-        conn.close()
-        running[k] = (p, None, result)
-        return
-    if msg[0] == "log":
-        logging.getLogger("milkit").log(msg[1], "[seed-%d] %s", k, msg[2])
-    else:
-        running[k] = (p, conn, msg)
-
-
-def _outcome(k: int, seed: int, result, exitcode: int | None) -> Exception | None:
-    """None when replica k finished; else the error to raise, naming it."""
-    who = f"seed replica {k} (seed {seed}, stages/<stage>/seed-{k}/)"
-    if result is not None and result[0] == "ok" and exitcode == 0:
-        log.info("[seed-%d] trained in %.1f s (the worker's CPU time: %.1f s)", k, result[1], result[2])
+        msg = slot.conn.recv()
+    except (EOFError, OSError):  # the worker is gone; its sentinel tells the rest
+        slot.conn.close()
+        slot.conn = None
         return None
-    if result is not None and result[0] == "user":
-        if result[2]:
-            sys.stderr.write(result[2])
-        return ReplicaFailed(f"{who}: {result[1]}")
-    if result is not None and result[0] == "unexpected":
-        if result[2]:
-            sys.stderr.write(result[2])
-        return ReplicaCrashed(f"{who} failed: {result[1]}")
-    return ReplicaCrashed(f"{who}: its worker process ended with exit code {exitcode} before it finished "
-                          "(killed? out of memory?); --resume continues the run")
+    if msg[0] == "log":
+        logging.getLogger("milkit").log(msg[1], "[seed-%s] %s", slot.replica, msg[2])
+        return None
+    if msg[0] == "ok":
+        log.info("[seed-%d] trained in %.1f s (CPU %.1f s)", msg[1], msg[2], msg[3])
+        give(slot)
+        return None
+    kind, k, text, detail = msg
+    slot.replica = None  # reported: not a death to name again
+    if detail:
+        sys.stderr.write(detail)
+    who = _who(k, seed0 + k) if k is not None else "a seed-replica worker (before its first replica)"
+    return ReplicaFailed(f"{who}: {text}") if kind == "user" else ReplicaCrashed(f"{who} failed: {text}")
+
+
+def _died(k: int, seed: int, exitcode: int | None) -> Exception:
+    return ReplicaCrashed(f"{_who(k, seed)}: its worker process ended with exit code {exitcode} before it "
+                          "finished (killed? out of memory?); --resume continues the run")
 
 
 def load_members(make_method: Callable, exp: Experiment, run) -> dict:
