@@ -3,8 +3,9 @@
 The K replicas of ``trainer.seeds: K`` (:mod:`milkit.trust.ensemble`) are independent runs on
 one split, so up to P worker processes train them at once, replica k into its own
 ``stages/<stage>/seed-<k>/`` only. Each worker rebuilds the experiment from its resolved
-config (what ``config.yaml`` holds) and the data from ``exp.seed``, seeds the RNGs with the
-replica's seed and calls ``Method.fit`` exactly as the one-process loop does, inside
+config (what ``config.yaml`` holds) and the data from ``exp.seed`` once, then takes the next
+replica whenever it is free: it seeds the RNGs with the replica's seed and calls
+``Method.fit`` exactly as the one-process loop does, inside
 ``engine.resuming`` when the run is resumed (a finished stage is loaded, an unfinished one
 continues from its ``last.ckpt``). The parent then loads every replica's labeler from the run
 directory (``Method.load``, the path :func:`milkit.trust.ensemble.load` takes) and goes on as
