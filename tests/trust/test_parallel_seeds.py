@@ -177,3 +177,14 @@ def test_bad_combinations_are_refused_before_anything_is_written(tmp_path, capsy
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and key in err, err
     assert not (tmp_path / "run").exists()
+
+
+def test_a_run_resumes_with_another_process_count(runs):
+    from milkit.config import ConfigError
+    from milkit.run_dir import RunDir
+    from milkit.workflow import _check_same_config
+
+    run = RunDir(runs[0] / "p2")  # written with parallel_seeds: 2
+    _check_same_config(run, _exp(parallel_seeds=1))  # P changes no result: accepted
+    with pytest.raises((ValueError, ConfigError), match="trainer.lr"):
+        _check_same_config(run, _exp(lr=0.02))  # anything else still names the key
