@@ -39,6 +39,9 @@ def train(
         False, "--resume", help="continue an interrupted run in --out (finished stages kept, the unfinished one from last.ckpt)"
     ),
     seeds: Optional[int] = typer.Option(None, "--seeds", min=1, help="seed replicas per stage (trainer.seeds)"),
+    parallel_seeds: Optional[str] = typer.Option(
+        None, "--parallel-seeds", help="train the seed replicas in up to P processes at once, or 'auto' (trainer.parallel_seeds)"
+    ),
 ) -> None:
     """Train a method on bag labels only; writes a self-describing run directory."""
     from milkit.config import load_experiment
@@ -48,7 +51,9 @@ def train(
     if config.is_dir():
         fail(f"{config}: is a folder, not an experiment YAML")
     path = resolve_config(config)
-    exp = load_experiment(path, list(set_ or []) + ([f"trainer.seeds={seeds}"] if seeds else []))
+    extra = ([f"trainer.seeds={seeds}"] if seeds else []) + (
+        [f"trainer.parallel_seeds={parallel_seeds}"] if parallel_seeds is not None else [])
+    exp = load_experiment(path, list(set_ or []) + extra)
     metrics = train_run(exp, out, overwrite=overwrite, resume=resume, source=str(path))
     if not metrics:  # a DDP rank other than 0: rank 0 wrote and prints the results
         return

@@ -69,6 +69,16 @@ class TrainerConfig(StrictModel):
     seeds: int = Field(1, ge=1, description="seed replicas per stage, labels from their ensemble (issue 11 §3)")
     threshold_criterion: Literal["f1", "youden_product", "youden"] = Field(
         "f1", description="how the instance threshold is chosen on validation (issue 11 §4: F1)")
+    parallel_seeds: int | Literal["auto"] = Field(
+        1, description="worker processes training the trainer.seeds replicas at once (issue 15; 1 = one after "
+                       "the other in this process, 'auto' = one per GPU or CPU core); milkit.trust.parallel_seeds")
+
+    @field_validator("parallel_seeds")
+    @classmethod
+    def _parallel_seeds(cls, v: int | str) -> int | str:
+        if v != "auto" and (isinstance(v, bool) or not isinstance(v, int) or v < 1):
+            raise ValueError(f"{v!r} is not a process count: use a whole number ≥ 1 or 'auto'")
+        return v
 
     # -- several processes (milkit.distributed, docs/scale.md) ---------------------------
     @field_validator("strategy")

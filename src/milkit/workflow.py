@@ -58,6 +58,9 @@ def train_run(exp: Experiment, out_dir: str | Path, overwrite: bool = False, res
 
     ensemble.check_supported(make_method(exp), exp)
     distributed.check_supported(exp)
+    from milkit.trust import parallel_seeds
+
+    parallel_seeds.check_supported(exp)  # replicas in worker processes, but not beside DDP
     # another rank resumes when told to: rank 0 decides on the same files before any stage starts
     resuming_run = resume and state in ("unfinished", "finished", "other-rank")
     if writer:
@@ -168,6 +171,9 @@ def _check_same_config(run: RunDir, exp: Experiment) -> None:
     """--resume continues the run's own experiment: a different config is an error naming the key."""
     old = run.read_raw_config()
     new = exp.to_dict()
+    for cfg in (old, new):  # how many processes train the replicas changes no result: any P may resume
+        if isinstance(cfg.get("trainer"), dict):
+            cfg["trainer"].pop("parallel_seeds", None)
 
     def diff(a: object, b: object, key: str) -> str | None:
         if isinstance(a, dict) and isinstance(b, dict):

@@ -92,10 +92,18 @@ def check_supported(method: Method, exp: Experiment) -> None:
 
 def fit_members(make_method: MethodFactory, exp: Experiment, splits: DataSplits,
                 run: RunDir) -> tuple[Method, dict[str, list[Labeler]]]:
-    """Train every replica; returns replica 0's method and, per stage, the K labelers."""
-    from milkit.engine import seed_everything
+    """Train every replica; returns replica 0's method and, per stage, the K labelers.
+    With ``trainer.parallel_seeds`` > 1 the replicas train in worker processes
+    (:mod:`milkit.trust.parallel_seeds`) and their labelers are loaded from the run directory."""
+    from milkit.engine import _RESUME, seed_everything
+    from milkit.trust import parallel_seeds
 
     K = n_seeds(exp)
+    P = parallel_seeds.n_workers(exp)
+    if P > 1:
+        check_supported(make_method(exp), exp)
+        parallel_seeds.fit_parallel(make_method, exp, run, P, resume=_RESUME.get())
+        return make_method(exp), parallel_seeds.load_members(make_method, exp, run)
     first: Method | None = None
     members: dict[str, list[Labeler]] = {}
     for k in range(K):
