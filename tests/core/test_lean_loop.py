@@ -140,6 +140,16 @@ def test_lean_loop_resumes_as_the_automatic_loop_does(tmp_path, monkeypatch):
     assert csv_lean == csv_auto
     assert all(torch.equal(w_lean[k], w_auto[k]) for k in w_lean)
     assert [int(r.split(",")[0]) for r in csv_lean.strip().splitlines()[1:]][::2] == [2, 3, 4]
+    # begun in the automatic loop (before the change), resumed in the lean one: the same run, steps counted on
+    AutoStopsAtEpoch2.armed = True
+    with pytest.raises(Interrupt):
+        _fit(AutoStopsAtEpoch2, tmp_path / "mixed", monkeypatch)
+    StopsAtEpoch2.armed = False
+    with resuming():
+        mixed, w_mixed, csv_mixed, _, _ = _fit(StopsAtEpoch2, tmp_path / "mixed", monkeypatch)
+    assert not mixed.automatic_optimization
+    assert csv_mixed == csv_auto and all(torch.equal(w_mixed[k], w_auto[k]) for k in w_auto)
+    assert mixed.trainer.global_step == lean.trainer.global_step == auto.trainer.global_step == 5 * 12
 
 
 @pytest.mark.parametrize("name,kw", [("adam", {}), ("adamw", {"weight_decay": 1e-2}), ("rmsprop", {}),
@@ -151,7 +161,8 @@ def test_multi_tensor_optimisers_match_the_per_parameter_loop(name, kw):
     ref_net, start = copy.deepcopy(net), copy.deepcopy(net)
     opt = build_optimizer(net.parameters(), cfg)
     assert opt.defaults["foreach"] is True
-    ref = type(opt)(ref_net.parameters(), **{**opt.defaults, "foreach": False})
+    kw = {k: v for k, v in opt.defaults.items() if k != "decoupled_weight_decay"}  # AdamW's own, not an argument
+    ref = type(opt)(ref_net.parameters(), **{**kw, "foreach": False})
     g = torch.Generator().manual_seed(1)
     for _ in range(40):
         x = torch.randn(8, 6, generator=g)

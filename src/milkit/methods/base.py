@@ -9,6 +9,7 @@ whose output is a pixel map (IKD-MIL, Max-Min) override them.
 
 from __future__ import annotations
 
+import copy
 import csv
 import io as _io
 import warnings
@@ -312,6 +313,21 @@ class LossModule(L.LightningModule):
     def on_fit_start(self) -> None:  # noqa: D102
         # after configure_optimizers (the optimisers and schedules are known), before any step or restore
         self.automatic_optimization = self.lean_reason() is not None
+
+    def on_load_checkpoint(self, checkpoint: dict) -> None:  # noqa: D102
+        # --resume of a stage begun in the other loop (a run started before the lean loop): Lightning
+        # counts optimiser steps apart for either loop, and global_step (the CSV's step column, the
+        # checkpoints' "saved at this step" check) reads the current loop's; give both the steps taken
+        fl = checkpoint.get("loops", {}).get("fit_loop", {})
+        auto = fl.get("epoch_loop.automatic_optimization.optim_progress", {}).get("optimizer", {}).get("step")
+        manual = fl.get("epoch_loop.manual_optimization.optim_step_progress")
+        if not auto or not manual:
+            return
+        done = [d["total"]["completed"] for d in (auto, manual)]
+        if done[0] and not done[1]:
+            fl["epoch_loop.manual_optimization.optim_step_progress"] = copy.deepcopy(auto)
+        elif done[1] and not done[0]:
+            fl["epoch_loop.automatic_optimization.optim_progress"]["optimizer"]["step"] = copy.deepcopy(manual)
 
     def _catch_up_schedules(self) -> None:
         # Lightning steps an epoch schedule after each epoch e with (e + 1) % frequency == 0, so at the
