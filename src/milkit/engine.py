@@ -31,6 +31,7 @@ from milkit import distributed
 from milkit.checkpointing import LaterOnTiesCheckpoint
 from milkit.config import TrainerConfig
 from milkit.io import load_state_dict, save_state_dict
+from milkit.malloc import keep_freed_memory
 
 log = logging.getLogger(__name__)
 
@@ -181,6 +182,7 @@ def fit_stage(
     the CSV log ``logs/metrics.csv`` and ``model.pt``.
     """
     _quiet_lightning()
+    keep_freed_memory()
     stage_dir = Path(stage_dir)
     out = stage_dir / "model.pt"
     resume = _RESUME.get()
