@@ -84,6 +84,8 @@ def collate_bags(bags: Sequence[Bag]) -> BagBatch:
             raise ValueError(
                 f"bag {b.bag_id!r} has instances of shape {tuple(b.instances.shape[1:])}, expected {inst_shape}"
             )
+    if len(bags) == 1:  # nothing to pad (batch size 1): views of the bag's tensors, no copy
+        return _collate_one(bags[0])
     x = bags[0].instances.new_zeros((len(bags), n_max, *inst_shape))
     mask = torch.zeros(len(bags), n_max, dtype=torch.bool)
     any_inst = any(b.instance_labels is not None for b in bags)
@@ -107,6 +109,22 @@ def collate_bags(bags: Sequence[Bag]) -> BagBatch:
         coords=coords,
         sizes=torch.tensor(sizes, dtype=torch.long),
         adj=[b.adj for b in bags] if any(b.adj is not None for b in bags) else None,
+    )
+
+
+def _collate_one(b: Bag) -> BagBatch:
+    """The batch of one bag: what :func:`collate_bags` pads to, without copying the instances
+    (the batch's tensors are views of the bag's; nothing in milkit writes into a batch)."""
+    n = len(b)
+    return BagBatch(
+        instances=b.instances.unsqueeze(0),
+        mask=torch.ones(1, n, dtype=torch.bool),
+        labels=torch.tensor([float(b.label)]),
+        bag_ids=[b.bag_id],
+        instance_labels=None if b.instance_labels is None else b.instance_labels.long().unsqueeze(0),
+        coords=None if b.coords is None else b.coords.long().unsqueeze(0),
+        sizes=torch.tensor([n], dtype=torch.long),
+        adj=None if b.adj is None else [b.adj],
     )
 
 

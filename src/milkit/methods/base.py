@@ -9,8 +9,10 @@ whose output is a pixel map (IKD-MIL, Max-Min) override them.
 
 from __future__ import annotations
 
+import copy
 import csv
 import io as _io
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, ClassVar, Literal
@@ -239,7 +241,18 @@ def evaluate_labeler(labeler: Labeler, ds: BagDataset, threshold: float | None,
 class LossModule(L.LightningModule):
     """One training stage given ``loss_fn(model, batch) -> (loss, logs)``: logs the loss terms
     per epoch, moves custom batches (anything with ``.to``) and builds the trainer's optimiser.
-    Subclasses add validation (bag AUROC here, pixel metrics in ``seg_base.SegModule``)."""
+    Subclasses add validation (bag AUROC here, pixel metrics in ``seg_base.SegModule``).
+
+    The lean loop: where nothing needs Lightning's automatic-optimisation closure (one optimiser,
+    per-epoch schedules, no gradient clipping or accumulation, ``training_step`` and the optimiser
+    hooks not overridden), each step is ``zero_grad, loss, manual_backward, step`` in
+    ``training_step`` itself (manual optimisation, chosen in ``on_fit_start``) and the schedule
+    is stepped at the start of each epoch to where Lightning would have it. Same arithmetic,
+    same order, ~1 ms less per step (docs/benchmarks.md, issue 15); ``lean_loop = False`` turns it off.
+    """
+
+    #: run the lean loop where it applies (see the class docstring)
+    lean_loop: ClassVar[bool] = True
 
     def __init__(
         self,
@@ -255,12 +268,77 @@ class LossModule(L.LightningModule):
         self._params = params
 
     def training_step(self, batch, batch_idx: int) -> Tensor:  # noqa: D102
+        if self.automatic_optimization:
+            return self._loss_and_log(batch)
+        if self.__dict__.get("_schedule_epoch") != self.current_epoch:
+            self._catch_up_schedules()
+        opt = self.optimizers()
+        opt.zero_grad()  # set_to_none, as Lightning's optimizer_zero_grad
+        loss = self._loss_and_log(batch)
+        self.manual_backward(loss)
+        opt.step()
+        return loss.detach()
+
+    def _loss_and_log(self, batch) -> Tensor:
         loss, logs = self.loss_fn(self.model, batch)
         bs = len(batch)
         self._accumulate_train_log("train/loss", loss, bs)
         for k, v in logs.items():
             self._accumulate_train_log(f"train/{k}", v, bs)
         return loss
+
+    def lean_reason(self) -> str | None:
+        """Why this stage runs Lightning's automatic optimisation (None: the lean loop applies)."""
+        cfg = self.trainer_cfg
+        if not self.lean_loop:
+            return "lean_loop is off"
+        if cfg.accumulate_grad_batches != 1:
+            return "trainer.accumulate_grad_batches > 1"
+        if cfg.gradient_clip_val:
+            return "trainer.gradient_clip_val is set"
+        for hook in ("training_step", "optimizer_step", "optimizer_zero_grad", "backward", "on_before_zero_grad",
+                     "configure_gradient_clipping", "lr_scheduler_step"):
+            if getattr(type(self), hook) is not getattr(LossModule, hook):
+                return f"{type(self).__name__} overrides {hook}"
+        trainer = self._trainer
+        if trainer is None:
+            return None
+        if len(trainer.optimizers) != 1:
+            return f"{len(trainer.optimizers)} optimisers"
+        for c in trainer.lr_scheduler_configs:
+            if c.reduce_on_plateau or c.interval != "epoch":
+                return "a plateau or per-step learning-rate schedule"
+        return None
+
+    def on_fit_start(self) -> None:  # noqa: D102
+        # after configure_optimizers (the optimisers and schedules are known), before any step or restore
+        self.automatic_optimization = self.lean_reason() is not None
+
+    def on_load_checkpoint(self, checkpoint: dict) -> None:  # noqa: D102
+        # --resume of a stage begun in the other loop (a run started before the lean loop): Lightning
+        # counts optimiser steps apart for either loop, and global_step (the CSV's step column, the
+        # checkpoints' "saved at this step" check) reads the current loop's; give both the steps taken
+        fl = checkpoint.get("loops", {}).get("fit_loop", {})
+        auto = fl.get("epoch_loop.automatic_optimization.optim_progress", {}).get("optimizer", {}).get("step")
+        manual = fl.get("epoch_loop.manual_optimization.optim_step_progress")
+        if not auto or not manual:
+            return
+        done = [d["total"]["completed"] for d in (auto, manual)]
+        if done[0] and not done[1]:
+            fl["epoch_loop.manual_optimization.optim_step_progress"] = copy.deepcopy(auto)
+        elif done[1] and not done[0]:
+            fl["epoch_loop.automatic_optimization.optim_progress"]["optimizer"]["step"] = copy.deepcopy(manual)
+
+    def _catch_up_schedules(self) -> None:
+        # Lightning steps an epoch schedule after each epoch e with (e + 1) % frequency == 0, so at the
+        # first step of epoch e it has stepped e // frequency times (also after --resume from any epoch)
+        for c in self.trainer.lr_scheduler_configs:
+            target = self.current_epoch // c.frequency
+            while c.scheduler.last_epoch < target:
+                with warnings.catch_warnings():  # resumed: no optimiser step yet in this process
+                    warnings.filterwarnings("ignore", ".*lr_scheduler.step\(\)` before `optimizer.step", UserWarning)
+                    c.scheduler.step()
+        self.__dict__["_schedule_epoch"] = self.current_epoch
 
     # ``train/*`` are batch-size-weighted epoch means, summed here on the device and logged once
     # per epoch: the value Lightning's ``self.log(on_epoch=True, batch_size=bs)`` per step gives
