@@ -50,7 +50,7 @@ ROWS = (
     "WENO student (SmAP teacher)",
     "pseudo_label (this recipe)",
 )
-LEVELS = ("easy", "medium", "hard")
+LEVELS = ("easy", "medium", "hard", "hard-confounded")  # milkit.data.hard_bags.LEVELS
 
 
 def method_section(row: str, s: dict) -> tuple[dict, str]:
@@ -347,7 +347,9 @@ def register(app: typer.Typer) -> None:
     @app.command("hard-bags")
     def hard_bags(
         out: Path = typer.Option(Path("benchmark-results/hard-bags"), "--out"),
-        levels: str = typer.Option("hard,medium,easy", "--levels", help="comma-separated, run in this order"),
+        levels: str = typer.Option("hard,medium,easy", "--levels", help="comma-separated, run in this order; "
+                                   "also hard-confounded (the hard level + a label-correlated slide stain shift in "
+                                   "train/validation only)"),
         rows: Optional[str] = typer.Option(None, "--rows", help="comma-separated row labels (default: all); see --list"),
         seeds: str = typer.Option("0,1,2,3,4", "--seeds", help="comma-separated training seeds"),
         epochs: int = typer.Option(10, "--epochs"),
