@@ -59,6 +59,25 @@ from milkit.nn.smooth import SmoothOperator
 from milkit.run_dir import RunDir
 
 
+SlideNorm = Literal["none", "centre", "standardise"]
+
+
+def slide_normalise(x: Tensor, mask: Tensor, mode: str) -> Tensor:
+    """Per slide (bag) feature normalisation before everything else (a stain / batch remedy):
+    ``centre`` subtracts the bag's mean feature, ``standardise`` also divides by the bag's sd per
+    feature (floored at 1e-6); means and sds over the bag's real instances only. x (B, N, D), mask (B, N)."""
+    if mode == "none":
+        return x
+    m = mask.unsqueeze(-1).to(x.dtype)
+    n = m.sum(1, keepdim=True).clamp_min(1.0)
+    mu = (x * m).sum(1, keepdim=True) / n
+    x = (x - mu) * m
+    if mode == "standardise":
+        sd = ((x ** 2).sum(1, keepdim=True) / n).sqrt().clamp_min(1e-6)
+        x = x / sd
+    return x
+
+
 class SmoothedInstanceMIL(MILModel):
     """Instance classifier on the patch graph: standardised features h → Sm_feat(h) (Sm paper
     "early", Eq. 8) → f (linear or MLP) → Sm_logit (Sm "late") = instance scores; bag logit =
@@ -73,14 +92,17 @@ class SmoothedInstanceMIL(MILModel):
         alpha: float = Field(0.5, ge=0, lt=1, description="Sm α on the logits")
         feature_alpha: float = Field(0.8, ge=0, lt=1, description="Sm α on the features")
         sm_steps: int = Field(10, ge=0, description="Eq. 8 steps (Sm paper App. B.3)")
+        slide_norm: SlideNorm = Field("none", description="see PseudoLabelConfig.slide_norm")
 
     @classmethod
     def from_config(cls, cfg: "SmoothedInstanceMIL.Config", encoder: nn.Module, in_dim: int) -> "SmoothedInstanceMIL":
-        return cls(in_dim, cfg.hidden, cfg.dropout, cfg.alpha, cfg.feature_alpha, cfg.sm_steps, encoder)
+        return cls(in_dim, cfg.hidden, cfg.dropout, cfg.alpha, cfg.feature_alpha, cfg.sm_steps, encoder, cfg.slide_norm)
 
     def __init__(self, in_dim: int, hidden: int = 0, dropout: float = 0.0, alpha: float = 0.5,
-                 feature_alpha: float = 0.5, sm_steps: int = 10, encoder: nn.Module | None = None):
+                 feature_alpha: float = 0.5, sm_steps: int = 10, encoder: nn.Module | None = None,
+                 slide_norm: str = "none"):
         super().__init__()
+        self.slide_norm = slide_norm
         self.encoder = encoder if encoder is not None and not isinstance(encoder, nn.Identity) else None
         self.register_buffer("mean", torch.zeros(in_dim))
         self.register_buffer("std", torch.ones(in_dim))
@@ -96,14 +118,20 @@ class SmoothedInstanceMIL(MILModel):
         self.sm_feat, self.sm_logit = sm(feature_alpha), sm(alpha)
 
     def set_standardisation(self, x: Tensor) -> None:
-        """Mean and sd of the training instances (N, D); sd floored at 1e-6."""
+        """Mean and sd of the training instances (N, D), each bag already through
+        :meth:`normalise_bag` (see :func:`training_instances`); sd floored at 1e-6."""
         self.mean.copy_(x.mean(0))
         self.std.copy_(x.std(0).clamp_min(1e-6))
 
-    def features(self, x: Tensor, mask: Tensor, adj: object | None) -> Tensor:
-        """Standardised, graph-smoothed features (B, N, D); 0 where padded."""
+    def normalise_bag(self, x: Tensor, mask: Tensor) -> Tensor:
+        """Encoder (if any), then the per-slide normalisation ``slide_norm`` (B, N, D)."""
         if self.encoder is not None:
             x = self.encoder(x)
+        return slide_normalise(x, mask, self.slide_norm)
+
+    def features(self, x: Tensor, mask: Tensor, adj: object | None) -> Tensor:
+        """Standardised, graph-smoothed features (B, N, D); 0 where padded."""
+        x = self.normalise_bag(x, mask)
         h = ((x - self.mean) / self.std) * mask.unsqueeze(-1)
         if self.sm_feat is not None and adj is not None:
             h = self.sm_feat(h, adj, mask)
@@ -133,6 +161,17 @@ def smoothed_features(model: SmoothedInstanceMIL, ds: BagDataset) -> Tensor:
     return torch.cat(out)
 
 
+@torch.no_grad()
+def training_instances(ds: BagDataset, slide_norm: str = "none") -> Tensor:
+    """Every instance as :meth:`SmoothedInstanceMIL.features` of a model without encoder sees it
+    before the standardisation (per-slide normalised by ``slide_norm``), bags concatenated (M, D)."""
+    out = []
+    for b in ds:
+        x = b.instances.unsqueeze(0).float()
+        out.append(slide_normalise(x, full_mask(x, None), slide_norm)[0])
+    return torch.cat(out)
+
+
 class PseudoLabelConfig(StrictModel):
     """Every default with its reason (issue 11 §2 principles; no paper)."""
 
@@ -151,6 +190,9 @@ class PseudoLabelConfig(StrictModel):
                                 "already smoothed, and smoothing the logits again blurred lesion edges (hard-bags "
                                 "hardest level, the same 5 trained seeds re-scored: patch F1 0.665 → 0.734, patch AUROC "
                                 "0.970 → 0.977, slide AUROC 0.984 → 0.991; docs/benchmarks.md)")
+    slide_norm: SlideNorm = Field("none", description="per-slide feature normalisation before the global "
+                                  "standardisation (a stain / scanner batch remedy): none, centre (subtract the "
+                                  "slide's mean feature) or standardise (also divide by its sd)")
     teacher: ModelSection | None = Field(None, description="null: stage 'mil' is the smoothed instance-max "
                                          "classifier; else any registered MIL model (§2 'any MIL model can be its teacher')")
     teacher_encoder: EncoderConfig | None = Field(None, description="the teacher's encoder (default linear in_dim→256)")
@@ -232,7 +274,8 @@ class PseudoLabelMethod(Method):
         c = self.cfg
         if c.in_dim is None:
             raise ValueError("method.in_dim is unknown: fit reads it from the data")
-        return SmoothedInstanceMIL(c.in_dim, c.hidden, c.dropout, c.alpha, c.feature_alpha, c.sm_steps)
+        return SmoothedInstanceMIL(c.in_dim, c.hidden, c.dropout, c.alpha, c.feature_alpha, c.sm_steps,
+                                   slide_norm=c.slide_norm)
 
     def output_model(self, model: SmoothedInstanceMIL) -> SmoothedInstanceMIL:
         """The chosen classifier as stage ``pseudo_label`` outputs it: late Sm at ``output_alpha``."""
@@ -262,7 +305,7 @@ class PseudoLabelMethod(Method):
             run.write_config(self.exp)
         elif _feature_dim(splits.train) != c.in_dim:
             raise ValueError(f"method.in_dim is {c.in_dim} but the data's features have {_feature_dim(splits.train)} dims")
-        x_all = torch.cat([b.instances for b in splits.train]).float()
+        x_all = training_instances(splits.train, c.slide_norm)
         y_train, y_val = list(splits.train.labels), list(splits.val.labels)
 
         # stage 'mil': the MIL-constrained smoothed instance-max classifier, or a teacher
