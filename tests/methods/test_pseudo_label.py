@@ -123,3 +123,21 @@ def test_slide_norm_makes_scores_invariant_to_a_slide_batch_effect(mode):
     assert torch.allclose(m(x).instance_scores, m(shifted).instance_scores, atol=1e-5)
     plain = SmoothedInstanceMIL(6, hidden=4, slide_norm="none").eval()
     assert not torch.allclose(plain(x).instance_scores, plain(shifted).instance_scores, atol=1e-3)
+
+
+def test_centre_scores_by_hand_and_median_scores_ignore_a_slide_wide_shift():
+    from milkit.methods.pseudo_label import centre_scores
+
+    s = torch.tensor([[1.0, 5.0, 2.0, 9.0], [4.0, 0.0, 3.0, 0.0]])
+    mask = torch.tensor([[True, True, True, False], [True, True, True, True]])
+    # medians: (1, 2, 5) → 2; (0, 0, 3, 4) → torch's lower median 0
+    assert torch.equal(centre_scores(s, mask), torch.tensor([[-1.0, 3.0, 0.0, 0.0], [4.0, 0.0, 3.0, 0.0]]))
+    torch.manual_seed(0)
+    m = SmoothedInstanceMIL(6, hidden=0, alpha=0.5, feature_alpha=0.8, score_centre="median").eval()
+    x = torch.randn(2, 5, 6)
+    out = m(x)
+    assert torch.allclose(out.bag_logits, m.instance_logits(x).amax(1))
+    with torch.no_grad():
+        m.scorer[-1].bias += 3.0  # every instance logit of every slide up by 3: nothing changes
+    assert torch.allclose(m(x).instance_scores, out.instance_scores, atol=1e-5)
+    assert torch.allclose(m(x).bag_logits, out.bag_logits, atol=1e-5)

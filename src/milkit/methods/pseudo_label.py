@@ -60,6 +60,14 @@ from milkit.run_dir import RunDir
 
 
 SlideNorm = Literal["none", "centre", "standardise"]
+ScoreCentre = Literal["none", "median"]
+
+
+def centre_scores(s: Tensor, mask: Tensor) -> Tensor:
+    """Each bag's instance scores minus the bag's median score over its real instances (B, N);
+    0 where padded. A shift of every score of a slide (a slide-wide confounder) cancels."""
+    med = s.masked_fill(~mask, float("nan")).nanmedian(dim=1, keepdim=True).values
+    return (s - torch.nan_to_num(med)) * mask
 
 
 def slide_normalise(x: Tensor, mask: Tensor, mode: str) -> Tensor:
@@ -93,16 +101,20 @@ class SmoothedInstanceMIL(MILModel):
         feature_alpha: float = Field(0.8, ge=0, lt=1, description="Sm α on the features")
         sm_steps: int = Field(10, ge=0, description="Eq. 8 steps (Sm paper App. B.3)")
         slide_norm: SlideNorm = Field("none", description="see PseudoLabelConfig.slide_norm")
+        score_centre: ScoreCentre = Field("none", description="see PseudoLabelConfig.score_centre")
 
     @classmethod
     def from_config(cls, cfg: "SmoothedInstanceMIL.Config", encoder: nn.Module, in_dim: int) -> "SmoothedInstanceMIL":
-        return cls(in_dim, cfg.hidden, cfg.dropout, cfg.alpha, cfg.feature_alpha, cfg.sm_steps, encoder, cfg.slide_norm)
+        return cls(in_dim, cfg.hidden, cfg.dropout, cfg.alpha, cfg.feature_alpha, cfg.sm_steps, encoder, cfg.slide_norm,
+                   cfg.score_centre)
 
     def __init__(self, in_dim: int, hidden: int = 0, dropout: float = 0.0, alpha: float = 0.5,
                  feature_alpha: float = 0.5, sm_steps: int = 10, encoder: nn.Module | None = None,
-                 slide_norm: str = "none"):
+                 slide_norm: str = "none", score_centre: str = "none"):
         super().__init__()
-        self.slide_norm = slide_norm
+        self.slide_norm, self.score_centre = slide_norm, score_centre
+        if score_centre != "none":  # scores relative to the slide's median, plus one learnt offset
+            self.offset = nn.Parameter(torch.zeros(1))
         self.encoder = encoder if encoder is not None and not isinstance(encoder, nn.Identity) else None
         self.register_buffer("mean", torch.zeros(in_dim))
         self.register_buffer("std", torch.ones(in_dim))
@@ -140,13 +152,19 @@ class SmoothedInstanceMIL(MILModel):
     def instance_logits(self, x: Tensor, mask: Tensor | None = None) -> Tensor:
         """f of each instance alone (no neighbours: a bag of one has no graph)."""
         mask = full_mask(x, mask)
-        return self.scorer(self.features(x, mask, None)).squeeze(-1) * mask
+        return self.relative(self.scorer(self.features(x, mask, None)).squeeze(-1) * mask, mask)
+
+    def relative(self, s: Tensor, mask: Tensor) -> Tensor:
+        """``score_centre`` median: s − the bag's median + the learnt offset; else s."""
+        if self.score_centre == "none":
+            return s
+        return (centre_scores(s, mask) + self.offset) * mask
 
     def forward(self, x: Tensor, mask: Tensor | None = None, adj: object | None = None) -> MILOutput:
         mask = full_mask(x, mask)
         raw = self.scorer(self.features(x, mask, adj)).squeeze(-1) * mask
         s = self.sm_logit(raw, adj, mask) if (self.sm_logit is not None and adj is not None) else raw
-        s = s * mask
+        s = self.relative(s * mask, mask)
         bag = s.masked_fill(~mask, float("-inf")).amax(1)
         return MILOutput(bag_logits=bag, instance_scores=s, extras={"raw_logits": raw})
 
@@ -193,6 +211,10 @@ class PseudoLabelConfig(StrictModel):
     slide_norm: SlideNorm = Field("none", description="per-slide feature normalisation before the global "
                                   "standardisation (a stain / scanner batch remedy): none, centre (subtract the "
                                   "slide's mean feature) or standardise (also divide by its sd)")
+    score_centre: ScoreCentre = Field("none", description="median: every instance score is taken relative to "
+                                      "its slide's median score (plus one learnt offset) before the max and in the "
+                                      "output, so a slide-wide shift of the scores — what a slide-level confounder "
+                                      "buys an instance-max model — neither raises a slide's logit nor its patches")
     teacher: ModelSection | None = Field(None, description="null: stage 'mil' is the smoothed instance-max "
                                          "classifier; else any registered MIL model (§2 'any MIL model can be its teacher')")
     teacher_encoder: EncoderConfig | None = Field(None, description="the teacher's encoder (default linear in_dim→256)")
@@ -275,7 +297,7 @@ class PseudoLabelMethod(Method):
         if c.in_dim is None:
             raise ValueError("method.in_dim is unknown: fit reads it from the data")
         return SmoothedInstanceMIL(c.in_dim, c.hidden, c.dropout, c.alpha, c.feature_alpha, c.sm_steps,
-                                   slide_norm=c.slide_norm)
+                                   slide_norm=c.slide_norm, score_centre=c.score_centre)
 
     def output_model(self, model: SmoothedInstanceMIL) -> SmoothedInstanceMIL:
         """The chosen classifier as stage ``pseudo_label`` outputs it: late Sm at ``output_alpha``."""
