@@ -52,6 +52,7 @@ ROWS = (
     "pseudo_label + slide centring",
     "pseudo_label + slide standardisation",
     "pseudo_label + slide-median scores",
+    "pseudo_label + slide standardisation + slide-median scores",
 )
 #: pseudo_label variants: row → method.slide_norm (a stain / batch remedy, issue 11 hard-confounded)
 SLIDE_NORM_ROWS = {"pseudo_label + slide centring": "centre", "pseudo_label + slide standardisation": "standardise"}
@@ -84,6 +85,8 @@ def method_section(row: str, s: dict) -> tuple[dict, str]:
                 "hpm_warmup_epochs": max(1, s["epochs"] // 2), "student_batch_size": 256}, "student"
     if row == "pseudo_label + slide-median scores":
         return {"name": "pseudo_label", "score_centre": "median"}, "pseudo_label"
+    if row == "pseudo_label + slide standardisation + slide-median scores":
+        return {"name": "pseudo_label", "slide_norm": "standardise", "score_centre": "median"}, "pseudo_label"
     if row in SLIDE_NORM_ROWS:
         return {"name": "pseudo_label", "slide_norm": SLIDE_NORM_ROWS[row]}, "pseudo_label"
     if row.startswith("pseudo_label"):
