@@ -27,6 +27,11 @@ below 0.5 has its scores negated before pseudo-labelling (recorded). Inference: 
 score = logit of the chosen classifier on the smoothed features, smoothed again over the graph
 only if ``output_alpha`` > 0 (default 0); slide probability = sigmoid of their max.
 
+Against slide-level confounders (a stain / scanner shift correlated with the label), two options,
+off by default: ``slide_norm`` normalises every slide's features by the slide's own mean (and sd)
+before the global standardisation, and ``score_centre: median`` takes every instance score
+relative to its slide's median (plus one learnt offset) before the max and in the output.
+
 ``in_dim`` is read from the data when the config leaves it out, and written back into the
 run's ``config.yaml``, so ``milkit label`` / ``evaluate`` rebuild the same model.
 """
