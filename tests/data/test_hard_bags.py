@@ -61,3 +61,80 @@ def test_hardest_level_is_calibrated_for_the_linear_probe():
     # issue 11 §1: a supervised linear probe on true patch labels reaches 0.90–0.95 patch AUROC
     auc = linear_probe_auroc(HardBagsConfig(level="hard").build(0))
     assert 0.90 <= auc <= 0.95, auc
+
+
+# -- level hard-confounded: the hard level + a label-correlated slide stain shift (train/validation only)
+
+CONF = dict(n_train=20, n_val=10, n_test=20, min_side=8, max_side=9)
+
+
+def _signs_and_labels(ds):
+    return np.array([b.meta["confounder"] for b in ds]), np.array(ds.labels)
+
+
+def test_confounder_follows_the_label_in_train_and_validation_only():
+    splits = HardBagsConfig(level="hard-confounded", **CONF).build(0)
+    # 10 slides a class in train and test, 5 in validation: c = 2y − 1 for round(0.8·10) = 8 (train),
+    # round(0.8·5) = 4 (validation) and round(0.5·10) = 5 (test) of each class. With both classes
+    # equal in size, corr(c, 2y − 1) = mean(c·(2y − 1)) = agree − disagree: 0.6 / 0.6 / 0.0.
+    for ds, agree, corr in ((splits.train, 16, 0.6), (splits.val, 8, 0.6), (splits.test, 10, 0.0)):
+        c, y = _signs_and_labels(ds)
+        assert set(c) == {-1, 1}
+        assert int((c == 2 * y - 1).sum()) == agree
+        assert np.corrcoef(c, 2 * y - 1)[0, 1] == pytest.approx(corr)
+    c, y = _signs_and_labels(splits.test)
+    for cls in (0, 1):  # in test, half of each class has either sign: independent of the label
+        assert (c[y == cls] == 1).sum() == (y == cls).sum() // 2
+
+
+def test_confounded_level_is_the_hard_level_plus_a_stain_shift_and_deterministic():
+    conf, hard = HardBagsConfig(level="hard-confounded", **CONF), HardBagsConfig(level="hard", **CONF)
+    a, b, h = conf.build(0), conf.build(3), hard.build(0)
+    for x, y, z in zip(a.test, b.test, h.test):
+        assert np.array_equal(x.instances, y.instances)  # deterministic (generator seed 0)
+        assert x.bag_id == z.bag_id and x.label == z.label  # same slides, lesions and coordinates as 'hard'
+        assert np.array_equal(x.instance_labels, z.instance_labels) and np.array_equal(x.coords, z.coords)
+        assert not np.array_equal(x.instances, z.instances)  # ... but shifted stain
+        assert z.meta["confounder"] == 0
+    off = HardBagsConfig(level="hard-confounded", confounder_strength=0.0, **CONF).build(0)
+    assert all(np.allclose(x.instances, z.instances, atol=1e-5) for x, z in zip(off.train, h.train))
+    assert HardBagsConfig(level="hard").confounding is None and HardBagsConfig(level="hard-confounded").confounding == 0.8
+
+
+def test_the_confounder_is_a_shortcut_visible_in_slide_mean_features():
+    # what an attention model could fit: the mean feature of a slide separates the two signs
+    # (direction learnt on train, scored on the disjoint test pool), far better than chance
+    from milkit.metrics.classification import auroc
+
+    splits = HardBagsConfig(level="hard-confounded", **CONF).build(0)
+    mean = lambda ds: np.stack([b.instances.numpy().mean(0) for b in ds])  # noqa: E731
+    ctr, _ = _signs_and_labels(splits.train)
+    cte, _ = _signs_and_labels(splits.test)
+    mtr, mte = mean(splits.train), mean(splits.test)
+    direction = mtr[ctr == 1].mean(0) - mtr[ctr == -1].mean(0)
+    assert auroc((cte == 1).astype(int), mte @ direction) >= 0.85
+
+
+def test_confounded_level_on_the_cli(monkeypatch, tmp_path, capsys):
+    import milkit.benchmarks.hard_bags as hb
+    from milkit.cli import main
+
+    seen = {}
+
+    def fake_run(out, levels, rows, seeds, s, resume=True, progress=print):
+        seen.update(levels=levels, rows=rows, seeds=seeds)
+        return {"settings": s, "levels": [], "cells": {}, "probe": {}, "wall_s": 0.0}
+
+    monkeypatch.setattr(hb, "run", fake_run)
+    assert main(["benchmark", "hard-bags", "--out", str(tmp_path), "--levels", "hard-confounded",
+                 "--rows", "ABMIL", "--seeds", "0,1"]) == 0
+    assert seen == {"levels": ["hard-confounded"], "rows": ["ABMIL"], "seeds": [0, 1]}
+    capsys.readouterr()
+    assert main(["benchmark", "hard-bags", "--out", str(tmp_path), "--levels", "hard-confused"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and "--levels" in err and "hard-confused" in err and "hard-confounded" in err
+
+
+def test_bad_level_in_a_config_names_the_key():
+    with pytest.raises(ConfigError, match="level"):
+        build_experiment({"data": {"kind": "hard_bags", "level": "hard-confused"}, "method": {"name": "pseudo_label"}})

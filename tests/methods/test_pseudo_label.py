@@ -97,3 +97,47 @@ def test_images_are_refused_with_a_clear_error(tmp_path):
     ds = BagDataset([Bag(torch.zeros(3, 1, 8, 8), 1, "img")])
     with pytest.raises(ValueError, match="needs feature bags"):
         method.fit(DataSplits(ds, ds, ds), RunDir(tmp_path / "r"))
+
+
+def test_slide_normalise_by_hand_and_ignores_padding():
+    from milkit.methods.pseudo_label import slide_normalise
+
+    x = torch.tensor([[[1.0, 2.0], [3.0, 6.0], [100.0, -100.0]]])  # the third instance is padding
+    mask = torch.tensor([[True, True, False]])
+    assert torch.equal(slide_normalise(x, mask, "none"), x)
+    # mean (2, 4); deviations ±(1, 2); sd (1, 2)
+    assert torch.allclose(slide_normalise(x, mask, "centre"), torch.tensor([[[-1.0, -2.0], [1.0, 2.0], [0.0, 0.0]]]))
+    assert torch.allclose(slide_normalise(x, mask, "standardise"), torch.tensor([[[-1.0, -1.0], [1.0, 1.0], [0.0, 0.0]]]))
+
+
+@pytest.mark.parametrize("mode", ["centre", "standardise"])
+def test_slide_norm_makes_scores_invariant_to_a_slide_batch_effect(mode):
+    # a per-slide shift (centre) or per-feature gain and shift (standardise) of every instance
+    # of a slide — a stain / scanner effect — leaves every instance score unchanged
+    torch.manual_seed(0)
+    m = SmoothedInstanceMIL(6, hidden=4, alpha=0.5, feature_alpha=0.8, slide_norm=mode).eval()
+    m.set_standardisation(torch.randn(50, 6).abs() + 0.5)
+    x = torch.randn(1, 7, 6)
+    gain = torch.rand(6) + 0.5 if mode == "standardise" else torch.ones(6)
+    shifted = x * gain + torch.randn(6) * 3
+    assert torch.allclose(m(x).instance_scores, m(shifted).instance_scores, atol=1e-5)
+    plain = SmoothedInstanceMIL(6, hidden=4, slide_norm="none").eval()
+    assert not torch.allclose(plain(x).instance_scores, plain(shifted).instance_scores, atol=1e-3)
+
+
+def test_centre_scores_by_hand_and_median_scores_ignore_a_slide_wide_shift():
+    from milkit.methods.pseudo_label import centre_scores
+
+    s = torch.tensor([[1.0, 5.0, 2.0, 9.0], [4.0, 0.0, 3.0, 0.0]])
+    mask = torch.tensor([[True, True, True, False], [True, True, True, True]])
+    # medians: (1, 2, 5) → 2; (0, 0, 3, 4) → torch's lower median 0
+    assert torch.equal(centre_scores(s, mask), torch.tensor([[-1.0, 3.0, 0.0, 0.0], [4.0, 0.0, 3.0, 0.0]]))
+    torch.manual_seed(0)
+    m = SmoothedInstanceMIL(6, hidden=0, alpha=0.5, feature_alpha=0.8, score_centre="median").eval()
+    x = torch.randn(2, 5, 6)
+    out = m(x)
+    assert torch.allclose(out.bag_logits, m.instance_logits(x).amax(1))
+    with torch.no_grad():
+        m.scorer[-1].bias += 3.0  # every instance logit of every slide up by 3: nothing changes
+    assert torch.allclose(m(x).instance_scores, out.instance_scores, atol=1e-5)
+    assert torch.allclose(m(x).bag_logits, out.bag_logits, atol=1e-5)

@@ -33,6 +33,17 @@ is not a simple translation of the features. The three levels ``easy``/``medium`
 set the witness rate and the signal; ``signal`` was calibrated so that the linear probe
 (:func:`linear_probe_auroc`) reaches about 0.95 / 0.93 / 0.91 test patch AUROC.
 
+**Level ``hard-confounded``** (issue 11: the regime of the issue's users, where recipes fit a
+shortcut): the ``hard`` level's slides, drawn with the same random numbers (same tissue,
+lesions, patch labels), plus a per-slide *confounder*: a stain shift of sign c = ±1 — log-gain
+``+c·confounder_strength`` and offset ``+c·confounder_strength/2`` on the pixel intensities,
+before the encoder, on top of the slide's own stain — as if the positive slides came mostly
+from another site / scanner / staining batch. In train and validation the sign follows the
+slide label (c = +1 for a positive slide) in ``confounded`` = 80 % of the slides of each
+class; in test in exactly half of each class, so there it is independent of the label. The
+signs come from their own random stream, so the other levels' data are unchanged. Specified
+before any recipe ran on it and not tuned afterwards (docs/benchmarks.md).
+
 ``generator_seed`` fixes the data (default 0), so that experiment seeds vary training only;
 ``null`` uses the experiment seed. Coordinates are level-0 top-left pixels of
 ``patch_size`` patches and ``Bag.adj`` is the 8-neighbour patch graph.
@@ -56,7 +67,11 @@ LEVELS: dict[str, dict] = {
     "easy": {"witness_rate": (0.06, 0.10), "signal": 3.5},
     "medium": {"witness_rate": (0.04, 0.07), "signal": 3.3},
     "hard": {"witness_rate": (0.02, 0.04), "signal": 3.0},
+    # the hard level + a label-correlated slide confounder in train/validation only (module doc)
+    "hard-confounded": {"witness_rate": (0.02, 0.04), "signal": 3.0, "confounded": 0.8},
 }
+#: the confounder sign follows the label in this fraction of each class of test slides: independent
+TEST_CONFOUNDED = 0.5
 #: fraction of the digit images in the train / validation / test source pools (split by image)
 POOLS = (0.5, 0.2, 0.3)
 
@@ -65,7 +80,7 @@ class HardBagsConfig(DataConfig):
     """Hard feature bags (issue 11 §1); ``level`` sets ``witness_rate`` and ``signal`` unless given."""
 
     kind: Literal["hard_bags"] = "hard_bags"
-    level: Literal["easy", "medium", "hard"] = "hard"
+    level: Literal["easy", "medium", "hard", "hard-confounded"] = "hard"
     n_train: int = Field(100, ge=2, description="issue 11: about 100 training slides")
     n_val: int = Field(40, ge=2)
     n_test: int = Field(100, ge=2)
@@ -84,6 +99,11 @@ class HardBagsConfig(DataConfig):
     mimic_strength: float = Field(0.8, ge=0, description="mimic strength signal·U(0, mimic_strength)")
     stain: float = Field(0.3, ge=0, description="sd of the per-slide log-gain and offset on pixel intensities")
     pixel_noise: float = Field(0.15, ge=0, description="per-pixel Gaussian noise (intensities in [0, 1])")
+    confounded: float | None = Field(None, ge=0, le=1, description="fraction of each class of train and validation "
+                                     "slides whose confounder sign follows the label (test: half, independent); "
+                                     "default: the level's (hard-confounded 0.8, else no confounder)")
+    confounder_strength: float = Field(0.3, ge=0, description="confounder shift: log-gain ±s, offset ±s/2 (s = 0.3: "
+                                       "one sd of the slides' own stain, `stain`)")
     feature_dim: int = Field(512, ge=2)
     encoder_seed: int = Field(1234, description="seed of the fixed random encoder")
     generator_seed: int | None = Field(0, description="seed of the data; null: the experiment seed")
@@ -101,6 +121,11 @@ class HardBagsConfig(DataConfig):
     @property
     def rates(self) -> tuple[float, float]:
         return tuple(self.witness_rate or LEVELS[self.level]["witness_rate"])  # type: ignore[return-value]
+
+    @property
+    def confounding(self) -> float | None:
+        """P(confounder sign = label sign) in train/validation; None: no confounder."""
+        return self.confounded if self.confounded is not None else LEVELS[self.level].get("confounded")
 
     @property
     def strength(self) -> float:
@@ -184,6 +209,23 @@ class HardBagsGenerator:
         self.images, self.targets = images.reshape(len(images), 64), targets
         self.weights = random_encoder(cfg.feature_dim, cfg.encoder_seed)
         self.textures = lesion_textures(cfg.n_lesion_textures, cfg.encoder_seed)
+        self.confounder_rng = np.random.default_rng(seed + 13)  # own stream: the other draws are unchanged
+
+    def confounder_signs(self, name: str, labels: np.ndarray) -> np.ndarray:
+        """Per slide c = ±1 (0 without a confounder): c = 2y − 1 for round(rate · n_y) slides of
+        each class y, the opposite sign for the rest (rate: ``confounded``, test 0.5)."""
+        rate = self.cfg.confounding
+        if rate is None:
+            return np.zeros(len(labels), dtype=np.int64)
+        rate = TEST_CONFOUNDED if name == "test" else rate
+        signs = np.zeros(len(labels), dtype=np.int64)
+        for y in (0, 1):
+            idx = np.flatnonzero(labels == y)
+            agree = np.zeros(len(idx), dtype=bool)
+            agree[: int(round(rate * len(idx)))] = True
+            self.confounder_rng.shuffle(agree)
+            signs[idx] = np.where(agree, 2 * y - 1, 1 - 2 * y)
+        return signs
 
     def split(self, name: str, n: int) -> BagDataset:
         n_pos = int(round(self.cfg.positive_fraction * n))
@@ -191,9 +233,11 @@ class HardBagsGenerator:
         self.rng.shuffle(labels)
         pool = self.pools[name]
         by_class = {c: pool[self.targets[pool] == c] for c in range(10)}
-        return BagDataset([self.slide(bool(y), f"{name}_{i:04d}", by_class) for i, y in enumerate(labels)])
+        signs = self.confounder_signs(name, labels)
+        return BagDataset([self.slide(bool(y), f"{name}_{i:04d}", by_class, int(c))
+                           for i, (y, c) in enumerate(zip(labels, signs))])
 
-    def slide(self, positive: bool, bag_id: str, by_class: dict[int, np.ndarray]) -> Bag:
+    def slide(self, positive: bool, bag_id: str, by_class: dict[int, np.ndarray], confounder: int = 0) -> Bag:
         cfg, rng = self.cfg, self.rng
         h, w = (int(v) for v in rng.integers(cfg.min_side, cfg.max_side + 1, size=2))
         present = rng.random((h, w)) >= cfg.missing_rate
@@ -233,8 +277,8 @@ class HardBagsGenerator:
         texture[mimic] = rng.integers(cfg.n_lesion_textures, size=int(mimic.sum()))
         x += strength[:, None] * self.textures[texture]
         # slide stain (gain, offset) and pixel noise, then the fixed encoder
-        gain = np.exp(rng.normal(0, cfg.stain))
-        offset = rng.normal(0, cfg.stain * 0.5)
+        gain = np.exp(rng.normal(0, cfg.stain) + confounder * cfg.confounder_strength)
+        offset = rng.normal(0, cfg.stain * 0.5) + confounder * cfg.confounder_strength * 0.5
         x = gain * x + offset + cfg.pixel_noise * rng.normal(size=x.shape).astype(np.float32)
         feats = encode((x - 0.3).astype(np.float32), self.weights)
         coords = torch.from_numpy(np.stack([cols, rows], 1) * cfg.patch_size).long()
@@ -244,7 +288,8 @@ class HardBagsGenerator:
             bag_id=bag_id,
             instance_labels=torch.from_numpy(label),
             coords=coords,
-            meta={"grid": (h, w), "patch_size": cfg.patch_size, "witness_rate": float(label.mean())},
+            meta={"grid": (h, w), "patch_size": cfg.patch_size, "witness_rate": float(label.mean()),
+                  "confounder": confounder},
             adj=grid_adjacency(coords, cfg.patch_size),
         )
 
