@@ -153,3 +153,22 @@ def test_preload_budget_error_on_the_cli_exits_2_before_writing(bags, tmp_path, 
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and "data.preload" in err[0] and "data.cache_gb" in err[0]
     assert not out.exists()
+
+
+def test_resume_accepts_another_memory_setting(bags, tmp_path):
+    """``cache_gb``/``preload`` change no batch, so a run written with one (or before ``cache_gb``
+    was left out by default) resumes with another; a real data change is still refused."""
+    from milkit.config import build_experiment
+    from milkit.run_dir import RunDir
+    from milkit.workflow import _check_same_config
+
+    raw = {"seed": 0, "data": {"kind": "feature_bags", "features_dir": str(bags / "features"),
+                               "labels_csv": str(bags / "labels.csv")},
+           "method": {"name": "mil", "encoder": {"name": "identity"}, "model": {"name": "abmil"}}}
+    run = RunDir(tmp_path / "run")
+    run.path.mkdir()
+    run.write_config(build_experiment({**raw, "data": {**raw["data"], "cache_gb": 2.0}}))
+    _check_same_config(run, build_experiment(raw))
+    _check_same_config(run, build_experiment({**raw, "data": {**raw["data"], "preload": True}}))
+    with pytest.raises(ValueError, match="data.val_fraction"):
+        _check_same_config(run, build_experiment({**raw, "data": {**raw["data"], "val_fraction": 0.3}}))
