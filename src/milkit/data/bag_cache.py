@@ -1,5 +1,8 @@
 """Bags kept in memory after their first read, up to a byte budget (``data.cache_gb``).
 
+The one mechanism that keeps feature bags in memory: ``data.preload: true`` is this cache
+warmed before training (every bag read once, ``features.preload_bags``), not a second copy.
+
 Reading a bag's feature file again every epoch is most of what a training epoch over
 pre-extracted features costs besides the model (docs/benchmarks.md, issue 15). A
 :class:`BagCache` keeps each bag once it has been read, while the bytes kept stay within
@@ -64,12 +67,12 @@ def _copy(bag: Bag) -> Bag:
 
 class BagCache:
     """``get(key, sources, load)``: the cached bag when its sources are unchanged, else
-    ``load()`` (kept when it fits within ``budget_bytes``; 0 keeps nothing)."""
+    ``load()`` (kept when it fits within ``budget_bytes``; 0 keeps nothing, None has no limit)."""
 
-    def __init__(self, budget_bytes: int):
-        if budget_bytes < 0:
+    def __init__(self, budget_bytes: int | None):
+        if budget_bytes is not None and budget_bytes < 0:
             raise ValueError(f"cache budget must be ≥ 0 bytes, got {budget_bytes}")
-        self.budget_bytes = int(budget_bytes)
+        self.budget_bytes = None if budget_bytes is None else int(budget_bytes)
         self.used_bytes = 0
         self._items: dict[Hashable, tuple[Signature, Bag, int]] = {}
         self.hits = self.misses = 0
@@ -96,7 +99,7 @@ class BagCache:
         after = file_signature(sources)  # a file written while it was read is not cached
         if sig is not None and after == sig:
             size = bag_bytes(bag)
-            if self.used_bytes + size <= self.budget_bytes:
+            if self.budget_bytes is None or self.used_bytes + size <= self.budget_bytes:
                 self._items[key] = (sig, bag, size)
                 self.used_bytes += size
                 return _copy(bag)

@@ -31,7 +31,7 @@ import torch
 from pydantic import Field, model_validator
 
 from milkit.data.bag import Bag, BagDataset
-from milkit.data.bag_cache import BagCache
+from milkit.data.bag_cache import BagCache, bag_bytes
 from milkit.data.base import DataConfig, DataSplits
 from milkit.data.splits import kfold_splits, stratified_group_split
 
@@ -40,6 +40,9 @@ log = logging.getLogger(__name__)
 Layout = Literal["auto", "h5", "clam_pt", "torchmil"]
 SLIDE_ALIASES = ("slide_id", "slide", "wsi")
 CASE_ALIASES = ("case_id", "patient")
+#: the bag cache's budget when ``data.cache_gb`` is left out (without ``preload``): 2 GiB, ~500k
+#: 1024-d float32 features (not from a paper; docs/scale.md)
+DEFAULT_CACHE_BYTES = 2 * 2**30
 SPLIT_NAMES = {"train": "train", "training": "train", "val": "val", "valid": "val", "validation": "val", "test": "test"}
 
 
@@ -292,12 +295,15 @@ class FeatureBagsConfig(DataConfig):
     tumour_fraction: float = Field(0.5, gt=0, le=1)
     #: attach the 8-neighbour bag graph (milkit.data.graph) for Sm
     graph: bool = False
-    #: read every bag once into memory up front (ignores ``cache_gb``)
+    #: read every bag once before training, into the bag cache (data/bag_cache.py: one mechanism);
+    #: with ``cache_gb`` left out every bag is kept, as preload always did. Not from a paper: off
+    #: by default (the cache keeps bags after their first read anyway)
     preload: bool = False
     #: keep bags in memory after their first read, up to this many GiB in all (data/bag_cache.py);
-    #: a changed file is read again; 0 = read every bag on every access. Not from a paper: 2 GiB
-    #: holds ~500k 1024-d float32 features, and an epoch then reads no file (docs/scale.md)
-    cache_gb: float = Field(2.0, ge=0)
+    #: a changed file is read again; 0 = read every bag on every access. None (left out) = 2 GiB,
+    #: or no limit with ``preload``. Not from a paper: 2 GiB holds ~500k 1024-d float32 features,
+    #: and an epoch then reads no file (docs/scale.md)
+    cache_gb: float | None = Field(None, ge=0)
 
     @model_validator(mode="after")
     def _check(self) -> "FeatureBagsConfig":
@@ -305,12 +311,23 @@ class FeatureBagsConfig(DataConfig):
             raise ValueError(f"fold {self.fold} must be < folds {self.folds}")
         if abs(sum(self.fractions) - 1) > 1e-6:
             raise ValueError(f"fractions must sum to 1, got {list(self.fractions)}")
+        if self.preload and self.cache_gb == 0:
+            raise ValueError("data.preload: true keeps the bags in the bag cache, which data.cache_gb: 0 turns off; "
+                             "leave data.cache_gb out (no limit with preload) or set data.preload: false")
         return self
+
+    def cache_budget_bytes(self) -> int | None:
+        """The bag cache's budget: ``cache_gb`` GiB; left out: 2 GiB, or no limit with ``preload``."""
+        if self.cache_gb is None:
+            return None if self.preload else DEFAULT_CACHE_BYTES
+        return int(self.cache_gb * 2**30)
 
     def build(self, seed: int) -> DataSplits:
         table = FeatureTable.from_config(self)
-        table.cache = BagCache(int(self.cache_gb * 2**30))
+        table.cache = BagCache(self.cache_budget_bytes())
         parts = table.split_indices(self, seed)
+        if self.preload:
+            preload_bags(table, self, [int(i) for idx in parts for i in idx])
         return DataSplits(*(FeatureBagDataset(table, idx, self) for idx in parts))
 
 
@@ -506,22 +523,33 @@ def _annotation_labels(cfg: FeatureBagsConfig, sid: str, ff: FeatureFile) -> np.
     return labels
 
 
+def preload_bags(table: FeatureTable, cfg: FeatureBagsConfig, indices: list[int]) -> None:
+    """``data.preload``: read every bag of ``indices`` once into ``table.cache`` before training.
+    A ``data.cache_gb`` too small for all of them is refused (one line, after the pass, with the
+    size they need); a bag left out because its file changed while it was read is read again later."""
+    cache = table.cache
+    if cache is None or cache.budget_bytes == 0:
+        raise ValueError("data.preload: true needs the bag cache; data.cache_gb: 0 turns it off")
+    need = sum(bag_bytes(table.get(i, cfg)) for i in indices)
+    if cache.budget_bytes is not None and need > cache.budget_bytes:
+        raise ValueError(f"data.preload: the {len(indices)} bags need {need / 2**30:.3g} GiB in memory, more than "
+                         f"data.cache_gb: {cfg.cache_gb:g}; raise data.cache_gb, leave it out (no limit with preload) "
+                         "or set data.preload: false")
+
+
 class FeatureBagDataset(BagDataset):
-    """Bags of one split, read on first access and kept within ``cache_gb`` (or all at once
-    with ``preload``)."""
+    """Bags of one split, read on first access and kept within ``cache_gb`` (``preload``: the
+    cache was filled before training, ``preload_bags``)."""
 
     def __init__(self, table: FeatureTable, indices: np.ndarray, cfg: FeatureBagsConfig):
         self.table = table
         self.indices = [int(i) for i in indices]
         self.cfg = cfg
-        self._cache: list[Bag] | None = [table.load(i, cfg) for i in self.indices] if cfg.preload else None
 
     def __len__(self) -> int:
         return len(self.indices)
 
     def __getitem__(self, i: int) -> Bag:
-        if self._cache is not None:
-            return self._cache[i]
         return self.table.get(self.indices[i], self.cfg)
 
     def __iter__(self):

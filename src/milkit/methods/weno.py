@@ -453,16 +453,38 @@ class WENOModule(L.LightningModule):
         self.manual_backward(loss)
         enc.step()
         tea.step()
-        self.log("train/teacher_loss", loss.detach(), on_step=False, on_epoch=True, batch_size=len(batch))
-        self.log("train/hpm_kept_fraction", keep.sum() / batch.mask.sum(), on_step=False, on_epoch=True, batch_size=len(batch))
+        # this epoch's (Σ loss·bags, bags, kept instances, instances) on this rank; tensors, so no
+        # device sync per step (read once, at the epoch's last step)
+        dt = torch.float32 if loss.device.type == "mps" else torch.float64  # counts exact past 2^24 instances
+        step = torch.stack([loss.detach().to(dt) * len(batch), torch.tensor(float(len(batch)), dtype=dt, device=loss.device),
+                            keep.sum().to(dt), batch.mask.sum().to(dt)])
+        acc = self.__dict__.get("_teacher_epoch_sums")
+        self.__dict__["_teacher_epoch_sums"] = step if acc is None else acc + step
         if self.cfg.distillation:
             self._record_signal(batch, out, h, keep)
         if batch_idx == self.trainer.num_training_batches - 1:
+            self._log_teacher_epoch()
             if self.cfg.distillation:
                 self.student_pass()
             scheds = self.lr_schedulers()
             for s in scheds if isinstance(scheds, list) else ([scheds] if scheds is not None else []):
                 s.step()
+
+    def on_train_epoch_start(self) -> None:  # noqa: D102
+        self.__dict__["_teacher_epoch_sums"] = None
+
+    def _log_teacher_epoch(self) -> None:
+        """``train/teacher_loss`` (bag-weighted epoch mean) and ``train/hpm_kept_fraction`` (instances the
+        teacher saw / real instances) over every rank's share: the values one process logs for the same
+        global batches (DDP: summed with ``distributed.all_sum``, a collective of the last step)."""
+        acc = self.__dict__.get("_teacher_epoch_sums")
+        self.__dict__["_teacher_epoch_sums"] = None
+        local = [float(v) for v in acc.double().cpu()] if acc is not None else [0.0, 0.0, 0.0, 0.0]
+        loss_sum, n_bags, kept, total = distributed.all_sum(*local)
+        if n_bags:
+            self.log("train/teacher_loss", loss_sum / n_bags, on_step=False, on_epoch=True, batch_size=1)
+        if total:
+            self.log("train/hpm_kept_fraction", kept / total, on_step=False, on_epoch=True, batch_size=1)
 
     @torch.no_grad()
     def _record_signal(self, batch: BagBatch, out: MILOutput, h: Tensor, keep: Tensor) -> None:
