@@ -138,3 +138,32 @@ def test_confounded_level_on_the_cli(monkeypatch, tmp_path, capsys):
 def test_bad_level_in_a_config_names_the_key():
     with pytest.raises(ConfigError, match="level"):
         build_experiment({"data": {"kind": "hard_bags", "level": "hard-confused"}, "method": {"name": "pseudo_label"}})
+
+
+def test_sides_option_reaches_the_data_config(monkeypatch, tmp_path, capsys):
+    # --sides MIN,MAX (issue 11: realistic bag sizes) sets data.min_side/max_side of every run and of the probe
+    import milkit.benchmarks.hard_bags as hb
+    from milkit.cli import main
+
+    seen = {}
+
+    def fake_run(out, levels, rows, seeds, s, resume=True, progress=print):
+        seen["s"] = s
+        return {"settings": s, "levels": [], "cells": {}, "probe": {}, "wall_s": 0.0}
+
+    monkeypatch.setattr(hb, "run", fake_run)
+    assert main(["benchmark", "hard-bags", "--out", str(tmp_path), "--levels", "hard", "--sides", "40,60"]) == 0
+    assert seen["s"]["sides"] == [40, 60]
+    raw, _ = hb.experiment("ABMIL", "hard", 0, seen["s"])
+    data = build_experiment(raw).data
+    assert (data.min_side, data.max_side, data.level) == (40, 60, "hard")
+    bag = HardBagsConfig(level="hard", n_train=2, n_val=2, n_test=2, min_side=40, max_side=41).build(0).train[0]
+    assert 40 * 40 * 0.7 <= len(bag) <= 41 * 41  # sides 40-41, 15 % of cells without tissue
+    assert main(["benchmark", "hard-bags", "--out", str(tmp_path), "--levels", "hard"]) == 0
+    assert "sides" not in seen["s"]  # the default grid: settings as before, so old results resume
+    assert hb.experiment("ABMIL", "hard", 0, seen["s"])[0]["data"].keys() == {"kind", "level", "generator_seed"}
+    for bad in ("60,40", "40", "a,b", "2,3"):
+        capsys.readouterr()
+        assert main(["benchmark", "hard-bags", "--out", str(tmp_path), "--sides", bad]) == 2
+        err = capsys.readouterr().err.strip()
+        assert len(err.splitlines()) == 1 and "--sides" in err and bad in err

@@ -96,10 +96,28 @@ def method_section(row: str, s: dict) -> tuple[dict, str]:
 
 def experiment(row: str, level: str, seed: int, s: dict) -> tuple[dict, str]:
     method, stage = method_section(row, s)
-    data = {"kind": "hard_bags", "level": level, "generator_seed": s["generator_seed"]}
+    data = {"kind": "hard_bags", "level": level, "generator_seed": s["generator_seed"], **side_fields(s)}
     trainer = {"optimizer": "adam", "lr": s["lr"], "weight_decay": 1e-4, "max_epochs": s["epochs"], "batch_size": 1,
                "monitor": "val/auroc_minus_bce", "progress_bar": False, "accelerator": "cpu"}
     return {"seed": seed, "data": data, "method": method, "trainer": trainer}, stage
+
+
+def side_fields(s: dict) -> dict:
+    """``data.min_side``/``max_side`` from the settings' ``sides`` (``--sides``); empty: the level's grid."""
+    return {"min_side": s["sides"][0], "max_side": s["sides"][1]} if s.get("sides") else {}
+
+
+def parse_sides(text: str | None) -> list[int] | None:
+    """``--sides MIN,MAX`` → [MIN, MAX] (patches per grid side, 4 ≤ MIN ≤ MAX); None: the default grid."""
+    if text is None:
+        return None
+    try:
+        lo, hi = (int(x) for x in text.split(","))
+    except ValueError:
+        raise ValueError(f"--sides: expected MIN,MAX (two integers), got {text!r}") from None
+    if not 4 <= lo <= hi:
+        raise ValueError(f"--sides: need 4 <= MIN <= MAX, got {text!r}")
+    return [lo, hi]
 
 
 def f1_best_threshold(y_val: np.ndarray, s_val: np.ndarray) -> float:
@@ -263,7 +281,7 @@ def probe_cell(level: str, s: dict) -> dict:
     from milkit.metrics.classification import auroc
 
     t0 = time.perf_counter()
-    sp = HardBagsConfig(level=level, generator_seed=s["generator_seed"]).build(0)
+    sp = HardBagsConfig(level=level, generator_seed=s["generator_seed"], **side_fields(s)).build(0)
     xtr = np.concatenate([b.instances.numpy() for b in sp.train])
     ytr = np.concatenate([b.instance_labels.numpy() for b in sp.train])
     scaler = StandardScaler().fit(xtr)
@@ -319,6 +337,8 @@ def render(results: dict) -> str:
            f"AUROC − BCE; embeddings {s['embed_dim']}-d. Test split, mean ± sd over the seeds run (n). "
            "Run's threshold: chosen on validation patch labels by the method's default criterion, on the "
            "calibrated probability. Load: 1-min load average at the end of each run (min–max).\n")
+    if s.get("sides"):
+        md += f"\nGrid sides {s['sides'][0]}–{s['sides'][1]} patches (`--sides`; default 14–18).\n"
     for level in results["levels"]:
         cells = results["cells"].get(level, {})
         if not cells:
@@ -410,6 +430,8 @@ def register(app: typer.Typer) -> None:
         lr: float = typer.Option(3e-4, "--lr"),
         embed_dim: int = typer.Option(256, "--embed-dim", help="embedding size of every MIL model"),
         generator_seed: int = typer.Option(0, "--generator-seed"),
+        sides: Optional[str] = typer.Option(None, "--sides", help="MIN,MAX grid side range in patches (data.min_side, "
+                                            "data.max_side; default 14-18, ~215 patches a slide; 40,60 gives ~2,200)"),
         no_resume: bool = typer.Option(False, "--no-resume", help="rerun cells already in the JSON"),
         list_rows: bool = typer.Option(False, "--list", help="print the row labels and exit"),
     ) -> None:
@@ -433,6 +455,9 @@ def register(app: typer.Typer) -> None:
         except ValueError:
             raise ValueError(f"--seeds: expected comma-separated integers, got {seeds!r}") from None
         s = {"epochs": epochs, "lr": lr, "embed_dim": embed_dim, "feature_dim": 512, "generator_seed": generator_seed}
+        side_range = parse_sides(sides)
+        if side_range is not None:  # only when given, so results of the default grid still resume
+            s["sides"] = side_range
         console = Console()
         res = run(out, lv, rs, sd, s, resume=not no_resume, progress=console.print)
         console.print(render(res))
