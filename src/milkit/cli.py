@@ -50,6 +50,8 @@ def train(
 
     if config.is_dir():
         fail(f"{config}: is a folder, not an experiment YAML")
+    if parallel_seeds is not None and parallel_seeds != "auto" and not (parallel_seeds.isdigit() and int(parallel_seeds) >= 1):
+        fail(f"--parallel-seeds: {parallel_seeds!r} is not a process count: use a whole number >= 1 or 'auto'")
     path = resolve_config(config)
     extra = ([f"trainer.seeds={seeds}"] if seeds else []) + (
         [f"trainer.parallel_seeds={parallel_seeds}"] if parallel_seeds is not None else [])

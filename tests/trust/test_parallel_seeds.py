@@ -166,8 +166,9 @@ def test_workers_threads_and_devices(monkeypatch):
 
 
 @pytest.mark.parametrize("args,key", [
-    (["--parallel-seeds", "0"], "trainer.parallel_seeds"),
-    (["--parallel-seeds", "two"], "trainer.parallel_seeds"),
+    (["--parallel-seeds", "0"], "--parallel-seeds"),
+    (["--parallel-seeds", "two"], "--parallel-seeds"),
+    (["--set", "trainer.parallel_seeds=0"], "trainer.parallel_seeds"),
     (["--parallel-seeds", "2", "--set", "trainer.devices=2", "--set", "trainer.strategy=ddp"], "trainer.parallel_seeds: 2"),
 ])
 def test_bad_combinations_are_refused_before_anything_is_written(tmp_path, capsys, args, key):
