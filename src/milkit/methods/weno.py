@@ -371,6 +371,7 @@ class WENOModule(L.LightningModule):
 
     def __init__(self, net: WENONet, cfg: WENOConfig, trainer_cfg: TrainerConfig, train: BagDataset, seed: int = 0):
         super().__init__()
+        self._teacher_epoch_sums: Tensor | None = None  # this epoch's teacher sums (see _log_teacher_epoch)
         self.automatic_optimization = False
         self.net = net
         self.cfg = cfg
@@ -458,8 +459,8 @@ class WENOModule(L.LightningModule):
         dt = torch.float32 if loss.device.type == "mps" else torch.float64  # counts exact past 2^24 instances
         step = torch.stack([loss.detach().to(dt) * len(batch), torch.tensor(float(len(batch)), dtype=dt, device=loss.device),
                             keep.sum().to(dt), batch.mask.sum().to(dt)])
-        acc = self.__dict__.get("_teacher_epoch_sums")
-        self.__dict__["_teacher_epoch_sums"] = step if acc is None else acc + step
+        acc = self._teacher_epoch_sums
+        self._teacher_epoch_sums = step if acc is None else acc + step
         if self.cfg.distillation:
             self._record_signal(batch, out, h, keep)
         if batch_idx == self.trainer.num_training_batches - 1:
@@ -471,14 +472,13 @@ class WENOModule(L.LightningModule):
                 s.step()
 
     def on_train_epoch_start(self) -> None:  # noqa: D102
-        self.__dict__["_teacher_epoch_sums"] = None
+        self._teacher_epoch_sums = None
 
     def _log_teacher_epoch(self) -> None:
         """``train/teacher_loss`` (bag-weighted epoch mean) and ``train/hpm_kept_fraction`` (instances the
         teacher saw / real instances) over every rank's share: the values one process logs for the same
         global batches (DDP: summed with ``distributed.all_sum``, a collective of the last step)."""
-        acc = self.__dict__.get("_teacher_epoch_sums")
-        self.__dict__["_teacher_epoch_sums"] = None
+        acc, self._teacher_epoch_sums = self._teacher_epoch_sums, None
         local = [float(v) for v in acc.double().cpu()] if acc is not None else [0.0, 0.0, 0.0, 0.0]
         loss_sum, n_bags, kept, total = distributed.all_sum(*local)
         if n_bags:
