@@ -22,13 +22,12 @@ from typing import Iterator
 
 import lightning as L
 import torch
-from lightning.pytorch.callbacks import EarlyStopping, ModelCheckpoint
-from lightning.pytorch.loggers import CSVLogger
+from lightning.pytorch.callbacks import EarlyStopping
 from lightning.pytorch.plugins.io import TorchCheckpointIO
 from torch.utils.data import DataLoader
 
 from milkit import distributed
-from milkit.checkpointing import LaterOnTiesCheckpoint
+from milkit.checkpointing import LaterOnTiesCheckpoint, ResumeState, RunCSVLogger
 from milkit.config import TrainerConfig
 from milkit.io import load_state_dict, save_state_dict
 from milkit.malloc import keep_freed_memory
@@ -162,6 +161,8 @@ def _quiet_lightning() -> None:
     warnings.filterwarnings("ignore", ".*is deprecated.*", category=DeprecationWarning)
     # DDP: validation values are gathered before they are logged (milkit.distributed), so equal on every rank
     warnings.filterwarnings("ignore", ".*sync_dist=True.*")
+    # --resume: the CSV log of the interrupted process is rewritten from last.ckpt (checkpointing.RunCSVLogger)
+    warnings.filterwarnings("ignore", ".*Experiment logs directory .* exists and is not empty.*")
     os.environ.setdefault("POSSIBLE_USER_WARNING", "off")
 
 
@@ -219,9 +220,10 @@ def fit_stage(
 
         shutil.rmtree(ckpt_dir, ignore_errors=True)
         shutil.rmtree(stage_dir / "logs", ignore_errors=True)
-    # full state (optimiser, loops, callbacks) every epoch, so that --resume can continue
-    callbacks: list = [ModelCheckpoint(dirpath=ckpt_dir, filename=LAST_CKPT.removesuffix(".ckpt"), monitor=None,
-                                       save_top_k=1, save_weights_only=False, enable_version_counter=False)]
+    # full state (optimiser, loops, callbacks, RNG, loader generator, CSV rows) at the start of every
+    # epoch after the first, so that --resume continues the stage as if it had not stopped
+    csv_logger = RunCSVLogger(save_dir=str(stage_dir), name="logs", version="")
+    callbacks: list = [ResumeState(last_ckpt, getattr(train_loader, "generator", None), csv_logger)]
     ckpt = None
     if val_loader is not None:
         ckpt = LaterOnTiesCheckpoint(  # ties → later epoch (issue 12, Max-Min authors' rule)
@@ -249,7 +251,7 @@ def fit_stage(
         gradient_clip_val=cfg.gradient_clip_val,
         deterministic=cfg.deterministic,
         callbacks=callbacks,
-        logger=CSVLogger(save_dir=str(stage_dir), name="logs", version=""),
+        logger=csv_logger,
         enable_progress_bar=cfg.progress_bar,
         enable_model_summary=False,
         log_every_n_steps=cfg.log_every_n_steps,

@@ -135,16 +135,16 @@ def _interrupted_and_resumed(cls, tmp, monkeypatch):
 
 
 def test_lean_loop_resumes_as_the_automatic_loop_does(tmp_path, monkeypatch):
-    # (a resumed run is not the uninterrupted one to the last digit in either loop: the bag order
-    # after --resume is drawn afresh; what the lean loop must keep is what the automatic one does)
+    # (in either loop a resumed run is the uninterrupted one: last.ckpt carries the RNG and bag-order
+    # state and the CSV rows, checkpointing.ResumeState; the lean loop must keep what the automatic one does)
     lean, w_lean, csv_lean, lr_lean, _ = _interrupted_and_resumed(StopsAtEpoch2, tmp_path / "lean", monkeypatch)
     auto, w_auto, csv_auto, lr_auto, _ = _interrupted_and_resumed(AutoStopsAtEpoch2, tmp_path / "auto", monkeypatch)
     assert not lean.automatic_optimization and auto.automatic_optimization
-    _, _, _, lr_full, cfg = _fit(BagModule, tmp_path / "full", monkeypatch)
+    _, w_full, csv_full, lr_full, cfg = _fit(BagModule, tmp_path / "full", monkeypatch)
     assert lr_lean == pytest.approx(lr_full[2:], rel=1e-12) == lr_auto  # the schedule goes on from epoch 2
-    assert csv_lean == csv_auto
-    assert all(torch.equal(w_lean[k], w_auto[k]) for k in w_lean)
-    assert [int(r.split(",")[0]) for r in csv_lean.strip().splitlines()[1:]][::2] == [2, 3, 4]
+    assert csv_lean == csv_auto == csv_full
+    assert all(torch.equal(w_lean[k], w_auto[k]) and torch.equal(w_lean[k], w_full[k]) for k in w_lean)
+    assert [int(r.split(",")[0]) for r in csv_lean.strip().splitlines()[1:]][::2] == [0, 1, 2, 3, 4]
     # begun in the automatic loop (before the change), resumed in the lean one: the same run, steps counted on
     AutoStopsAtEpoch2.armed = True
     with pytest.raises(Interrupt):

@@ -1,6 +1,8 @@
 """Run directories: a real SIGKILL mid-training then ``--resume``; finished stages are not
-retrained and a resumed run ends with the files (and, from a stage boundary, the numbers) of
-an uninterrupted one; ``--overwrite``; a failed run does not block its rerun."""
+retrained and a resumed run ends with the files and the numbers of an uninterrupted one, also
+when it stopped inside a stage (the same metrics.csv, best checkpoint and weights: the RNG,
+the shuffle generator and the log rows travel in ``last.ckpt``); ``--overwrite``; a failed run
+does not block its rerun."""
 
 from __future__ import annotations
 
@@ -19,6 +21,8 @@ import yaml
 
 sys.path.insert(0, str(Path(__file__).parent))
 from cohort import make_cohort  # noqa: E402
+
+import lightning as L  # noqa: E402
 
 from milkit.cli import main  # noqa: E402
 
@@ -70,9 +74,111 @@ def test_sigkill_mid_training_then_resume(tmp_path, capsys):
     ref = tmp_path / "ref"
     assert main(["train", str(c["config"]), "--out", str(ref)]) == 0
     assert files(run) == files(ref)
+    # killed inside the stage, at any moment: the log, the weights and the numbers of the uninterrupted run
+    assert (run / "stages/mil/logs/metrics.csv").read_text() == (ref / "stages/mil/logs/metrics.csv").read_text()
+    assert_same_weights(run / "stages/mil/model.pt", ref / "stages/mil/model.pt")
+    assert metrics_without_time(run) == metrics_without_time(ref)
     assert "stages/mil/checkpoints/last.ckpt" not in files(run)
     m = json.loads((run / "metrics.json").read_text())
     assert 0.0 <= m["mil"]["test"]["bag_auroc"] <= 1.0
+
+
+def assert_same_weights(a: Path, b: Path, key: str | None = None) -> None:
+    wa, wb = (torch.load(p, map_location="cpu", weights_only=True) for p in (a, b))
+    if key is not None:
+        wa, wb = wa[key], wb[key]
+    assert wa.keys() == wb.keys()
+    for k in wa:
+        torch.testing.assert_close(wa[k], wb[k], atol=1e-6, rtol=0, msg=f"{a}: {k}")
+
+
+class Stop(RuntimeError):
+    """Raised once at the start of an epoch, as a process killed there would stop."""
+
+
+class StopAt(L.Callback):
+    """After the engine's own callbacks (``last.ckpt`` written) at the start of ``epoch`` of ``stage``."""
+
+    def __init__(self, stage: str, epoch: int):
+        self.stage, self.epoch, self.armed = stage, epoch, True
+
+    def on_train_epoch_start(self, trainer, pl_module):
+        if self.armed and trainer.current_epoch == self.epoch and Path(trainer.default_root_dir).name == self.stage:
+            self.armed = False
+            raise Stop(f"stopped at the start of epoch {self.epoch}")
+
+
+class FinalWeights(L.Callback):
+    """Each stage's weights after its last epoch (model.pt holds the best epoch's)."""
+
+    def __init__(self):
+        self.weights: dict[str, dict] = {}
+
+    def on_train_end(self, trainer, pl_module):
+        name = Path(trainer.default_root_dir).name
+        self.weights[name] = {k: v.detach().clone() for k, v in pl_module.state_dict().items()}
+
+
+def _with_callbacks(monkeypatch, *cbs: L.Callback) -> None:
+    monkeypatch.setattr(L, "Trainer", _TRAINER)
+
+    class Trainer(_TRAINER):  # type: ignore[misc, valid-type]
+        def __init__(self, *a, callbacks=None, **k):
+            super().__init__(*a, callbacks=[*(callbacks or []), *cbs], **k)
+
+    monkeypatch.setattr(L, "Trainer", Trainer)
+
+
+_TRAINER = L.Trainer
+
+
+#: methods whose steps draw random numbers besides the bag order: dropout (ABMIL head, WENO's teacher),
+#: VAT noise bags and perturbations (Distill-to-Label's teacher); lean loop, manual optimisation, two stages
+INSIDE = {
+    "mil_dropout": ({"name": "mil", "encoder": {"name": "linear", "out_dim": 8},
+                     "model": {"name": "abmil", "attention_hidden": 8, "dropout": 0.5}}, "mil"),
+    "weno": ({"name": "weno", "encoder": {"name": "linear", "out_dim": 8},
+              "teacher": {"name": "abmil", "attention_hidden": 8, "dropout": 0.5},
+              "hpm_warmup_epochs": 1, "student_batch_size": 8}, "student"),  # one Lightning stage
+    "d2l_teacher_vat": ({"name": "distill_to_label", "baseline": False, "encoder": {"name": "linear", "out_dim": 8},
+                         "teacher": {"perturbation": "random", "radius": "ball"}}, "teacher"),
+}
+
+
+@pytest.mark.parametrize("name", list(INSIDE))
+def test_resume_inside_a_stage_is_the_uninterrupted_run(tmp_path, monkeypatch, name):
+    method, stage = INSIDE[name]
+    c = make_cohort(tmp_path, max_epochs=4)
+    raw = yaml.safe_load(c["config"].read_text())
+    raw["method"] = method
+    cfg = c["root"] / f"{name}.yaml"
+    cfg.write_text(yaml.safe_dump(raw, sort_keys=False))
+    full, cut = tmp_path / "full", tmp_path / "cut"
+    w_full, w_cut = FinalWeights(), FinalWeights()
+    _with_callbacks(monkeypatch, w_full)
+    assert main(["train", str(cfg), "--out", str(full)]) == 0
+    _with_callbacks(monkeypatch, StopAt(stage, 2), w_cut)
+    assert main(["train", str(cfg), "--out", str(cut)]) == 1  # stopped inside the stage, after epoch 1
+    sd = cut / "stages" / stage
+    assert torch.load(sd / "checkpoints/last.ckpt", map_location="cpu", weights_only=True)["epoch"] == 2
+    assert not (sd / "model.pt").exists()
+    (sd / "logs/metrics.csv").write_text("epoch,step\n0,")  # what a kill mid-write would leave
+    assert main(["train", str(cfg), "--out", str(cut), "--resume"]) == 0
+    assert files(cut) == files(full)
+    trained = sorted(p.parents[1] for p in (full / "stages").glob("*/logs/metrics.csv"))
+    assert stage in [d.name for d in trained]
+    for d in trained:
+        log_full = (d / "logs/metrics.csv").read_text()
+        assert (cut / "stages" / d.name / "logs/metrics.csv").read_text() == log_full, d.name
+        assert_same_weights(cut / "stages" / d.name / "model.pt", d / "model.pt")
+        assert_same_weights(cut / "stages" / d.name / "checkpoints/best.ckpt", d / "checkpoints/best.ckpt",
+                            "state_dict")
+        for k, v in w_full.weights[d.name].items():  # after the last epoch
+            torch.testing.assert_close(w_cut.weights[d.name][k], v, atol=1e-6, rtol=0, msg=f"{d.name}: {k}")
+        if d.name == stage:  # every epoch in the resumed log, each once (as in the uninterrupted one)
+            rows = [ln.split(",")[0] for ln in log_full.splitlines()[1:]]
+            assert sorted(set(rows)) == ["0", "1", "2", "3"] and len(rows) == 4 * rows.count("0")
+    assert metrics_without_time(cut) == metrics_without_time(full)
 
 
 def _d2l_config(c: dict) -> Path:
