@@ -11,11 +11,12 @@ from __future__ import annotations
 
 import os
 
-#: free heap top kept for reuse instead of being trimmed back to the OS
-MALLOC_TRIM_BYTES = 256 << 20
+#: free heap top kept for reuse instead of being trimmed back to the OS (the largest value mallopt takes:
+#: a 100k-instance step frees ~2 GB that the next step needs again; issue 15)
+MALLOC_TRIM_BYTES = (1 << 31) - 1
 #: blocks below this come from the heap, not a fresh mmap (glibc's largest mmap threshold, 64-bit)
 MALLOC_MMAP_BYTES = 32 << 20
-_M_TRIM_THRESHOLD, _M_MMAP_THRESHOLD = -1, -3  # glibc malloc.h
+_M_TRIM_THRESHOLD, _M_MMAP_THRESHOLD, _M_MMAP_MAX = -1, -3, -4  # glibc malloc.h
 _kept: bool | None = None
 
 
@@ -39,4 +40,6 @@ def keep_freed_memory() -> bool:
         return _kept
     mallopt.argtypes = [ctypes.c_int, ctypes.c_int]
     _kept = bool(mallopt(_M_TRIM_THRESHOLD, MALLOC_TRIM_BYTES)) and bool(mallopt(_M_MMAP_THRESHOLD, MALLOC_MMAP_BYTES))
+    # blocks over 32 MB (100k × 512 float32 is 205 MB) from the heap too, not a fresh mmap each time
+    _kept = _kept and bool(mallopt(_M_MMAP_MAX, 0))
     return _kept

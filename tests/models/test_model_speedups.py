@@ -191,3 +191,96 @@ def test_gated_attention_pool_equals_reference():
             outs.append((z, a, s, h.grad.clone(), sc.V.weight.grad.clone(), sc.U.bias.grad.clone()))
         for x, y in zip(*outs):
             torch.testing.assert_close(x, y, **TOL)
+
+
+# -- SmAP-early and SmTAP (issue 15): the plain equations, Sm as Eq. 8 with a dense Â -----
+def _holey_graph(h: int, w: int, seed: int):
+    import numpy as np
+
+    from milkit.data.graph import grid_adjacency
+
+    ys, xs = np.mgrid[0:h, 0:w]
+    keep = np.random.default_rng(seed).random(h * w) > 0.25
+    return grid_adjacency(np.stack([xs.ravel(), ys.ravel()], 1)[keep] * 256, 256)
+
+
+def ref_sm(sm, graph, u):
+    """Eq. 8 step by step: G₀ = U, G_t = α Â G_{t−1} + (1−α) U, Â dense."""
+    adj = graph.dense_normalized_adjacency(torch.float64).to(u.dtype)
+    a = sm.alpha
+    g = u
+    for _ in range(sm.steps):
+        g = a * (adj @ g) + (1 - a) * u
+    return g
+
+
+def ref_pool_early(pool, h, graph):
+    """SmAP-early as NOTES.md writes it: Sm on the 512-d embeddings, then attention on them."""
+    hs = ref_sm(pool.sm, graph, h)
+    s = pool.w(torch.tanh(pool.V(hs))).squeeze(-1)
+    a = torch.softmax(s, dim=0)
+    return a @ hs, s, a
+
+
+def ref_mhsa(att, x):
+    """Standard multi-head self-attention written out: softmax(QKᵀ/√d)V per head, output projection."""
+    n, d = x.shape
+    heads = att.heads
+    q, k, v = F.linear(x, att.qkv.weight, att.qkv.bias).view(n, 3, heads, d // heads).permute(1, 2, 0, 3)
+    p = torch.softmax(q @ k.transpose(-1, -2) / math.sqrt(d // heads), dim=-1)
+    return att.out((p @ v).transpose(0, 1).reshape(n, d))
+
+
+def ref_smap_early(m, x, graph):
+    h = F.gelu(F.linear(x, m.embed[0].weight, m.embed[0].bias))
+    z, s, a = ref_pool_early(m.pool, h, graph)
+    return m.classifier(z).squeeze(-1), s, a
+
+
+def ref_smtap(m, x, graph):
+    h = F.gelu(F.linear(x, m.embed[0].weight, m.embed[0].bias))
+    for layer, sm in zip(m.transformer.layers, m.layer_sm):
+        h = h + ref_sm(sm, graph, ref_mhsa(layer.attn, layer.norm(h)))  # pre-LN, Sm before the residual
+    z, s, a = ref_pool_early(m.pool, h, graph)
+    return m.classifier(z).squeeze(-1), s, a
+
+
+SM_CASES = [
+    ("smap", {"sm_where": "early"}, ref_smap_early),
+    ("smtap", {"embed_dim": 32, "heads": 4, "attention_hidden": 16}, ref_smtap),
+]
+
+
+@pytest.mark.parametrize("name,over,ref", SM_CASES, ids=[c[0] for c in SM_CASES])
+def test_sm_models_equal_their_plain_equations(name, over, ref):
+    """One bag and a padded batch of two: bag logits, instance scores, attention and every
+    parameter's gradient equal the reference within 1e-5 (eval mode: spectral norm fixed)."""
+    m = _model(name, **over).eval()
+    graphs = [_holey_graph(6, 7, 1), _holey_graph(5, 5, 2)]
+    sizes = [g.num_nodes for g in graphs]
+    xs = [torch.randn(n, 24) for n in sizes]
+    x = torch.zeros(2, max(sizes), 24)
+    mask = torch.zeros(2, max(sizes), dtype=torch.bool)
+    for i, xi in enumerate(xs):
+        x[i, : sizes[i]], mask[i, : sizes[i]] = xi, True
+    for batch in ([0], [0, 1]):
+        bx, bm = (xs[0].unsqueeze(0), None) if batch == [0] else (x, mask)
+        m.zero_grad()
+        out = m(bx, bm, [graphs[i] for i in batch])
+        loss = out.bag_logits.sum() + 0.1 * out.instance_scores.square().sum()
+        loss.backward()
+        fast = _grads(m)
+        m.zero_grad()
+        ref_loss = 0.0
+        for j, i in enumerate(batch):
+            logit, s, a = ref(m, xs[i], graphs[i])
+            n = sizes[i]
+            torch.testing.assert_close(out.bag_logits[j], logit, **TOL)
+            torch.testing.assert_close(out.instance_scores[j, :n], s, **TOL)
+            torch.testing.assert_close(out.attention[j, :n], a, **TOL)
+            ref_loss = ref_loss + logit + 0.1 * s.square().sum()
+        ref_loss.backward()
+        slow = _grads(m)
+        assert fast.keys() == slow.keys() and len(fast) >= 6
+        for k in fast:
+            torch.testing.assert_close(fast[k], slow[k], **TOL, msg=f"{name} batch {batch}: gradient of {k}")

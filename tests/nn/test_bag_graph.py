@@ -79,3 +79,27 @@ def test_induced_subgraph_renormalises_on_kept_nodes_and_isolates_appended():
     assert follow_mask(None, mask, new) is None
     with pytest.raises(ValueError, match="padded position"):
         follow_mask([g5], mask, torch.ones(1, 6, dtype=torch.bool))
+
+
+def test_vectorised_grid_builder_equals_pairwise_reference():
+    """The 8-neighbour edges, in CSR order (source, then destination), as an O(N²) scan finds them."""
+    import pickle
+
+    rng = np.random.default_rng(3)
+    for h, w in [(1, 1), (1, 6), (5, 7), (9, 4)]:
+        ys, xs = np.mgrid[0:h, 0:w]
+        keep = rng.random(h * w) > 0.3
+        keep[0] = True
+        perm = rng.permutation(int(keep.sum()))  # node numbering unrelated to grid order
+        rc = np.stack([ys.ravel(), xs.ravel()], 1)[keep][perm]
+        g = grid_adjacency(rc[:, ::-1] * 256, 256)
+        d = np.abs(rc[:, None, :] - rc[None, :, :]).max(-1)
+        src, dst = np.nonzero((d <= 1) & (d > 0))  # row-major: sorted by source, then destination
+        assert g.edge_index.tolist() == [src.tolist(), dst.tolist()]
+        assert g.grid is not None
+    g.memo()["x"] = 1
+    assert g.to("cpu") is g and "x" in g.to("cpu").memo()  # same device: the same graph, cache kept
+    copy = pickle.loads(pickle.dumps(g))
+    assert copy.memo() == {} and torch.equal(copy.edge_index, g.edge_index)  # the cache is not pickled
+    with pytest.raises(ValueError, match="same grid position"):
+        grid_adjacency(np.array([[0, 0], [256, 0], [0, 0]]), 256)

@@ -72,8 +72,28 @@ class BagGraph:
             object.__setattr__(self, "edge_index", self.edge_index[:, order].contiguous())
             object.__setattr__(self, "edge_weight", self.edge_weight[order].contiguous())
 
+    def memo(self) -> dict:
+        """A per-graph cache for derived operators (``milkit.nn.smooth`` keeps Â's CSR form here).
+        The graph is immutable, so what is derived from it stays valid; the cache is not pickled."""
+        m = self.__dict__.get("_memo")
+        if m is None:
+            m = {}
+            object.__setattr__(self, "_memo", m)
+        return m
+
+    def __getstate__(self) -> dict:
+        return {k: v for k, v in self.__dict__.items() if k != "_memo"}
+
+    def __setstate__(self, state: dict) -> None:
+        self.__dict__.update(state)
+
     # -- basic quantities -----------------------------------------------------------
     def to(self, device: torch.device | str) -> "BagGraph":
+        """This graph on ``device`` (itself when it is already there, so its cached operators stay)."""
+        dev = torch.device(device)
+        if self.edge_index.device == dev and self.edge_weight.device == dev and (
+                self.grid is None or self.grid.rows.device == dev):
+            return self
         return BagGraph(
             self.num_nodes,
             self.edge_index.to(device),
@@ -188,18 +208,18 @@ def grid_adjacency(coords, patch_size: float | None = None, radius: float = 1.5)
 
 
 def _grid_graph(rows: np.ndarray, cols: np.ndarray, height: int, width: int) -> BagGraph:
+    """The 8-neighbour graph, built vectorised and already in CSR order (by source, then destination)."""
     n = rows.size
+    ids = np.arange(n)
     canvas = np.full((height + 2, width + 2), -1, dtype=np.int64)
-    if np.unique(rows * width + cols).size != n:
+    canvas[rows + 1, cols + 1] = ids
+    if not np.array_equal(canvas[rows + 1, cols + 1], ids):  # a later node overwrote an earlier one
         raise ValueError("two instances share the same grid position (duplicate coords)")
-    canvas[rows + 1, cols + 1] = np.arange(n)
-    src, dst = [], []
-    for dr, dc in _OFFSETS:
-        nb = canvas[rows + 1 + dr, cols + 1 + dc]
-        keep = nb >= 0
-        src.append(np.nonzero(keep)[0])
-        dst.append(nb[keep])
-    ei = torch.from_numpy(np.stack([np.concatenate(src), np.concatenate(dst)]))
+    nb = np.stack([canvas[rows + 1 + dr, cols + 1 + dc] for dr, dc in _OFFSETS], axis=1)  # (N, 8), −1: none
+    nb.sort(axis=1)
+    keep = nb >= 0
+    src = np.broadcast_to(ids[:, None], nb.shape)[keep]
+    ei = torch.from_numpy(np.stack([src, nb[keep]]))
     w = torch.ones(ei.shape[1], dtype=torch.float32)
     grid = None
     if height * width <= MAX_CANVAS_PER_NODE * n + 1024:

@@ -80,8 +80,12 @@ class SmAttentionPool(nn.Module):
         if self.where == "early" and self.linear_rewrite:
             hv = torch.nn.functional.linear(h, self.V.weight)
             t = torch.tanh(self.sm(hv, graphs, mask) + self.V.bias)
-            s = self.w(t).squeeze(-1).masked_fill(~mask, 0.0)
-            a = masked_softmax(s, mask)
+            s = self.w(t).squeeze(-1)
+            if graphs.full:  # no padding: the masking below would change nothing
+                a = torch.softmax(s, dim=-1)
+            else:
+                s = s.masked_fill(~mask, 0.0)
+                a = masked_softmax(s, mask)
             z = weighted_sum(self.sm(a, graphs, mask), h)
             return z, a, s, h
         if self.where == "early":

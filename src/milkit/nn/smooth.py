@@ -63,7 +63,13 @@ class SparseOperator:
 
     @classmethod
     def from_graph(cls, graph: BagGraph) -> "SparseOperator":
-        return cls(graph.edge_index[1], graph.row_offsets()[:-1], graph.normalized_weight(torch.float64), graph.num_nodes)
+        """Â of one graph, built once per graph and device (kept in ``graph.memo()``)."""
+        key = ("sparse_operator", graph.edge_index.device)
+        memo = graph.memo()
+        if key not in memo:
+            memo[key] = cls(graph.edge_index[1], graph.row_offsets()[:-1], graph.normalized_weight(torch.float64),
+                            graph.num_nodes)
+        return memo[key]
 
     @classmethod
     def from_batch(cls, graphs: Sequence[BagGraph], mask: Tensor) -> "SparseOperator":
@@ -96,44 +102,46 @@ class SparseOperator:
 class _SparseSmApprox(torch.autograd.Function):
     """Eq. 8 on a sparse symmetric Â in one autograd node (the fast path).
 
-    Forward: G_t = (αÂ)·G_{t−1} + (1−α)U, with α folded into the edge weights.
-    Backward, with adjoints λ_T = ∂L/∂G_T and λ_{t−1} = αÂλ_t (Â symmetric):
-    ∂L/∂U = (1−α) Σ_{t≥1} λ_t + λ_0 and ∂L/∂α = Σ_t ⟨λ_t, ÂG_{t−1} − U⟩
-    = Σ_t ⟨λ_{t−1}, G_{t−1}⟩/α − ⟨Σ_t λ_t, U⟩. Keeps G_0..G_{T−1} only when α needs a gradient.
+    Forward: G_t = (αÂ)·G_{t−1} + (1−α)U, with α folded into the edge weights, i.e.
+    G_T = p(Â)U with p(x) = (αx)^T + (1−α) Σ_{k<T} (αx)^k.
+    Backward, with μ_k = (αÂ)^k λ (λ = ∂L/∂G_T; Â symmetric, so p(Â) is too):
+    ∂L/∂U = p(Â)λ = (1−α) Σ_{k<T} μ_k + μ_T, and ∂L/∂α = ⟨λ, p'(Â)U⟩
+    = Σ_{k<T} (k(1−α)/α − 1)⟨μ_k, U⟩ + (T/α)⟨μ_T, U⟩. Nothing but U is kept from the forward.
     """
 
     @staticmethod
     def forward(ctx, u: Tensor, alpha: Tensor, col: Tensor, offsets: Tensor, val: Tensor, steps: int) -> Tensor:  # noqa: D102
         a = float(alpha)
         wa = val * a
-        base = u.detach() * (1 - a)
-        g = u.detach()
-        keep = []
-        need_alpha = ctx.needs_input_grad[1]
+        u = u.detach()
+        base = u * (1 - a)
+        g = u
         for _ in range(steps):
-            if need_alpha:
-                keep.append(g)
             g = F.embedding_bag(col, g, offsets, mode="sum", per_sample_weights=wa).add_(base)
         ctx.save_for_backward(u, col, offsets, wa)
-        ctx.keep, ctx.a, ctx.steps = keep, a, steps
+        ctx.a, ctx.steps = a, steps
         return g
 
     @staticmethod
     def backward(ctx, grad: Tensor):  # noqa: D102
         u, col, offsets, wa = ctx.saved_tensors
-        a, steps, keep = ctx.a, ctx.steps, ctx.keep
-        lam = grad.contiguous()
-        acc = torch.zeros_like(lam)
-        dalpha = lam.new_zeros(())
-        for t in range(steps, 0, -1):
-            acc.add_(lam)
-            lam = F.embedding_bag(col, lam, offsets, mode="sum", per_sample_weights=wa)  # λ_{t−1}
-            if keep:
-                dalpha = dalpha + torch.dot(lam.reshape(-1), keep[t - 1].reshape(-1)) / a
-        du = torch.add(lam, acc, alpha=1 - a) if ctx.needs_input_grad[0] else None
+        a, steps = ctx.a, ctx.steps
+        need_u, need_alpha = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
+        mu = grad.contiguous()  # μ_0 = λ
+        acc = torch.zeros_like(mu) if need_u else None
+        dots = []
+        for k in range(steps):
+            if need_u:
+                acc.add_(mu)
+            if need_alpha:
+                dots.append(torch.dot(mu.reshape(-1), u.reshape(-1)))
+            mu = F.embedding_bag(col, mu, offsets, mode="sum", per_sample_weights=wa)  # μ_{k+1}
+        du = torch.add(mu, acc, alpha=1 - a) if need_u else None
         da = None
-        if ctx.needs_input_grad[1]:
-            da = (dalpha - torch.dot(acc.reshape(-1), u.reshape(-1))).reshape(())
+        if need_alpha:
+            coef = torch.tensor([k * (1 - a) / a - 1 for k in range(steps)] + [steps / a], dtype=torch.float64)
+            dots.append(torch.dot(mu.reshape(-1), u.reshape(-1)))
+            da = (torch.stack(dots).double() * coef.to(mu.device)).sum().to(mu.dtype).reshape(())
         return du, da, None, None, None, None
 
 

@@ -27,11 +27,16 @@ class MultiheadSelfAttention(nn.Module):
         self.qkv = nn.Linear(dim, 3 * dim)
         self.out = nn.Linear(dim, dim)
 
-    def forward(self, x: Tensor, mask: Tensor) -> Tensor:
+    def forward(self, x: Tensor, mask: Tensor, full: bool | None = None) -> Tensor:
+        """``full``: the mask has no padding (computed from ``mask`` when None)."""
         b, n, d = x.shape
         q, k, v = self.qkv(x).view(b, n, 3, self.heads, d // self.heads).permute(2, 0, 3, 1, 4)
-        attn_mask = None if bool(mask.all()) else mask[:, None, None, :]
-        o = F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask, dropout_p=self.dropout if self.training else 0.0)
+        full = bool(mask.all()) if full is None else full
+        attn_mask = None if full else mask[:, None, None, :]
+        # contiguous (B, H, N, d) heads: the CPU flash kernel is 3 % (1k) to 8 % (4k) faster on them
+        # than on the strided views of the qkv output (docs/benchmarks.md, SmTAP section)
+        o = F.scaled_dot_product_attention(q.contiguous(), k.contiguous(), v.contiguous(), attn_mask=attn_mask,
+                                           dropout_p=self.dropout if self.training else 0.0)
         return self.out(o.transpose(1, 2).reshape(b, n, d))
 
 
@@ -46,14 +51,16 @@ class TransformerLayer(nn.Module):
         if ff_dim > 0:
             self.ff = nn.Sequential(nn.LayerNorm(dim), nn.Linear(dim, ff_dim), nn.GELU(), nn.Linear(ff_dim, dim))
 
-    def forward(self, x: Tensor, mask: Tensor, post: Callable[[Tensor], Tensor] | None = None) -> Tensor:
-        a = self.attn(self.norm(x), mask)
+    def forward(self, x: Tensor, mask: Tensor, post: Callable[[Tensor], Tensor] | None = None,
+                full: bool | None = None) -> Tensor:
+        full = bool(mask.all()) if full is None else full
+        a = self.attn(self.norm(x), mask, full)
         if post is not None:
             a = post(a)
         x = x + a
         if self.ff is not None:
             x = x + self.ff(x)
-        return x * mask.unsqueeze(-1).to(x.dtype)
+        return x if full else x * mask.unsqueeze(-1).to(x.dtype)  # (no padding: nothing to zero)
 
 
 class TransformerEncoder(nn.Module):
@@ -64,6 +71,7 @@ class TransformerEncoder(nn.Module):
         self.layers = nn.ModuleList(TransformerLayer(dim, heads, ff_dim, dropout) for _ in range(layers))
 
     def forward(self, x: Tensor, mask: Tensor, posts: list[Callable[[Tensor], Tensor]] | None = None) -> Tensor:
+        full = bool(mask.all())
         for i, layer in enumerate(self.layers):
-            x = layer(x, mask, None if posts is None else posts[i])
+            x = layer(x, mask, None if posts is None else posts[i], full)
         return x
