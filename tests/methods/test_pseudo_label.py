@@ -141,3 +141,110 @@ def test_centre_scores_by_hand_and_median_scores_ignore_a_slide_wide_shift():
         m.scorer[-1].bias += 3.0  # every instance logit of every slide up by 3: nothing changes
     assert torch.allclose(m(x).instance_scores, out.instance_scores, atol=1e-5)
     assert torch.allclose(m(x).bag_logits, out.bag_logits, atol=1e-5)
+
+
+# -- candidates of issue 11's easy-level patch F1 (docs/benchmarks.md "hard-bags easy/medium patch F1") --------------
+
+def test_own_features_are_the_smoothed_then_the_patch_own_standardised_features():
+    torch.manual_seed(0)
+    from milkit.data.graph import chain_adjacency
+
+    x, adj = torch.randn(1, 5, 3), [chain_adjacency(5)]
+    mask = torch.ones(1, 5, dtype=torch.bool)
+    plain = SmoothedInstanceMIL(3, hidden=0, feature_alpha=0.8)
+    both = SmoothedInstanceMIL(3, hidden=0, feature_alpha=0.8, own_features=True)
+    for m in (plain, both):
+        m.mean.fill_(1.0)
+        m.std.fill_(2.0)
+    h = both.features(x, mask, adj)
+    assert h.shape == (1, 5, 6) and both.scorer[-1].in_features == 6 and plain.scorer[-1].in_features == 3
+    assert torch.allclose(h[..., :3], plain.features(x, mask, adj))  # the smoothed half is the plain model's
+    assert torch.allclose(h[..., 3:], (x - 1.0) / 2.0)  # the patch's own standardised features, unsmoothed
+    assert not torch.allclose(h[..., :3], h[..., 3:])  # the graph did smooth the first half
+    assert torch.allclose(both.features(x, mask, None), torch.cat([(x - 1) / 2] * 2, -1))  # no graph: Sm is the identity
+
+
+def test_auroc_minus_bce_by_hand():
+    import math
+
+    from milkit.methods.pseudo_label import auroc_minus_bce
+
+    scores = [torch.tensor([2.0, 0.0]), torch.tensor([-1.0, -3.0])]  # maxima 2 (positive slide), -1 (negative)
+    bce = (math.log1p(math.exp(-2.0)) + math.log1p(math.exp(-1.0))) / 2
+    assert auroc_minus_bce(scores, [1, 0]) == pytest.approx(1.0 - bce)
+    assert auroc_minus_bce(scores, [0, 1]) == pytest.approx(0.0 - (math.log1p(math.exp(2.0)) + math.log1p(math.exp(1.0))) / 2)
+    assert auroc_minus_bce(scores, [1, 1]) == pytest.approx(0.5 - (math.log1p(math.exp(-2.0)) + math.log1p(math.exp(1.0))) / 2)
+
+
+def _grid_method(grid):
+    from milkit.methods.pseudo_label import PseudoLabelMethod
+
+    raw = {"seed": 0, "data": SMALL, "method": {"name": "pseudo_label", "in_dim": 4, "feature_alpha_grid": grid},
+           "trainer": TRAINER}
+    return PseudoLabelMethod(build_experiment(raw))
+
+
+@pytest.mark.parametrize("crit, chosen", [({0.8: 0.3, 0.5: 0.7}, 0.5), ({0.8: 0.7, 0.5: 0.3}, 0.8),
+                                          ({0.8: 0.5, 0.5: 0.5}, 0.8)])  # a tie keeps the earlier value
+def test_feature_alpha_grid_keeps_the_value_with_the_better_validation_criterion(tmp_path, monkeypatch, crit, chosen):
+    import milkit.methods.pseudo_label as pl
+    from milkit.data.bag import Bag, BagDataset
+    from milkit.data.base import DataSplits
+    from milkit.run_dir import RunDir
+
+    def fake_fit(module, train, val, stage_dir, cfg, seed, **kw):  # no training: each trial's model as built
+        stage_dir.mkdir(parents=True, exist_ok=True)
+        torch.save({"alpha": module.model.sm_feat.alpha if module.model.sm_feat is not None else 0.0}, stage_dir / "model.pt")
+        return stage_dir / "model.pt"
+
+    monkeypatch.setattr(pl, "fit_stage", fake_fit)
+    seen = []
+    monkeypatch.setattr(pl, "bag_scores", lambda model, ds: seen.append(model) or [])
+    monkeypatch.setattr(pl, "auroc_minus_bce", lambda scores, labels: crit[round(float(seen[-1].sm_feat.alpha), 3)])
+    ds = BagDataset([Bag(torch.randn(3, 4), y, f"b{y}") for y in (0, 1)])
+    method, run, trials = _grid_method([0.8, 0.5]), RunDir(tmp_path / "r"), []
+    model = method.fit_mil_stage(DataSplits(ds, ds, ds), run, torch.randn(6, 4), trials)
+    assert [t["feature_alpha"] for t in trials] == [0.8, 0.5]
+    assert [t["val_auroc_minus_bce"] for t in trials] == [crit[0.8], crit[0.5]]
+    assert method.feature_alpha == chosen and model is seen[[0.8, 0.5].index(chosen)]
+    kept = torch.load(run.model_path("mil"), weights_only=True)  # the kept trial's file is the stage's model.pt
+    assert kept["alpha"] == pytest.approx(chosen)
+    assert (run.stage_dir("mil") / "alpha-0.8" / "model.pt").is_file() and (run.stage_dir("mil") / "alpha-0.5" / "model.pt").is_file()
+    assert method.instance_model().sm_feat.alpha == pytest.approx(chosen)  # later models use the chosen value
+
+
+@pytest.mark.parametrize("grid, teacher, match", [([1.2], None, "method.feature_alpha_grid.*distinct values in"),
+                                                  ([], None, "method.feature_alpha_grid.*distinct values in"),
+                                                  ([0.5, 0.5], None, "method.feature_alpha_grid.*distinct values in"),
+                                                  ([0.5], {"name": "abmil"}, "feature_alpha_grid needs method.teacher: null")])
+def test_feature_alpha_grid_bad_values_are_one_line_errors_naming_the_key(grid, teacher, match):
+    from milkit.config import ConfigError
+
+    method = {"name": "pseudo_label", "feature_alpha_grid": grid, **({"teacher": teacher} if teacher else {})}
+    with pytest.raises(ConfigError, match=match) as err:
+        build_experiment({"seed": 0, "data": SMALL, "method": method, "trainer": TRAINER})
+    assert "\n" not in str(err.value)
+
+
+def test_a_run_with_a_feature_alpha_grid_records_its_choice_and_reloads_with_it(tmp_path):
+    """Tiny end-to-end run: both grid values trained, the recorded choice is the argmax of the
+    recorded criterion, and `load_labelers` rebuilds the chosen α (same test scores)."""
+    import numpy as np
+
+    from milkit.metrics.classification import auroc
+
+    data = {"kind": "hard_bags", "level": "easy", "n_train": 12, "n_val": 8, "n_test": 8}
+    method = {"name": "pseudo_label", "mil_epochs": 2, "rounds": 1, "round_epochs": 1, "feature_alpha_grid": [0.8, 0.0],
+              "own_features": True}
+    raw = {"seed": 0, "data": data, "method": method, "trainer": {**TRAINER, "max_epochs": 1}}
+    m = train_run(build_experiment(raw), tmp_path / "grid")
+    sel = json.loads((tmp_path / "grid" / "stages" / "pseudo_label" / "selection.json").read_text())
+    trials = sel["feature_alpha_trials"]
+    assert [t["feature_alpha"] for t in trials] == [0.8, 0.0]
+    assert sel["feature_alpha"] == max(trials, key=lambda t: t["val_auroc_minus_bce"])["feature_alpha"]
+    method_, labelers, exp = load_labelers(tmp_path / "grid")
+    assert method_.feature_alpha == sel["feature_alpha"]
+    rows = labelers["pseudo_label"].predict_dataset(exp.data.build(exp.seed).test)
+    y = np.concatenate([r["instance_labels"] for r in rows])
+    s = np.concatenate([r["scores"] for r in rows])
+    assert abs(auroc(y, s) - m["pseudo_label"]["test"]["instance_auroc"]) < 1e-6
