@@ -226,24 +226,44 @@ def test_feature_alpha_grid_bad_values_are_one_line_errors_naming_the_key(grid, 
     assert "\n" not in str(err.value)
 
 
-def test_a_run_with_a_feature_alpha_grid_records_its_choice_and_reloads_with_it(tmp_path):
-    """Tiny end-to-end run: both grid values trained, the recorded choice is the argmax of the
-    recorded criterion, and `load_labelers` rebuilds the chosen α (same test scores)."""
+def test_scale_mean_is_the_mean_of_the_members_scores_and_its_max():
+    from milkit.data.graph import chain_adjacency
+    from milkit.methods.pseudo_label import ScaleMeanMIL
+
+    torch.manual_seed(0)
+    a, b = SmoothedInstanceMIL(3, hidden=0, feature_alpha=0.8).eval(), SmoothedInstanceMIL(3, hidden=0, feature_alpha=0.3).eval()
+    x, adj = torch.randn(1, 6, 3), [chain_adjacency(6)]
+    out = ScaleMeanMIL([a, b]).eval()(x, None, adj)
+    sa, sb = a(x, None, adj).instance_scores, b(x, None, adj).instance_scores
+    assert torch.allclose(out.instance_scores, (sa + sb) / 2)
+    assert torch.allclose(out.bag_logits, ((sa + sb) / 2).amax(1))
+    assert not torch.allclose(sa, sb)  # two scales, two different scorers
+
+
+@pytest.mark.parametrize("combine", ["choose", "mean"])
+def test_a_run_with_a_feature_alpha_grid_records_its_choice_and_reloads_with_it(tmp_path, combine):
+    """Tiny end-to-end run: both grid values trained; `choose` records the argmax of the recorded
+    criterion, `mean` keeps both as one model; `load_labelers` rebuilds the same (same test scores)."""
     import numpy as np
 
+    from milkit.methods.pseudo_label import ScaleMeanMIL
     from milkit.metrics.classification import auroc
 
     data = {"kind": "hard_bags", "level": "easy", "n_train": 12, "n_val": 8, "n_test": 8}
     method = {"name": "pseudo_label", "mil_epochs": 2, "rounds": 1, "round_epochs": 1, "feature_alpha_grid": [0.8, 0.0],
-              "own_features": True}
+              "own_features": True, "feature_alpha_combine": combine}
     raw = {"seed": 0, "data": data, "method": method, "trainer": {**TRAINER, "max_epochs": 1}}
     m = train_run(build_experiment(raw), tmp_path / "grid")
     sel = json.loads((tmp_path / "grid" / "stages" / "pseudo_label" / "selection.json").read_text())
     trials = sel["feature_alpha_trials"]
     assert [t["feature_alpha"] for t in trials] == [0.8, 0.0]
-    assert sel["feature_alpha"] == max(trials, key=lambda t: t["val_auroc_minus_bce"])["feature_alpha"]
+    if combine == "choose":
+        assert sel["feature_alpha"] == max(trials, key=lambda t: t["val_auroc_minus_bce"])["feature_alpha"]
+    else:
+        assert sel["feature_alpha"] == 0.8  # the rounds' features: the grid's first value
     method_, labelers, exp = load_labelers(tmp_path / "grid")
     assert method_.feature_alpha == sel["feature_alpha"]
+    assert isinstance(labelers["mil"].model, ScaleMeanMIL) == (combine == "mean")
     rows = labelers["pseudo_label"].predict_dataset(exp.data.build(exp.seed).test)
     y = np.concatenate([r["instance_labels"] for r in rows])
     s = np.concatenate([r["scores"] for r in rows])

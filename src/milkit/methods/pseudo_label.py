@@ -179,6 +179,28 @@ class SmoothedInstanceMIL(MILModel):
         return MILOutput(bag_logits=bag, instance_scores=s, extras={"raw_logits": raw})
 
 
+class ScaleMeanMIL(MILModel):
+    """Several :class:`SmoothedInstanceMIL` at different feature α (smoothing scales) as one
+    model: instance score = the mean of the members' instance scores, bag logit = their max
+    (``feature_alpha_combine: mean``). A lesion's interior needs context (large α), its edge
+    locality (small α); the mean keeps both."""
+
+    def __init__(self, members: list[SmoothedInstanceMIL]):
+        super().__init__()
+        self.members = nn.ModuleList(members)
+
+    def forward(self, x: Tensor, mask: Tensor | None = None, adj: object | None = None) -> MILOutput:
+        mask = full_mask(x, mask)
+        outs = [m(x, mask, adj) for m in self.members]
+        s = torch.stack([o.instance_scores for o in outs]).mean(0) * mask
+        raw = torch.stack([o.extras["raw_logits"] for o in outs]).mean(0)
+        bag = s.masked_fill(~mask, float("-inf")).amax(1)
+        return MILOutput(bag_logits=bag, instance_scores=s, extras={"raw_logits": raw})
+
+    def instance_logits(self, x: Tensor, mask: Tensor | None = None) -> Tensor:
+        return torch.stack([m.instance_logits(x, mask) for m in self.members]).mean(0)
+
+
 @torch.no_grad()
 def smoothed_features(model: SmoothedInstanceMIL, ds: BagDataset) -> Tensor:
     """Every instance's standardised, smoothed features, bags concatenated (M, D)."""
@@ -240,6 +262,11 @@ class PseudoLabelConfig(StrictModel):
                                                    "checkpoint criterion: no patch labels) is highest, ties to the "
                                                    "earlier value; recorded in selection.json (a candidate of issue 11's "
                                                    "easy-level patch F1, docs/benchmarks.md)")
+    feature_alpha_combine: Literal["choose", "mean"] = Field("choose", description="with feature_alpha_grid: "
+                                                             "choose = keep the best value (above); mean = stage "
+                                                             "'mil' is all of them, its instance score the mean of "
+                                                             "their scores (multi-scale; the rounds use the grid's "
+                                                             "first value)")
     teacher: ModelSection | None = Field(None, description="null: stage 'mil' is the smoothed instance-max "
                                          "classifier; else any registered MIL model (§2 'any MIL model can be its teacher')")
     teacher_encoder: EncoderConfig | None = Field(None, description="the teacher's encoder (default linear in_dim→256)")
@@ -352,10 +379,28 @@ class PseudoLabelMethod(Method):
         return SmoothedInstanceMIL(c.in_dim, c.hidden, c.dropout, c.alpha, fa, c.sm_steps,
                                    slide_norm=c.slide_norm, score_centre=c.score_centre, own_features=c.own_features)
 
-    def output_model(self, model: SmoothedInstanceMIL) -> SmoothedInstanceMIL:
+    def combines(self) -> bool:
+        """Stage ``mil`` is the mean over ``feature_alpha_grid`` (:class:`ScaleMeanMIL`)."""
+        return self.cfg.feature_alpha_grid is not None and self.cfg.feature_alpha_combine == "mean"
+
+    def stage_mil_model(self) -> MILModel:
+        """An untrained model of stage ``mil``'s architecture (teacher, one classifier, or the scale mean)."""
+        if self.cfg.teacher is not None:
+            return self.teacher_model()
+        if self.combines():
+            members = []
+            for a in self.cfg.feature_alpha_grid or []:
+                self.feature_alpha = a
+                members.append(self.instance_model())
+            self.feature_alpha = self.cfg.feature_alpha_grid[0]
+            return ScaleMeanMIL(members)
+        return self.instance_model()
+
+    def output_model(self, model: MILModel) -> MILModel:
         """The chosen classifier as stage ``pseudo_label`` outputs it: late Sm at ``output_alpha``."""
         c = self.cfg
-        model.sm_logit = (SmoothOperator(alpha=c.output_alpha, trainable_alpha=False, mode="approx", steps=c.sm_steps)
+        for m in (model.members if isinstance(model, ScaleMeanMIL) else [model]):
+            m.sm_logit = (SmoothOperator(alpha=c.output_alpha, trainable_alpha=False, mode="approx", steps=c.sm_steps)
                           if c.output_alpha > 0 and c.sm_steps > 0 else None)
         return model
 
@@ -440,7 +485,8 @@ class PseudoLabelMethod(Method):
             "chosen": best["candidate"], "output_alpha": c.output_alpha, "feature_alpha": self.feature_alpha,
             "feature_alpha_trials": alpha_trials, "teacher_sign": sign, "teacher_val_instance_max_auroc": val_first,
             "candidates": [{k: v for k, v in cand.items() if k != "path"} for cand in candidates], "rounds": history})
-        final = self.output_model(restore_submodule(self.instance_model(), dest))
+        arch = self.stage_mil_model() if best["candidate"] == "mil" else self.instance_model()
+        final = self.output_model(restore_submodule(arch, dest))
         labelers["pseudo_label"] = Labeler(final, "model")
         return labelers
 
@@ -454,6 +500,7 @@ class PseudoLabelMethod(Method):
         tr = self.stage_trainer(c.mil_epochs, c.bag_batch_size)
         grid = c.feature_alpha_grid or [c.feature_alpha]
         best: tuple[float, float, SmoothedInstanceMIL, Path] | None = None
+        models = []
         for a in grid:
             self.feature_alpha = a
             model = self.instance_model()
@@ -464,9 +511,15 @@ class PseudoLabelMethod(Method):
                              monitor="val/auroc_minus_bce", monitor_mode="max")  # instance-max slide score; BCE breaks AUROC ties
             crit = auroc_minus_bce(bag_scores(model, splits.val), list(splits.val.labels))
             trials.append({"feature_alpha": a, "val_auroc_minus_bce": crit})
+            models.append(model)
             if best is None or crit > best[0]:
                 best = (crit, a, model, Path(path))
         assert best is not None
+        if self.combines():  # every scale, their mean: saved as one model
+            self.feature_alpha = grid[0]
+            io.save_state_dict(run.model_path("mil"), {f"model.{k}": v.detach().cpu()
+                                                    for k, v in ScaleMeanMIL(models).state_dict().items()})
+            return ScaleMeanMIL(models).eval()
         self.feature_alpha = best[1]
         if len(grid) > 1:
             dest = run.model_path("mil")
@@ -477,11 +530,13 @@ class PseudoLabelMethod(Method):
     def load(self, run: RunDir) -> dict[str, Labeler]:
         sel = run.stage_dir("pseudo_label") / "selection.json"
         chosen = json.loads(sel.read_text()).get("feature_alpha") if sel.is_file() else None
+        kept = json.loads(sel.read_text()).get("chosen") if sel.is_file() else None
         self.feature_alpha = None if chosen is None else float(chosen)  # the value this run chose (older runs: the config's)
-        first = self.instance_model() if self.cfg.teacher is None else self.teacher_model()
-        out = {"mil": Labeler(restore_submodule(first, run.model_path("mil")), "model",
+        out = {"mil": Labeler(restore_submodule(self.stage_mil_model(), run.model_path("mil")), "model",
                               run.read_threshold("mil").get("threshold"))}
-        final = self.output_model(restore_submodule(self.instance_model(), run.model_path("pseudo_label")))
+        self.feature_alpha = None if chosen is None else float(chosen)
+        arch = self.stage_mil_model() if kept == "mil" else self.instance_model()
+        final = self.output_model(restore_submodule(arch, run.model_path("pseudo_label")))
         out["pseudo_label"] = Labeler(final, "model", run.read_threshold("pseudo_label").get("threshold"))
         return out
 
