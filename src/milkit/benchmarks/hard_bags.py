@@ -57,7 +57,7 @@ ROWS = (
     "pseudo_label + feature α chosen on validation",
     "pseudo_label + SmAP teacher",
     "pseudo_label + feature α 0.65",
-    "pseudo_label + multi-scale mean (α 0.8, 0.65)",
+    "pseudo_label + multi-scale mean (α 0.8 and 0.65)",
 )
 #: pseudo_label variants: row → method.slide_norm (a stain / batch remedy, issue 11 hard-confounded)
 SLIDE_NORM_ROWS = {"pseudo_label + slide centring": "centre", "pseudo_label + slide standardisation": "standardise"}
@@ -98,7 +98,7 @@ def method_section(row: str, s: dict) -> tuple[dict, str]:
         return {"name": "pseudo_label", "feature_alpha_grid": [0.8, 0.5]}, "pseudo_label"
     if row == "pseudo_label + feature α 0.65":
         return {"name": "pseudo_label", "feature_alpha": 0.65}, "pseudo_label"
-    if row == "pseudo_label + multi-scale mean (α 0.8, 0.65)":
+    if row == "pseudo_label + multi-scale mean (α 0.8 and 0.65)":
         return {"name": "pseudo_label", "feature_alpha_grid": [0.8, 0.65], "feature_alpha_combine": "mean"}, "pseudo_label"
     if row == "pseudo_label + SmAP teacher":
         return {"name": "pseudo_label", "teacher": {"name": "smap", "embed_dim": e},
