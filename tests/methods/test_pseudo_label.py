@@ -179,7 +179,8 @@ def test_auroc_minus_bce_by_hand():
 def _grid_method(grid):
     from milkit.methods.pseudo_label import PseudoLabelMethod
 
-    raw = {"seed": 0, "data": SMALL, "method": {"name": "pseudo_label", "in_dim": 4, "feature_alpha_grid": grid},
+    raw = {"seed": 0, "data": SMALL, "method": {"name": "pseudo_label", "in_dim": 4, "feature_alpha_grid": grid,
+                                                "feature_alpha_combine": "choose"},
            "trainer": TRAINER}
     return PseudoLabelMethod(build_experiment(raw))
 
@@ -268,3 +269,15 @@ def test_a_run_with_a_feature_alpha_grid_records_its_choice_and_reloads_with_it(
     y = np.concatenate([r["instance_labels"] for r in rows])
     s = np.concatenate([r["scores"] for r in rows])
     assert abs(auroc(y, s) - m["pseudo_label"]["test"]["instance_auroc"]) < 1e-6
+
+
+def test_the_default_is_two_scales_averaged_and_a_lone_alpha_or_a_teacher_means_one_scale():
+    from milkit.methods.pseudo_label import PseudoLabelConfig
+
+    c = PseudoLabelConfig()
+    assert c.feature_alpha_grid == [0.8, 0.65] and c.feature_alpha_combine == "mean"  # docs/benchmarks.md
+    assert PseudoLabelConfig(feature_alpha=0.5).feature_alpha_grid is None  # the one value asked for
+    assert PseudoLabelConfig(teacher={"name": "abmil"}).feature_alpha_grid is None  # stage 'mil' is the teacher
+    assert PseudoLabelConfig(feature_alpha=0.5, feature_alpha_grid=[0.5, 0.3]).feature_alpha_grid == [0.5, 0.3]
+    again = PseudoLabelConfig(**c.model_dump())  # a run's config.yaml (every key written) reads back the same
+    assert again.feature_alpha_grid == [0.8, 0.65] and again.feature_alpha_combine == "mean"

@@ -93,9 +93,9 @@ def method_section(row: str, s: dict) -> tuple[dict, str]:
     if row == "pseudo_label + slide standardisation + slide-median scores":
         return {"name": "pseudo_label", "slide_norm": "standardise", "score_centre": "median"}, "pseudo_label"
     if row == "pseudo_label + own features":  # issue 11 easy-level patch F1 candidates (docs/benchmarks.md)
-        return {"name": "pseudo_label", "own_features": True}, "pseudo_label"
+        return {"name": "pseudo_label", "own_features": True, "feature_alpha_grid": None}, "pseudo_label"
     if row == "pseudo_label + feature α chosen on validation":
-        return {"name": "pseudo_label", "feature_alpha_grid": [0.8, 0.5]}, "pseudo_label"
+        return {"name": "pseudo_label", "feature_alpha_grid": [0.8, 0.5], "feature_alpha_combine": "choose"}, "pseudo_label"
     if row == "pseudo_label + feature α 0.65":
         return {"name": "pseudo_label", "feature_alpha": 0.65}, "pseudo_label"
     if row == "pseudo_label + multi-scale mean (α 0.8 and 0.65)":
