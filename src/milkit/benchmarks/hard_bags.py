@@ -53,6 +53,11 @@ ROWS = (
     "pseudo_label + slide standardisation",
     "pseudo_label + slide-median scores",
     "pseudo_label + slide standardisation + slide-median scores",
+    "pseudo_label + own features",
+    "pseudo_label + feature α chosen on validation",
+    "pseudo_label + SmAP teacher",
+    "pseudo_label + feature α 0.65",
+    "pseudo_label + multi-scale mean (α 0.8 and 0.65)",
 )
 #: pseudo_label variants: row → method.slide_norm (a stain / batch remedy, issue 11 hard-confounded)
 SLIDE_NORM_ROWS = {"pseudo_label + slide centring": "centre", "pseudo_label + slide standardisation": "standardise"}
@@ -87,6 +92,17 @@ def method_section(row: str, s: dict) -> tuple[dict, str]:
         return {"name": "pseudo_label", "score_centre": "median"}, "pseudo_label"
     if row == "pseudo_label + slide standardisation + slide-median scores":
         return {"name": "pseudo_label", "slide_norm": "standardise", "score_centre": "median"}, "pseudo_label"
+    if row == "pseudo_label + own features":  # issue 11 easy-level patch F1 candidates (docs/benchmarks.md)
+        return {"name": "pseudo_label", "own_features": True, "feature_alpha_grid": None}, "pseudo_label"
+    if row == "pseudo_label + feature α chosen on validation":
+        return {"name": "pseudo_label", "feature_alpha_grid": [0.8, 0.5], "feature_alpha_combine": "choose"}, "pseudo_label"
+    if row == "pseudo_label + feature α 0.65":
+        return {"name": "pseudo_label", "feature_alpha": 0.65}, "pseudo_label"
+    if row == "pseudo_label + multi-scale mean (α 0.8 and 0.65)":
+        return {"name": "pseudo_label", "feature_alpha_grid": [0.8, 0.65], "feature_alpha_combine": "mean"}, "pseudo_label"
+    if row == "pseudo_label + SmAP teacher":
+        return {"name": "pseudo_label", "teacher": {"name": "smap", "embed_dim": e},
+                "teacher_encoder": ident}, "pseudo_label"
     if row in SLIDE_NORM_ROWS:
         return {"name": "pseudo_label", "slide_norm": SLIDE_NORM_ROWS[row]}, "pseudo_label"
     if row.startswith("pseudo_label"):
@@ -239,6 +255,47 @@ def refresh_ensembles(out: Path, fallback: str | None = None) -> dict:
                 results.setdefault("ensemble", {}).setdefault(level, {})[row] = ens
     write_results(out, "hard_bags", results, render(results))
     return results
+
+
+def validation_metrics(out: Path, level: str, row: str, seeds: list[int]) -> dict[int, dict]:
+    """Per seed, from the kept validation outputs (``scores/<level>/<row>_s<seed>.npz``): patch F1 at
+    the validation F1-best threshold, patch AUROC and slide AUROC (patches with a label < 0 left out).
+    A missing seed is an error naming its file."""
+    from milkit import io
+    from milkit.metrics.classification import auroc
+
+    res = {}
+    for sd in seeds:
+        path = _scores_path(out, level, row, sd)
+        if not path.is_file():
+            raise FileNotFoundError(f"{path}: no kept scores for {level} / {row} / seed {sd}")
+        p, y, bp, by = io.load_npz(path, ("val_prob", "val_y", "val_bag_prob", "val_bag_y"), "hard-bags scores")
+        k = y >= 0
+        res[sd] = {"patch_f1": _f1(y[k], p[k], f1_best_threshold(y[k], p[k])), "patch_auroc": float(auroc(y[k], p[k])),
+                   "slide_auroc": float(auroc(by, bp))}
+    return res
+
+
+#: the rule of docs/benchmarks.md "hard-bags easy/medium patch F1" (stated before the candidates ran):
+#: (metric, levels, least allowed mean difference candidate − baseline over the seeds)
+ADOPTION_RULE = (("patch_f1", ("easy", "medium"), 0.010), ("patch_auroc", ("easy", "medium", "hard"), -0.005),
+                 ("slide_auroc", ("easy", "medium", "hard"), -0.005))
+
+
+def adoption(out: Path, candidate: str, baseline: str = "pseudo_label (this recipe)",
+             seeds: tuple[int, ...] = (0, 1, 2), rule=ADOPTION_RULE) -> dict:
+    """Apply ``rule`` on validation: for each (metric, level) the mean over ``seeds`` of candidate
+    minus baseline and whether it reaches the bar; ``adopt`` is true only if every clause does."""
+    clauses = []
+    for metric, levels, bar in rule:
+        for level in levels:
+            c = validation_metrics(out, level, candidate, list(seeds))
+            b = validation_metrics(out, level, baseline, list(seeds))
+            cm, bm = (float(np.mean([m[sd][metric] for sd in seeds])) for m in (c, b))
+            clauses.append({"metric": metric, "level": level, "candidate": cm, "baseline": bm, "diff": cm - bm,
+                            "bar": bar, "ok": bool(cm - bm >= bar - 1e-12)})
+    return {"candidate": candidate, "baseline": baseline, "seeds": list(seeds), "clauses": clauses,
+            "adopt": all(k["ok"] for k in clauses)}
 
 
 def run_cell(row: str, level: str, seed: int, s: dict, run_dir: Path, scores_path: Path | None = None) -> dict:

@@ -27,6 +27,14 @@ below 0.5 has its scores negated before pseudo-labelling (recorded). Inference: 
 score = logit of the chosen classifier on the smoothed features, smoothed again over the graph
 only if ``output_alpha`` > 0 (default 0); slide probability = sigmoid of their max.
 
+Two smoothing scales by default (``feature_alpha_grid`` [0.8, 0.65], ``feature_alpha_combine: mean``):
+stage ``mil`` is two such classifiers, on features smoothed at α 0.8 and 0.65, and its instance
+score is the mean of theirs (:class:`ScaleMeanMIL`) — a lesion's interior needs context, its edge
+locality (hard-bags: patch F1 up on every level at the same patch AUROC, docs/benchmarks.md). The
+rounds use the grid's first α. ``feature_alpha_combine: choose`` keeps the one value with the best
+validation instance-max AUROC − BCE instead; ``own_features`` feeds each patch's own features beside
+the smoothed ones (measured, not adopted).
+
 Against slide-level confounders (a stain / scanner shift correlated with the label), two options,
 off by default: ``slide_norm`` normalises every slide's features by the slide's own mean (and sd)
 before the global standardisation, and ``score_centre: median`` takes every instance score
@@ -40,11 +48,12 @@ from __future__ import annotations
 
 import json
 import shutil
+from pathlib import Path
 from typing import Literal
 
 import numpy as np
 import torch
-from pydantic import Field
+from pydantic import Field, field_validator, model_validator
 from torch import Tensor, nn
 from torch.utils.data import DataLoader, TensorDataset
 
@@ -107,27 +116,29 @@ class SmoothedInstanceMIL(MILModel):
         sm_steps: int = Field(10, ge=0, description="Eq. 8 steps (Sm paper App. B.3)")
         slide_norm: SlideNorm = Field("none", description="see PseudoLabelConfig.slide_norm")
         score_centre: ScoreCentre = Field("none", description="see PseudoLabelConfig.score_centre")
+        own_features: bool = Field(False, description="see PseudoLabelConfig.own_features")
 
     @classmethod
     def from_config(cls, cfg: "SmoothedInstanceMIL.Config", encoder: nn.Module, in_dim: int) -> "SmoothedInstanceMIL":
         return cls(in_dim, cfg.hidden, cfg.dropout, cfg.alpha, cfg.feature_alpha, cfg.sm_steps, encoder, cfg.slide_norm,
-                   cfg.score_centre)
+                   cfg.score_centre, cfg.own_features)
 
     def __init__(self, in_dim: int, hidden: int = 0, dropout: float = 0.0, alpha: float = 0.5,
                  feature_alpha: float = 0.5, sm_steps: int = 10, encoder: nn.Module | None = None,
-                 slide_norm: str = "none", score_centre: str = "none"):
+                 slide_norm: str = "none", score_centre: str = "none", own_features: bool = False):
         super().__init__()
-        self.slide_norm, self.score_centre = slide_norm, score_centre
+        self.slide_norm, self.score_centre, self.own_features = slide_norm, score_centre, own_features
         if score_centre != "none":  # scores relative to the slide's median, plus one learnt offset
             self.offset = nn.Parameter(torch.zeros(1))
         self.encoder = encoder if encoder is not None and not isinstance(encoder, nn.Identity) else None
         self.register_buffer("mean", torch.zeros(in_dim))
         self.register_buffer("std", torch.ones(in_dim))
+        f_dim = 2 * in_dim if own_features else in_dim  # [smoothed, own] features
         if hidden:
-            self.scorer: nn.Module = nn.Sequential(nn.Linear(in_dim, hidden), nn.ReLU(), nn.Dropout(dropout),
+            self.scorer: nn.Module = nn.Sequential(nn.Linear(f_dim, hidden), nn.ReLU(), nn.Dropout(dropout),
                                                    nn.Linear(hidden, 1))
         else:
-            self.scorer = nn.Sequential(nn.Dropout(dropout), nn.Linear(in_dim, 1))
+            self.scorer = nn.Sequential(nn.Dropout(dropout), nn.Linear(f_dim, 1))
 
         def sm(a: float) -> SmoothOperator | None:
             return SmoothOperator(alpha=a, trainable_alpha=False, mode="approx", steps=sm_steps) if a > 0 and sm_steps > 0 else None
@@ -147,12 +158,14 @@ class SmoothedInstanceMIL(MILModel):
         return slide_normalise(x, mask, self.slide_norm)
 
     def features(self, x: Tensor, mask: Tensor, adj: object | None) -> Tensor:
-        """Standardised, graph-smoothed features (B, N, D); 0 where padded."""
+        """Standardised, graph-smoothed features (B, N, D); 0 where padded. With ``own_features``
+        each patch's own standardised features follow its smoothed ones (B, N, 2D)."""
         x = self.normalise_bag(x, mask)
         h = ((x - self.mean) / self.std) * mask.unsqueeze(-1)
+        own = h
         if self.sm_feat is not None and adj is not None:
             h = self.sm_feat(h, adj, mask)
-        return h
+        return torch.cat([h, own], -1) if self.own_features else h
 
     def instance_logits(self, x: Tensor, mask: Tensor | None = None) -> Tensor:
         """f of each instance alone (no neighbours: a bag of one has no graph)."""
@@ -172,6 +185,28 @@ class SmoothedInstanceMIL(MILModel):
         s = self.relative(s * mask, mask)
         bag = s.masked_fill(~mask, float("-inf")).amax(1)
         return MILOutput(bag_logits=bag, instance_scores=s, extras={"raw_logits": raw})
+
+
+class ScaleMeanMIL(MILModel):
+    """Several :class:`SmoothedInstanceMIL` at different feature α (smoothing scales) as one
+    model: instance score = the mean of the members' instance scores, bag logit = their max
+    (``feature_alpha_combine: mean``). A lesion's interior needs context (large α), its edge
+    locality (small α); the mean keeps both."""
+
+    def __init__(self, members: list[SmoothedInstanceMIL]):
+        super().__init__()
+        self.members = nn.ModuleList(members)
+
+    def forward(self, x: Tensor, mask: Tensor | None = None, adj: object | None = None) -> MILOutput:
+        mask = full_mask(x, mask)
+        outs = [m(x, mask, adj) for m in self.members]
+        s = torch.stack([o.instance_scores for o in outs]).mean(0) * mask
+        raw = torch.stack([o.extras["raw_logits"] for o in outs]).mean(0)
+        bag = s.masked_fill(~mask, float("-inf")).amax(1)
+        return MILOutput(bag_logits=bag, instance_scores=s, extras={"raw_logits": raw})
+
+    def instance_logits(self, x: Tensor, mask: Tensor | None = None) -> Tensor:
+        return torch.stack([m.instance_logits(x, mask) for m in self.members]).mean(0)
 
 
 @torch.no_grad()
@@ -225,6 +260,26 @@ class PseudoLabelConfig(StrictModel):
                                       "hard-confounded its validation gain (+0.002 patch AUROC, seeds 0–2) was below the "
                                       "bar of 0.005 stated before the runs, and on plain hard it lowered slide AUROC "
                                       "0.991 → 0.971 (docs/benchmarks.md)")
+    own_features: bool = Field(False, description="true: the instance classifier sees each patch's own "
+                               "standardised features beside its smoothed ones (2·D inputs), so smoothing "
+                               "informs it without blurring a lesion's edge; false: smoothed features only (a candidate "
+                               "of issue 11's easy-level patch F1, docs/benchmarks.md)")
+    feature_alpha_grid: list[float] | None = Field([0.8, 0.65], description="stage 'mil' is trained once per "
+                                                   "value (feature_alpha_combine says what is kept); null: one "
+                                                   "classifier at feature_alpha. [0.8, 0.65] with combine mean: the "
+                                                   "interior of a lesion needs context, its edge locality; on hard-bags "
+                                                   "(seeds 0–2, validation, rule stated before the runs) it raised patch F1 "
+                                                   "easy 0.823 → 0.838, medium 0.810 → 0.830, hard 0.765 → 0.783 at "
+                                                   "patch AUROC −0.001 / +0.000 / −0.001, where α 0.65 alone cost hard "
+                                                   "AUROC 0.007 (docs/benchmarks.md). A teacher, or feature_alpha given "
+                                                   "without this key, means that single α")
+    feature_alpha_combine: Literal["choose", "mean"] = Field("mean", description="with feature_alpha_grid: "
+                                                             "mean = stage 'mil' is all of them, its instance score "
+                                                             "the mean of their scores (multi-scale; the rounds use the "
+                                                             "grid's first value); choose = keep the value whose "
+                                                             "instance-max validation slide AUROC − BCE (the stage's own "
+                                                             "checkpoint criterion: no patch labels) is highest, ties to "
+                                                             "the earlier value; trials and choice in selection.json")
     teacher: ModelSection | None = Field(None, description="null: stage 'mil' is the smoothed instance-max "
                                          "classifier; else any registered MIL model (§2 'any MIL model can be its teacher')")
     teacher_encoder: EncoderConfig | None = Field(None, description="the teacher's encoder (default linear in_dim→256)")
@@ -242,6 +297,30 @@ class PseudoLabelConfig(StrictModel):
     bag_batch_size: int = Field(8, ge=1, description="slides per step of stage 'mil'")
     round_epochs: int = Field(5, ge=1, description="epochs over the pseudo-labelled instances per round")
     instance_batch_size: int = Field(512, ge=1, description="instances per step of a round")
+
+    @field_validator("feature_alpha_grid")
+    @classmethod
+    def _grid(cls, v: list[float] | None) -> list[float] | None:
+        if v is not None and (not v or any(not 0 <= a < 1 for a in v) or len(set(v)) != len(v)):
+            raise ValueError(f"expected distinct values in [0, 1), got {v}")
+        return v
+
+    @model_validator(mode="before")
+    @classmethod
+    def _single_alpha(cls, data: object) -> object:
+        """Without ``feature_alpha_grid`` in the config, a teacher or a ``feature_alpha`` given alone means that
+        one value: the grid's default then does not apply."""
+        if isinstance(data, dict) and "feature_alpha_grid" not in data and (
+                data.get("teacher") is not None or "feature_alpha" in data):
+            return {**data, "feature_alpha_grid": None}
+        return data
+
+    @model_validator(mode="after")
+    def _grid_needs_own_stage(self) -> "PseudoLabelConfig":
+        if self.feature_alpha_grid is not None and self.teacher is not None:
+            raise ValueError("method.feature_alpha_grid needs method.teacher: null (it chooses among stage 'mil' "
+                             "instance classifiers)")
+        return self
 
 
 def _feature_dim(ds: BagDataset) -> int:
@@ -262,6 +341,17 @@ def bag_scores(model: MILModel, ds: BagDataset) -> list[Tensor]:
 def instance_max_auroc(scores: list[Tensor], labels: list[int]) -> float:
     """Slide AUROC of the instance-max aggregate (nan when one class is missing)."""
     return float(auroc(np.array(labels), np.array([float(s.max()) for s in scores])))
+
+
+def auroc_minus_bce(scores: list[Tensor], labels: list[int]) -> float:
+    """Stage ``mil``'s checkpoint criterion (``val/auroc_minus_bce`` of ``BagModule``) from instance
+    scores: slide AUROC of the instance-max logit (0.5 when undefined) minus the mean BCE of its
+    sigmoid (probabilities clamped to [1e-7, 1 − 1e-7])."""
+    y = np.array(labels, dtype=np.float64)
+    p = torch.sigmoid(torch.stack([s.max() for s in scores]).double()).clamp(1e-7, 1 - 1e-7)
+    a = float(auroc(y, p.numpy()))
+    a = 0.5 if np.isnan(a) else a
+    return a - float(torch.nn.functional.binary_cross_entropy(p, torch.from_numpy(y)))
 
 
 def pseudo_labels(scores: list[Tensor], labels: list[int], quantile: float, max_fraction: float,
@@ -300,19 +390,40 @@ class PseudoLabelMethod(Method):
 
     Config = PseudoLabelConfig
     primary_stage = "pseudo_label"
+    #: the feature α of this run's models: ``feature_alpha``, or the value chosen from ``feature_alpha_grid``
+    feature_alpha: float | None = None
 
     # -- building ------------------------------------------------------------------------
     def instance_model(self) -> SmoothedInstanceMIL:
         c = self.cfg
         if c.in_dim is None:
             raise ValueError("method.in_dim is unknown: fit reads it from the data")
-        return SmoothedInstanceMIL(c.in_dim, c.hidden, c.dropout, c.alpha, c.feature_alpha, c.sm_steps,
-                                   slide_norm=c.slide_norm, score_centre=c.score_centre)
+        fa = c.feature_alpha if self.feature_alpha is None else self.feature_alpha
+        return SmoothedInstanceMIL(c.in_dim, c.hidden, c.dropout, c.alpha, fa, c.sm_steps,
+                                   slide_norm=c.slide_norm, score_centre=c.score_centre, own_features=c.own_features)
 
-    def output_model(self, model: SmoothedInstanceMIL) -> SmoothedInstanceMIL:
+    def combines(self) -> bool:
+        """Stage ``mil`` is the mean over ``feature_alpha_grid`` (:class:`ScaleMeanMIL`)."""
+        return self.cfg.feature_alpha_grid is not None and self.cfg.feature_alpha_combine == "mean"
+
+    def stage_mil_model(self) -> MILModel:
+        """An untrained model of stage ``mil``'s architecture (teacher, one classifier, or the scale mean)."""
+        if self.cfg.teacher is not None:
+            return self.teacher_model()
+        if self.combines():
+            members = []
+            for a in self.cfg.feature_alpha_grid or []:
+                self.feature_alpha = a
+                members.append(self.instance_model())
+            self.feature_alpha = self.cfg.feature_alpha_grid[0]
+            return ScaleMeanMIL(members)
+        return self.instance_model()
+
+    def output_model(self, model: MILModel) -> MILModel:
         """The chosen classifier as stage ``pseudo_label`` outputs it: late Sm at ``output_alpha``."""
         c = self.cfg
-        model.sm_logit = (SmoothOperator(alpha=c.output_alpha, trainable_alpha=False, mode="approx", steps=c.sm_steps)
+        for m in (model.members if isinstance(model, ScaleMeanMIL) else [model]):
+            m.sm_logit = (SmoothOperator(alpha=c.output_alpha, trainable_alpha=False, mode="approx", steps=c.sm_steps)
                           if c.output_alpha > 0 and c.sm_steps > 0 else None)
         return model
 
@@ -342,14 +453,15 @@ class PseudoLabelMethod(Method):
 
         # stage 'mil': the MIL-constrained smoothed instance-max classifier, or a teacher
         tr = self.stage_trainer(c.mil_epochs, c.bag_batch_size)
+        alpha_trials: list[dict] = []
         if c.teacher is None:
-            first: MILModel = self.instance_model()
-            first.set_standardisation(x_all)
+            first: MILModel = self.fit_mil_stage(splits, run, x_all, alpha_trials)
         else:
+            self.feature_alpha = c.feature_alpha
             first = self.teacher_model()
-        fit_stage(BagModule(first, mil_loss, tr), bag_loader(splits.train, tr, True, seed),
-                  bag_loader(splits.val, tr, False), run.stage_dir("mil"), tr, seed,
-                  monitor="val/auroc_minus_bce", monitor_mode="max")  # instance-max slide score; BCE breaks AUROC ties
+            fit_stage(BagModule(first, mil_loss, tr), bag_loader(splits.train, tr, True, seed),
+                      bag_loader(splits.val, tr, False), run.stage_dir("mil"), tr, seed,
+                      monitor="val/auroc_minus_bce", monitor_mode="max")
         labelers = {"mil": Labeler(first, "model")}
 
         candidates: list[dict] = []
@@ -393,17 +505,61 @@ class PseudoLabelMethod(Method):
         shutil.copyfile(best["path"], dest)
         io.write_json(run.stage_dir("pseudo_label") / "selection.json", {
             "criterion": "validation slide AUROC of the instance-max aggregate of smoothed instance scores",
-            "chosen": best["candidate"], "output_alpha": c.output_alpha, "teacher_sign": sign, "teacher_val_instance_max_auroc": val_first,
+            "chosen": best["candidate"], "output_alpha": c.output_alpha, "feature_alpha": self.feature_alpha,
+            "feature_alpha_trials": alpha_trials, "teacher_sign": sign, "teacher_val_instance_max_auroc": val_first,
             "candidates": [{k: v for k, v in cand.items() if k != "path"} for cand in candidates], "rounds": history})
-        final = self.output_model(restore_submodule(self.instance_model(), dest))
+        arch = self.stage_mil_model() if best["candidate"] == "mil" else self.instance_model()
+        final = self.output_model(restore_submodule(arch, dest))
         labelers["pseudo_label"] = Labeler(final, "model")
         return labelers
 
+    def fit_mil_stage(self, splits: DataSplits, run: RunDir, x_all: Tensor, trials: list[dict]) -> SmoothedInstanceMIL:
+        """Stage ``mil``: the smoothed instance-max classifier, trained once per value of
+        ``feature_alpha_grid`` (or once, at ``feature_alpha``); keeps the value with the highest
+        validation :func:`auroc_minus_bce` (ties: the earlier value) and sets :attr:`feature_alpha`.
+        Every trial is appended to ``trials`` (alpha, criterion); with a grid, trial models live in
+        ``stages/mil/alpha-<value>/`` and the kept one is copied to the stage's ``model.pt``."""
+        c, seed = self.cfg, self.exp.seed
+        tr = self.stage_trainer(c.mil_epochs, c.bag_batch_size)
+        grid = c.feature_alpha_grid or [c.feature_alpha]
+        best: tuple[float, float, SmoothedInstanceMIL, Path] | None = None
+        models = []
+        for a in grid:
+            self.feature_alpha = a
+            model = self.instance_model()
+            model.set_standardisation(x_all)
+            d = run.stage_dir("mil") if len(grid) == 1 else run.stage_dir("mil") / f"alpha-{a:g}"
+            path = fit_stage(BagModule(model, mil_loss, tr), bag_loader(splits.train, tr, True, seed),
+                             bag_loader(splits.val, tr, False), d, tr, seed,
+                             monitor="val/auroc_minus_bce", monitor_mode="max")  # instance-max slide score; BCE breaks AUROC ties
+            crit = auroc_minus_bce(bag_scores(model, splits.val), list(splits.val.labels))
+            trials.append({"feature_alpha": a, "val_auroc_minus_bce": crit})
+            models.append(model)
+            if best is None or crit > best[0]:
+                best = (crit, a, model, Path(path))
+        assert best is not None
+        if self.combines():  # every scale, their mean: saved as one model
+            self.feature_alpha = grid[0]
+            io.save_state_dict(run.model_path("mil"), {f"model.{k}": v.detach().cpu()
+                                                    for k, v in ScaleMeanMIL(models).state_dict().items()})
+            return ScaleMeanMIL(models).eval()
+        self.feature_alpha = best[1]
+        if len(grid) > 1:
+            dest = run.model_path("mil")
+            dest.parent.mkdir(parents=True, exist_ok=True)
+            shutil.copyfile(best[3], dest)
+        return best[2]
+
     def load(self, run: RunDir) -> dict[str, Labeler]:
-        first = self.instance_model() if self.cfg.teacher is None else self.teacher_model()
-        out = {"mil": Labeler(restore_submodule(first, run.model_path("mil")), "model",
+        sel = run.stage_dir("pseudo_label") / "selection.json"
+        chosen = json.loads(sel.read_text()).get("feature_alpha") if sel.is_file() else None
+        kept = json.loads(sel.read_text()).get("chosen") if sel.is_file() else None
+        self.feature_alpha = None if chosen is None else float(chosen)  # the value this run chose (older runs: the config's)
+        out = {"mil": Labeler(restore_submodule(self.stage_mil_model(), run.model_path("mil")), "model",
                               run.read_threshold("mil").get("threshold"))}
-        final = self.output_model(restore_submodule(self.instance_model(), run.model_path("pseudo_label")))
+        self.feature_alpha = None if chosen is None else float(chosen)
+        arch = self.stage_mil_model() if kept == "mil" else self.instance_model()
+        final = self.output_model(restore_submodule(arch, run.model_path("pseudo_label")))
         out["pseudo_label"] = Labeler(final, "model", run.read_threshold("pseudo_label").get("threshold"))
         return out
 
