@@ -167,3 +167,128 @@ def test_sides_option_reaches_the_data_config(monkeypatch, tmp_path, capsys):
         assert main(["benchmark", "hard-bags", "--out", str(tmp_path), "--sides", bad]) == 2
         err = capsys.readouterr().err.strip()
         assert len(err.splitlines()) == 1 and "--sides" in err and bad in err
+
+
+# -- level hard-mimic: the hard level + strong contiguous benign look-alike foci, more frequent in positive slides
+
+MIM = dict(n_train=20, n_val=20, n_test=20, min_side=8, max_side=9)
+
+
+@pytest.fixture(scope="module")
+def mimic_splits():
+    return HardBagsConfig(level="hard-mimic", **MIM).build(0)
+
+
+def test_hard_level_unchanged_by_the_new_levels():
+    # per-bag sums of the `hard` level as generated before hard-confounded / hard-mimic existed (commit e64603a)
+    sp = HardBagsConfig(level="hard", n_train=4, n_val=2, n_test=4, min_side=8, max_side=9).build(0)
+    want = {"train": [(0, 54, 0, 6418.4501), (1, 60, 2, 7652.6833), (1, 74, 2, 12099.8794), (0, 70, 0, 8783.6496)],
+            "test": [(1, 52, 1, 5473.1635), (1, 61, 2, 7308.3015), (0, 62, 0, 9582.1842), (0, 58, 0, 9640.0783)]}
+    for name, rows in want.items():
+        got = [(b.label, len(b), int(b.instance_labels.sum()), float(b.instances.double().sum()))
+               for b in getattr(sp, name)]
+        for g, w in zip(got, rows):
+            assert g[:3] == w[:3] and g[3] == pytest.approx(w[3], rel=1e-6)
+        assert all("mimic" not in b.meta for b in getattr(sp, name))
+
+
+def test_mimic_foci_frequency_per_class_and_split(mimic_splits):
+    cfg, splits = HardBagsConfig(level="hard-mimic", **MIM), mimic_splits
+    assert cfg.focal_mimics == (0.9, 0.4) and HardBagsConfig(level="hard").focal_mimics is None
+    # every split: 10 positive and 10 negative slides; foci in round(0.9·10) = 9 and round(0.4·10) = 4 of them
+    for ds in (splits.train, splits.val, splits.test):
+        y = np.array(ds.labels)
+        has = np.array([bool(b.meta["mimic"].any()) for b in ds])
+        assert (y == 1).sum() == 10 and has[y == 1].sum() == 9 and has[y == 0].sum() == 4
+        for bag in ds:
+            m = bag.meta["mimic"].numpy()
+            if m.any():  # 4–8 % of the slide's patches, rounded to whole patches (at least one)
+                assert max(1, round(0.04 * len(bag))) <= m.sum() <= max(1, round(0.08 * len(bag)))
+    # so presence alone ranks the test slides at AUROC (9·6 + ½·(9·4 + 1·6)) / 100 = 0.75, by hand
+    from milkit.metrics.classification import auroc
+
+    y = np.array(splits.test.labels)
+    has = np.array([float(b.meta["mimic"].any()) for b in splits.test])
+    assert auroc(y, has) == pytest.approx(0.75)
+
+
+def test_mimic_foci_are_contiguous_unlabelled_and_off_the_lesions(mimic_splits):
+    splits = mimic_splits
+    for bag in list(splits.train) + list(splits.test):
+        m = bag.meta["mimic"].numpy()
+        y = bag.instance_labels.numpy()
+        assert not (m & (y == 1)).any()  # never on a lesion patch; a look-alike carries label 0
+        if not m.any():
+            continue
+        h, w = bag.meta["grid"]
+        g = np.zeros((h, w), dtype=int)
+        c = bag.coords.numpy() // bag.meta["patch_size"]
+        g[c[:, 1], c[:, 0]] = m
+        _, n_components = ndimage.label(g)  # 4-connectivity: 1–3 grown foci (touching foci merge)
+        assert 1 <= n_components <= 3
+
+
+def test_mimic_level_is_the_hard_level_plus_foci_only(mimic_splits):
+    mim, hard = mimic_splits, HardBagsConfig(level="hard", **MIM).build(0)
+    n_changed = 0
+    for x, z in zip(list(mim.train) + list(mim.test), list(hard.train) + list(hard.test)):
+        assert x.bag_id == z.bag_id and x.label == z.label
+        assert np.array_equal(x.instance_labels, z.instance_labels) and np.array_equal(x.coords, z.coords)
+        m = x.meta["mimic"].numpy()
+        # a patch's feature depends on its own pixels only: every patch outside the foci is bit-identical
+        assert np.array_equal(x.instances.numpy()[~m], z.instances.numpy()[~m])
+        if m.any():
+            assert not np.allclose(x.instances.numpy()[m], z.instances.numpy()[m])
+            n_changed += 1
+    assert n_changed == 26  # (9 + 4) slides with foci in each of train and test
+
+
+def test_mimic_pattern_is_a_look_alike_and_easier_than_the_lesion(mimic_splits):
+    from sklearn.linear_model import LogisticRegression
+
+    from milkit.data.hard_bags import lesion_textures, mimic_texture
+    from milkit.metrics.classification import auroc
+
+    les = lesion_textures(3, 1234)
+    m = mimic_texture(les, 0.5, 1234)
+    u = les.mean(0) / np.linalg.norm(les.mean(0))
+    assert np.linalg.norm(m) == pytest.approx(1.0, abs=1e-5) and float(m @ u) == pytest.approx(0.5, abs=1e-5)
+    assert abs(m.reshape(8, 8).mean()) < 1e-5  # zero-mean like the lesion textures: no brightness cue
+
+    # in the features a look-alike patch is easy to tell from normal tissue: a linear classifier on
+    # train patches (lesions left out) ranks the test split's look-alikes above its normal patches
+    def stack(ds):
+        x = np.concatenate([b.instances.numpy() for b in ds])
+        y = np.concatenate([b.instance_labels.numpy() for b in ds])
+        mm = np.concatenate([b.meta["mimic"].numpy() for b in ds])
+        return x[y == 0], mm[y == 0]
+
+    (xtr, mtr), (xte, mte) = stack(mimic_splits.train), stack(mimic_splits.test)
+    scale = xtr.std(0) + 1e-6
+    clf = LogisticRegression(max_iter=2000).fit(xtr / scale, mtr)
+    assert auroc(mte.astype(int), clf.decision_function(xte / scale)) >= 0.97
+
+
+def test_bad_mimic_settings_name_the_key():
+    base = {"kind": "hard_bags", "level": "hard-mimic"}
+    for key, bad in (("focal_mimic_slides", [0.9, 1.4]), ("focal_mimic_fraction", [0.08, 0.04])):
+        with pytest.raises(ConfigError, match=key):
+            build_experiment({"data": {**base, key: bad}, "method": {"name": "pseudo_label"}})
+
+
+def test_mimic_level_on_the_cli(monkeypatch, tmp_path):
+    import milkit.benchmarks.hard_bags as hb
+    from milkit.cli import main
+
+    seen = {}
+
+    def fake_run(out, levels, rows, seeds, s, resume=True, progress=print):
+        seen.update(levels=levels)
+        return {"settings": s, "levels": [], "cells": {}, "probe": {}, "wall_s": 0.0}
+
+    monkeypatch.setattr(hb, "run", fake_run)
+    assert main(["benchmark", "hard-bags", "--out", str(tmp_path), "--levels", "hard-mimic", "--rows", "SmAP"]) == 0
+    assert seen["levels"] == ["hard-mimic"]
+    raw, _ = hb.experiment("SmAP", "hard-mimic", 0, {"generator_seed": 0, "feature_dim": 512, "embed_dim": 8,
+                                                      "lr": 1e-3, "epochs": 1})
+    assert build_experiment(raw).data.focal_mimics == (0.9, 0.4)

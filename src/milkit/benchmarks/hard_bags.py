@@ -61,7 +61,7 @@ ROWS = (
 )
 #: pseudo_label variants: row → method.slide_norm (a stain / batch remedy, issue 11 hard-confounded)
 SLIDE_NORM_ROWS = {"pseudo_label + slide centring": "centre", "pseudo_label + slide standardisation": "standardise"}
-LEVELS = ("easy", "medium", "hard", "hard-confounded")  # milkit.data.hard_bags.LEVELS
+LEVELS = ("easy", "medium", "hard", "hard-confounded", "hard-mimic")  # milkit.data.hard_bags.LEVELS
 
 
 def method_section(row: str, s: dict) -> tuple[dict, str]:
