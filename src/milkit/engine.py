@@ -27,7 +27,7 @@ from lightning.pytorch.plugins.io import TorchCheckpointIO
 from torch.utils.data import DataLoader
 
 from milkit import distributed
-from milkit.checkpointing import LaterOnTiesCheckpoint, ResumeState, RunCSVLogger
+from milkit.checkpointing import LaterOnTiesCheckpoint, ResumeState, RunCSVLogger, gather_objects
 from milkit.config import TrainerConfig
 from milkit.io import load_state_dict, save_state_dict
 from milkit.malloc import keep_freed_memory
@@ -191,7 +191,7 @@ def fit_stage(
         log.info("%s: stage finished, not retrained (--resume)", stage_dir)
         load_into(module, load_state_dict(out), out)
         if (stage_dir / RNG_FILE).is_file():
-            state = load_state_dict(stage_dir / RNG_FILE)
+            state = _own_rank_state(load_state_dict(stage_dir / RNG_FILE))
             set_rng_state(state)
             gen = getattr(train_loader, "generator", None)
             if gen is not None and "loader" in state:  # the shuffle order later stages continue from
@@ -272,12 +272,24 @@ def fit_stage(
     state = rng_state()
     if getattr(train_loader, "generator", None) is not None:
         state["loader"] = train_loader.generator.get_state()
+    if trainer.world_size > 1:  # every rank's own: the ranks draw apart (dropout, VAT noise on their own bags)
+        state["ranks"] = gather_objects(state, trainer.world_size)
     if writer:
         save_state_dict(stage_dir / RNG_FILE, state)
         save_state_dict(out, {k: v.detach().cpu() for k, v in module.state_dict().items()})  # marks the stage done
         last_ckpt.unlink(missing_ok=True)  # model.pt + best.ckpt are what a finished stage keeps
     distributed.barrier()  # DDP: no rank goes on before the stage's files are written
     return out
+
+
+def _own_rank_state(state: dict) -> dict:
+    """This process's entry of a stage's ``rng_state.pt`` (several processes wrote ``ranks``, one
+    each; the process group may not exist yet, so the launcher's rank is read)."""
+    ranks = state.get("ranks")
+    if not ranks:
+        return state
+    me = distributed.rank() if distributed.is_distributed() else distributed.launch_rank()
+    return ranks[me] if 0 <= me < len(ranks) else state
 
 
 def load_into(module: torch.nn.Module, state: dict, path: str | Path) -> torch.nn.Module:
