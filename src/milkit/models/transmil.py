@@ -91,6 +91,31 @@ def depthwise_conv(x: Tensor, w: Tensor, b: Tensor | None, padding: tuple[int, i
     return _DepthwiseConv.apply(x, w, b, padding)
 
 
+class _MatMulNT(torch.autograd.Function):
+    """a @ bᵀ for a (…, m, n), b (…, d, n) whose gradients keep the operands' own layouts:
+    ∂a = g b (…, m, n) and ∂b = gᵀ a (…, d, n), both row-major (autograd's bmm with a transposed
+    operand hands back a transposed gradient, and copying it back costs more than the product)."""
+
+    @staticmethod
+    def forward(ctx, a: Tensor, b: Tensor) -> Tensor:  # noqa: D102
+        ctx.save_for_backward(a, b)
+        return a @ b.transpose(-1, -2)
+
+    @staticmethod
+    def backward(ctx, g: Tensor):  # noqa: D102
+        a, b = ctx.saved_tensors
+        ga = g @ b if ctx.needs_input_grad[0] else None
+        gb = g.transpose(-1, -2) @ a if ctx.needs_input_grad[1] else None
+        return ga, gb
+
+
+def _project_t(w: Tensor, x: Tensor) -> Tensor:
+    """(w xᵀ) for w (k, dim), x (b, n, dim): (b, k, n), row-major, without a transposing copy."""
+    if x.shape[0] == 1:
+        return (w @ x[0].t()).unsqueeze(0)
+    return torch.stack([w @ xi.t() for xi in x])
+
+
 class NystromAttention(nn.Module):
     """Multi-head Nyström self-attention on one sequence (1, n, dim)."""
 
@@ -116,11 +141,11 @@ class NystromAttention(nn.Module):
         lm = segment_means(x, m) @ w[: 2 * hd].t()  # (b, m, 2·h·d)
         ql, kl = lm.view(b, m, 2, h, d).permute(2, 0, 3, 1, 4)  # (b, h, m, d) each
         ql = ql * scale
-        kv = torch.matmul(w[hd:], x.transpose(1, 2)).view(b, 2, h, d, n)  # kᵀ, vᵀ: (b, h, d, n) each
+        kv = _project_t(w[hd:], x).view(b, 2, h, d, n)  # kᵀ, vᵀ: (b, h, d, n) each
         kt, vt = kv[:, 0], kv[:, 1]
         mid = moore_penrose_pinv(torch.softmax(ql @ kl.transpose(-1, -2), dim=-1), self.pinv_iters)
         f2 = torch.softmax(ql @ kt, dim=-1)  # (b, h, m, n)
-        a = (vt @ f2.transpose(-1, -2)) @ mid.transpose(-1, -2)  # ((f2 v)ᵀ midᵀ): (b, h, d, m)
+        a = _MatMulNT.apply(f2, vt).transpose(-1, -2) @ mid.transpose(-1, -2)  # ((f2 v)ᵀ midᵀ): (b, h, d, m)
         klt = (kl * scale).transpose(-1, -2)  # (b, h, d, m)
         if cls_only:  # the class token (row 0) alone: its query, attention row and residual
             q0 = x[:, :1] @ w[:hd].t()  # (b, 1, h·d)
@@ -132,11 +157,13 @@ class NystromAttention(nn.Module):
             out = out + (vt[..., :span] * k0[:, None, :span]).sum(-1)
             out = self.to_out(out.reshape(b, 1, hd))
         else:
-            qt = torch.matmul(w[:hd], x.transpose(1, 2)).view(b, h, d, n)
+            qt = _project_t(w[:hd], x).view(b, h, d, n)
             f1t = torch.softmax(klt.transpose(-1, -2) @ qt, dim=-2)  # f1ᵀ: (b, h, m, n), softmax over m
             out_t = a @ f1t  # (f1 mid f2 v)ᵀ: (b, h, d, n)
-            wr = self.res_conv.weight.view(h, 1, 1, -1)  # the (k, 1) kernel along tokens, on vᵀ
-            out_t = out_t + depthwise_conv(vt, wr, None, (0, wr.shape[-1] // 2))
+            # the (k, 1) kernel of each head along the tokens, on vᵀ as h·d channels of length n
+            wr = self.res_conv.weight.view(h, 1, 1, -1).repeat_interleave(d, 0)  # (h·d, 1, 1, k)
+            res = depthwise_conv(vt.reshape(b, hd, 1, n), wr, None, (0, wr.shape[-1] // 2))
+            out_t = out_t + res.view(b, h, d, n)
             out = self.to_out(out_t.reshape(b, hd, n).transpose(1, 2))
             f1 = f1t[..., :1].transpose(-1, -2) if return_cls_attention else None  # (b, h, 1, m)
         cls_attn = None
