@@ -3,7 +3,9 @@
 Every Method hands a ``LightningModule`` per stage to :func:`fit_stage`. Inside
 :func:`resuming` (``milkit train --resume``) a stage whose ``model.pt`` exists is not
 retrained (its weights and the RNG state it ended with are restored) and an unfinished one
-continues from its Lightning ``checkpoints/last.ckpt`` (full state, written every epoch). The module
+continues from its ``checkpoints/last.ckpt`` (Lightning's full state plus every rank's RNG, the
+loader's generator and the CSV rows, written at the start of every epoch after the first by
+:class:`~milkit.checkpointing.ResumeState`), giving the numbers of an uninterrupted run. The module
 logs its validation score under ``trainer.monitor`` (default ``val/bag_auroc``);
 the best epoch's weights are restored into the module and saved as
 ``<stage_dir>/model.pt`` (a plain state dict, loadable with ``weights_only=True``).
