@@ -89,7 +89,8 @@ class RunCSVLogger(CSVLogger):
             exp.metrics_keys = []
 
 
-def _gather(obj: Any, world: int) -> list:
+def gather_objects(obj: Any, world: int) -> list:
+    """Every rank's ``obj``, in rank order (one process: ``[obj]``); a collective."""
     if world == 1:
         return [obj]
     import torch.distributed as dist
@@ -175,7 +176,7 @@ class ResumeState(Callback):
             return
         if trainer.current_epoch == 0 or trainer.sanity_checking:
             return
-        ranks = _gather(self._own_state(), trainer.world_size)
+        ranks = gather_objects(self._own_state(), trainer.world_size)
         rows = self.logger.rows if self.logger is not None and trainer.is_global_zero else []
         self._saving = {"ranks": ranks, "log_rows": rows}
         try:
@@ -184,4 +185,4 @@ class ResumeState(Callback):
             self._saving = None
 
 
-__all__ = ["LaterOnTiesCheckpoint", "ResumeState", "RunCSVLogger"]
+__all__ = ["LaterOnTiesCheckpoint", "ResumeState", "RunCSVLogger", "gather_objects"]

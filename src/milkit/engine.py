@@ -3,7 +3,9 @@
 Every Method hands a ``LightningModule`` per stage to :func:`fit_stage`. Inside
 :func:`resuming` (``milkit train --resume``) a stage whose ``model.pt`` exists is not
 retrained (its weights and the RNG state it ended with are restored) and an unfinished one
-continues from its Lightning ``checkpoints/last.ckpt`` (full state, written every epoch). The module
+continues from its ``checkpoints/last.ckpt`` (Lightning's full state plus every rank's RNG, the
+loader's generator and the CSV rows, written at the start of every epoch after the first by
+:class:`~milkit.checkpointing.ResumeState`), giving the numbers of an uninterrupted run. The module
 logs its validation score under ``trainer.monitor`` (default ``val/bag_auroc``);
 the best epoch's weights are restored into the module and saved as
 ``<stage_dir>/model.pt`` (a plain state dict, loadable with ``weights_only=True``).
@@ -27,7 +29,7 @@ from lightning.pytorch.plugins.io import TorchCheckpointIO
 from torch.utils.data import DataLoader
 
 from milkit import distributed
-from milkit.checkpointing import LaterOnTiesCheckpoint, ResumeState, RunCSVLogger
+from milkit.checkpointing import LaterOnTiesCheckpoint, ResumeState, RunCSVLogger, gather_objects
 from milkit.config import TrainerConfig
 from milkit.io import load_state_dict, save_state_dict
 from milkit.malloc import keep_freed_memory
@@ -191,7 +193,7 @@ def fit_stage(
         log.info("%s: stage finished, not retrained (--resume)", stage_dir)
         load_into(module, load_state_dict(out), out)
         if (stage_dir / RNG_FILE).is_file():
-            state = load_state_dict(stage_dir / RNG_FILE)
+            state = _own_rank_state(load_state_dict(stage_dir / RNG_FILE))
             set_rng_state(state)
             gen = getattr(train_loader, "generator", None)
             if gen is not None and "loader" in state:  # the shuffle order later stages continue from
@@ -272,12 +274,24 @@ def fit_stage(
     state = rng_state()
     if getattr(train_loader, "generator", None) is not None:
         state["loader"] = train_loader.generator.get_state()
+    if trainer.world_size > 1:  # every rank's own: the ranks draw apart (dropout, VAT noise on their own bags)
+        state["ranks"] = gather_objects(state, trainer.world_size)
     if writer:
         save_state_dict(stage_dir / RNG_FILE, state)
         save_state_dict(out, {k: v.detach().cpu() for k, v in module.state_dict().items()})  # marks the stage done
         last_ckpt.unlink(missing_ok=True)  # model.pt + best.ckpt are what a finished stage keeps
     distributed.barrier()  # DDP: no rank goes on before the stage's files are written
     return out
+
+
+def _own_rank_state(state: dict) -> dict:
+    """This process's entry of a stage's ``rng_state.pt`` (several processes wrote ``ranks``, one
+    each; the process group may not exist yet, so the launcher's rank is read)."""
+    ranks = state.get("ranks")
+    if not ranks:
+        return state
+    me = distributed.rank() if distributed.is_distributed() else distributed.launch_rank()
+    return ranks[me] if 0 <= me < len(ranks) else state
 
 
 def load_into(module: torch.nn.Module, state: dict, path: str | Path) -> torch.nn.Module:

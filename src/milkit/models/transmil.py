@@ -10,6 +10,15 @@ Nyström attention (Xiong et al. 2021): landmarks q̃, k̃ are segment means of 
 softmax(QKᵀ)V ≈ softmax(Q k̃ᵀ) · pinv(softmax(q̃ k̃ᵀ)) · softmax(q̃ Kᵀ) V, with pinv by
 the iterative Moore–Penrose scheme. Written here (no extra package).
 
+Computed without the dead work (outputs equal to the plain equations within 1e-5,
+tests/models/test_transmil_speed.py): q, k, v are made transposed (one GEMM W·xᵀ gives
+per-head (d, n) blocks every product below reads without a copy); the landmarks are segment
+means of the layer's input projected afterwards (the projection is linear, without bias);
+the depth-wise convolutions (residual and PPEG) get their weight gradient as a forward
+convolution with the output gradient as kernel (oneDNN's weight-gradient kernel took 2-10×
+longer, and much longer with two threads on a busy CPU); and the last layer computes the
+attention output of the class token only, the one row the classifier reads.
+
 TransMIL depends on instance order (PPEG, landmarks), so it is not permutation
 invariant. Each bag is processed alone on its real instances, so padding never changes
 a result. Instance scores: the class token's (Nyström) attention to each instance in
@@ -52,6 +61,61 @@ def segment_means(x: Tensor, m: int) -> Tensor:
     return out / counts.unsqueeze(-1)
 
 
+class _DepthwiseConv(torch.autograd.Function):
+    """``F.conv2d(x, w, b, padding, groups=C)`` (stride 1, odd kernel, "same" padding) whose
+    backward is two forward convolutions: ∂x = conv(g, flipped w), ∂w = conv(pad(x), g as kernel)."""
+
+    @staticmethod
+    def forward(ctx, x: Tensor, w: Tensor, b: Tensor | None, padding: tuple[int, int]) -> Tensor:  # noqa: D102
+        ctx.save_for_backward(x, w)
+        ctx.padding, ctx.has_bias = padding, b is not None
+        return F.conv2d(x, w, b, padding=padding, groups=x.shape[1])
+
+    @staticmethod
+    def backward(ctx, g: Tensor):  # noqa: D102
+        x, w = ctx.saved_tensors
+        (ph, pw), (bsz, c) = ctx.padding, x.shape[:2]
+        gx = gw = gb = None
+        if ctx.needs_input_grad[0]:
+            gx = F.conv2d(g, w.flip(-2, -1), padding=(ph, pw), groups=c)
+        if ctx.needs_input_grad[1]:  # Σ_b,h,w g[b,c,h,w] · x[b,c,h+i,w+j]: the batch as a group's input channels
+            xp = F.pad(x, (pw, pw, ph, ph)).transpose(0, 1).reshape(1, c * bsz, x.shape[2] + 2 * ph, x.shape[3] + 2 * pw)
+            gw = F.conv2d(xp, g.transpose(0, 1).reshape(c, bsz, *g.shape[2:]), groups=c).view_as(w)
+        if ctx.has_bias and ctx.needs_input_grad[2]:
+            gb = g.sum((0, 2, 3))
+        return gx, gw, gb, None
+
+
+def depthwise_conv(x: Tensor, w: Tensor, b: Tensor | None, padding: tuple[int, int]) -> Tensor:
+    """Depth-wise "same" convolution of x (B, C, H, W) by w (C, 1, kh, kw) (see :class:`_DepthwiseConv`)."""
+    return _DepthwiseConv.apply(x, w, b, padding)
+
+
+class _MatMulNT(torch.autograd.Function):
+    """a @ bᵀ for a (…, m, n), b (…, d, n) whose gradients keep the operands' own layouts:
+    ∂a = g b (…, m, n) and ∂b = gᵀ a (…, d, n), both row-major (autograd's bmm with a transposed
+    operand hands back a transposed gradient, and copying it back costs more than the product)."""
+
+    @staticmethod
+    def forward(ctx, a: Tensor, b: Tensor) -> Tensor:  # noqa: D102
+        ctx.save_for_backward(a, b)
+        return a @ b.transpose(-1, -2)
+
+    @staticmethod
+    def backward(ctx, g: Tensor):  # noqa: D102
+        a, b = ctx.saved_tensors
+        ga = g @ b if ctx.needs_input_grad[0] else None
+        gb = g.transpose(-1, -2) @ a if ctx.needs_input_grad[1] else None
+        return ga, gb
+
+
+def _project_t(w: Tensor, x: Tensor) -> Tensor:
+    """(w xᵀ) for w (k, dim), x (b, n, dim): (b, k, n), row-major, without a transposing copy."""
+    if x.shape[0] == 1:
+        return (w @ x[0].t()).unsqueeze(0)
+    return torch.stack([w @ xi.t() for xi in x])
+
+
 class NystromAttention(nn.Module):
     """Multi-head Nyström self-attention on one sequence (1, n, dim)."""
 
@@ -64,36 +128,62 @@ class NystromAttention(nn.Module):
         self.res_conv = nn.Conv2d(heads, heads, (residual_kernel, 1), padding=(residual_kernel // 2, 0),
                                   groups=heads, bias=False)
 
-    def forward(self, x: Tensor, return_cls_attention: bool = False) -> tuple[Tensor, Tensor | None]:
+    def forward(self, x: Tensor, return_cls_attention: bool = False,
+                cls_only: bool = False) -> tuple[Tensor, Tensor | None]:
+        """Attention output (b, n, dim) — or (b, 1, dim), the class token's row only, with
+        ``cls_only`` — and, asked for, the class token's attention to every token (b, n)."""
         b, n, _ = x.shape
-        q, k, v = self.to_qkv(x).view(b, n, 3, self.heads, self.dim_head).permute(2, 0, 3, 1, 4)
-        q = q / math.sqrt(self.dim_head)
+        h, d = self.heads, self.dim_head
+        hd, scale = h * d, 1.0 / math.sqrt(d)
+        w = self.to_qkv.weight  # (3·h·d, dim): rows q, k, v
         m = min(self.landmarks, n)
-        ql, kl = segment_means(q, m), segment_means(k, m)
-        f1 = torch.softmax(q @ kl.transpose(-1, -2), dim=-1)  # (b, h, n, m)
+        # landmarks: segment means of q = x Wqᵀ are the segment means of x, projected (no bias)
+        lm = segment_means(x, m) @ w[: 2 * hd].t()  # (b, m, 2·h·d)
+        ql, kl = lm.view(b, m, 2, h, d).permute(2, 0, 3, 1, 4)  # (b, h, m, d) each
+        ql = ql * scale
+        kv = _project_t(w[hd:], x).view(b, 2, h, d, n)  # kᵀ, vᵀ: (b, h, d, n) each
+        kt, vt = kv[:, 0], kv[:, 1]
         mid = moore_penrose_pinv(torch.softmax(ql @ kl.transpose(-1, -2), dim=-1), self.pinv_iters)
-        f2 = torch.softmax(ql @ k.transpose(-1, -2), dim=-1)  # (b, h, m, n)
-        # f1 (mid (f2 v)): n·m·d + m²·d + m·n·d multiply-adds per head, against n·m² + 2·n·m·d
-        # for (f1 mid)(f2 v) — the same product, about 3× fewer FLOPs at m = 256, d = 64
-        out = f1 @ (mid @ (f2 @ v)) + self.res_conv(v)
+        f2 = torch.softmax(ql @ kt, dim=-1)  # (b, h, m, n)
+        a = _MatMulNT.apply(f2, vt).transpose(-1, -2) @ mid.transpose(-1, -2)  # ((f2 v)ᵀ midᵀ): (b, h, d, m)
+        klt = (kl * scale).transpose(-1, -2)  # (b, h, d, m)
+        if cls_only:  # the class token (row 0) alone: its query, attention row and residual
+            q0 = x[:, :1] @ w[:hd].t()  # (b, 1, h·d)
+            f1 = torch.softmax(q0.view(b, 1, h, d).transpose(1, 2) @ klt, dim=-1)  # (b, h, 1, m)
+            out = (f1 @ a.transpose(-1, -2)).squeeze(2)  # (b, h, d)
+            r = self.res_conv.weight.shape[2] // 2  # conv over tokens 0…r of v (zero padding before 0)
+            k0 = self.res_conv.weight[:, 0, r:, 0]  # taps at offsets 0…r: (h, r+1)
+            span = min(r + 1, n)
+            out = out + (vt[..., :span] * k0[:, None, :span]).sum(-1)
+            out = self.to_out(out.reshape(b, 1, hd))
+        else:
+            qt = _project_t(w[:hd], x).view(b, h, d, n)
+            f1t = torch.softmax(klt.transpose(-1, -2) @ qt, dim=-2)  # f1ᵀ: (b, h, m, n), softmax over m
+            out_t = a @ f1t  # (f1 mid f2 v)ᵀ: (b, h, d, n)
+            # the (k, 1) kernel of each head along the tokens, on vᵀ as h·d channels of length n
+            wr = self.res_conv.weight.view(h, 1, 1, -1).repeat_interleave(d, 0)  # (h·d, 1, 1, k)
+            res = depthwise_conv(vt.reshape(b, hd, 1, n), wr, None, (0, wr.shape[-1] // 2))
+            out_t = out_t + res.view(b, h, d, n)
+            out = self.to_out(out_t.reshape(b, hd, n).transpose(1, 2))
+            f1 = f1t[..., :1].transpose(-1, -2) if return_cls_attention else None  # (b, h, 1, m)
         cls_attn = None
         if return_cls_attention:  # row 0 of the approximate attention matrix, mean over heads
-            cls_attn = ((f1[:, :, :1] @ mid) @ f2).squeeze(2).mean(1)  # (b, n)
-        out = out.transpose(1, 2).reshape(b, n, self.heads * self.dim_head)
-        return self.to_out(out), cls_attn
+            cls_attn = ((f1 @ mid) @ f2).squeeze(2).mean(1)  # (b, n)
+        return out, cls_attn
 
 
 class TransLayer(nn.Module):
-    """x ← x + NystromAttention(LN(x)) (TransMIL TransLayer)."""
+    """x ← x + NystromAttention(LN(x)) (TransMIL TransLayer); ``cls_only``: row 0 alone."""
 
     def __init__(self, dim: int, heads: int, landmarks: int, dropout: float):
         super().__init__()
         self.norm = nn.LayerNorm(dim)
         self.attn = NystromAttention(dim, heads, dim // heads, landmarks, dropout=dropout)
 
-    def forward(self, x: Tensor, return_cls_attention: bool = False) -> tuple[Tensor, Tensor | None]:
-        a, cls_attn = self.attn(self.norm(x), return_cls_attention)
-        return x + a, cls_attn
+    def forward(self, x: Tensor, return_cls_attention: bool = False,
+                cls_only: bool = False) -> tuple[Tensor, Tensor | None]:
+        a, cls_attn = self.attn(self.norm(x), return_cls_attention, cls_only)
+        return (x[:, :1] if cls_only else x) + a, cls_attn
 
 
 class PPEG(nn.Module):
@@ -113,10 +203,10 @@ class PPEG(nn.Module):
 
     def forward(self, x: Tensor, side: int) -> Tensor:
         b, _, c = x.shape
-        cls, feat = x[:, :1], x[:, 1:].transpose(1, 2).reshape(b, c, side, side)
+        cls, feat = x[:, :1], x[:, 1:].transpose(1, 2).reshape(b, c, side, side).contiguous()
         k = self.proj.weight + F.pad(self.proj1.weight, (1, 1, 1, 1)) + F.pad(self.proj2.weight, (2, 2, 2, 2))
         k = k + F.pad(torch.ones_like(self.proj2.weight[..., :1, :1]), (3, 3, 3, 3))  # + identity
-        feat = F.conv2d(feat, k, self.proj.bias + self.proj1.bias + self.proj2.bias, padding=3, groups=c)
+        feat = depthwise_conv(feat, k, self.proj.bias + self.proj1.bias + self.proj2.bias, (3, 3))
         return torch.cat([cls, feat.flatten(2).transpose(1, 2)], dim=1)
 
 
@@ -154,14 +244,13 @@ class TransMIL(MILModel):
         n = h.shape[1]
         side = math.ceil(math.sqrt(n))
         extra = side * side - n
-        if extra:  # TransMIL squares the sequence by repeating its first tokens
-            reps = h.repeat(1, math.ceil(extra / n), 1)[:, :extra]
-            h = torch.cat([h, reps], dim=1)
-        x = torch.cat([self.cls_token.expand(1, -1, -1).to(h.dtype), h], dim=1)
+        # TransMIL squares the sequence by repeating its first tokens (one copy with the class token)
+        reps = h[:, :extra] if extra <= n else h.repeat(1, math.ceil(extra / n), 1)[:, :extra]
+        x = torch.cat([self.cls_token.expand(1, -1, -1).to(h.dtype), h, reps], dim=1)
         x, _ = self.layer1(x)
         x = self.ppeg(x, side)
-        x, cls_attn = self.layer2(x, return_cls_attention=True)
-        logit = self.classifier(self.norm(x)[:, 0]).squeeze(-1)
+        x, cls_attn = self.layer2(x, return_cls_attention=True, cls_only=True)  # the classifier reads row 0
+        logit = self.classifier(self.norm(x[:, 0])).squeeze(-1)
         return logit, cls_attn[:, 1 : n + 1]
 
     def forward(self, x: Tensor, mask: Tensor | None = None, adj: object | None = None) -> MILOutput:
