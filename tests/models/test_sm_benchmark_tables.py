@@ -73,3 +73,22 @@ def test_spatial_first_seed_runs_the_named_seeds(tmp_path, monkeypatch):
     assert seen == [(3, "seed3", "before"), (4, "seed4", "before")]
     settings = json.loads((tmp_path / "spatial.json").read_text())["settings"]
     assert (settings["first_seed"], settings["seeds_done"]) == (3, 2)
+
+
+def test_speed_times_the_pseudo_label_default_it_labels_with():
+    """The `pseudo_label` speed row is the recipe's labelling model: one instance model per default
+    feature α, their scores averaged (not the single-scale model of the old default)."""
+    import torch
+
+    from milkit.benchmarks.speed import _build_milkit
+    from milkit.methods.pseudo_label import PseudoLabelConfig, ScaleMeanMIL
+
+    m = _build_milkit("pseudo_label", 8)
+    assert isinstance(m, ScaleMeanMIL)
+    got = [round(float(k.sm_feat.alpha), 6) for k in m.members]
+    assert got == PseudoLabelConfig().feature_alpha_grid == [0.8, 0.65]
+    x = torch.randn(1, 5, 8)
+    out = m(x)
+    want = torch.stack([k(x).instance_scores for k in m.eval().members]).mean(0)
+    assert torch.allclose(m.eval()(x).instance_scores, want)
+    assert out.instance_scores.shape == (1, 5)
