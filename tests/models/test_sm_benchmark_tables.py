@@ -92,3 +92,15 @@ def test_speed_times_the_pseudo_label_default_it_labels_with():
     want = torch.stack([k(x).instance_scores for k in m.eval().members]).mean(0)
     assert torch.allclose(m.eval()(x).instance_scores, want)
     assert out.instance_scores.shape == (1, 5)
+
+
+def test_speed_repeats_below_one_is_one_line_and_writes_nothing(tmp_path, capsys):
+    from milkit.cli import main
+
+    out = tmp_path / "sp"
+    rc = main(["benchmark", "speed", "--sizes", "1000", "--models", "abmil", "--no-torchmil", "--out", str(out),
+               "--repeats", "0"])
+    err = capsys.readouterr().err
+    assert rc == 2
+    assert "--repeats must be at least 1, got 0" in err and "Traceback" not in err
+    assert not out.exists()

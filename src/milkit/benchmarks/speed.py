@@ -369,6 +369,8 @@ def register(app: typer.Typer) -> None:
         except ValueError:
             raise typer.BadParameter(f"--sizes must be integers, got {sizes!r}") from None
         model_list = [m.strip() for m in models.split(",") if m.strip()]
+        if repeats < 1:
+            raise ValueError(f"--repeats must be at least 1, got {repeats}")
         if not torchmil_available():
             console.print("torchmil is not installed: reporting milkit's numbers only (pip install milkit[bench])")
         res = run_speed(model_list, size_list, dim, threads, repeats, timeout, quadratic_max, torchmil,
