@@ -35,6 +35,11 @@ rounds use the grid's first α. ``feature_alpha_combine: choose`` keeps the one 
 validation instance-max AUROC − BCE instead; ``own_features`` feeds each patch's own features beside
 the smoothed ones (measured, not adopted).
 
+Against edge blur, off by default (candidates of branch wip-edge, docs/benchmarks.md): ``edge_refit_alpha``
+fits one more instance classifier, on features smoothed at that smaller α, to the pseudo-labels of
+the kept model (context from the labels, locality from the features), and labels with it when its
+instance-max validation slide AUROC is not below the kept model's (:meth:`PseudoLabelMethod.edge_refit`).
+
 Against slide-level confounders (a stain / scanner shift correlated with the label), two options,
 off by default: ``slide_norm`` normalises every slide's features by the slide's own mean (and sd)
 before the global standardisation, and ``score_centre: median`` takes every instance score
@@ -280,6 +285,16 @@ class PseudoLabelConfig(StrictModel):
                                                              "instance-max validation slide AUROC − BCE (the stage's own "
                                                              "checkpoint criterion: no patch labels) is highest, ties to "
                                                              "the earlier value; trials and choice in selection.json")
+    edge_refit_alpha: float | None = Field(None, ge=0, lt=1, description="a final pseudo-label refit on LESS "
+                                           "smoothed features (this Sm α): the kept model's scores give pseudo-"
+                                           "labels (the rounds' rule: negatives from negative slides, confident "
+                                           "positives, the rest — a blurred lesion's edge — unlabelled), and a fresh "
+                                           "classifier fitted on features smoothed at this α labels instead, if its "
+                                           "instance-max validation slide AUROC is not below the kept model's. The "
+                                           "context comes from the labels, the locality from the features: on "
+                                           "hard-bags easy 37 of 39 false positives and all 74 false negatives "
+                                           "lie at a lesion's edge (issue 11, docs/benchmarks.md). null: off "
+                                           "(a candidate, measured on branch wip-edge)")
     teacher: ModelSection | None = Field(None, description="null: stage 'mil' is the smoothed instance-max "
                                          "classifier; else any registered MIL model (§2 'any MIL model can be its teacher')")
     teacher_encoder: EncoderConfig | None = Field(None, description="the teacher's encoder (default linear in_dim→256)")
@@ -394,11 +409,13 @@ class PseudoLabelMethod(Method):
     feature_alpha: float | None = None
 
     # -- building ------------------------------------------------------------------------
-    def instance_model(self) -> SmoothedInstanceMIL:
+    def instance_model(self, feature_alpha: float | None = None) -> SmoothedInstanceMIL:
+        """One instance classifier at ``feature_alpha`` (default: this run's, :attr:`feature_alpha`)."""
         c = self.cfg
         if c.in_dim is None:
             raise ValueError("method.in_dim is unknown: fit reads it from the data")
         fa = c.feature_alpha if self.feature_alpha is None else self.feature_alpha
+        fa = fa if feature_alpha is None else feature_alpha
         return SmoothedInstanceMIL(c.in_dim, c.hidden, c.dropout, c.alpha, fa, c.sm_steps,
                                    slide_norm=c.slide_norm, score_centre=c.score_centre, own_features=c.own_features)
 
@@ -503,15 +520,55 @@ class PseudoLabelMethod(Method):
         dest = run.model_path("pseudo_label")
         dest.parent.mkdir(parents=True, exist_ok=True)
         shutil.copyfile(best["path"], dest)
+        arch = self.stage_mil_model() if best["candidate"] == "mil" else self.instance_model()
+        final = self.output_model(restore_submodule(arch, dest))
+        refit: dict | None = None
+        if c.edge_refit_alpha is not None:
+            refit, refit_model = self.edge_refit(final, best, splits, run, x_all)
+            candidates.append(refit)
+            if refit["used"]:
+                best = refit
+                shutil.copyfile(refit["path"], dest)
+                final = self.output_model(refit_model)
         io.write_json(run.stage_dir("pseudo_label") / "selection.json", {
             "criterion": "validation slide AUROC of the instance-max aggregate of smoothed instance scores",
             "chosen": best["candidate"], "output_alpha": c.output_alpha, "feature_alpha": self.feature_alpha,
             "feature_alpha_trials": alpha_trials, "teacher_sign": sign, "teacher_val_instance_max_auroc": val_first,
+            "edge_refit_alpha": c.edge_refit_alpha,
             "candidates": [{k: v for k, v in cand.items() if k != "path"} for cand in candidates], "rounds": history})
-        arch = self.stage_mil_model() if best["candidate"] == "mil" else self.instance_model()
-        final = self.output_model(restore_submodule(arch, dest))
         labelers["pseudo_label"] = Labeler(final, "model")
         return labelers
+
+    def edge_refit(self, kept: MILModel, kept_record: dict, splits: DataSplits, run: RunDir,
+                   x_all: Tensor) -> tuple[dict, SmoothedInstanceMIL]:
+        """``edge_refit_alpha``: pseudo-labels (:func:`pseudo_labels`, the rounds' rule) from the
+        training scores of ``kept`` as it labels (its output model), then a fresh instance
+        classifier on features smoothed at ``edge_refit_alpha``, fitted like a round (class-balanced
+        BCE) into ``stages/pseudo_label/edge-refit/``. Returned: its candidate record (``used``: its
+        instance-max validation slide AUROC ≥ that of ``kept``, so it never trades slide ranking for
+        sharper edges; nan counts as below) and the model."""
+        c, seed = self.cfg, self.exp.seed
+        y_train, y_val = list(splits.train.labels), list(splits.val.labels)
+        targets = pseudo_labels(bag_scores(kept, splits.train), y_train, c.negative_quantile,
+                                c.max_positive_fraction, c.unlabelled)
+        t_all = torch.cat(targets)
+        keep = t_all >= 0
+        model = self.instance_model(c.edge_refit_alpha)
+        model.set_standardisation(x_all)
+        h_all = smoothed_features(model, splits.train)
+        tr_i = self.stage_trainer(c.round_epochs, c.instance_batch_size)
+        g = torch.Generator().manual_seed(seed * 1009 + 101)
+        loader = DataLoader(TensorDataset(h_all[keep], t_all[keep].float()), batch_size=c.instance_batch_size,
+                            shuffle=True, generator=g)
+        d = run.stage_dir("pseudo_label") / "edge-refit"
+        fit_stage(LossModule(model, balanced_bce, tr_i), loader, None, d, tr_i, seed * 1009 + 101)
+        val_auc = instance_max_auroc(bag_scores(model, splits.val), y_val)
+        ref = kept_record["val_instance_max_auroc"]
+        used = bool(not np.isnan(val_auc) and (np.isnan(ref) or val_auc >= ref))
+        return ({"candidate": "edge-refit", "val_instance_max_auroc": val_auc, "path": str(d / "model.pt"),
+                 "feature_alpha": c.edge_refit_alpha, "labels_from": kept_record["candidate"], "used": used,
+                 "n_positive": int((t_all == 1).sum()), "n_negative": int((t_all == 0).sum()),
+                 "n_unlabelled": int((t_all < 0).sum())}, model)
 
     def fit_mil_stage(self, splits: DataSplits, run: RunDir, x_all: Tensor, trials: list[dict]) -> SmoothedInstanceMIL:
         """Stage ``mil``: the smoothed instance-max classifier, trained once per value of
@@ -558,7 +615,10 @@ class PseudoLabelMethod(Method):
         out = {"mil": Labeler(restore_submodule(self.stage_mil_model(), run.model_path("mil")), "model",
                               run.read_threshold("mil").get("threshold"))}
         self.feature_alpha = None if chosen is None else float(chosen)
-        arch = self.stage_mil_model() if kept == "mil" else self.instance_model()
+        if kept == "edge-refit":
+            arch = self.instance_model(float(json.loads(sel.read_text())["edge_refit_alpha"]))
+        else:
+            arch = self.stage_mil_model() if kept == "mil" else self.instance_model()
         final = self.output_model(restore_submodule(arch, run.model_path("pseudo_label")))
         out["pseudo_label"] = Labeler(final, "model", run.read_threshold("pseudo_label").get("threshold"))
         return out
