@@ -17,7 +17,7 @@ from milkit.workflow import load_labelers, train_run
 
 TRAINER = {"optimizer": "adam", "progress_bar": False, "accelerator": "cpu", "monitor": "val/auroc_minus_bce"}
 SMALL = {"kind": "hard_bags", "level": "easy", "n_train": 12, "n_val": 8, "n_test": 8}
-EDGE_ROWS = ("pseudo_label + edge refit (α 0.5)", "pseudo_label + three-scale mean (α 0.8, 0.65 and 0.5)",
+EDGE_ROWS = ("pseudo_label + edge refit (α 0.5)", "pseudo_label + three-scale mean (α 0.8 / 0.65 / 0.5)",
              "pseudo_label + edge refit (α 0.65)")
 SETTINGS = {"feature_dim": 512, "embed_dim": 256, "epochs": 1}
 

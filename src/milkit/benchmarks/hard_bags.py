@@ -59,7 +59,7 @@ ROWS = (
     "pseudo_label + feature α 0.65",
     "pseudo_label + multi-scale mean (α 0.8 and 0.65)",
     "pseudo_label + edge refit (α 0.5)",
-    "pseudo_label + three-scale mean (α 0.8, 0.65 and 0.5)",
+    "pseudo_label + three-scale mean (α 0.8 / 0.65 / 0.5)",
     "pseudo_label + edge refit (α 0.65)",
 )
 #: pseudo_label variants: row → method.slide_norm (a stain / batch remedy, issue 11 hard-confounded)
@@ -110,7 +110,7 @@ def method_section(row: str, s: dict) -> tuple[dict, str]:
         return {"name": "pseudo_label", "slide_norm": SLIDE_NORM_ROWS[row]}, "pseudo_label"
     if row.startswith("pseudo_label + edge refit (α "):  # issue 11 easy-level edge candidates (branch wip-edge)
         return {"name": "pseudo_label", "edge_refit_alpha": float(row.rsplit("α ", 1)[1].rstrip(")"))}, "pseudo_label"
-    if row == "pseudo_label + three-scale mean (α 0.8, 0.65 and 0.5)":
+    if row == "pseudo_label + three-scale mean (α 0.8 / 0.65 / 0.5)":
         return {"name": "pseudo_label", "feature_alpha_grid": [0.8, 0.65, 0.5], "feature_alpha_combine": "mean"}, "pseudo_label"
     if row.startswith("pseudo_label"):
         return {"name": "pseudo_label"}, "pseudo_label"  # feature size read from the data
