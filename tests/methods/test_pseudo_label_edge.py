@@ -18,7 +18,7 @@ from milkit.workflow import load_labelers, train_run
 TRAINER = {"optimizer": "adam", "progress_bar": False, "accelerator": "cpu", "monitor": "val/auroc_minus_bce"}
 SMALL = {"kind": "hard_bags", "level": "easy", "n_train": 12, "n_val": 8, "n_test": 8}
 EDGE_ROWS = ("pseudo_label + edge refit (α 0.5)", "pseudo_label + three-scale mean (α 0.8 / 0.65 / 0.5)",
-             "pseudo_label + edge refit (α 0.65)")
+             "pseudo_label + edge refit (α 0.65)", "pseudo_label + edge refit with context (α 0.5 beside 0.8)")
 SETTINGS = {"feature_dim": 512, "embed_dim": 256, "epochs": 1}
 
 
@@ -80,13 +80,16 @@ def test_edge_refit_trains_on_the_kept_models_pseudo_labels_at_its_alpha_and_is_
     assert rec["used"] is used and rec["candidate"] == "edge-refit" and rec["labels_from"] == "mil"
 
 
-def test_edge_refit_run_records_the_refit_and_reloads_the_same_labels(tmp_path):
+@pytest.mark.parametrize("context", [False, True])
+def test_edge_refit_run_records_the_refit_and_reloads_the_same_labels(tmp_path, context):
     """Tiny end-to-end run: the refit is a recorded candidate; the labelled model is the refit at
-    α 0.5 exactly when selection.json says it was used; load_labelers rebuilds the same test scores."""
+    α 0.5 (with the α 0.8 context features beside them if asked) exactly when selection.json says it
+    was used; load_labelers rebuilds the same test scores."""
     from milkit.metrics.classification import auroc
     from milkit.methods.pseudo_label import SmoothedInstanceMIL
 
-    method = {"name": "pseudo_label", "mil_epochs": 2, "rounds": 1, "round_epochs": 1, "edge_refit_alpha": 0.5}
+    method = {"name": "pseudo_label", "mil_epochs": 2, "rounds": 1, "round_epochs": 1, "edge_refit_alpha": 0.5,
+              "edge_refit_context": context}
     raw = {"seed": 0, "data": SMALL, "method": method, "trainer": {**TRAINER, "max_epochs": 1}}
     m = train_run(build_experiment(raw), tmp_path / "edge")
     sel = json.loads((tmp_path / "edge" / "stages" / "pseudo_label" / "selection.json").read_text())
@@ -100,30 +103,50 @@ def test_edge_refit_run_records_the_refit_and_reloads_the_same_labels(tmp_path):
     final = labelers["pseudo_label"].model
     assert isinstance(final, SmoothedInstanceMIL) and final.sm_feat.alpha == pytest.approx(0.5)
     assert final.sm_logit is None  # output_alpha 0: no late Sm on the output
+    assert final.context_alpha == (0.8 if context else None) == sel["edge_refit_context_alpha"]
+    assert final.scorer[0].in_features == 512 * (2 if context else 1)
     rows = labelers["pseudo_label"].predict_dataset(exp.data.build(exp.seed).test)
     y = np.concatenate([r["instance_labels"] for r in rows])
     s = np.concatenate([r["scores"] for r in rows])
     assert abs(auroc(y, s) - m["pseudo_label"]["test"]["instance_auroc"]) < 1e-6
 
 
-def test_edge_refit_is_off_by_default_and_a_bad_alpha_is_a_one_line_error_naming_the_key():
+@pytest.mark.parametrize("method, match", [({"edge_refit_alpha": 1.0}, "method.edge_refit_alpha"),
+                                           ({"edge_refit_context": True}, "edge_refit_context needs method.edge_refit_alpha")])
+def test_edge_refit_is_off_by_default_and_bad_values_are_one_line_errors_naming_the_key(method, match):
     from milkit.config import ConfigError
     from milkit.methods.pseudo_label import PseudoLabelConfig
 
-    assert PseudoLabelConfig().edge_refit_alpha is None
-    with pytest.raises(ConfigError, match="method.edge_refit_alpha") as err:
-        build_experiment({"seed": 0, "data": SMALL, "method": {"name": "pseudo_label", "edge_refit_alpha": 1.0},
-                          "trainer": TRAINER})
+    assert PseudoLabelConfig().edge_refit_alpha is None and PseudoLabelConfig().edge_refit_context is False
+    with pytest.raises(ConfigError, match=match) as err:
+        build_experiment({"seed": 0, "data": SMALL, "method": {"name": "pseudo_label", **method}, "trainer": TRAINER})
     assert "\n" not in str(err.value)
+
+
+def test_context_features_are_the_features_then_the_same_patches_smoothed_at_the_context_alpha():
+    from milkit.data.graph import chain_adjacency
+    from milkit.methods.pseudo_label import SmoothedInstanceMIL
+
+    torch.manual_seed(0)
+    x, mask, adj = torch.randn(1, 6, 3), torch.ones(1, 6, dtype=torch.bool), [chain_adjacency(6)]
+    both = SmoothedInstanceMIL(3, feature_alpha=0.5, context_alpha=0.8)
+    local, ctx = SmoothedInstanceMIL(3, feature_alpha=0.5), SmoothedInstanceMIL(3, feature_alpha=0.8)
+    h = both.features(x, mask, adj)
+    assert h.shape == (1, 6, 6)
+    assert torch.allclose(h[..., :3], local.features(x, mask, adj)) and torch.allclose(h[..., 3:], ctx.features(x, mask, adj))
+    assert not torch.allclose(h[..., :3], h[..., 3:])
+    assert both(x, mask, adj).instance_scores.shape == (1, 6)
 
 
 def test_edge_rows_are_listed_last_and_build_the_options_they_name():
     from milkit.methods.pseudo_label import PseudoLabelMethod, ScaleMeanMIL
 
-    assert ROWS[-3:] == EDGE_ROWS
+    assert ROWS[-len(EDGE_ROWS):] == EDGE_ROWS
     for row, alpha in ((EDGE_ROWS[0], 0.5), (EDGE_ROWS[2], 0.65)):
         method, stage = method_section(row, SETTINGS)
         assert method == {"name": "pseudo_label", "edge_refit_alpha": alpha} and stage == "pseudo_label"
+    assert method_section(EDGE_ROWS[3], SETTINGS)[0] == {"name": "pseudo_label", "edge_refit_alpha": 0.5,
+                                                         "edge_refit_context": True}
     method, _ = method_section(EDGE_ROWS[1], SETTINGS)
     exp = build_experiment({"seed": 0, "data": SMALL, "method": {**method, "in_dim": 4}, "trainer": TRAINER})
     mil = PseudoLabelMethod(exp).stage_mil_model()

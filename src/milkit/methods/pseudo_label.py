@@ -130,15 +130,17 @@ class SmoothedInstanceMIL(MILModel):
 
     def __init__(self, in_dim: int, hidden: int = 0, dropout: float = 0.0, alpha: float = 0.5,
                  feature_alpha: float = 0.5, sm_steps: int = 10, encoder: nn.Module | None = None,
-                 slide_norm: str = "none", score_centre: str = "none", own_features: bool = False):
+                 slide_norm: str = "none", score_centre: str = "none", own_features: bool = False,
+                 context_alpha: float | None = None):
         super().__init__()
+        self.context_alpha = context_alpha
         self.slide_norm, self.score_centre, self.own_features = slide_norm, score_centre, own_features
         if score_centre != "none":  # scores relative to the slide's median, plus one learnt offset
             self.offset = nn.Parameter(torch.zeros(1))
         self.encoder = encoder if encoder is not None and not isinstance(encoder, nn.Identity) else None
         self.register_buffer("mean", torch.zeros(in_dim))
         self.register_buffer("std", torch.ones(in_dim))
-        f_dim = 2 * in_dim if own_features else in_dim  # [smoothed, own] features
+        f_dim = in_dim * (1 + own_features + (context_alpha is not None))  # [smoothed, context, own] features
         if hidden:
             self.scorer: nn.Module = nn.Sequential(nn.Linear(f_dim, hidden), nn.ReLU(), nn.Dropout(dropout),
                                                    nn.Linear(hidden, 1))
@@ -149,6 +151,7 @@ class SmoothedInstanceMIL(MILModel):
             return SmoothOperator(alpha=a, trainable_alpha=False, mode="approx", steps=sm_steps) if a > 0 and sm_steps > 0 else None
 
         self.sm_feat, self.sm_logit = sm(feature_alpha), sm(alpha)
+        self.sm_ctx = sm(context_alpha) if context_alpha is not None else None
 
     def set_standardisation(self, x: Tensor) -> None:
         """Mean and sd of the training instances (N, D), each bag already through
@@ -163,14 +166,20 @@ class SmoothedInstanceMIL(MILModel):
         return slide_normalise(x, mask, self.slide_norm)
 
     def features(self, x: Tensor, mask: Tensor, adj: object | None) -> Tensor:
-        """Standardised, graph-smoothed features (B, N, D); 0 where padded. With ``own_features``
-        each patch's own standardised features follow its smoothed ones (B, N, 2D)."""
+        """Standardised, graph-smoothed features (B, N, D); 0 where padded. With ``context_alpha``
+        the features smoothed at that α follow (B, N, 2D); with ``own_features`` each patch's own
+        standardised features come last."""
         x = self.normalise_bag(x, mask)
         h = ((x - self.mean) / self.std) * mask.unsqueeze(-1)
         own = h
         if self.sm_feat is not None and adj is not None:
             h = self.sm_feat(h, adj, mask)
-        return torch.cat([h, own], -1) if self.own_features else h
+        parts = [h]
+        if self.context_alpha is not None:
+            parts.append(self.sm_ctx(own, adj, mask) if (self.sm_ctx is not None and adj is not None) else own)
+        if self.own_features:
+            parts.append(own)
+        return torch.cat(parts, -1) if len(parts) > 1 else h
 
     def instance_logits(self, x: Tensor, mask: Tensor | None = None) -> Tensor:
         """f of each instance alone (no neighbours: a bag of one has no graph)."""
@@ -295,6 +304,10 @@ class PseudoLabelConfig(StrictModel):
                                            "hard-bags easy 37 of 39 false positives and all 74 false negatives "
                                            "lie at a lesion's edge (issue 11, docs/benchmarks.md). null: off "
                                            "(a candidate, measured on branch wip-edge)")
+    edge_refit_context: bool = Field(False, description="with edge_refit_alpha: the refit also sees the features "
+                                     "at the rounds' α (context) beside its less smoothed ones, so it can ask for "
+                                     "local signal *and* context (an isolated look-alike has the first only); false: "
+                                     "the less smoothed features alone (a candidate, branch wip-edge)")
     teacher: ModelSection | None = Field(None, description="null: stage 'mil' is the smoothed instance-max "
                                          "classifier; else any registered MIL model (§2 'any MIL model can be its teacher')")
     teacher_encoder: EncoderConfig | None = Field(None, description="the teacher's encoder (default linear in_dim→256)")
@@ -329,6 +342,12 @@ class PseudoLabelConfig(StrictModel):
                 data.get("teacher") is not None or "feature_alpha" in data):
             return {**data, "feature_alpha_grid": None}
         return data
+
+    @model_validator(mode="after")
+    def _context_needs_refit(self) -> "PseudoLabelConfig":
+        if self.edge_refit_context and self.edge_refit_alpha is None:
+            raise ValueError("method.edge_refit_context needs method.edge_refit_alpha (the refit it widens)")
+        return self
 
     @model_validator(mode="after")
     def _grid_needs_own_stage(self) -> "PseudoLabelConfig":
@@ -409,15 +428,17 @@ class PseudoLabelMethod(Method):
     feature_alpha: float | None = None
 
     # -- building ------------------------------------------------------------------------
-    def instance_model(self, feature_alpha: float | None = None) -> SmoothedInstanceMIL:
-        """One instance classifier at ``feature_alpha`` (default: this run's, :attr:`feature_alpha`)."""
+    def instance_model(self, feature_alpha: float | None = None, context_alpha: float | None = None) -> SmoothedInstanceMIL:
+        """One instance classifier at ``feature_alpha`` (default: this run's, :attr:`feature_alpha`),
+        with the features at ``context_alpha`` beside them if given."""
         c = self.cfg
         if c.in_dim is None:
             raise ValueError("method.in_dim is unknown: fit reads it from the data")
         fa = c.feature_alpha if self.feature_alpha is None else self.feature_alpha
         fa = fa if feature_alpha is None else feature_alpha
         return SmoothedInstanceMIL(c.in_dim, c.hidden, c.dropout, c.alpha, fa, c.sm_steps,
-                                   slide_norm=c.slide_norm, score_centre=c.score_centre, own_features=c.own_features)
+                                   slide_norm=c.slide_norm, score_centre=c.score_centre, own_features=c.own_features,
+                                   context_alpha=context_alpha)
 
     def combines(self) -> bool:
         """Stage ``mil`` is the mean over ``feature_alpha_grid`` (:class:`ScaleMeanMIL`)."""
@@ -535,6 +556,7 @@ class PseudoLabelMethod(Method):
             "chosen": best["candidate"], "output_alpha": c.output_alpha, "feature_alpha": self.feature_alpha,
             "feature_alpha_trials": alpha_trials, "teacher_sign": sign, "teacher_val_instance_max_auroc": val_first,
             "edge_refit_alpha": c.edge_refit_alpha,
+            "edge_refit_context_alpha": refit.get("context_alpha") if refit else None,
             "candidates": [{k: v for k, v in cand.items() if k != "path"} for cand in candidates], "rounds": history})
         labelers["pseudo_label"] = Labeler(final, "model")
         return labelers
@@ -553,7 +575,8 @@ class PseudoLabelMethod(Method):
                                 c.max_positive_fraction, c.unlabelled)
         t_all = torch.cat(targets)
         keep = t_all >= 0
-        model = self.instance_model(c.edge_refit_alpha)
+        ctx = self.feature_alpha if c.edge_refit_context else None  # the rounds' α
+        model = self.instance_model(c.edge_refit_alpha, ctx)
         model.set_standardisation(x_all)
         h_all = smoothed_features(model, splits.train)
         tr_i = self.stage_trainer(c.round_epochs, c.instance_batch_size)
@@ -566,7 +589,7 @@ class PseudoLabelMethod(Method):
         ref = kept_record["val_instance_max_auroc"]
         used = bool(not np.isnan(val_auc) and (np.isnan(ref) or val_auc >= ref))
         return ({"candidate": "edge-refit", "val_instance_max_auroc": val_auc, "path": str(d / "model.pt"),
-                 "feature_alpha": c.edge_refit_alpha, "labels_from": kept_record["candidate"], "used": used,
+                 "feature_alpha": c.edge_refit_alpha, "context_alpha": ctx, "labels_from": kept_record["candidate"], "used": used,
                  "n_positive": int((t_all == 1).sum()), "n_negative": int((t_all == 0).sum()),
                  "n_unlabelled": int((t_all < 0).sum())}, model)
 
@@ -616,7 +639,8 @@ class PseudoLabelMethod(Method):
                               run.read_threshold("mil").get("threshold"))}
         self.feature_alpha = None if chosen is None else float(chosen)
         if kept == "edge-refit":
-            arch = self.instance_model(float(json.loads(sel.read_text())["edge_refit_alpha"]))
+            rec = json.loads(sel.read_text())
+            arch = self.instance_model(float(rec["edge_refit_alpha"]), rec.get("edge_refit_context_alpha"))
         else:
             arch = self.stage_mil_model() if kept == "mil" else self.instance_model()
         final = self.output_model(restore_submodule(arch, run.model_path("pseudo_label")))
