@@ -18,7 +18,8 @@ from milkit.workflow import load_labelers, train_run
 TRAINER = {"optimizer": "adam", "progress_bar": False, "accelerator": "cpu", "monitor": "val/auroc_minus_bce"}
 SMALL = {"kind": "hard_bags", "level": "easy", "n_train": 12, "n_val": 8, "n_test": 8}
 EDGE_ROWS = ("pseudo_label + edge refit (α 0.5)", "pseudo_label + three-scale mean (α 0.8 / 0.65 / 0.5)",
-             "pseudo_label + edge refit (α 0.65)", "pseudo_label + edge refit with context (α 0.5 beside 0.8)")
+             "pseudo_label + edge refit (α 0.65)", "pseudo_label + edge refit with context (α 0.5 beside 0.8)",
+             "pseudo_label + edge refit on eroded labels (α 0.5)")
 SETTINGS = {"feature_dim": 512, "embed_dim": 256, "epochs": 1}
 
 
@@ -112,7 +113,8 @@ def test_edge_refit_run_records_the_refit_and_reloads_the_same_labels(tmp_path, 
 
 
 @pytest.mark.parametrize("method, match", [({"edge_refit_alpha": 1.0}, "method.edge_refit_alpha"),
-                                           ({"edge_refit_context": True}, "edge_refit_context needs method.edge_refit_alpha")])
+                                           ({"edge_refit_context": True}, "edge_refit_context needs method.edge_refit_alpha"),
+                                           ({"edge_refit_erode": True}, "edge_refit_erode needs method.edge_refit_alpha")])
 def test_edge_refit_is_off_by_default_and_bad_values_are_one_line_errors_naming_the_key(method, match):
     from milkit.config import ConfigError
     from milkit.methods.pseudo_label import PseudoLabelConfig
@@ -147,6 +149,8 @@ def test_edge_rows_are_listed_last_and_build_the_options_they_name():
         assert method == {"name": "pseudo_label", "edge_refit_alpha": alpha} and stage == "pseudo_label"
     assert method_section(EDGE_ROWS[3], SETTINGS)[0] == {"name": "pseudo_label", "edge_refit_alpha": 0.5,
                                                          "edge_refit_context": True}
+    assert method_section(EDGE_ROWS[4], SETTINGS)[0] == {"name": "pseudo_label", "edge_refit_alpha": 0.5,
+                                                         "edge_refit_erode": True}
     method, _ = method_section(EDGE_ROWS[1], SETTINGS)
     exp = build_experiment({"seed": 0, "data": SMALL, "method": {**method, "in_dim": 4}, "trainer": TRAINER})
     mil = PseudoLabelMethod(exp).stage_mil_model()
@@ -190,3 +194,46 @@ def test_edge_rule_also_needs_hard_mimic_and_hard_confounded_patch_auroc(tmp_pat
     _scores_path(tmp_path, "hard-confounded", CAND, 1).unlink()
     with pytest.raises(FileNotFoundError, match="hard-confounded / pseudo_label \\+ edge refit"):
         adoption(tmp_path, CAND, seeds=(0, 1), rule=EDGE_ADOPTION_RULE)
+
+
+def test_erode_positives_by_hand_on_a_chain():
+    from milkit.data.graph import chain_adjacency
+    from milkit.methods.pseudo_label import erode_positives
+
+    g = chain_adjacency(7)  # 0 - 1 - 2 - 3 - 4 - 5 - 6
+    t = torch.tensor([0.0, 1.0, 1.0, 1.0, 1.0, -1.0, 1.0])
+    # 1 touches 0 (negative), 4 touches 5 (unlabelled), 6 touches 5: the border; 2 and 3 are the interior
+    assert erode_positives(t, g).tolist() == [0.0, -1.0, 1.0, 1.0, -1.0, -1.0, -1.0]
+    lone = torch.tensor([0.0, 0.0, 1.0, -1.0, 1.0, 0.0, 0.0])  # all border: the first positive is kept
+    assert erode_positives(lone, g).tolist() == [0.0, 0.0, 1.0, -1.0, -1.0, 0.0, 0.0]
+    assert erode_positives(lone, None).tolist() == lone.tolist()  # no graph: unchanged
+    neg = torch.zeros(7)
+    assert erode_positives(neg, g).tolist() == neg.tolist()
+
+
+def test_the_refit_trains_on_eroded_labels_when_asked(tmp_path, monkeypatch):
+    import milkit.methods.pseudo_label as pl
+    from milkit.data.bag import Bag, BagDataset
+    from milkit.data.base import DataSplits
+    from milkit.data.graph import chain_adjacency
+    from milkit.run_dir import RunDir
+
+    seen = {}
+
+    def fake_fit(module, loader, val, stage_dir, cfg, seed, **kw):
+        seen["t"] = loader.dataset.tensors[1]
+        stage_dir.mkdir(parents=True, exist_ok=True)
+        return stage_dir / "model.pt"
+
+    monkeypatch.setattr(pl, "fit_stage", fake_fit)
+    monkeypatch.setattr(pl, "instance_max_auroc", lambda scores, labels: 1.0)
+    torch.manual_seed(0)
+    neg, pos = Bag(torch.randn(3, 4), 0, "n"), Bag(torch.randn(5, 4), 1, "p", adj=chain_adjacency(5))
+    ds = BagDataset([neg, pos])
+    # negatives {0, 1, 2}, 0.6-quantile 1.2: positives 5.0, 4.0, 3.0 (nodes 1–3) of the chain 0–4; eroded: node 2 only
+    kept = FixedScores({3: [0.0, 1.0, 2.0], 5: [0.5, 5.0, 4.0, 3.0, -1.0]})
+    x_all = torch.cat([neg.instances, pos.instances])
+    rec, _ = _method(edge_refit_alpha=0.5, edge_refit_erode=True).edge_refit(
+        kept, {"candidate": "mil", "val_instance_max_auroc": 1.0}, DataSplits(ds, ds, ds), RunDir(tmp_path / "r"), x_all)
+    assert seen["t"].tolist() == [0.0, 0.0, 0.0, 1.0]  # 3 negatives, node 2; nodes 0, 1, 3, 4 unlabelled
+    assert (rec["n_positive"], rec["n_unlabelled"], rec["eroded"]) == (1, 4, True)

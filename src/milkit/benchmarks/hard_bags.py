@@ -62,6 +62,7 @@ ROWS = (
     "pseudo_label + three-scale mean (α 0.8 / 0.65 / 0.5)",
     "pseudo_label + edge refit (α 0.65)",
     "pseudo_label + edge refit with context (α 0.5 beside 0.8)",
+    "pseudo_label + edge refit on eroded labels (α 0.5)",
 )
 #: pseudo_label variants: row → method.slide_norm (a stain / batch remedy, issue 11 hard-confounded)
 SLIDE_NORM_ROWS = {"pseudo_label + slide centring": "centre", "pseudo_label + slide standardisation": "standardise"}
@@ -111,6 +112,8 @@ def method_section(row: str, s: dict) -> tuple[dict, str]:
         return {"name": "pseudo_label", "slide_norm": SLIDE_NORM_ROWS[row]}, "pseudo_label"
     if row.startswith("pseudo_label + edge refit (α "):  # issue 11 easy-level edge candidates (branch wip-edge)
         return {"name": "pseudo_label", "edge_refit_alpha": float(row.rsplit("α ", 1)[1].rstrip(")"))}, "pseudo_label"
+    if row == "pseudo_label + edge refit on eroded labels (α 0.5)":
+        return {"name": "pseudo_label", "edge_refit_alpha": 0.5, "edge_refit_erode": True}, "pseudo_label"
     if row == "pseudo_label + edge refit with context (α 0.5 beside 0.8)":
         return {"name": "pseudo_label", "edge_refit_alpha": 0.5, "edge_refit_context": True}, "pseudo_label"
     if row == "pseudo_label + three-scale mean (α 0.8 / 0.65 / 0.5)":
