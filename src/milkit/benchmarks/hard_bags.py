@@ -58,6 +58,11 @@ ROWS = (
     "pseudo_label + SmAP teacher",
     "pseudo_label + feature α 0.65",
     "pseudo_label + multi-scale mean (α 0.8 and 0.65)",
+    "pseudo_label + edge refit (α 0.5)",
+    "pseudo_label + three-scale mean (α 0.8 / 0.65 / 0.5)",
+    "pseudo_label + edge refit (α 0.65)",
+    "pseudo_label + edge refit with context (α 0.5 beside 0.8)",
+    "pseudo_label + edge refit on eroded labels (α 0.5)",
 )
 #: pseudo_label variants: row → method.slide_norm (a stain / batch remedy, issue 11 hard-confounded)
 SLIDE_NORM_ROWS = {"pseudo_label + slide centring": "centre", "pseudo_label + slide standardisation": "standardise"}
@@ -105,6 +110,14 @@ def method_section(row: str, s: dict) -> tuple[dict, str]:
                 "teacher_encoder": ident}, "pseudo_label"
     if row in SLIDE_NORM_ROWS:
         return {"name": "pseudo_label", "slide_norm": SLIDE_NORM_ROWS[row]}, "pseudo_label"
+    if row.startswith("pseudo_label + edge refit (α "):  # issue 11 easy-level edge candidates (branch wip-edge)
+        return {"name": "pseudo_label", "edge_refit_alpha": float(row.rsplit("α ", 1)[1].rstrip(")"))}, "pseudo_label"
+    if row == "pseudo_label + edge refit on eroded labels (α 0.5)":
+        return {"name": "pseudo_label", "edge_refit_alpha": 0.5, "edge_refit_erode": True}, "pseudo_label"
+    if row == "pseudo_label + edge refit with context (α 0.5 beside 0.8)":
+        return {"name": "pseudo_label", "edge_refit_alpha": 0.5, "edge_refit_context": True}, "pseudo_label"
+    if row == "pseudo_label + three-scale mean (α 0.8 / 0.65 / 0.5)":
+        return {"name": "pseudo_label", "feature_alpha_grid": [0.8, 0.65, 0.5], "feature_alpha_combine": "mean"}, "pseudo_label"
     if row.startswith("pseudo_label"):
         return {"name": "pseudo_label"}, "pseudo_label"  # feature size read from the data
     raise ValueError(f"unknown row {row!r}; rows: {', '.join(ROWS)}")
@@ -280,6 +293,13 @@ def validation_metrics(out: Path, level: str, row: str, seeds: list[int]) -> dic
 #: (metric, levels, least allowed mean difference candidate − baseline over the seeds)
 ADOPTION_RULE = (("patch_f1", ("easy", "medium"), 0.010), ("patch_auroc", ("easy", "medium", "hard"), -0.005),
                  ("slide_auroc", ("easy", "medium", "hard"), -0.005))
+
+
+#: issue 11 easy-level edge candidates (branch wip-edge; docs/benchmarks.md "edge blur"), stated before they ran:
+#: on top of :data:`ADOPTION_RULE`, validation patch AUROC may not drop by more than 0.005 on the levels with
+#: benign look-alikes and a slide confounder either (sharper, less smoothed scores could let mimics through)
+HARD_LEVELS_AUROC_RULE = (("patch_auroc", ("hard-mimic", "hard-confounded"), -0.005),)
+EDGE_ADOPTION_RULE = ADOPTION_RULE + HARD_LEVELS_AUROC_RULE
 
 
 def adoption(out: Path, candidate: str, baseline: str = "pseudo_label (this recipe)",
