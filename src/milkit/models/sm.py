@@ -29,6 +29,7 @@ from torch.nn.utils.parametrizations import spectral_norm
 from milkit.config import StrictModel
 from milkit.models.base import MILModel, MILOutput, encode_instances, full_mask
 from milkit.nn.attention import masked_softmax, weighted_sum
+from milkit.nn.dnnl import LinearGELU, linear
 from milkit.nn.smooth import BatchGraphs, SmoothOperator
 from milkit.nn.transformer import TransformerEncoder
 
@@ -78,7 +79,7 @@ class SmAttentionPool(nn.Module):
         (4× less work); the returned embeddings are then the unsmoothed ones.
         """
         if self.where == "early" and self.linear_rewrite:
-            hv = torch.nn.functional.linear(h, self.V.weight)
+            hv = linear(h, self.V.weight)  # GEMMs through oneDNN on CPU (milkit.nn.dnnl)
             t = torch.tanh(self.sm(hv, graphs, mask) + self.V.bias)
             s = self.w(t).squeeze(-1)
             if graphs.full:  # no padding: the masking below would change nothing
@@ -106,8 +107,9 @@ class SmAttentionPool(nn.Module):
 
 
 def _embedding(in_dim: int, dim: int) -> nn.Module:
-    """Instance embedding Linear(P→512)+GELU (App. B.2)."""
-    return nn.Sequential(nn.Linear(in_dim, dim), nn.GELU())
+    """Instance embedding Linear(P→512)+GELU (App. B.2): one autograd node, GEMMs through oneDNN on
+    CPU (:class:`milkit.nn.dnnl.LinearGELU`; the children and state dict of ``nn.Sequential``)."""
+    return LinearGELU(in_dim, dim)
 
 
 class SmAP(MILModel):
