@@ -49,7 +49,10 @@ def mm_nt(a: Tensor, b: Tensor, bias: Tensor | None = None) -> Tensor:
     Either operand may be a transposed view (the weight gradient passes gᵀ and xᵀ)."""
     ts = (a, b) if bias is None else (a, b, bias)
     if all(t.device.type == "cpu" and t.dtype == torch.float32 for t in ts) and onednn_enabled():
-        return _LINEAR(a, b, bias, "none", [], "")
+        try:
+            return _LINEAR(a, b, bias, "none", [], "")
+        except RuntimeError:  # a layout oneDNN declines: torch's GEMM (which names a real shape error)
+            pass
     return a @ b.t() if bias is None else torch.addmm(bias, a, b.t())
 
 
