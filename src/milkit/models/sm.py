@@ -30,6 +30,7 @@ from milkit.config import StrictModel
 from milkit.models.base import MILModel, MILOutput, encode_instances, full_mask
 from milkit.nn.attention import masked_softmax, weighted_sum
 from milkit.nn.dnnl import LinearGELU, linear
+from milkit.nn.fused import bias_tanh
 from milkit.nn.smooth import BatchGraphs, SmoothOperator
 from milkit.nn.transformer import TransformerEncoder
 
@@ -80,7 +81,7 @@ class SmAttentionPool(nn.Module):
         """
         if self.where == "early" and self.linear_rewrite:
             hv = linear(h, self.V.weight)  # GEMMs through oneDNN on CPU (milkit.nn.dnnl)
-            t = torch.tanh(self.sm(hv, graphs, mask) + self.V.bias)
+            t = bias_tanh(self.sm(hv, graphs, mask), self.V.bias)  # tanh(Sm(h Vᵀ) + b_V)
             s = self.w(t).squeeze(-1)
             if graphs.full:  # no padding: the masking below would change nothing
                 a = torch.softmax(s, dim=-1)
