@@ -92,8 +92,15 @@ class _LinearGELU(torch.autograd.Function):
     @staticmethod
     def backward(ctx, gh: Tensor):  # noqa: D102
         x, w, pre = ctx.saved_tensors
-        g = torch.ops.aten.gelu_backward(gh.contiguous(), pre)  # GELU'(x Wᵀ + b) ⊙ ∂L/∂h
-        return _linear_grads(ctx, g, x, w)
+        # g = GELU'(x Wᵀ + b) ⊙ ∂L/∂h, written column-major: gᵀ is then contiguous, the operand the
+        # weight-gradient GEMM gᵀ x wants (oneDNN would otherwise copy the transposed view first;
+        # the strided write costs less than that copy, docs/benchmarks.md smspeed)
+        g = torch.empty(pre.shape[1], pre.shape[0], dtype=pre.dtype, device=pre.device).t()
+        torch.ops.aten.gelu_backward.grad_input(gh, pre, grad_input=g)
+        gx = mm_nt(g, w.t()) if ctx.needs_input_grad[0] else None
+        gw = mm_nt(g.t(), x.t()) if ctx.needs_input_grad[1] else None
+        gb = g.t().sum(1) if ctx.has_bias and ctx.needs_input_grad[2] else None
+        return gx, gw, gb
 
 
 def _flat(fn, x: Tensor, w: Tensor, b: Tensor | None) -> Tensor:
