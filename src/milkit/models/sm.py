@@ -92,10 +92,11 @@ class SmAttentionPool(nn.Module):
             return z, a, s, h
         if self.where == "early":
             h = self.sm(h, graphs, mask)
+        vh = linear(h, self.V.weight, self.V.bias)  # V h (+ b), GEMMs through oneDNN on CPU
         if self.where == "mid" and self.mid_tanh == "before":
-            t = torch.tanh(self.sm(self.V(h), graphs, mask))  # torchmil: Sm on V h, then tanh
+            t = torch.tanh(self.sm(vh, graphs, mask))  # torchmil: Sm on V h, then tanh
         else:
-            t = torch.tanh(self.V(h))
+            t = torch.tanh(vh)
             if self.where == "mid":
                 t = self.sm(t, graphs, mask)  # §4.3: Sm on the input of the last layer w
         s = self.w(t).squeeze(-1)
