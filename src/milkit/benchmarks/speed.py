@@ -133,6 +133,12 @@ def _peak_rss_mb() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0
 
 
+def _minor_faults() -> int:
+    import resource
+
+    return resource.getrusage(resource.RUSAGE_SELF).ru_minflt
+
+
 def _make_runner(lib: str, label: str, n: int, dim: int, x, graph):
     """(model, run) where ``run()`` returns the bag logits of one forward pass."""
     import torch
@@ -165,6 +171,7 @@ def _child(spec: dict) -> dict:
 
     from milkit.data.graph import grid_adjacency
     from milkit.malloc import keep_freed_memory
+    from milkit.nn.dnnl import onednn_enabled
     from milkit.nn.smooth import SparseOperator
 
     kept = keep_freed_memory()  # the allocator setting of milkit's training processes (engine.fit_stage), both sides
@@ -194,18 +201,24 @@ def _child(spec: dict) -> dict:
 
     # wall time, and the process's CPU time: with one thread the CPU time is the compute
     # itself, and hardly moves when other processes share the cores (wall time does)
-    out: dict = {lib: {"fwd_bwd": [], "infer": [], "fwd_bwd_cpu": [], "infer_cpu": []} for lib in libs}
+    out: dict = {lib: {"fwd_bwd": [], "infer": [], "fwd_bwd_cpu": [], "infer_cpu": [], "fwd_bwd_warmup": [],
+                       "fwd_bwd_faults": []} for lib in libs}
     for kind, step in (("fwd_bwd", train_step), ("infer", infer_step)):
         for _ in range(spec["warmup"]):
             for lib in libs:
+                t = time.perf_counter()
                 step(lib)
+                if kind == "fwd_bwd":
+                    out[lib]["fwd_bwd_warmup"].append(time.perf_counter() - t)
         r = 0
         while r < spec["repeats"] or min(sum(out[lib][kind]) for lib in libs) < spec["min_time"]:
             for lib in (libs if r % 2 == 0 else libs[::-1]):  # alternate who goes first
-                c, t = time.process_time(), time.perf_counter()
+                f0, c, t = _minor_faults(), time.process_time(), time.perf_counter()
                 step(lib)
                 out[lib][kind].append(time.perf_counter() - t)
                 out[lib][f"{kind}_cpu"].append(time.process_time() - c)
+                if kind == "fwd_bwd":
+                    out[lib]["fwd_bwd_faults"].append(_minor_faults() - f0)
             r += 1
     med = lambda v: sorted(v)[len(v) // 2]  # noqa: E731
     res = {}
@@ -213,7 +226,10 @@ def _child(spec: dict) -> dict:
         o = out[lib]
         res[lib] = {"fwd_bwd_s": med(o["fwd_bwd"]), "infer_s": med(o["infer"]), "fwd_bwd_cpu_s": med(o["fwd_bwd_cpu"]),
                     "infer_cpu_s": med(o["infer_cpu"]), "timed": [len(o["fwd_bwd"]), len(o["infer"])],
-                    "graph_s": graph_s, "peak_rss_mb": _peak_rss_mb(), "base_rss_mb": base, "keep_freed_memory": kept}
+                    "graph_s": graph_s, "peak_rss_mb": _peak_rss_mb(), "base_rss_mb": base, "keep_freed_memory": kept,
+                    "fwd_bwd_warmup_s": o["fwd_bwd_warmup"], "fwd_bwd_all_s": o["fwd_bwd"],
+                    "fwd_bwd_minor_faults": o["fwd_bwd_faults"], "torch_threads": torch.get_num_threads(),
+                    "onednn_matmul": onednn_enabled()}
     if len(libs) == 2:  # per-round ratios: each compares two steps taken back to back
         a, b = libs
         clock = "_cpu" if spec["threads"] == 1 else ""
@@ -319,9 +335,11 @@ def run_speed(models: list[str], sizes: list[int], dim: int, threads: int, repea
     results = []
     for n in sizes:
         for label in models:
-            big = n > 10_000  # above 10k: at most 2 timed steps; `--repeats 1` there also skips the warm-up
+            # above 10k: at most 2 timed steps after 2 warm-up steps (a process's first two 100k steps still grow
+            # the heap: 25k-200k page faults, up to 3 s of kernel time, issue 15); `--repeats 1` skips the warm-up
+            big = n > 10_000
             spec = {"model": label, "n": n, "dim": dim, "threads": threads, "repeats": min(repeats, 2) if big else repeats,
-                    "warmup": 0 if big and repeats == 1 else 1, "min_time": 0.0 if big else min_time}
+                    "warmup": (0 if repeats == 1 else 2) if big else 1, "min_time": 0.0 if big else min_time}
             row: dict = {"model": label, "n": n}
             libs = ["milkit"] + (["torchmil"] if use_tm and label in TORCHMIL_MODELS else [])
             if label in QUADRATIC and n > quadratic_max:
@@ -351,7 +369,7 @@ def register(app: typer.Typer) -> None:
         models: str = typer.Option(",".join(MILKIT_MODELS), help="models, comma-separated"),
         dim: int = typer.Option(512, help="instance feature size"),
         threads: int = typer.Option(2, help="torch threads per measurement"),
-        repeats: int = typer.Option(3, help="timed repeats (median) for N <= 10k; at most 2 above, and 1 without warm-up with --repeats 1"),
+        repeats: int = typer.Option(3, help="timed repeats (median) for N <= 10k; at most 2 above (after 2 warm-up steps), and 1 without warm-up with --repeats 1"),
         min_time: float = typer.Option(1.0, help="for N <= 10k, repeat until this many seconds are timed"),
         timeout: float = typer.Option(900.0, help="seconds per (model, size) before giving up"),
         quadratic_max: int = typer.Option(20_000, help="largest N for quadratic-attention models"),

@@ -29,6 +29,8 @@ from torch.nn.utils.parametrizations import spectral_norm
 from milkit.config import StrictModel
 from milkit.models.base import MILModel, MILOutput, encode_instances, full_mask
 from milkit.nn.attention import masked_softmax, weighted_sum
+from milkit.nn.dnnl import LinearGELU, linear
+from milkit.nn.fused import bias_tanh
 from milkit.nn.smooth import BatchGraphs, SmoothOperator
 from milkit.nn.transformer import TransformerEncoder
 
@@ -78,8 +80,8 @@ class SmAttentionPool(nn.Module):
         (4× less work); the returned embeddings are then the unsmoothed ones.
         """
         if self.where == "early" and self.linear_rewrite:
-            hv = torch.nn.functional.linear(h, self.V.weight)
-            t = torch.tanh(self.sm(hv, graphs, mask) + self.V.bias)
+            hv = linear(h, self.V.weight)  # GEMMs through oneDNN on CPU (milkit.nn.dnnl)
+            t = bias_tanh(self.sm(hv, graphs, mask), self.V.bias)  # tanh(Sm(h Vᵀ) + b_V)
             s = self.w(t).squeeze(-1)
             if graphs.full:  # no padding: the masking below would change nothing
                 a = torch.softmax(s, dim=-1)
@@ -90,10 +92,11 @@ class SmAttentionPool(nn.Module):
             return z, a, s, h
         if self.where == "early":
             h = self.sm(h, graphs, mask)
+        vh = linear(h, self.V.weight, self.V.bias)  # V h (+ b), GEMMs through oneDNN on CPU
         if self.where == "mid" and self.mid_tanh == "before":
-            t = torch.tanh(self.sm(self.V(h), graphs, mask))  # torchmil: Sm on V h, then tanh
+            t = torch.tanh(self.sm(vh, graphs, mask))  # torchmil: Sm on V h, then tanh
         else:
-            t = torch.tanh(self.V(h))
+            t = torch.tanh(vh)
             if self.where == "mid":
                 t = self.sm(t, graphs, mask)  # §4.3: Sm on the input of the last layer w
         s = self.w(t).squeeze(-1)
@@ -106,8 +109,9 @@ class SmAttentionPool(nn.Module):
 
 
 def _embedding(in_dim: int, dim: int) -> nn.Module:
-    """Instance embedding Linear(P→512)+GELU (App. B.2)."""
-    return nn.Sequential(nn.Linear(in_dim, dim), nn.GELU())
+    """Instance embedding Linear(P→512)+GELU (App. B.2): one autograd node, GEMMs through oneDNN on
+    CPU (:class:`milkit.nn.dnnl.LinearGELU`; the children and state dict of ``nn.Sequential``)."""
+    return LinearGELU(in_dim, dim)
 
 
 class SmAP(MILModel):
