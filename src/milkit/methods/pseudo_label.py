@@ -40,6 +40,14 @@ off by default: ``slide_norm`` normalises every slide's features by the slide's 
 before the global standardisation, and ``score_centre: median`` takes every instance score
 relative to its slide's median (plus one learnt offset) before the max and in the output.
 
+``within_slide`` (off by default; issue 11 hard-confounded) makes the rounds and the selection blind to a
+slide-wide shift of the scores, the shortcut a slide-level confounder offers: pseudo-labels are drawn from each
+slide's scores minus the slide's median (:func:`within_slide_pseudo_labels`), the bottom
+``within_slide_negative_fraction`` of every positive slide by its own ranks become negatives beside the negative
+slides' patches (so a positive and a negative can share a slide's stain; mi-SVM's negatives inside positive bags),
+and every candidate is selected by the instance-max slide AUROC of the same median-centred scores
+(:func:`centred_instance_max_auroc`). The labelled output is the chosen classifier's, unchanged in form.
+
 ``in_dim`` is read from the data when the config leaves it out, and written back into the
 run's ``config.yaml``, so ``milkit label`` / ``evaluate`` rebuild the same model.
 """
@@ -297,6 +305,15 @@ class PseudoLabelConfig(StrictModel):
     bag_batch_size: int = Field(8, ge=1, description="slides per step of stage 'mil'")
     round_epochs: int = Field(5, ge=1, description="epochs over the pseudo-labelled instances per round")
     instance_batch_size: int = Field(512, ge=1, description="instances per step of a round")
+    within_slide: bool = Field(False, description="true: the rounds' pseudo-labels and the candidates' selection "
+                               "use each slide's scores minus its median (a slide-wide shift, what a slide-level "
+                               "stain / scanner confounder buys, changes neither), and the bottom "
+                               "within_slide_negative_fraction of each positive slide are negatives; false: the global "
+                               "scores (a candidate of issue 11 hard-confounded, docs/benchmarks.md)")
+    within_slide_negative_fraction: float = Field(0.5, ge=0, lt=1, description="with within_slide: this fraction "
+                                                  "of a positive slide's patches, lowest by their own slide's ranks, "
+                                                  "are negatives; 0.5: witness rates are <= 10 % (issue 11), so the "
+                                                  "lower half of a positive slide is lesion-free with a wide margin")
 
     @field_validator("feature_alpha_grid")
     @classmethod
@@ -372,6 +389,30 @@ def pseudo_labels(scores: list[Tensor], labels: list[int], quantile: float, max_
         k = int(min(cap, max(1, int((s > thr).sum()))))
         t[order[:k]] = 1.0
         out.append(t)
+    return out
+
+
+def centred(scores: list[Tensor]) -> list[Tensor]:
+    """Each bag's scores minus the bag's median score (torch's lower median for an even count)."""
+    return [s - s.median() for s in scores]
+
+
+def centred_instance_max_auroc(scores: list[Tensor], labels: list[int]) -> float:
+    """Slide AUROC of the instance-max of the median-centred scores (:func:`centred`): a candidate gets
+    no credit for shifting every score of a slide, only for patches that stand out within their slide."""
+    return instance_max_auroc(centred(scores), labels)
+
+
+def within_slide_pseudo_labels(scores: list[Tensor], labels: list[int], quantile: float, max_fraction: float,
+                               negative_fraction: float) -> list[Tensor]:
+    """:func:`pseudo_labels` (unlabelled ignored) on the median-centred scores, then in each positive bag the
+    ``negative_fraction`` of its instances with the lowest scores (its own ranks; ties by index) that are not
+    positive become 0. Invariant to adding a constant to every score of a bag."""
+    out = pseudo_labels(centred(scores), labels, quantile, max_fraction, "ignore")
+    for t, s, y in zip(out, scores, labels):
+        if y == 1:
+            low = torch.argsort(s, stable=True)[: int(negative_fraction * len(s))]
+            t[low] = torch.where(t[low] == 1, t[low], torch.zeros_like(t[low]))
     return out
 
 
@@ -466,7 +507,8 @@ class PseudoLabelMethod(Method):
 
         candidates: list[dict] = []
         sign = 1.0
-        val_first = instance_max_auroc(bag_scores(first, splits.val), y_val)
+        select = centred_instance_max_auroc if c.within_slide else instance_max_auroc
+        val_first = select(bag_scores(first, splits.val), y_val)
         if c.teacher is None:
             candidates.append({"candidate": "mil", "val_instance_max_auroc": val_first, "path": str(run.model_path("mil"))})
         elif not np.isnan(val_first) and val_first < 0.5:
@@ -480,7 +522,9 @@ class PseudoLabelMethod(Method):
         tr_i = self.stage_trainer(c.round_epochs, c.instance_batch_size)
         history = []
         for r in range(1, c.rounds + 1):
-            targets = pseudo_labels(scores, y_train, c.negative_quantile, c.max_positive_fraction, c.unlabelled)
+            targets = (within_slide_pseudo_labels(scores, y_train, c.negative_quantile, c.max_positive_fraction,
+                                                  c.within_slide_negative_fraction) if c.within_slide else
+                       pseudo_labels(scores, y_train, c.negative_quantile, c.max_positive_fraction, c.unlabelled))
             t_all = torch.cat(targets)
             keep = t_all >= 0
             data = TensorDataset(h_all[keep], t_all[keep].float())
@@ -490,7 +534,7 @@ class PseudoLabelMethod(Method):
             model.set_standardisation(x_all)
             d = run.stage_dir("pseudo_label") / f"round-{r}"
             fit_stage(LossModule(model, balanced_bce, tr_i), loader, None, d, tr_i, seed * 1009 + r)
-            val_auc = instance_max_auroc(bag_scores(model, splits.val), y_val)
+            val_auc = select(bag_scores(model, splits.val), y_val)
             history.append({"round": r, "n_positive": int((t_all == 1).sum()), "n_negative": int((t_all == 0).sum()),
                             "n_unlabelled": int((t_all < 0).sum())})
             candidates.append({"candidate": f"round-{r}", "val_instance_max_auroc": val_auc, "path": str(d / "model.pt")})
@@ -504,7 +548,8 @@ class PseudoLabelMethod(Method):
         dest.parent.mkdir(parents=True, exist_ok=True)
         shutil.copyfile(best["path"], dest)
         io.write_json(run.stage_dir("pseudo_label") / "selection.json", {
-            "criterion": "validation slide AUROC of the instance-max aggregate of smoothed instance scores",
+            "criterion": "validation slide AUROC of the instance-max aggregate of smoothed instance scores"
+                         + (", each slide's scores minus its median (within_slide)" if c.within_slide else ""),
             "chosen": best["candidate"], "output_alpha": c.output_alpha, "feature_alpha": self.feature_alpha,
             "feature_alpha_trials": alpha_trials, "teacher_sign": sign, "teacher_val_instance_max_auroc": val_first,
             "candidates": [{k: v for k, v in cand.items() if k != "path"} for cand in candidates], "rounds": history})
