@@ -182,7 +182,8 @@ def save_scores(path: Path, lab, val: list[dict], test: list[dict]) -> None:
 SCORE_KEYS = ("val_prob", "val_y", "val_bag_prob", "val_bag_y", "test_prob", "test_y", "test_bag_prob", "test_bag_y")
 
 
-def ensemble_metrics(members: list[dict], criterion: str = "f1", fallback: str | None = None) -> dict:
+def ensemble_metrics(members: list[dict], criterion: str = "f1", fallback: str | None = None,
+                     margin: str | None = None) -> dict:
     """What a seed ensemble of ``members`` labels with (each a dict of :data:`SCORE_KEYS` arrays,
     one per seed), by the product's functions: the ensemble of
     :func:`milkit.trust.ensemble.ensemble_probability` (mean of the calibrated probabilities and of
@@ -191,9 +192,10 @@ def ensemble_metrics(members: list[dict], criterion: str = "f1", fallback: str |
     ``best``, default the product's). The chosen candidate's patch threshold is chosen on
     validation by ``criterion`` as ``milkit train`` does; returned: its test patch AUROC, slide AUROC
     and patch F1 at that threshold, ``used`` and the ``choice`` record, and the plain ensemble's
-    numbers (``mean_of_seeds``). Patches with a label < 0 are left out."""
+    numbers (``mean_of_seeds``). ``margin``: :func:`choose_labels`'s (default the product's). Patches with a
+    label < 0 are left out."""
     from milkit.metrics.classification import auroc, choose_threshold
-    from milkit.trust.ensemble import FALLBACK, choose_labels, ensemble_probability, parse_used
+    from milkit.trust.ensemble import FALLBACK, MARGIN, choose_labels, ensemble_probability, parse_used
 
     if not members:
         raise ValueError("an ensemble needs at least one member")
@@ -203,7 +205,8 @@ def ensemble_metrics(members: list[dict], criterion: str = "f1", fallback: str |
             if any(not np.array_equal(ys[0], y) for y in ys[1:]):
                 raise ValueError(f"ensemble members disagree on the {split} {key.replace('_', ' ')}s: not the same data")
     choice = choose_labels([{"prob": m["val_prob"], "y": m["val_y"], "bag_prob": m["val_bag_prob"],
-                             "bag_y": m["val_bag_y"]} for m in members], criterion, fallback or FALLBACK)
+                             "bag_y": m["val_bag_y"]} for m in members], criterion, fallback or FALLBACK,
+                          margin or MARGIN)
     y = {split: members[0][f"{split}_y"] for split in ("val", "test")}
     bag_y = members[0]["test_bag_y"]
 
@@ -226,7 +229,8 @@ def _scores_path(out: Path, level: str, row: str, seed: int | str) -> Path:
     return Path(out) / "scores" / level / f"{tag}_s{seed}.npz"
 
 
-def ensemble_cell(out: Path, level: str, row: str, cell: dict, fallback: str | None = None) -> dict | None:
+def ensemble_cell(out: Path, level: str, row: str, cell: dict, fallback: str | None = None,
+                  margin: str | None = None) -> dict | None:
     """What the seed ensemble labels with (:func:`ensemble_metrics`: the ensemble or the replica the
     validation rule picks) vs the median seed, for one (level, row), from the kept scores of its
     successful seeds."""
@@ -238,7 +242,7 @@ def ensemble_cell(out: Path, level: str, row: str, cell: dict, fallback: str | N
     members = [dict(zip(SCORE_KEYS, io.load_npz(_scores_path(out, level, row, k), SCORE_KEYS, "hard-bags scores")))
                for k in seeds]
     src = str(cell[seeds[0]].get("run_threshold_source") or "")
-    ens = ensemble_metrics(members, src.split(":", 1)[1] if src.startswith("validation:") else "f1", fallback)
+    ens = ensemble_metrics(members, src.split(":", 1)[1] if src.startswith("validation:") else "f1", fallback, margin)
     if ens["used"] != "ensemble":  # name the replica by its training seed too
         ens["used_seed"] = int(seeds[int(ens["used"].split("-", 1)[1])])
     med = {k: float(np.median([cell[sd][k] for sd in seeds if cell[sd].get(k) is not None]))
@@ -246,14 +250,14 @@ def ensemble_cell(out: Path, level: str, row: str, cell: dict, fallback: str | N
     return {"seeds": [int(k) for k in seeds], "ensemble": ens, "median_seed": med}
 
 
-def refresh_ensembles(out: Path, fallback: str | None = None) -> dict:
+def refresh_ensembles(out: Path, fallback: str | None = None, margin: str | None = None) -> dict:
     """Re-form every (level, row) ensemble of ``out``/hard_bags.json from the kept scores
     (:func:`ensemble_cell`; no training) and rewrite the JSON and the markdown."""
     out = Path(out)
     results = json.loads((out / "hard_bags.json").read_text())
     for level, rows in results["cells"].items():
         for row, cell in rows.items():
-            ens = ensemble_cell(out, level, row, cell, fallback)
+            ens = ensemble_cell(out, level, row, cell, fallback, margin)
             if ens is not None:
                 results.setdefault("ensemble", {}).setdefault(level, {})[row] = ens
     write_results(out, "hard_bags", results, render(results))
