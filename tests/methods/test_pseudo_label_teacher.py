@@ -76,3 +76,27 @@ def test_a_within_slide_run_records_its_criterion_and_reloads(tmp_path):
     y = np.concatenate([r["instance_labels"] for r in rows])
     s = np.concatenate([r["scores"] for r in rows])
     assert abs(auroc(y, s) - m["pseudo_label"]["test"]["instance_auroc"]) < 1e-6
+
+
+def test_round_scales_grid_fits_each_round_at_every_scale_and_reloads(tmp_path):
+    """`round_scales: grid`: each round is a ScaleMeanMIL of one classifier per grid α (own folders), the
+    labelled model is one whichever candidate is kept, and `load_labelers` rebuilds the same scores."""
+    from milkit.methods.pseudo_label import ScaleMeanMIL
+    from milkit.metrics.classification import auroc
+
+    assert PseudoLabelConfig().round_scales == "first"  # the default is unchanged
+    data = {"kind": "hard_bags", "level": "hard", "n_train": 12, "n_val": 8, "n_test": 8}
+    method = {"name": "pseudo_label", "mil_epochs": 1, "rounds": 1, "round_epochs": 1, "within_slide": True,
+              "round_scales": "grid"}
+    raw = {"seed": 0, "data": data, "method": method, "trainer": {**TRAINER, "max_epochs": 1}}
+    m = train_run(build_experiment(raw), tmp_path / "rs")
+    r1 = tmp_path / "rs" / "stages" / "pseudo_label" / "round-1"
+    assert (r1 / "alpha-0.8" / "model.pt").is_file() and (r1 / "alpha-0.65" / "model.pt").is_file()
+    _, labelers, exp = load_labelers(tmp_path / "rs")
+    model = labelers["pseudo_label"].model
+    assert isinstance(model, ScaleMeanMIL) and len(model.members) == 2
+    assert [float(mm.sm_feat.alpha) for mm in model.members] == pytest.approx([0.8, 0.65])
+    rows = labelers["pseudo_label"].predict_dataset(exp.data.build(exp.seed).test)
+    y = np.concatenate([r["instance_labels"] for r in rows])
+    s = np.concatenate([r["scores"] for r in rows])
+    assert abs(auroc(y, s) - m["pseudo_label"]["test"]["instance_auroc"]) < 1e-6

@@ -47,6 +47,8 @@ slide's scores minus the slide's median (:func:`within_slide_pseudo_labels`), th
 slides' patches (so a positive and a negative can share a slide's stain; mi-SVM's negatives inside positive bags),
 and every candidate is selected by the instance-max slide AUROC of the same median-centred scores
 (:func:`centred_instance_max_auroc`). The labelled output is the chosen classifier's, unchanged in form.
+``round_scales: grid`` (off by default) fits every round at each scale of ``feature_alpha_grid`` on the same
+pseudo-labels, and the round's model is their :class:`ScaleMeanMIL`, as stage ``mil``'s is.
 
 ``in_dim`` is read from the data when the config leaves it out, and written back into the
 run's ``config.yaml``, so ``milkit label`` / ``evaluate`` rebuild the same model.
@@ -310,6 +312,13 @@ class PseudoLabelConfig(StrictModel):
                                "stain / scanner confounder buys, changes neither), and the bottom "
                                "within_slide_negative_fraction of each positive slide are negatives; false: the global "
                                "scores (a candidate of issue 11 hard-confounded, docs/benchmarks.md)")
+    round_scales: Literal["first", "grid"] = Field("first", description="the rounds' instance classifier: first = "
+                                                   "one, on features smoothed at feature_alpha_grid's first value; "
+                                                   "grid = one per value of the grid (combine mean), on the same "
+                                                   "pseudo-labels, and the round's scores their mean (ScaleMeanMIL, as "
+                                                   "stage 'mil'): a candidate of issue 11 hard-confounded, because "
+                                                   "within_slide's single-scale rounds lost hard validation patch F1 "
+                                                   "(docs/benchmarks.md)")
     within_slide_negative_fraction: float = Field(0.5, ge=0, lt=1, description="with within_slide: this fraction "
                                                   "of a positive slide's patches, lowest by their own slide's ranks, "
                                                   "are negatives; 0.5: witness rates are <= 10 % (issue 11), so the "
@@ -530,10 +539,13 @@ class PseudoLabelMethod(Method):
             data = TensorDataset(h_all[keep], t_all[keep].float())
             g = torch.Generator().manual_seed(seed * 1009 + r)
             loader = DataLoader(data, batch_size=c.instance_batch_size, shuffle=True, generator=g)
-            model = self.instance_model()
-            model.set_standardisation(x_all)
             d = run.stage_dir("pseudo_label") / f"round-{r}"
-            fit_stage(LossModule(model, balanced_bce, tr_i), loader, None, d, tr_i, seed * 1009 + r)
+            if self.round_grid():
+                model = self.fit_round_scales(splits, x_all, h_all, t_all, keep, d, r)
+            else:
+                model = self.instance_model()
+                model.set_standardisation(x_all)
+                fit_stage(LossModule(model, balanced_bce, tr_i), loader, None, d, tr_i, seed * 1009 + r)
             val_auc = select(bag_scores(model, splits.val), y_val)
             history.append({"round": r, "n_positive": int((t_all == 1).sum()), "n_negative": int((t_all == 0).sum()),
                             "n_unlabelled": int((t_all < 0).sum())})
@@ -553,10 +565,39 @@ class PseudoLabelMethod(Method):
             "chosen": best["candidate"], "output_alpha": c.output_alpha, "feature_alpha": self.feature_alpha,
             "feature_alpha_trials": alpha_trials, "teacher_sign": sign, "teacher_val_instance_max_auroc": val_first,
             "candidates": [{k: v for k, v in cand.items() if k != "path"} for cand in candidates], "rounds": history})
-        arch = self.stage_mil_model() if best["candidate"] == "mil" else self.instance_model()
+        arch = self.stage_mil_model() if best["candidate"] == "mil" or self.round_grid() else self.instance_model()
         final = self.output_model(restore_submodule(arch, dest))
         labelers["pseudo_label"] = Labeler(final, "model")
         return labelers
+
+    def round_grid(self) -> bool:
+        """The rounds fit one classifier per scale of the grid (``round_scales: grid`` with the scale mean)."""
+        return self.cfg.round_scales == "grid" and self.cfg.teacher is None and self.combines()
+
+    def fit_round_scales(self, splits: DataSplits, x_all: Tensor, h_first: Tensor, t_all: Tensor, keep: Tensor,
+                         d: Path, r: int) -> "ScaleMeanMIL":
+        """One round at every scale of ``feature_alpha_grid`` on the same targets: member i is fitted on the
+        features smoothed at the grid's i-th α (the first one's are ``h_first``) in ``d/alpha-<value>/``,
+        with seed ``seed·1009 + r + 7919·i``; their :class:`ScaleMeanMIL` is saved as ``d/model.pt``."""
+        c, seed = self.cfg, self.exp.seed
+        tr_i = self.stage_trainer(c.round_epochs, c.instance_batch_size)
+        grid = c.feature_alpha_grid or []
+        members = []
+        for i, a in enumerate(grid):
+            self.feature_alpha = a
+            model = self.instance_model()
+            model.set_standardisation(x_all)
+            h = h_first if i == 0 else smoothed_features(model, splits.train)
+            g = torch.Generator().manual_seed(seed * 1009 + r + 7919 * i)
+            loader = DataLoader(TensorDataset(h[keep], t_all[keep].float()), batch_size=c.instance_batch_size,
+                                shuffle=True, generator=g)
+            fit_stage(LossModule(model, balanced_bce, tr_i), loader, None, d / f"alpha-{a:g}", tr_i,
+                      seed * 1009 + r + 7919 * i)
+            members.append(model)
+        self.feature_alpha = grid[0]
+        mean = ScaleMeanMIL(members).eval()
+        io.save_state_dict(d / "model.pt", {f"model.{k}": v.detach().cpu() for k, v in mean.state_dict().items()})
+        return mean
 
     def fit_mil_stage(self, splits: DataSplits, run: RunDir, x_all: Tensor, trials: list[dict]) -> SmoothedInstanceMIL:
         """Stage ``mil``: the smoothed instance-max classifier, trained once per value of
@@ -603,7 +644,7 @@ class PseudoLabelMethod(Method):
         out = {"mil": Labeler(restore_submodule(self.stage_mil_model(), run.model_path("mil")), "model",
                               run.read_threshold("mil").get("threshold"))}
         self.feature_alpha = None if chosen is None else float(chosen)
-        arch = self.stage_mil_model() if kept == "mil" else self.instance_model()
+        arch = self.stage_mil_model() if kept == "mil" or self.round_grid() else self.instance_model()
         final = self.output_model(restore_submodule(arch, run.model_path("pseudo_label")))
         out["pseudo_label"] = Labeler(final, "model", run.read_threshold("pseudo_label").get("threshold"))
         return out
