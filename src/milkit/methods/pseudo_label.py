@@ -40,7 +40,7 @@ off by default: ``slide_norm`` normalises every slide's features by the slide's 
 before the global standardisation, and ``score_centre: median`` takes every instance score
 relative to its slide's median (plus one learnt offset) before the max and in the output.
 
-``within_slide`` (off by default; issue 11 hard-confounded) makes the rounds and the selection blind to a
+``within_slide`` (off by default; issue 11 hard-confounded; validation did not adopt it) makes the rounds and the selection blind to a
 slide-wide shift of the scores, the shortcut a slide-level confounder offers: pseudo-labels are drawn from each
 slide's scores minus the slide's median (:func:`within_slide_pseudo_labels`), the bottom
 ``within_slide_negative_fraction`` of every positive slide by its own ranks become negatives beside the negative
@@ -311,14 +311,18 @@ class PseudoLabelConfig(StrictModel):
                                "use each slide's scores minus its median (a slide-wide shift, what a slide-level "
                                "stain / scanner confounder buys, changes neither), and the bottom "
                                "within_slide_negative_fraction of each positive slide are negatives; false: the global "
-                               "scores (a candidate of issue 11 hard-confounded, docs/benchmarks.md)")
+                               "scores: on hard-bags (validation, seeds 0-2, rule CONFOUNDER_RULE stated before the runs) it kept a "
+                               "round instead of stage 'mil' on hard and lost patch F1 0.783 -> 0.700 (patch AUROC "
+                               "+0.004; hard-confounded +0.009), so it is off; test hard-confounded patch AUROC 0.949 -> "
+                               "0.962, 5 seeds (docs/benchmarks.md)")
     round_scales: Literal["first", "grid"] = Field("first", description="the rounds' instance classifier: first = "
                                                    "one, on features smoothed at feature_alpha_grid's first value; "
                                                    "grid = one per value of the grid (combine mean), on the same "
                                                    "pseudo-labels, and the round's scores their mean (ScaleMeanMIL, as "
                                                    "stage 'mil'): a candidate of issue 11 hard-confounded, because "
-                                                   "within_slide's single-scale rounds lost hard validation patch F1 "
-                                                   "(docs/benchmarks.md)")
+                                                   "within_slide's single-scale rounds lost hard validation patch F1; "
+                                                   "with within_slide it won back 0.700 -> 0.722 of the baseline's "
+                                                   "0.783, not enough (docs/benchmarks.md)")
     within_slide_negative_fraction: float = Field(0.5, ge=0, lt=1, description="with within_slide: this fraction "
                                                   "of a positive slide's patches, lowest by their own slide's ranks, "
                                                   "are negatives; 0.5: witness rates are <= 10 % (issue 11), so the "
