@@ -140,10 +140,11 @@ def test_context_features_are_the_features_then_the_same_patches_smoothed_at_the
     assert both(x, mask, adj).instance_scores.shape == (1, 6)
 
 
-def test_edge_rows_are_listed_last_and_build_the_options_they_name():
+def test_edge_rows_are_listed_together_and_build_the_options_they_name():
     from milkit.methods.pseudo_label import PseudoLabelMethod, ScaleMeanMIL
 
-    assert ROWS[-len(EDGE_ROWS):] == EDGE_ROWS
+    i = ROWS.index(EDGE_ROWS[0])
+    assert ROWS[i:i + len(EDGE_ROWS)] == EDGE_ROWS  # one block, in the order run
     for row, alpha in ((EDGE_ROWS[0], 0.5), (EDGE_ROWS[2], 0.65)):
         method, stage = method_section(row, SETTINGS)
         assert method == {"name": "pseudo_label", "edge_refit_alpha": alpha} and stage == "pseudo_label"

@@ -63,6 +63,8 @@ ROWS = (
     "pseudo_label + edge refit (α 0.65)",
     "pseudo_label + edge refit with context (α 0.5 beside 0.8)",
     "pseudo_label + edge refit on eroded labels (α 0.5)",
+    "pseudo_label + within-slide pseudo-labels",
+    "pseudo_label + within-slide pseudo-labels at both scales",
 )
 #: pseudo_label variants: row → method.slide_norm (a stain / batch remedy, issue 11 hard-confounded)
 SLIDE_NORM_ROWS = {"pseudo_label + slide centring": "centre", "pseudo_label + slide standardisation": "standardise"}
@@ -118,6 +120,10 @@ def method_section(row: str, s: dict) -> tuple[dict, str]:
         return {"name": "pseudo_label", "edge_refit_alpha": 0.5, "edge_refit_context": True}, "pseudo_label"
     if row == "pseudo_label + three-scale mean (α 0.8 / 0.65 / 0.5)":
         return {"name": "pseudo_label", "feature_alpha_grid": [0.8, 0.65, 0.5], "feature_alpha_combine": "mean"}, "pseudo_label"
+    if row == "pseudo_label + within-slide pseudo-labels":  # issue 11 hard-confounded (branch wip-teacher)
+        return {"name": "pseudo_label", "within_slide": True}, "pseudo_label"
+    if row == "pseudo_label + within-slide pseudo-labels at both scales":  # rounds as ScaleMeanMIL (wip-teacher)
+        return {"name": "pseudo_label", "within_slide": True, "round_scales": "grid"}, "pseudo_label"
     if row.startswith("pseudo_label"):
         return {"name": "pseudo_label"}, "pseudo_label"  # feature size read from the data
     raise ValueError(f"unknown row {row!r}; rows: {', '.join(ROWS)}")
@@ -192,7 +198,8 @@ def save_scores(path: Path, lab, val: list[dict], test: list[dict]) -> None:
 SCORE_KEYS = ("val_prob", "val_y", "val_bag_prob", "val_bag_y", "test_prob", "test_y", "test_bag_prob", "test_bag_y")
 
 
-def ensemble_metrics(members: list[dict], criterion: str = "f1", fallback: str | None = None) -> dict:
+def ensemble_metrics(members: list[dict], criterion: str = "f1", fallback: str | None = None,
+                     margin: str | None = None) -> dict:
     """What a seed ensemble of ``members`` labels with (each a dict of :data:`SCORE_KEYS` arrays,
     one per seed), by the product's functions: the ensemble of
     :func:`milkit.trust.ensemble.ensemble_probability` (mean of the calibrated probabilities and of
@@ -201,9 +208,10 @@ def ensemble_metrics(members: list[dict], criterion: str = "f1", fallback: str |
     ``best``, default the product's). The chosen candidate's patch threshold is chosen on
     validation by ``criterion`` as ``milkit train`` does; returned: its test patch AUROC, slide AUROC
     and patch F1 at that threshold, ``used`` and the ``choice`` record, and the plain ensemble's
-    numbers (``mean_of_seeds``). Patches with a label < 0 are left out."""
+    numbers (``mean_of_seeds``). ``margin``: :func:`choose_labels`'s (default the product's). Patches with a
+    label < 0 are left out."""
     from milkit.metrics.classification import auroc, choose_threshold
-    from milkit.trust.ensemble import FALLBACK, choose_labels, ensemble_probability, parse_used
+    from milkit.trust.ensemble import FALLBACK, MARGIN, choose_labels, ensemble_probability, parse_used
 
     if not members:
         raise ValueError("an ensemble needs at least one member")
@@ -213,7 +221,8 @@ def ensemble_metrics(members: list[dict], criterion: str = "f1", fallback: str |
             if any(not np.array_equal(ys[0], y) for y in ys[1:]):
                 raise ValueError(f"ensemble members disagree on the {split} {key.replace('_', ' ')}s: not the same data")
     choice = choose_labels([{"prob": m["val_prob"], "y": m["val_y"], "bag_prob": m["val_bag_prob"],
-                             "bag_y": m["val_bag_y"]} for m in members], criterion, fallback or FALLBACK)
+                             "bag_y": m["val_bag_y"]} for m in members], criterion, fallback or FALLBACK,
+                          margin or MARGIN)
     y = {split: members[0][f"{split}_y"] for split in ("val", "test")}
     bag_y = members[0]["test_bag_y"]
 
@@ -236,7 +245,8 @@ def _scores_path(out: Path, level: str, row: str, seed: int | str) -> Path:
     return Path(out) / "scores" / level / f"{tag}_s{seed}.npz"
 
 
-def ensemble_cell(out: Path, level: str, row: str, cell: dict, fallback: str | None = None) -> dict | None:
+def ensemble_cell(out: Path, level: str, row: str, cell: dict, fallback: str | None = None,
+                  margin: str | None = None) -> dict | None:
     """What the seed ensemble labels with (:func:`ensemble_metrics`: the ensemble or the replica the
     validation rule picks) vs the median seed, for one (level, row), from the kept scores of its
     successful seeds."""
@@ -248,7 +258,7 @@ def ensemble_cell(out: Path, level: str, row: str, cell: dict, fallback: str | N
     members = [dict(zip(SCORE_KEYS, io.load_npz(_scores_path(out, level, row, k), SCORE_KEYS, "hard-bags scores")))
                for k in seeds]
     src = str(cell[seeds[0]].get("run_threshold_source") or "")
-    ens = ensemble_metrics(members, src.split(":", 1)[1] if src.startswith("validation:") else "f1", fallback)
+    ens = ensemble_metrics(members, src.split(":", 1)[1] if src.startswith("validation:") else "f1", fallback, margin)
     if ens["used"] != "ensemble":  # name the replica by its training seed too
         ens["used_seed"] = int(seeds[int(ens["used"].split("-", 1)[1])])
     med = {k: float(np.median([cell[sd][k] for sd in seeds if cell[sd].get(k) is not None]))
@@ -256,14 +266,14 @@ def ensemble_cell(out: Path, level: str, row: str, cell: dict, fallback: str | N
     return {"seeds": [int(k) for k in seeds], "ensemble": ens, "median_seed": med}
 
 
-def refresh_ensembles(out: Path, fallback: str | None = None) -> dict:
+def refresh_ensembles(out: Path, fallback: str | None = None, margin: str | None = None) -> dict:
     """Re-form every (level, row) ensemble of ``out``/hard_bags.json from the kept scores
     (:func:`ensemble_cell`; no training) and rewrite the JSON and the markdown."""
     out = Path(out)
     results = json.loads((out / "hard_bags.json").read_text())
     for level, rows in results["cells"].items():
         for row, cell in rows.items():
-            ens = ensemble_cell(out, level, row, cell, fallback)
+            ens = ensemble_cell(out, level, row, cell, fallback, margin)
             if ens is not None:
                 results.setdefault("ensemble", {}).setdefault(level, {})[row] = ens
     write_results(out, "hard_bags", results, render(results))
@@ -300,6 +310,18 @@ ADOPTION_RULE = (("patch_f1", ("easy", "medium"), 0.010), ("patch_auroc", ("easy
 #: benign look-alikes and a slide confounder either (sharper, less smoothed scores could let mimics through)
 HARD_LEVELS_AUROC_RULE = (("patch_auroc", ("hard-mimic", "hard-confounded"), -0.005),)
 EDGE_ADOPTION_RULE = ADOPTION_RULE + HARD_LEVELS_AUROC_RULE
+#: the rule for the hard-confounded candidates (issue 11; branch wip-teacher, committed before any candidate ran):
+#: validation shares the training cohort's confounder, so it cannot show a confounder gain; a candidate with a
+#: principled reason to resist the shortcut is adopted if it does no harm on validation, means over seeds 0–2,
+#: candidate − baseline: patch AUROC and slide AUROC ≥ −0.005 on every level (hard-mimic and hard-confounded
+#: included), patch F1 ≥ −0.005 on easy, medium and hard. If several pass: the higher mean validation patch F1
+#: over the five levels. The confounded test result is reported whatever it is. Candidates, in the order run:
+#: "pseudo_label + within-slide pseudo-labels", then "pseudo_label + SmAP teacher"; baseline
+#: "pseudo_label (this recipe)" (the lead's cells, same code). Added after reading those two candidates' validation
+#: numbers (both failed: within-slide on hard patch F1 −0.084, its rounds are single-scale; SmAP teacher on slide
+#: AUROC), under the same rule unchanged: "pseudo_label + within-slide pseudo-labels at both scales".
+CONFOUNDER_RULE = (("patch_auroc", LEVELS, -0.005), ("slide_auroc", LEVELS, -0.005),
+                   ("patch_f1", ("easy", "medium", "hard"), -0.005))
 
 
 def adoption(out: Path, candidate: str, baseline: str = "pseudo_label (this recipe)",

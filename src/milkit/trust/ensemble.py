@@ -296,6 +296,14 @@ def ensemble_probability(probs) -> tuple[torch.Tensor, torch.Tensor]:
 #: replica's worst test cell vs the median seed was −0.001, the median replica's −0.016; mean Δ
 #: over all 54 cells +0.018 vs +0.017, cells below the median seed 4 vs 4
 FALLBACK = "best"
+#: how far below the median replica the ensemble must be for a replica to label: ``"none"`` (any amount beyond
+#: float noise, :data:`TIE`) or ``"spread"`` (more than the seed spread — the population sd over the replicas —
+#: of that validation metric: a replica replaces the mean only when validation shows a gap that seed noise does
+#: not explain; against a confounded validation split, where the replica that exploits the shortcut most looks
+#: best, issue 11 hard-confounded). Default ``none``: ``spread`` is measured in docs/benchmarks.md
+#: ("confounder-proof ensemble rule") but was not adopted
+MARGIN = "none"
+MARGINS = ("none", "spread")
 USED_ENSEMBLE = "ensemble"
 BASIS_PATCH = "validation patch labels"
 BASIS_SLIDE = "validation slide labels (no validation patch labels)"
@@ -350,22 +358,27 @@ def _finite(v: float | None) -> bool:
     return v is not None and np.isfinite(v)
 
 
-def rule_text(basis: str, fallback: str = FALLBACK) -> str:
+def rule_text(basis: str, fallback: str = FALLBACK, margin: str = MARGIN) -> str:
     """The rule as written into threshold.json / metrics.json / report.html."""
     a, b = (METRIC_NAMES[k] for k in RULE_METRICS[basis])
+    by = " by more than the seed spread (sd over the replicas) of that metric" if margin == "spread" else ""
     return (f"the ensemble (mean of the seeds' calibrated probabilities) labels unless, on {basis}, it is below "
-            f"the median replica on {a} or on {b}; then the validation-{fallback} replica (ranked by {a}, then {b}) "
+            f"the median replica{by} on {a} or on {b}; then the validation-{fallback} replica (ranked by {a}, then {b}) "
             "labels, with its own threshold; ties and undefined metrics → ensemble; the uncertainty is the seed "
             "spread of all replicas either way")
 
 
-def choose_labels(members: list[dict], criterion: str = DEFAULT_CRITERION, fallback: str = FALLBACK) -> dict:
+def choose_labels(members: list[dict], criterion: str = DEFAULT_CRITERION, fallback: str = FALLBACK,
+                  margin: str = MARGIN) -> dict:
     """Ensemble or replica (module docstring), from each replica's validation arrays
     (:func:`member_val_arrays`; the ensemble's are formed here by :func:`ensemble_probability`).
-    Returns the record ``{used: "ensemble" | "seed-<k>", rule, basis, metrics, fallback,
-    below_median_on, val: {ensemble, median_replica, replicas}}``."""
+    ``margin`` (:data:`MARGIN`): how far below the median replica counts as below.
+    Returns the record ``{used: "ensemble" | "seed-<k>", rule, basis, metrics, fallback, margin,
+    below_median_on, val: {ensemble, median_replica, seed_spread, replicas}}``."""
     if fallback not in ("median", "best"):
         raise ValueError(f"fallback must be 'median' or 'best', got {fallback!r}")
+    if margin not in MARGINS:
+        raise ValueError(f"margin must be one of {', '.join(MARGINS)}, got {margin!r}")
     if not members:
         raise ValueError("an ensemble needs at least one member")
     ens = {"prob": ensemble_probability([m["prob"] for m in members])[0].numpy(),
@@ -374,11 +387,13 @@ def choose_labels(members: list[dict], criterion: str = DEFAULT_CRITERION, fallb
     basis, ev = validation_metrics(ens, criterion)
     keys = RULE_METRICS[basis]
     sv = [validation_metrics({**m, "y": ens["y"], "bag_y": ens["bag_y"]}, criterion)[1] for m in members]
-    median = {}
+    median, spread = {}, {}
     for k in keys:
         vals = [s[k] for s in sv if _finite(s[k])]
         median[k] = float(np.median(vals)) if vals else float("nan")
-    below = [k for k in keys if _finite(ev[k]) and _finite(median[k]) and ev[k] < median[k] - TIE]
+        spread[k] = float(np.std(vals)) if vals else float("nan")
+    bar = {k: max(TIE, spread[k] if margin == "spread" and _finite(spread[k]) else 0.0) for k in keys}
+    below = [k for k in keys if _finite(ev[k]) and _finite(median[k]) and ev[k] < median[k] - bar[k]]
     used = USED_ENSEMBLE
     if below:
         rank = lambda i: tuple(sv[i][k] if _finite(sv[i][k]) else -np.inf for k in keys) + (-i,)  # noqa: E731
@@ -386,9 +401,10 @@ def choose_labels(members: list[dict], criterion: str = DEFAULT_CRITERION, fallb
         used = f"seed-{order[-1] if fallback == 'best' else order[len(order) // 2]}"
     from milkit.metrics.classification import nan_to_none
 
-    return nan_to_none({"used": used, "rule": rule_text(basis, fallback), "basis": basis, "metrics": list(keys),
-                        "criterion": criterion, "fallback": f"validation-{fallback} replica", "below_median_on": below,
-                        "val": {"ensemble": ev, "median_replica": median,
+    return nan_to_none({"used": used, "rule": rule_text(basis, fallback, margin), "basis": basis, "metrics": list(keys),
+                        "criterion": criterion, "fallback": f"validation-{fallback} replica", "margin": margin,
+                        "below_median_on": below,
+                        "val": {"ensemble": ev, "median_replica": median, "seed_spread": spread,
                                 "replicas": [{"replica": i, **s} for i, s in enumerate(sv)]}})
 
 
