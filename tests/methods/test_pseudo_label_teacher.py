@@ -100,3 +100,16 @@ def test_round_scales_grid_fits_each_round_at_every_scale_and_reloads(tmp_path):
     y = np.concatenate([r["instance_labels"] for r in rows])
     s = np.concatenate([r["scores"] for r in rows])
     assert abs(auroc(y, s) - m["pseudo_label"]["test"]["instance_auroc"]) < 1e-6
+
+
+@pytest.mark.parametrize("extra", [{"feature_alpha_grid": None}, {"feature_alpha_combine": "choose"}])
+def test_round_scales_grid_without_a_scale_mean_is_a_one_line_error(extra):
+    """`round_scales: grid` fits the rounds at the scales of the stage-'mil' mean; without that mean it
+    would silently fall back to one scale, so it is refused naming the key."""
+    from milkit.config import ConfigError
+
+    raw = {"seed": 0, "data": {"kind": "hard_bags", "level": "easy"},
+           "method": {"name": "pseudo_label", "round_scales": "grid", **extra}, "trainer": {"max_epochs": 1}}
+    with pytest.raises(ConfigError, match="method.round_scales: grid needs method.feature_alpha_grid") as err:
+        build_experiment(raw)
+    assert "\n" not in str(err.value)

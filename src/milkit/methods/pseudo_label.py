@@ -384,6 +384,9 @@ class PseudoLabelConfig(StrictModel):
             raise ValueError("method.edge_refit_context needs method.edge_refit_alpha (the refit it widens)")
         if self.edge_refit_erode and self.edge_refit_alpha is None:
             raise ValueError("method.edge_refit_erode needs method.edge_refit_alpha (the refit whose labels it erodes)")
+        if self.round_scales == "grid" and (self.feature_alpha_grid is None or self.feature_alpha_combine != "mean"):
+            raise ValueError("method.round_scales: grid needs method.feature_alpha_grid with feature_alpha_combine: "
+                             "mean (the scales whose mean the rounds fit)")
         return self
 
     @model_validator(mode="after")
