@@ -69,6 +69,10 @@ class TrainerConfig(StrictModel):
     seeds: int = Field(1, ge=1, description="seed replicas per stage, labels from their ensemble (issue 11 §3)")
     threshold_criterion: Literal["f1", "youden_product", "youden"] = Field(
         "f1", description="how the instance threshold is chosen on validation (issue 11 §4: F1)")
+    ensemble_threshold: Literal["median_of_seeds", "ensemble"] = Field(
+        "median_of_seeds", description="the seed ensemble's instance threshold (trainer.seeds > 1): the median of "
+        "the seeds' own validation thresholds, or the one chosen on the ensemble's validation probabilities "
+        "(issue 11 §3; milkit.trust.ensemble, docs/benchmarks.md)")
     parallel_seeds: int | Literal["auto"] = Field(
         1, description="worker processes training the trainer.seeds replicas at once (issue 15; 1 = one after "
                        "the other in this process, 'auto' = one per GPU or CPU core); milkit.trust.parallel_seeds")

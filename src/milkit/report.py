@@ -364,6 +364,8 @@ def render_report(run_path: Path, metrics: dict, scores: dict[str, dict[str, Sco
                 extra.append(f"on the {thr['applies_to']}")
             if thr.get("criterion"):
                 extra.append(f"criterion {thr['criterion']}")
+            if thr.get("ensemble_threshold") == "median_of_seeds":
+                extra.append("the median over the seeds of their own validation thresholds")
             parts.append(f"<p>instance threshold {_fmt(thr.get('threshold'))}"
                          f"{' (' + html.escape('; '.join(extra)) + ')' if extra else ''}</p>")
         parts.append(_metrics_table(m))

@@ -104,7 +104,13 @@ def test_cli_seeds_two_replicas_ensemble_and_verdict_last(runs, capsys):
     assert (choice["used"] == "ensemble") == (choice["below_median_on"] == [])
     picked = choice["val"]["ensemble"] if choice["used"] == "ensemble" else \
         choice["val"]["replicas"][int(choice["used"][5:])]
-    assert m["threshold"]["threshold"] == pytest.approx(picked["threshold"])
+    if choice["used"] == "ensemble":  # trainer.ensemble_threshold median_of_seeds (the default)
+        assert m["threshold"]["ensemble_threshold"] == "median_of_seeds"
+        assert m["threshold"]["threshold"] == pytest.approx(float(np.median([s["threshold"]["threshold"]
+                                                                             for s in m["seeds"]])))
+        assert m["threshold"]["seed_thresholds"] == pytest.approx([s["threshold"]["threshold"] for s in m["seeds"]])
+    else:
+        assert m["threshold"]["threshold"] == pytest.approx(picked["threshold"])
     assert [r["threshold"] for r in choice["val"]["replicas"]] == pytest.approx(
         [s["threshold"]["threshold"] for s in m["seeds"]])
     _, labelers, _ = load_labelers(k2)

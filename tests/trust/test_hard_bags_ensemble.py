@@ -106,6 +106,11 @@ def test_ensemble_metrics_applies_the_products_validation_rule(monkeypatch):
     assert e["threshold"] == pytest.approx(0.3)
     assert e["patch_f1_run"] == pytest.approx(0.5) and e["patch_auroc"] == pytest.approx(0.75)
     assert e["slide_auroc"] == pytest.approx(1.0)
-    assert e["mean_of_seeds"]["threshold"] == pytest.approx(0.25)  # the plain ensemble, for the record
+    # the plain ensemble, for the record, at the median of the replicas' thresholds (0.3, 0.3 and c's 0.1:
+    # everything positive gives c its best F1, 2/3) — or, as an option, at its own F1-best 0.25
+    assert [r["threshold"] for r in e["choice"]["val"]["replicas"]] == pytest.approx([0.3, 0.3, 0.1])
+    assert e["mean_of_seeds"]["threshold"] == pytest.approx(0.3)
+    own = ensemble_metrics([a, b, c], fallback="median", ensemble_threshold="ensemble")
+    assert own["mean_of_seeds"]["threshold"] == pytest.approx(0.25) and own["threshold"] == pytest.approx(0.3)
     assert ensemble_metrics([a, b, c])["used"] == "seed-0"
     assert ensemble_metrics([A, B])["used"] == "ensemble"  # the hand-computed pair above: the mean wins

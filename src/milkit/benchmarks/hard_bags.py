@@ -199,7 +199,7 @@ SCORE_KEYS = ("val_prob", "val_y", "val_bag_prob", "val_bag_y", "test_prob", "te
 
 
 def ensemble_metrics(members: list[dict], criterion: str = "f1", fallback: str | None = None,
-                     margin: str | None = None) -> dict:
+                     margin: str | None = None, ensemble_threshold: str | None = None) -> dict:
     """What a seed ensemble of ``members`` labels with (each a dict of :data:`SCORE_KEYS` arrays,
     one per seed), by the product's functions: the ensemble of
     :func:`milkit.trust.ensemble.ensemble_probability` (mean of the calibrated probabilities and of
@@ -208,10 +208,12 @@ def ensemble_metrics(members: list[dict], criterion: str = "f1", fallback: str |
     ``best``, default the product's). The chosen candidate's patch threshold is chosen on
     validation by ``criterion`` as ``milkit train`` does; returned: its test patch AUROC, slide AUROC
     and patch F1 at that threshold, ``used`` and the ``choice`` record, and the plain ensemble's
-    numbers (``mean_of_seeds``). ``margin``: :func:`choose_labels`'s (default the product's). Patches with a
-    label < 0 are left out."""
+    numbers (``mean_of_seeds``). ``margin``: :func:`choose_labels`'s (default the product's). The ensemble's
+    threshold follows ``ensemble_threshold`` (default the product's, ``trainer.ensemble_threshold``: the
+    median of the seeds' own validation thresholds). Patches with a label < 0 are left out."""
     from milkit.metrics.classification import auroc, choose_threshold
-    from milkit.trust.ensemble import FALLBACK, MARGIN, choose_labels, ensemble_probability, parse_used
+    from milkit.trust.ensemble import (ENSEMBLE_THRESHOLD, FALLBACK, MARGIN, choose_labels, ensemble_probability,
+                                       parse_used, seed_median_threshold)
 
     if not members:
         raise ValueError("an ensemble needs at least one member")
@@ -226,14 +228,17 @@ def ensemble_metrics(members: list[dict], criterion: str = "f1", fallback: str |
     y = {split: members[0][f"{split}_y"] for split in ("val", "test")}
     bag_y = members[0]["test_bag_y"]
 
-    def scored(prob: dict, bag: np.ndarray) -> dict:
+    seed_thr = seed_median_threshold(choice) if (ensemble_threshold or ENSEMBLE_THRESHOLD) == "median_of_seeds" else None
+
+    def scored(prob: dict, bag: np.ndarray, thr: float | None = None) -> dict:
         kv, kt = y["val"] >= 0, y["test"] >= 0
-        thr = choose_threshold(y["val"][kv], prob["val"][kv], criterion=criterion)
+        if thr is None:
+            thr = choose_threshold(y["val"][kv], prob["val"][kv], criterion=criterion)
         return {"patch_auroc": auroc(y["test"][kt], prob["test"][kt]), "slide_auroc": auroc(bag_y, bag),
                 "patch_f1_run": _f1(y["test"][kt], prob["test"][kt], thr), "threshold": thr}
 
     ens = scored({s: ensemble_probability([m[f"{s}_prob"] for m in members])[0].numpy() for s in ("val", "test")},
-                 ensemble_probability([m["test_bag_prob"] for m in members])[0].numpy())
+                 ensemble_probability([m["test_bag_prob"] for m in members])[0].numpy(), seed_thr)
     k = parse_used(choice["used"], len(members), "choose_labels")
     out = ens if k is None else scored({s: members[k][f"{s}_prob"] for s in ("val", "test")}, members[k]["test_bag_prob"])
     return {**out, "criterion": criterion, "n": len(members), "used": choice["used"], "choice": choice,
@@ -469,7 +474,8 @@ def render(results: dict) -> str:
         if ens:
             md += ("\nSeed ensemble (mean of the seeds' calibrated probabilities, `trust.ensemble.ensemble_probability`, "
                    "or the validation-best seed where validation puts the mean below the median seed: "
-                   "`trust.ensemble.choose_labels`; its threshold chosen on validation by F1) vs the median seed, "
+                   "`trust.ensemble.choose_labels`; a seed at its own validation F1-best threshold, the ensemble at the median "
+                   "of the seeds' ones, `trainer.ensemble_threshold`) vs the median seed, "
                    "test split:\n\n" + ensemble_table(ens))
     md += f"\nWall time of the runs recorded here: {results.get('wall_s', 0):.0f} s.\n"
     return md
