@@ -71,6 +71,37 @@ principled defence. The foci, their slides and their strengths come from their o
 (``mimic_rng``), so the other levels' data are unchanged; ``Bag.meta['mimic']`` marks the foci's patches.
 Specified before any recipe ran on it and not tuned afterwards (docs/benchmarks.md).
 
+**Level ``hard-heterogeneous``** (issue 11, cause 3, the other half: tumour appearance varies between patients):
+the ``hard`` level's slides, drawn with the same random numbers (same tissue, lesions, patch labels, coordinates,
+stain, pixel noise and isolated faint mimics), except that every *lesion* gets its own texture
+
+    t = normalise(ρ·t_shared + sqrt(1 − ρ²)·ε),
+
+t_shared the lesion's shared texture (one of the ``n_lesion_textures``, drawn as in ``hard``), ε a fresh smooth
+unit pattern of the same family (:func:`smooth_pattern`) orthogonalised to t_shared, so cos(t, t_shared) = ρ
+exactly (:func:`lesion_pattern`). Train, validation and test lesions are thus all different patterns; two lesions
+of one shared texture have cosine about ρ² = 0.25. Every number, and why:
+
+- ``lesion_similarity`` ρ = 0.5: patients' tumours share some features (the part a slide label can teach across
+  patients), not all; half of the pattern's cosine is shared, the rest is the patient's own.
+- the faint isolated mimics keep the shared textures and the hard level's strength 3.0·U(0, 0.8) (level key
+  ``mimic_signal``), so every patch that is not a lesion is bit-identical to ``hard``.
+- the lesion ``signal`` is recalibrated (the only knob changed) so that the linear probe on the true train patch
+  labels (:func:`linear_probe_auroc`, generator seed 0, 100 / 40 / 100 slides) lands at ~0.92 like ``hard``'s 0.923:
+
+  ======  =====  =====  =====  =====  =====  =====  =====  =====  =====  =====
+  signal  3.0    4.0    5.0    5.25   5.5    5.75   6.0    7.0    8.0    9.0
+  probe   0.856  0.887  0.910  0.914  0.917  0.923  0.927  0.937  0.937  0.938
+  ======  =====  =====  =====  =====  =====  =====  =====  =====  =====  =====
+
+  → ``signal`` = 5.75 (probe 0.923). The shared part of a lesion patch is then ρ·5.75 ≈ 2.9 (the hard lesion's 3.0)
+  and the patient's own part sqrt(1 − ρ²)·5.75 ≈ 5.0.
+
+The per-lesion patterns come from their own random stream (``lesion_rng``, generator seed + 19), so the other
+levels' data are bit-identical; ``HardBagsGenerator.lesion_log`` keeps (bag id, shared index, own texture) of every
+lesion. Specified and committed before any recipe ran on it; ρ and the signal were chosen without looking at any
+MIL recipe's result, and not changed after the runs (docs/benchmarks.md).
+
 ``generator_seed`` fixes the data (default 0), so that experiment seeds vary training only;
 ``null`` uses the experiment seed. Coordinates are level-0 top-left pixels of
 ``patch_size`` patches and ``Bag.adj`` is the 8-neighbour patch graph.
@@ -98,6 +129,9 @@ LEVELS: dict[str, dict] = {
     "hard-confounded": {"witness_rate": (0.02, 0.04), "signal": 3.0, "confounded": 0.8},
     # the hard level + strong contiguous benign look-alikes, more frequent in positive slides (module doc)
     "hard-mimic": {"witness_rate": (0.02, 0.04), "signal": 3.0, "focal_mimic_slides": (0.9, 0.4)},
+    # the hard level with every lesion its own texture, cosine 0.5 with its shared one (module doc)
+    "hard-heterogeneous": {"witness_rate": (0.02, 0.04), "signal": 5.75, "lesion_similarity": 0.5,
+                           "mimic_signal": 3.0},
 }
 #: the confounder sign follows the label in this fraction of each class of test slides: independent
 TEST_CONFOUNDED = 0.5
@@ -109,7 +143,7 @@ class HardBagsConfig(DataConfig):
     """Hard feature bags (issue 11 §1); ``level`` sets ``witness_rate`` and ``signal`` unless given."""
 
     kind: Literal["hard_bags"] = "hard_bags"
-    level: Literal["easy", "medium", "hard", "hard-confounded", "hard-mimic"] = "hard"
+    level: Literal["easy", "medium", "hard", "hard-confounded", "hard-mimic", "hard-heterogeneous"] = "hard"
     n_train: int = Field(100, ge=2, description="issue 11: about 100 training slides")
     n_val: int = Field(40, ge=2)
     n_test: int = Field(100, ge=2)
@@ -147,6 +181,10 @@ class HardBagsConfig(DataConfig):
                                       "·U(1−spread, 1+spread): more uniform than the lesion (0.9)")
     focal_mimic_similarity: float = Field(0.5, ge=0, le=1, description="cosine of the look-alike pattern with the "
                                           "mean lesion texture (a look-alike, not a copy)")
+    lesion_similarity: float | None = Field(
+        None, description="ρ: every lesion gets its own texture whose cosine with its shared texture is ρ "
+        "(patients' tumours share some features, not all); default: the level's (hard-heterogeneous 0.5, "
+        "else none: every lesion shows its shared texture)")
     feature_dim: int = Field(512, ge=2)
     encoder_seed: int = Field(1234, description="seed of the fixed random encoder")
     generator_seed: int | None = Field(0, description="seed of the data; null: the experiment seed")
@@ -164,6 +202,8 @@ class HardBagsConfig(DataConfig):
         lo, hi = self.focal_mimic_fraction
         if not 0 < lo <= hi < 0.5:
             raise ValueError("data.focal_mimic_fraction must be (low, high) with 0 < low <= high < 0.5")
+        if self.lesion_similarity is not None and not 0 <= self.lesion_similarity <= 1:
+            raise ValueError(f"data.lesion_similarity must be in [0, 1], got {self.lesion_similarity}")
         return self
 
     @property
@@ -182,8 +222,20 @@ class HardBagsConfig(DataConfig):
         return None if p is None else (float(p[0]), float(p[1]))
 
     @property
+    def similarity(self) -> float | None:
+        """ρ of the per-lesion textures (cosine with the shared texture); None: shared textures only."""
+        r = self.lesion_similarity if self.lesion_similarity is not None else LEVELS[self.level].get("lesion_similarity")
+        return None if r is None else float(r)
+
+    @property
     def strength(self) -> float:
         return float(self.signal if self.signal is not None else LEVELS[self.level]["signal"])
+
+    @property
+    def mimic_base(self) -> float:
+        """Base strength of the faint isolated mimics: the lesion signal, except where the level fixes it
+        (hard-heterogeneous: the hard level's 3.0, so that its mimics are the hard level's)."""
+        return float(LEVELS[self.level].get("mimic_signal", self.strength))
 
     def build(self, seed: int) -> DataSplits:
         gen = HardBagsGenerator(self, self.generator_seed if self.generator_seed is not None else seed)
@@ -218,16 +270,31 @@ def encode(pixels: np.ndarray, weights: tuple[np.ndarray, ...]) -> np.ndarray:
 def lesion_textures(n: int, seed: int) -> np.ndarray:
     """``n`` smooth unit-norm 8×8 patterns (sums of low-frequency cosines), flattened (n, 64)."""
     rng = np.random.default_rng(seed + 1)
+    return np.stack([smooth_pattern(rng) for _ in range(n)]).astype(np.float32)
+
+
+def smooth_pattern(rng: np.random.Generator) -> np.ndarray:
+    """One smooth zero-mean unit-norm 8×8 pattern (64,) float64 from ``rng``: a sum of three
+    low-frequency cosines (the family of :func:`lesion_textures`)."""
     yy, xx = np.mgrid[0:8, 0:8] / 8.0
-    out = []
-    for _ in range(n):
-        t = np.zeros((8, 8))
-        for _ in range(3):
-            fy, fx = rng.integers(1, 4, size=2)
-            t += rng.normal() * np.cos(2 * np.pi * (fy * yy + fx * xx) + rng.uniform(0, 2 * np.pi))
-        t -= t.mean()
-        out.append((t / np.linalg.norm(t)).ravel())
-    return np.stack(out).astype(np.float32)
+    t = np.zeros((8, 8))
+    for _ in range(3):
+        fy, fx = rng.integers(1, 4, size=2)
+        t += rng.normal() * np.cos(2 * np.pi * (fy * yy + fx * xx) + rng.uniform(0, 2 * np.pi))
+    t -= t.mean()
+    return (t / np.linalg.norm(t)).ravel()
+
+
+def lesion_pattern(shared: np.ndarray, similarity: float, rng: np.random.Generator) -> np.ndarray:
+    """One lesion's own texture (64,) float32 (level ``hard-heterogeneous``): normalise(ρ·t_shared +
+    sqrt(1 − ρ²)·ε), ε a fresh :func:`smooth_pattern` from ``rng`` orthogonalised to t_shared, so that
+    its cosine with the shared texture is exactly ρ = ``similarity``."""
+    u = shared.astype(np.float64) / np.linalg.norm(shared)
+    eps = smooth_pattern(rng)
+    eps = eps - (eps @ u) * u
+    eps = eps / np.linalg.norm(eps)
+    t = similarity * u + np.sqrt(1 - similarity**2) * eps
+    return (t / np.linalg.norm(t)).astype(np.float32)
 
 
 def mimic_texture(lesions: np.ndarray, similarity: float, seed: int) -> np.ndarray:
@@ -277,6 +344,9 @@ class HardBagsGenerator:
         self.confounder_rng = np.random.default_rng(seed + 13)  # own stream: the other draws are unchanged
         self.mimic_rng = np.random.default_rng(seed + 17)  # own stream for the look-alike foci (hard-mimic)
         self.mimic_pattern = mimic_texture(self.textures, cfg.focal_mimic_similarity, cfg.encoder_seed)
+        self.lesion_rng = np.random.default_rng(seed + 19)  # own stream for per-lesion textures (hard-heterogeneous)
+        #: (bag_id, shared texture index, own texture) of every lesion drawn with its own texture
+        self.lesion_log: list[tuple[str, int, np.ndarray]] = []
 
     def mimic_flags(self, labels: np.ndarray) -> np.ndarray:
         """Per slide: whether it holds look-alike foci — exactly round(p_y · n_y) slides of each class y,
@@ -362,6 +432,8 @@ class HardBagsGenerator:
         label = np.zeros(n, dtype=np.int64)
         strength = np.zeros(n, dtype=np.float32)
         texture = np.zeros(n, dtype=np.int64)
+        own = {}  # patch index → its lesion's own texture (hard-heterogeneous)
+        rho = cfg.similarity
         if positive:
             target = max(1, int(round(rng.uniform(*cfg.rates) * n)))
             n_les = int(rng.integers(1, cfg.max_lesions + 1))
@@ -374,16 +446,25 @@ class HardBagsGenerator:
                 start = int(free[rng.integers(len(free))])
                 cells = grow_lesion(present, (int(rows[start]), int(cols[start])), int(size), taken, rng)
                 tex = int(rng.integers(cfg.n_lesion_textures))
+                if rho is not None:  # this lesion's own texture, from its own stream
+                    pat = lesion_pattern(self.textures[tex], rho, self.lesion_rng)
+                    self.lesion_log.append((bag_id, tex, pat))
                 for r, c in cells:
                     taken[r, c] = True
                     k = index[r, c]
                     label[k], texture[k] = 1, tex
+                    if rho is not None:
+                        own[int(k)] = pat
             strength[label == 1] = cfg.strength * rng.uniform(1 - cfg.signal_spread, 1 + cfg.signal_spread,
                                                               int(label.sum()))
         mimic = (rng.random(n) < cfg.mimic_rate) & (label == 0)
-        strength[mimic] = cfg.strength * rng.uniform(0, cfg.mimic_strength, int(mimic.sum()))
+        strength[mimic] = cfg.mimic_base * rng.uniform(0, cfg.mimic_strength, int(mimic.sum()))
         texture[mimic] = rng.integers(cfg.n_lesion_textures, size=int(mimic.sum()))
-        x += strength[:, None] * self.textures[texture]
+        pattern = self.textures[texture]
+        if own:  # lesion patches show their lesion's own texture; the faint mimics keep the shared ones
+            keys = np.fromiter(own, dtype=np.int64)
+            pattern[keys] = np.stack([own[int(k)] for k in keys])
+        x += strength[:, None] * pattern
         foci = np.zeros(n, dtype=bool)
         if lookalike:  # look-alike foci (hard-mimic): own random stream, no instance label
             foci = self.mimic_foci(present, rows, cols, label)
