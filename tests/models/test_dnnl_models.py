@@ -147,3 +147,15 @@ def test_float64_models_run_and_gradcheck(label, monkeypatch):
     x, graph = _bag(9, torch.float64)
     x.requires_grad_(True)
     assert torch.autograd.gradcheck(lambda x: m(x, None, [graph]).bag_logits, (x,), atol=1e-6)
+
+
+def test_min_rows_env(monkeypatch):
+    """``MILKIT_ONEDNN_MIN_ROWS``: default 4096, an integer ≥ 0, anything else a one-line error naming it."""
+    monkeypatch.delenv("MILKIT_ONEDNN_MIN_ROWS", raising=False)
+    assert dnnl._min_rows() == 4096
+    monkeypatch.setenv("MILKIT_ONEDNN_MIN_ROWS", "0")
+    assert dnnl._min_rows() == 0
+    for bad in ("-1", "many"):
+        monkeypatch.setenv("MILKIT_ONEDNN_MIN_ROWS", bad)
+        with pytest.raises(ValueError, match="MILKIT_ONEDNN_MIN_ROWS"):
+            dnnl._min_rows()

@@ -160,8 +160,20 @@ class _Dense(torch.autograd.Function):
 
 #: :func:`dense` takes oneDNN only from this many rows (of x, or of w) on: at ≤ 2,000 rows its GEMMs were
 #: as fast as MKL's or slower (it reorders W on every call), from 3,000 on faster (1 thread, K = 128–512,
-#: N = 128–1536; ABMIL, gated ABMIL, DSMIL, DTFD at 1k instances 0–10 % slower; docs/benchmarks.md issue-15 dnnl)
-MIN_ROWS = 4096
+#: N = 128–1536; ABMIL, gated ABMIL, DSMIL, DTFD at 1k instances 0–10 % slower; docs/benchmarks.md issue-15 dnnl).
+#: ``MILKIT_ONEDNN_MIN_ROWS`` overrides it (0: every float32 CPU call).
+def _min_rows() -> int:
+    raw = os.environ.get("MILKIT_ONEDNN_MIN_ROWS", "4096")
+    try:
+        v = int(raw)
+    except ValueError:
+        v = -1
+    if v < 0:
+        raise ValueError(f"MILKIT_ONEDNN_MIN_ROWS must be a non-negative integer, got {raw!r}")
+    return v
+
+
+MIN_ROWS = _min_rows()
 
 
 def dense(x: Tensor, w: Tensor, b: Tensor | None = None) -> Tensor:
