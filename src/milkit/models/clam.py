@@ -25,6 +25,7 @@ from torch import Tensor, nn
 from milkit.config import StrictModel
 from milkit.data.bag import BagBatch
 from milkit.models.base import MILModel, MILOutput, encode_instances, full_mask
+from milkit.nn import dnnl
 from milkit.nn.attention import FastDropout, dropout_mask, masked_softmax
 
 
@@ -46,7 +47,7 @@ class _GatedBranches(nn.Module):
 
     def forward(self, h: Tensor) -> Tensor:
         v, u = self.V[0], self.U[0]
-        vu = F.linear(h, torch.cat([v.weight, u.weight]), torch.cat([v.bias, u.bias]))
+        vu = dnnl.dense(h, torch.cat([v.weight, u.weight]), torch.cat([v.bias, u.bias]))
         g = torch.tanh(vu[..., : self.hidden]) * torch.sigmoid(vu[..., self.hidden :])
         if self.training and self.p > 0:
             g = g * dropout_mask(g, 1.0 - (1.0 - self.p) ** 2)
@@ -71,7 +72,7 @@ class _CLAM(MILModel):
         self.encoder = encoder
         self.n_classes = 2
         self.k_sample, self.bag_weight, self.subtyping = k_sample, bag_weight, subtyping
-        self.fc = nn.Sequential(nn.Linear(in_dim, embed_dim), nn.ReLU(), FastDropout(dropout))
+        self.fc = nn.Sequential(dnnl.Linear(in_dim, embed_dim), nn.ReLU(), FastDropout(dropout))
         branches = self.n_classes if self.multi_branch else 1
         self.attention = _GatedBranches(embed_dim, attention_hidden, branches, dropout)
         if self.multi_branch:

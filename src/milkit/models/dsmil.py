@@ -23,6 +23,7 @@ from torch import Tensor, nn
 from milkit.config import StrictModel
 from milkit.data.bag import BagBatch
 from milkit.models.base import MILModel, MILOutput, encode_instances, full_mask
+from milkit.nn import dnnl
 from milkit.nn.attention import FastDropout, masked_softmax, weighted_sum
 
 
@@ -39,7 +40,7 @@ class DSMIL(MILModel):
         super().__init__()
         self.encoder = encoder
         self.instance_classifier = nn.Linear(in_dim, 1)
-        self.q = nn.Sequential(nn.Linear(in_dim, query_dim), nn.ReLU(), nn.Linear(query_dim, query_dim), nn.Tanh())
+        self.q = nn.Sequential(dnnl.Linear(in_dim, query_dim), nn.ReLU(), dnnl.Linear(query_dim, query_dim), nn.Tanh())
         self.v = FastDropout(dropout_v)
         self.bag_classifier = nn.Linear(in_dim, 1)
         self.query_dim, self.combine_max = query_dim, combine_max

@@ -28,6 +28,7 @@ from torch import Tensor, nn
 from milkit.config import StrictModel
 from milkit.data.bag import BagBatch
 from milkit.models.base import MILModel, MILOutput, encode_instances, full_mask
+from milkit.nn import dnnl
 from milkit.nn.attention import GatedAttentionScorer
 
 
@@ -44,7 +45,7 @@ class DTFDMIL(MILModel):
                  n_pseudo_bags: int = 4, distill: str = "afs", dropout: float = 0.0):
         super().__init__()
         self.encoder = encoder
-        self.reduce = nn.Sequential(nn.Linear(in_dim, embed_dim), nn.ReLU(), nn.Dropout(dropout))
+        self.reduce = nn.Sequential(dnnl.Linear(in_dim, embed_dim), nn.ReLU(), nn.Dropout(dropout))
         self.att1 = GatedAttentionScorer(embed_dim, attention_hidden)
         self.cls1 = nn.Linear(embed_dim, 1)
         self.att2 = GatedAttentionScorer(embed_dim, attention_hidden)

@@ -37,6 +37,7 @@ from torch import Tensor, nn
 
 from milkit.config import StrictModel
 from milkit.models.base import MILModel, MILOutput, encode_instances, full_mask
+from milkit.nn import dnnl
 from milkit.nn.attention import FastDropout
 
 
@@ -110,10 +111,11 @@ class _MatMulNT(torch.autograd.Function):
 
 
 def _project_t(w: Tensor, x: Tensor) -> Tensor:
-    """(w xᵀ) for w (k, dim), x (b, n, dim): (b, k, n), row-major, without a transposing copy."""
+    """(w xᵀ) for w (k, dim), x (b, n, dim): (b, k, n), row-major, without a transposing copy
+    (``dnnl.dense(w, x_i)`` = w x_iᵀ: oneDNN GEMMs on CPU float32, issue 15)."""
     if x.shape[0] == 1:
-        return (w @ x[0].t()).unsqueeze(0)
-    return torch.stack([w @ xi.t() for xi in x])
+        return dnnl.dense(w, x[0]).unsqueeze(0)
+    return torch.stack([dnnl.dense(w, xi) for xi in x])
 
 
 class NystromAttention(nn.Module):
@@ -124,7 +126,7 @@ class NystromAttention(nn.Module):
         super().__init__()
         self.heads, self.dim_head, self.landmarks, self.pinv_iters = heads, dim_head, landmarks, pinv_iters
         self.to_qkv = nn.Linear(dim, 3 * heads * dim_head, bias=False)
-        self.to_out = nn.Sequential(nn.Linear(heads * dim_head, dim), FastDropout(dropout))
+        self.to_out = nn.Sequential(dnnl.Linear(heads * dim_head, dim), FastDropout(dropout))
         self.res_conv = nn.Conv2d(heads, heads, (residual_kernel, 1), padding=(residual_kernel // 2, 0),
                                   groups=heads, bias=False)
 
@@ -138,7 +140,7 @@ class NystromAttention(nn.Module):
         w = self.to_qkv.weight  # (3·h·d, dim): rows q, k, v
         m = min(self.landmarks, n)
         # landmarks: segment means of q = x Wqᵀ are the segment means of x, projected (no bias)
-        lm = segment_means(x, m) @ w[: 2 * hd].t()  # (b, m, 2·h·d)
+        lm = dnnl.dense(segment_means(x, m), w[: 2 * hd])  # (b, m, 2·h·d)
         ql, kl = lm.view(b, m, 2, h, d).permute(2, 0, 3, 1, 4)  # (b, h, m, d) each
         ql = ql * scale
         kv = _project_t(w[hd:], x).view(b, 2, h, d, n)  # kᵀ, vᵀ: (b, h, d, n) each
@@ -227,7 +229,7 @@ class TransMIL(MILModel):
         if embed_dim % heads:
             raise ValueError(f"embed_dim {embed_dim} is not divisible by {heads} heads")
         self.encoder = encoder
-        self.fc = nn.Sequential(nn.Linear(in_dim, embed_dim), nn.ReLU())
+        self.fc = nn.Sequential(dnnl.Linear(in_dim, embed_dim), nn.ReLU())
         self.cls_token = nn.Parameter(torch.randn(1, 1, embed_dim))
         self.layer1 = TransLayer(embed_dim, heads, landmarks, dropout)
         self.ppeg = PPEG(embed_dim)

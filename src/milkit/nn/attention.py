@@ -3,8 +3,9 @@
 from __future__ import annotations
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor, nn
+
+from milkit.nn import dnnl
 
 
 def masked_softmax(logits: Tensor, mask: Tensor, dim: int = -1) -> Tensor:
@@ -25,7 +26,7 @@ class AttentionScorer(nn.Module):
 
     def __init__(self, in_dim: int, hidden: int = 128):
         super().__init__()
-        self.V = nn.Linear(in_dim, hidden)
+        self.V = dnnl.Linear(in_dim, hidden)  # oneDNN GEMMs on CPU float32 (issue 15)
         self.w = nn.Linear(hidden, 1)
 
     def forward(self, h: Tensor) -> Tensor:
@@ -45,7 +46,7 @@ class GatedAttentionScorer(nn.Module):
         self.w = nn.Linear(hidden, 1)
 
     def forward(self, h: Tensor) -> Tensor:
-        vu = F.linear(h, torch.cat([self.V.weight, self.U.weight]), torch.cat([self.V.bias, self.U.bias]))
+        vu = dnnl.dense(h, torch.cat([self.V.weight, self.U.weight]), torch.cat([self.V.bias, self.U.bias]))
         v, u = vu.split(self.V.out_features, dim=-1)
         return self.w(torch.tanh(v) * torch.sigmoid(u)).squeeze(-1)
 

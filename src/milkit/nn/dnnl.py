@@ -131,3 +131,65 @@ class LinearGELU(nn.Sequential):
         if act.approximate != "none":
             return act(lin(x))
         return linear_gelu(x, lin.weight, lin.bias)
+
+
+def _onednn_ok(*ts: Tensor | None) -> bool:
+    return all(t is None or (t.device.type == "cpu" and t.dtype == torch.float32) for t in ts) and onednn_enabled()
+
+
+class _Dense(torch.autograd.Function):
+    """y = x Wᵀ (+ b) on 2-D x: forward and ∂L/∂x through oneDNN, ∂L/∂W = gᵀx through ``torch``
+    (MKL reads the transposed operands in place; oneDNN would first copy gᵀ, which made its
+    weight gradient 10–35 % slower at 1k–10k rows, docs/benchmarks.md issue-15 dnnl section)."""
+
+    @staticmethod
+    def forward(ctx, x: Tensor, w: Tensor, b: Tensor | None) -> Tensor:  # noqa: D102
+        ctx.save_for_backward(x, w)
+        ctx.has_bias = b is not None
+        return mm_nt(x, w, b)
+
+    @staticmethod
+    def backward(ctx, g: Tensor):  # noqa: D102
+        x, w = ctx.saved_tensors
+        g = g.contiguous()
+        gx = mm_nt(g, w.t()) if ctx.needs_input_grad[0] else None
+        gw = g.t() @ x if ctx.needs_input_grad[1] else None
+        gb = g.sum(0) if ctx.has_bias and ctx.needs_input_grad[2] else None
+        return gx, gw, gb
+
+
+#: :func:`dense` takes oneDNN only from this many rows (of x, or of w) on: at ≤ 2,000 rows its GEMMs were
+#: as fast as MKL's or slower (it reorders W on every call), from 3,000 on faster (1 thread, K = 128–512,
+#: N = 128–1536; ABMIL, gated ABMIL, DSMIL, DTFD at 1k instances 0–10 % slower; docs/benchmarks.md issue-15 dnnl).
+#: ``MILKIT_ONEDNN_MIN_ROWS`` overrides it (0: every float32 CPU call).
+def _min_rows() -> int:
+    raw = os.environ.get("MILKIT_ONEDNN_MIN_ROWS", "4096")
+    try:
+        v = int(raw)
+    except ValueError:
+        v = -1
+    if v < 0:
+        raise ValueError(f"MILKIT_ONEDNN_MIN_ROWS must be a non-negative integer, got {raw!r}")
+    return v
+
+
+MIN_ROWS = _min_rows()
+
+
+def dense(x: Tensor, w: Tensor, b: Tensor | None = None) -> Tensor:
+    """``F.linear(x, w, b)`` = x Wᵀ (+ b): :class:`_Dense` (oneDNN forward and input gradient) for float32
+    CPU tensors while oneDNN is on and x or W has at least :data:`MIN_ROWS` rows; else ``F.linear`` itself
+    (small bags, CUDA, float64, bf16, ``MILKIT_ONEDNN_MATMUL=0``: exactly the plain path)."""
+    rows = x.numel() // max(1, x.shape[-1])
+    if max(rows, w.shape[0]) >= MIN_ROWS and _onednn_ok(x, w, b):
+        return _flat(_Dense, x, w, b)
+    return F.linear(x, w, b)
+
+
+class Linear(nn.Linear):
+    """``nn.Linear`` (same parameters, state dict and init) whose forward is :func:`dense`: every
+    GEMM through oneDNN for float32 CPU tensors (issue 15: MKL's SGEMM skips AVX-512 on this AMD
+    EPYC), ``F.linear`` otherwise."""
+
+    def forward(self, x: Tensor) -> Tensor:  # noqa: D102
+        return dense(x, self.weight, self.bias)

@@ -15,6 +15,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from milkit.nn import dnnl
+
 
 class MultiheadSelfAttention(nn.Module):
     """Standard multi-head self-attention; ``dim`` split over ``heads``."""
@@ -24,8 +26,8 @@ class MultiheadSelfAttention(nn.Module):
         if dim % heads:
             raise ValueError(f"attention dim {dim} is not divisible by {heads} heads")
         self.heads, self.dropout = heads, dropout
-        self.qkv = nn.Linear(dim, 3 * dim)
-        self.out = nn.Linear(dim, dim)
+        self.qkv = dnnl.Linear(dim, 3 * dim)  # oneDNN GEMMs on CPU float32 (issue 15)
+        self.out = dnnl.Linear(dim, dim)
 
     def forward(self, x: Tensor, mask: Tensor, full: bool | None = None) -> Tensor:
         """``full``: the mask has no padding (computed from ``mask`` when None)."""
