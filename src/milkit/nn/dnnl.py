@@ -137,16 +137,10 @@ def _onednn_ok(*ts: Tensor | None) -> bool:
     return all(t is None or (t.device.type == "cpu" and t.dtype == torch.float32) for t in ts) and onednn_enabled()
 
 
-class _Dense(torch.autograd.Function):
-    """y = x Wᵀ (+ b) on 2-D x: forward and ∂L/∂x through oneDNN, ∂L/∂W = gᵀx through ``torch``
-    (MKL reads the transposed operands in place; oneDNN would first copy gᵀ, which made its
-    weight gradient 10–35 % slower at 1k–10k rows, docs/benchmarks.md issue-15 dnnl section)."""
-
-    @staticmethod
-    def forward(ctx, x: Tensor, w: Tensor, b: Tensor | None) -> Tensor:  # noqa: D102
-        ctx.save_for_backward(x, w)
-        ctx.has_bias = b is not None
-        return mm_nt(x, w, b)
+class _Dense(_Linear):
+    """y = x Wᵀ (+ b) on 2-D x: :class:`_Linear`'s forward (oneDNN), ∂L/∂x through oneDNN, ∂L/∂W = gᵀx
+    through ``torch`` (MKL reads the transposed operands in place; oneDNN would first copy gᵀ, which made
+    its weight gradient 10–35 % slower at 1k–10k rows, docs/benchmarks.md issue-15 dnnl section)."""
 
     @staticmethod
     def backward(ctx, g: Tensor):  # noqa: D102
