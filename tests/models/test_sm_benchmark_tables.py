@@ -5,7 +5,7 @@ import math
 import pytest
 
 from milkit.benchmarks.sm_spatial import SPATIAL_MODELS, experiment_dict, spatial_table, summarise
-from milkit.benchmarks.speed import MILKIT_MODELS, run_speed, speed_table
+from milkit.benchmarks.speed import MILKIT_MODELS, check_goals, run_speed, speed_table
 from milkit.config import build_experiment
 
 
@@ -38,7 +38,20 @@ def test_speed_child_times_a_small_bag_until_its_time_budget():
     assert n_fb >= 2 and n_inf >= 2
     steps = m["fwd_bwd_all_s"]
     assert len(steps) == n_fb and m["fwd_bwd_s"] == sorted(steps)[n_fb // 2]  # the median of the timed steps
+    assert res["gemm_gflops_before"] > 0 and res["gemm_gflops_after"] > 0  # the absolute goals' context
     assert sum(steps) >= 0.05  # the loop ran until the min_time budget was spent (not just `repeats` = 2 steps)
+
+
+def test_absolute_goal_miss_names_the_machine_gemm_rate_and_is_not_scaled():
+    slow = {"fwd_bwd_s": 0.2, "infer_s": 0.1, "peak_rss_mb": 1.0, "graph_s": 0.01}
+    rows = [{"model": "smap_early", "n": 10_000, "milkit": slow}]
+    miss, no_torchmil = check_goals(rows, gemm_gflops=121.0)
+    assert "0.200 s > 0.15 s" in miss and "GEMM 121 GFLOP/s" in miss and "~250" in miss
+    assert "no torchmil measurement" in no_torchmil
+    assert check_goals(rows)[0] == "smap_early N=10000: fwd+bwd 0.200 s > 0.15 s"
+    fast = {**slow, "fwd_bwd_s": 0.1}
+    assert [m for m in check_goals([{"model": "smap_early", "n": 10_000, "milkit": fast}], gemm_gflops=50.0)
+            if "s >" in m] == []
 
 
 def test_spatial_summary_and_experiments_validate():

@@ -68,7 +68,7 @@ ROWS = (
 )
 #: pseudo_label variants: row → method.slide_norm (a stain / batch remedy, issue 11 hard-confounded)
 SLIDE_NORM_ROWS = {"pseudo_label + slide centring": "centre", "pseudo_label + slide standardisation": "standardise"}
-LEVELS = ("easy", "medium", "hard", "hard-confounded", "hard-mimic", "hard-heterogeneous")  # milkit.data.hard_bags.LEVELS
+LEVELS = ("easy", "medium", "hard", "hard-confounded", "hard-mimic", "hard-heterogeneous", "hard-combined")  # milkit.data.hard_bags.LEVELS
 
 
 def method_section(row: str, s: dict) -> tuple[dict, str]:
@@ -530,7 +530,8 @@ def register(app: typer.Typer) -> None:
         levels: str = typer.Option("hard,medium,easy", "--levels", help="comma-separated, run in this order; "
                                    "also hard-confounded (the hard level + a label-correlated slide stain shift in "
                                    "train/validation only), hard-mimic (+ benign look-alike foci), "
-                                   "hard-heterogeneous (every lesion its own texture)"),
+                                   "hard-heterogeneous (every lesion its own texture), "
+                                   "hard-combined (all three at once)"),
         rows: Optional[str] = typer.Option(None, "--rows", help="comma-separated row labels (default: all); see --list"),
         seeds: str = typer.Option("0,1,2,3,4", "--seeds", help="comma-separated training seeds"),
         epochs: int = typer.Option(10, "--epochs"),
