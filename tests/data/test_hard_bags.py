@@ -276,19 +276,6 @@ def test_bad_mimic_settings_name_the_key():
             build_experiment({"data": {**base, key: bad}, "method": {"name": "pseudo_label"}})
 
 
-def test_mimic_level_on_the_cli(monkeypatch, tmp_path):
-    import milkit.benchmarks.hard_bags as hb
-    from milkit.cli import main
-
-    seen = {}
-
-    def fake_run(out, levels, rows, seeds, s, resume=True, progress=print):
-        seen.update(levels=levels)
-        return {"settings": s, "levels": [], "cells": {}, "probe": {}, "wall_s": 0.0}
-
-    monkeypatch.setattr(hb, "run", fake_run)
-    assert main(["benchmark", "hard-bags", "--out", str(tmp_path), "--levels", "hard-mimic", "--rows", "SmAP"]) == 0
-    assert seen["levels"] == ["hard-mimic"]
-    raw, _ = hb.experiment("SmAP", "hard-mimic", 0, {"generator_seed": 0, "feature_dim": 512, "embed_dim": 8,
-                                                      "lr": 1e-3, "epochs": 1})
-    assert build_experiment(raw).data.focal_mimics == (0.9, 0.4)
+def test_mimic_level_on_the_cli(level_on_the_cli):
+    levels, data = level_on_the_cli("hard-mimic")
+    assert levels == ["hard-mimic"] and data.focal_mimics == (0.9, 0.4)

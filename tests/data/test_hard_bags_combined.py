@@ -86,22 +86,10 @@ def test_probe_calibration_of_the_level():
     assert linear_probe_auroc(HardBagsConfig(level="hard-combined").build(0)) == pytest.approx(0.9010, abs=0.003)
 
 
-def test_combined_level_on_the_cli(monkeypatch, tmp_path):
+def test_combined_level_on_the_cli(level_on_the_cli):
     import milkit.benchmarks.hard_bags as hb
-    from milkit.cli import main
-    from milkit.config import build_experiment
 
-    seen = {}
-
-    def fake_run(out, levels, rows, seeds, s, resume=True, progress=print):
-        seen.update(levels=levels)
-        return {"settings": s, "levels": [], "cells": {}, "probe": {}, "wall_s": 0.0}
-
-    monkeypatch.setattr(hb, "run", fake_run)
-    args = ["benchmark", "hard-bags", "--out", str(tmp_path), "--levels", "hard-combined", "--rows", "SmAP"]
-    assert main(args) == 0 and seen["levels"] == ["hard-combined"]
-    raw, _ = hb.experiment("SmAP", "hard-combined", 0, {"generator_seed": 0, "feature_dim": 512, "embed_dim": 8,
-                                                        "lr": 1e-3, "epochs": 1})
-    data = build_experiment(raw).data
+    levels, data = level_on_the_cli("hard-combined")
+    assert levels == ["hard-combined"]
     assert data.strength == 7.0 and data.confounding == 0.8 and data.focal_mimics == (0.9, 0.4)
     assert all("hard-combined" not in levels for _, levels, _ in hb.CONFOUNDER_RULE)

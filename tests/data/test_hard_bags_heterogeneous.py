@@ -133,21 +133,10 @@ def test_probe_calibration_of_the_level():
     assert linear_probe_auroc(HardBagsConfig(level="hard-heterogeneous").build(0)) == pytest.approx(0.9226, abs=0.003)
 
 
-def test_heterogeneous_level_on_the_cli(monkeypatch, tmp_path):
+def test_heterogeneous_level_on_the_cli(level_on_the_cli):
     import milkit.benchmarks.hard_bags as hb
-    from milkit.cli import main
 
-    seen = {}
-
-    def fake_run(out, levels, rows, seeds, s, resume=True, progress=print):
-        seen.update(levels=levels)
-        return {"settings": s, "levels": [], "cells": {}, "probe": {}, "wall_s": 0.0}
-
-    monkeypatch.setattr(hb, "run", fake_run)
-    args = ["benchmark", "hard-bags", "--out", str(tmp_path), "--levels", "hard-heterogeneous", "--rows", "SmAP"]
-    assert main(args) == 0 and seen["levels"] == ["hard-heterogeneous"]
-    raw, _ = hb.experiment("SmAP", "hard-heterogeneous", 0, {"generator_seed": 0, "feature_dim": 512, "embed_dim": 8,
-                                                             "lr": 1e-3, "epochs": 1})
-    assert build_experiment(raw).data.similarity == 0.5
+    levels, data = level_on_the_cli("hard-heterogeneous")
+    assert levels == ["hard-heterogeneous"] and data.similarity == 0.5
     # the registered hard-confounded rule keeps the five levels it was registered with
     assert all("hard-heterogeneous" not in levels for _, levels, _ in hb.CONFOUNDER_RULE)
