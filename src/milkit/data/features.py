@@ -53,6 +53,8 @@ class LabelRow:
     label: int
     case_id: str
     split: str | None
+    #: the value of ``data.group_column`` (site, scanner, centre…); None without one
+    group: str | None = None
 
 
 def _strip_ext(name: str) -> str:
@@ -70,7 +72,7 @@ def _parse_label(v: str, path: Path, line: int) -> int:
     raise ValueError(f"{path}: line {line}: label {v!r} is not binary (0/1)")
 
 
-def read_labels_csv(path: str | Path, label_column: str = "label") -> list[LabelRow]:
+def read_labels_csv(path: str | Path, label_column: str = "label", group_column: str | None = None) -> list[LabelRow]:
     """Rows of a slide labels CSV (or TSV), with FORMATS.md's column aliases."""
     path = Path(path)
     if not path.is_file():
@@ -91,6 +93,8 @@ def read_labels_csv(path: str | Path, label_column: str = "label") -> list[Label
         raise ValueError(f"{path}: no label column {label_column!r}; columns: {sorted(cols)}")
     case_col = next((cols[c] for c in CASE_ALIASES if c in cols), None)
     split_col = cols.get("split")
+    if group_column is not None and group_column not in cols:
+        raise ValueError(f"{path}: no group column {group_column!r} (data.group_column); columns: {sorted(cols)}")
     out, seen = [], set()
     for i, r in enumerate(rows, start=2):
         sid = _strip_ext((r.get(sid_col) or "").strip())
@@ -106,7 +110,12 @@ def read_labels_csv(path: str | Path, label_column: str = "label") -> list[Label
                 raise ValueError(f"{path}: line {i}: split {r[split_col]!r} is not train, val or test")
             split = SPLIT_NAMES[s]
         case = (r.get(case_col) or "").strip() if case_col else ""
-        out.append(LabelRow(sid, _parse_label(r.get(cols[label_column]), path, i), case or sid, split))
+        group = None
+        if group_column is not None:
+            group = (r.get(cols[group_column]) or "").strip()
+            if not group:
+                raise ValueError(f"{path}: line {i}: empty {group_column!r} (data.group_column) for slide {sid!r}")
+        out.append(LabelRow(sid, _parse_label(r.get(cols[label_column]), path, i), case or sid, split, group))
     return out
 
 
@@ -283,6 +292,11 @@ class FeatureBagsConfig(DataConfig):
     fold: int = Field(0, ge=0)
     #: share of the training cases moved to validation when the CSV (or k-fold) has no val part
     val_fraction: float = Field(0.1, ge=0, lt=1)
+    #: labels CSV column whose values stay together in one split, on top of the case grouping: with
+    #: ``site`` (or scanner, centre…) validation and test hold sites the model did not train on, the one way a
+    #: validation split can show a site shortcut (docs/benchmarks.md, hard-combined). Not from a paper;
+    #: None = group by case only
+    group_column: str | None = None
     #: carve validation out of train (stratified, grouped by case, ``val_fraction``); None = only when
     #: the CSV's split column has train and test but no val (Camelyon16's official split);
     #: the resolved config records ``true`` when it happened
@@ -354,9 +368,14 @@ class FeatureTable:
         layout = detect_layout(fdir) if cfg.layout == "auto" else cfg.layout
         index = index_feature_files(fdir, layout)
         if cfg.labels_csv is not None:
-            rows = read_labels_csv(cfg.labels_csv, cfg.label_column)
+            rows = read_labels_csv(cfg.labels_csv, cfg.label_column, cfg.group_column)
             source = Path(cfg.labels_csv)
+            if cfg.group_column is not None:
+                _check_case_groups(rows, source, cfg.group_column)
         elif layout == "torchmil":
+            if cfg.group_column is not None:
+                raise ValueError(f"{fdir}: data.group_column {cfg.group_column!r} needs data.labels_csv (the "
+                                 "column is read from it)")
             rows, source = _torchmil_labels(fdir), fdir
         else:
             raise ValueError(f"{fdir}: data.labels_csv is required for the {layout!r} layout")
@@ -372,7 +391,8 @@ class FeatureTable:
 
     def split_indices(self, cfg: FeatureBagsConfig, seed: int) -> list[np.ndarray]:
         labels = np.array([r.label for r in self.rows])
-        groups = np.array([r.case_id for r in self.rows])
+        by_group = cfg.group_column is not None
+        groups = np.array([r.group if by_group else r.case_id for r in self.rows])
         has_csv = all(r.split is not None for r in self.rows)
         mode = cfg.split_mode if cfg.split_mode != "auto" else ("csv" if has_csv else "fractions")
         if mode == "csv":
@@ -382,6 +402,8 @@ class FeatureTable:
                                  f"(slide {self.rows[missing].slide_id!r} has none)")
             tr, va, te = (np.flatnonzero([r.split == s for r in self.rows]) for s in ("train", "val", "test"))
             _check_cases(self.rows, [tr, va, te], self.source)
+            if by_group:
+                _check_cases(self.rows, [tr, va, te], self.source, cfg.group_column)
             carve = cfg.val_from_train if cfg.val_from_train is not None else (len(va) == 0 and len(tr) > 0)
             if carve:
                 tr, va = self._carve_val(tr, va, labels, groups, cfg, seed)
@@ -391,10 +413,18 @@ class FeatureTable:
             return [tr, va, te]
         if mode == "kfold":
             try:
-                return list(kfold_splits(labels, groups, cfg.folds, seed, cfg.val_fraction)[cfg.fold])
+                parts = list(kfold_splits(labels, groups, cfg.folds, seed, cfg.val_fraction)[cfg.fold])
             except ValueError as err:
                 raise ValueError(f"{self.source}: data.folds: {err}") from None
-        return stratified_group_split(labels, groups, cfg.fractions, seed)
+        else:
+            parts = stratified_group_split(labels, groups, cfg.fractions, seed)
+        if by_group:
+            for name, part in zip(("train", "val", "test"), parts):
+                if len(part) == 0:
+                    raise ValueError(f"{self.source}: data.group_column {cfg.group_column!r}: its "
+                                     f"{len(np.unique(groups))} groups are too few for a {name} split; give "
+                                     "more groups or a split column")
+        return parts
 
     def _carve_val(self, tr: np.ndarray, va: np.ndarray, labels: np.ndarray, groups: np.ndarray,
                    cfg: FeatureBagsConfig, seed: int) -> tuple[np.ndarray, np.ndarray]:
@@ -408,9 +438,9 @@ class FeatureTable:
         if len(move) == 0 or len(keep) == 0:
             raise ValueError(f"{self.source}: the val split is empty and the {len(tr)} training slides are too few "
                              f"to carve {cfg.val_fraction:g} of them out as validation")
-        log.warning("%s: no val split; %d of %d training slides (val_fraction %g, stratified, by case) are "
+        log.warning("%s: no val split; %d of %d training slides (val_fraction %g, stratified, by %s) are "
                     "used for validation (data.val_from_train: true)", self.source, len(move), len(tr),
-                    cfg.val_fraction)
+                    cfg.val_fraction, cfg.group_column or "case")
         cfg.val_from_train = True
         return np.sort(tr[keep]), np.sort(tr[move])
 
@@ -502,13 +532,25 @@ def _torchmil_labels(root: Path) -> list[LabelRow]:
     return rows
 
 
-def _check_cases(rows: list[LabelRow], parts: list[np.ndarray], source: Path) -> None:
+def _check_cases(rows: list[LabelRow], parts: list[np.ndarray], source: Path, group_column: str | None = None) -> None:
+    """No case (or, with ``group_column``, no group) has slides in two splits."""
     seen: dict[str, str] = {}
+    what = "case" if group_column is None else f"{group_column} (data.group_column)"
     for name, idx in zip(("train", "val", "test"), parts):
         for i in idx:
-            c = rows[i].case_id
+            c = rows[i].case_id if group_column is None else rows[i].group
             if seen.setdefault(c, name) != name:
-                raise ValueError(f"{source}: case {c!r} has slides in both {seen[c]} and {name}")
+                raise ValueError(f"{source}: {what} {c!r} has slides in both {seen[c]} and {name}")
+
+
+def _check_case_groups(rows: list[LabelRow], source: Path, group_column: str) -> None:
+    """Every case lies in one group (a patient's slides from two sites would straddle two splits)."""
+    group_of: dict[str, str] = {}
+    for r in rows:
+        g = group_of.setdefault(r.case_id, r.group)
+        if g != r.group:
+            raise ValueError(f"{source}: case {r.case_id!r} has slides in {group_column} {g!r} and {r.group!r} "
+                             "(data.group_column keeps a group in one split)")
 
 
 def _annotation_labels(cfg: FeatureBagsConfig, sid: str, ff: FeatureFile) -> np.ndarray:
