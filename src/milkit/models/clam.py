@@ -25,7 +25,7 @@ from torch import Tensor, nn
 from milkit.config import StrictModel
 from milkit.data.bag import BagBatch
 from milkit.models.base import MILModel, MILOutput, encode_instances, full_mask
-from milkit.nn import dnnl
+from milkit.nn import dnnl, fused
 from milkit.nn.attention import FastDropout, dropout_mask, masked_softmax
 
 
@@ -48,7 +48,7 @@ class _GatedBranches(nn.Module):
     def forward(self, h: Tensor) -> Tensor:
         v, u = self.V[0], self.U[0]
         vu = dnnl.dense(h, torch.cat([v.weight, u.weight]), torch.cat([v.bias, u.bias]))
-        g = torch.tanh(vu[..., : self.hidden]) * torch.sigmoid(vu[..., self.hidden :])
+        g = fused.tanh(vu[..., : self.hidden]) * torch.sigmoid(vu[..., self.hidden :])
         if self.training and self.p > 0:
             g = g * dropout_mask(g, 1.0 - (1.0 - self.p) ** 2)
         return self.W(g)  # (B, N, branches)

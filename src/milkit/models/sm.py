@@ -30,7 +30,7 @@ from milkit.config import StrictModel
 from milkit.models.base import MILModel, MILOutput, encode_instances, full_mask
 from milkit.nn.attention import masked_softmax, weighted_sum
 from milkit.nn.dnnl import LinearGELU, linear
-from milkit.nn.fused import bias_tanh
+from milkit.nn.fused import bias_tanh, tanh
 from milkit.nn.smooth import BatchGraphs, SmoothOperator
 from milkit.nn.transformer import TransformerEncoder
 
@@ -94,9 +94,9 @@ class SmAttentionPool(nn.Module):
             h = self.sm(h, graphs, mask)
         vh = linear(h, self.V.weight, self.V.bias)  # V h (+ b), GEMMs through oneDNN on CPU
         if self.where == "mid" and self.mid_tanh == "before":
-            t = torch.tanh(self.sm(vh, graphs, mask))  # torchmil: Sm on V h, then tanh
+            t = tanh(self.sm(vh, graphs, mask))  # torchmil: Sm on V h, then tanh
         else:
-            t = torch.tanh(vh)
+            t = tanh(vh)
             if self.where == "mid":
                 t = self.sm(t, graphs, mask)  # §4.3: Sm on the input of the last layer w
         s = self.w(t).squeeze(-1)
