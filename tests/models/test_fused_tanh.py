@@ -8,8 +8,13 @@ from milkit.nn.attention import AttentionScorer, GatedAttentionScorer
 
 
 def test_tanh_equals_torch_tanh_in_value_and_gradient():
-    z = torch.linspace(-12, 12, 4001)
+    z = torch.linspace(-12, 12, fused.TANH_MIN_ELEMENTS)  # large: the 2σ(2z) − 1 node
     assert torch.allclose(fused.tanh(z), torch.tanh(z), atol=3e-7, rtol=0)
+    assert fused.tanh(z.requires_grad_()).grad_fn.name().endswith("_TanhBackward")
+    small = torch.randn(10, 8, requires_grad=True)  # small and contiguous: torch.tanh itself
+    assert fused.tanh(small).grad_fn.name() == "TanhBackward0"
+    strided = torch.randn(10, 16, requires_grad=True)[:, :8]  # small but strided: the node
+    assert fused.tanh(strided).grad_fn.name().endswith("_TanhBackward")
     assert fused.tanh(torch.tensor([0.0])).item() == 0.0
     zz = torch.randn(7, 5, dtype=torch.float64, requires_grad=True)
     assert torch.autograd.gradcheck(fused.tanh, (zz,))
