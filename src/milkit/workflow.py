@@ -53,6 +53,9 @@ def train_run(exp: Experiment, out_dir: str | Path, overwrite: bool = False, res
         raise FileExistsError(f"{run.path}: already holds {'a finished' if state == 'finished' else 'an unfinished'} "
                               f"run (config.yaml); pass {hint}, or choose another --out")
     t0 = time.perf_counter()
+    from milkit.nn.pretrained import check_pretrained_spec
+
+    check_pretrained_spec(getattr(exp.method, "pretrained_path", None))  # a missing weights file, before any write
     splits = prepare(exp, source)  # bad data fails here, before anything is written
     from milkit.trust import ensemble  # K seed replicas, calibration, thresholds, verdict
 

@@ -60,15 +60,23 @@ def _load_into(net: nn.Module, state: object, source: str) -> None:
         )
 
 
-def load_torchvision_weights(net: nn.Module, path: str | Path) -> None:
-    """Load a torchvision state dict from a local file (``weights_only``). Errors name the file."""
-    p = Path(path)
+def check_pretrained_spec(spec: str | Path | None) -> None:
+    """Refuse a ``pretrained_path`` naming a file that does not exist (``workflow.train_run`` calls
+    this before it writes the run directory; the model build would fail the same way later)."""
+    if spec is None or spec == "" or str(spec) == IMAGENET:
+        return
+    p = Path(spec)
     if not p.is_file():
         raise FileNotFoundError(
             f"method.pretrained_path: {p} does not exist; the paper starts from ImageNet weights: save torchvision's "
             f"state dict there, or set pretrained_path: {IMAGENET} to download it, or null for random weights"
         )
-    _load_into(net, load_state_dict(p), str(p))
+
+
+def load_torchvision_weights(net: nn.Module, path: str | Path) -> None:
+    """Load a torchvision state dict from a local file (``weights_only``). Errors name the file."""
+    check_pretrained_spec(path)
+    _load_into(net, load_state_dict(Path(path)), str(path))
 
 
 def load_pretrained(net: nn.Module, arch: str, spec: str | Path | None) -> None:
