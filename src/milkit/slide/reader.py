@@ -19,9 +19,9 @@ import numpy as np
 import openslide
 from PIL import Image
 
-#: extensions OpenSlide reads (vendor formats and generic tiled TIFF)
 #: a level is read in bands only when each band has at least this many rows
 BAND_MIN_ROWS = 256
+#: extensions OpenSlide reads (vendor formats and generic tiled TIFF)
 SLIDE_EXTENSIONS = (".svs", ".tif", ".tiff", ".ndpi", ".vms", ".vmu", ".scn", ".mrxs", ".svslide", ".bif", ".dcm")
 
 
