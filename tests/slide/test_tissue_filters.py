@@ -45,7 +45,7 @@ def test_fill_holes_equals_scipy(shape, level):
     assert np.array_equal(fill_holes(m), ndimage.binary_fill_holes(m))
 
 
-def test_fill_holes_fills_a_ring_and_not_an_open_bay():
+def test_fill_holes_fills_an_enclosed_hole_and_not_the_open_background():
     m = np.zeros((9, 9), bool)
     m[2:7, 2:7] = True
     m[4, 4] = False  # a hole
