@@ -75,6 +75,32 @@ def test_labels_csv_aliases_and_errors(tmp_path):
         read_labels_csv(tmp_path / "nofile.csv")
 
 
+def test_label_map_reads_clam_label_names_and_drops_null(tmp_path):
+    """CLAM's dataset CSVs (case_id,slide_id,label with label_dict names, ignore list) through data.label_map."""
+    csv = _labels(tmp_path / "clam.csv", ["p1,a,tumor_tissue", "p1,b,normal_tissue", "p2,c,itc"],
+                  "case_id,slide_id,label")
+    with pytest.raises(ValueError, match=r"clam\.csv: line 2: label 'tumor_tissue' is not binary.*data\.label_map"):
+        read_labels_csv(csv)
+    rows = read_labels_csv(csv, label_map={"normal_tissue": 0, "tumor_tissue": 1, "itc": None})
+    assert [(r.slide_id, r.label, r.case_id) for r in rows] == [("a", 1, "p1"), ("b", 0, "p1")]
+    with pytest.raises(ValueError, match=r"clam\.csv: line 4: label 'itc' is not in data\.label_map"):
+        read_labels_csv(csv, label_map={"normal_tissue": 0, "tumor_tissue": 1})
+    with pytest.raises(ValueError, match="every slide's label is mapped to null"):
+        read_labels_csv(csv, label_map={"normal_tissue": None, "tumor_tissue": None, "itc": None})
+    feats = tmp_path / "feats"
+    feats.mkdir()
+    for sid in "ab":  # no feature file for the dropped slide c: it is not asked for
+        _write_h5(feats / f"{sid}.h5")
+    table_cfg = FeatureBagsConfig(features_dir=feats, labels_csv=csv, split_mode="fractions",
+                                  label_map={"normal_tissue": 0, "tumor_tissue": 1, "itc": None})
+    from milkit.data.features import FeatureTable
+    assert [r.label for r in FeatureTable.from_config(table_cfg).rows] == [1, 0]
+    for bad, msg in (({"x": 2}, "label_map values must be 0, 1 or null"), ({}, "label_map is empty")):
+        with pytest.raises(ConfigError, match=rf"data\.label_map.*{msg}|{msg}"):
+            build_experiment({"data": {"kind": "feature_bags", "features_dir": str(feats), "labels_csv": str(csv),
+                                       "label_map": bad}, "method": {"name": "mil", "model": {"name": "abmil"}}})
+
+
 def test_config_errors_through_experiment(tmp_path):
     with pytest.raises(ConfigError, match="data.bogus"):
         build_experiment({"data": {"kind": "feature_bags", "features_dir": str(tmp_path), "bogus": 1},

@@ -63,17 +63,27 @@ def _strip_ext(name: str) -> str:
     return slide_id(name) if "." in name else name
 
 
-def _parse_label(v: str, path: Path, line: int) -> int:
-    s = (v or "").strip().lower()
+def _parse_label(v: str, path: Path, line: int, label_map: dict[str, int | None] | None = None) -> int | None:
+    """0 / 1 from a label cell; with ``label_map`` (CLAM's ``label_dict``) its values instead, None = skip the slide."""
+    raw = (v or "").strip()
+    if label_map is not None:
+        if raw not in label_map:
+            raise ValueError(f"{path}: line {line}: label {raw!r} is not in data.label_map "
+                             f"({', '.join(map(repr, label_map))})")
+        return label_map[raw]
+    s = raw.lower()
     if s in ("1", "1.0", "true", "yes", "positive", "tumor", "tumour"):
         return 1
     if s in ("0", "0.0", "false", "no", "negative", "normal"):
         return 0
-    raise ValueError(f"{path}: line {line}: label {v!r} is not binary (0/1)")
+    raise ValueError(f"{path}: line {line}: label {v!r} is not binary (0/1); map the CSV's labels with "
+                     "data.label_map, e.g. {normal_tissue: 0, tumor_tissue: 1}")
 
 
-def read_labels_csv(path: str | Path, label_column: str = "label", group_column: str | None = None) -> list[LabelRow]:
-    """Rows of a slide labels CSV (or TSV), with FORMATS.md's column aliases."""
+def read_labels_csv(path: str | Path, label_column: str = "label", group_column: str | None = None,
+                    label_map: dict[str, int | None] | None = None) -> list[LabelRow]:
+    """Rows of a slide labels CSV (or TSV), with FORMATS.md's column aliases; ``label_map`` maps the label
+    column's values to 0 / 1 (None drops the slide, as CLAM's ``ignore``)."""
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"{path}: labels CSV does not exist")
@@ -115,7 +125,12 @@ def read_labels_csv(path: str | Path, label_column: str = "label", group_column:
             group = (r.get(cols[group_column]) or "").strip()
             if not group:
                 raise ValueError(f"{path}: line {i}: empty {group_column!r} (data.group_column) for slide {sid!r}")
-        out.append(LabelRow(sid, _parse_label(r.get(cols[label_column]), path, i), case or sid, split, group))
+        label = _parse_label(r.get(cols[label_column]), path, i, label_map)
+        if label is None:
+            continue
+        out.append(LabelRow(sid, label, case or sid, split, group))
+    if not out:
+        raise ValueError(f"{path}: every slide's label is mapped to null by data.label_map")
     return out
 
 
@@ -283,6 +298,10 @@ class FeatureBagsConfig(DataConfig):
     labels_csv: Path | None = Field(None, description="slide_id,label[,case_id,split]; optional for torchmil")
     layout: Layout = "auto"
     label_column: str = "label"
+    #: the label column's values → 0 / 1, e.g. ``{normal_tissue: 0, tumor_tissue: 1}`` (CLAM's ``label_dict``);
+    #: a value mapped to null drops those slides (CLAM's ``ignore``). None = 0/1, true/false, tumor/normal,
+    #: positive/negative. Not from a paper
+    label_map: dict[str, int | None] | None = None
     #: auto: the CSV's split column when it has one, else fractions
     split_mode: Literal["auto", "csv", "fractions", "kfold"] = "auto"
     #: train/val/test; 70/10/20 as in Distill-to-Label §IV (NOTES.md)
@@ -325,6 +344,12 @@ class FeatureBagsConfig(DataConfig):
             raise ValueError(f"fold {self.fold} must be < folds {self.folds}")
         if abs(sum(self.fractions) - 1) > 1e-6:
             raise ValueError(f"fractions must sum to 1, got {list(self.fractions)}")
+        if self.label_map is not None:
+            if not self.label_map:
+                raise ValueError("label_map is empty; leave it out for 0/1 labels")
+            bad = {k: v for k, v in self.label_map.items() if v not in (0, 1, None)}
+            if bad:
+                raise ValueError(f"label_map values must be 0, 1 or null, got {bad}")
         if self.preload and self.cache_gb == 0:
             raise ValueError("data.preload: true keeps the bags in the bag cache, which data.cache_gb: 0 turns off; "
                              "leave data.cache_gb out (no limit with preload) or set data.preload: false")
@@ -368,7 +393,7 @@ class FeatureTable:
         layout = detect_layout(fdir) if cfg.layout == "auto" else cfg.layout
         index = index_feature_files(fdir, layout)
         if cfg.labels_csv is not None:
-            rows = read_labels_csv(cfg.labels_csv, cfg.label_column, cfg.group_column)
+            rows = read_labels_csv(cfg.labels_csv, cfg.label_column, cfg.group_column, cfg.label_map)
             source = Path(cfg.labels_csv)
             if cfg.group_column is not None:
                 _check_case_groups(rows, source, cfg.group_column)
