@@ -75,12 +75,18 @@ def label(
     split: str = typer.Option("test", "--split", help="train, val or test"),
     stage: Optional[str] = typer.Option(None, "--stage", help="stage to use (default: the method's final stage)"),
     slides: Optional[List[Path]] = typer.Option(
-        None, "--slides", help="slide files (or folders) to label; needs --features (whole-slide outputs)"
+        None, "--slides", help="slide files (or folders) to label (whole-slide outputs; features from --features, "
+        "else the run's features folder)"
     ),
-    features: Optional[Path] = typer.Option(None, "--features", help="folder of <slide>.h5 feature files"),
+    features: Optional[Path] = typer.Option(
+        None, "--features", help="folder of <slide>.h5 feature files; alone, every h5 in it is labelled without "
+        "its slide (size from the h5, heatmap on a white canvas)"
+    ),
 ) -> None:
-    """Write instance labels (CSV) for a split, or whole-slide outputs with --slides."""
-    if slides:
+    """Write instance labels (CSV) for a split, or whole-slide outputs with --slides / --features."""
+    if (slides or features is not None) and data is not None:
+        fail(f"--data {data}: labels a split of a dataset; it cannot be combined with --slides / --features")
+    if slides or features is not None:
         from milkit.slide.labeling import label_slides
 
         paths = label_slides(run_dir, slides, features, out, stage)

@@ -125,3 +125,33 @@ def test_cli_label_and_evaluate_slides(run, cohort, tmp_path):
     rc = main(["label", str(out), "--slides", str(cohort.slides_dir / "s09.tif"), "--features", str(wrong),
                "--out", str(tmp_path / "l2")])
     assert rc == 2 and not (tmp_path / "l2").exists()
+
+
+def test_label_features_without_slides_gives_the_slides_labels(run, cohort, tmp_path):
+    """`milkit label RUN --features DIR` alone (features made elsewhere, slides not here): every h5 is
+    labelled with the same scores, labels and level-0 geometry as with its slide; bad input exits 2."""
+    out, _ = run
+    feats = tmp_path / "feats"
+    feats.mkdir()
+    for sid in ("s06", "s08"):
+        (feats / f"{sid}.h5").write_bytes((cohort.tiles_dir / f"{sid}.h5").read_bytes())
+    labels = tmp_path / "labels"
+    assert main(["label", str(out), "--features", str(feats), "--out", str(labels)]) == 0
+    for sid in ("s06", "s08"):
+        alone, with_slide = read_instances_h5(labels / sid / "instances.h5"), read_instances_h5(
+            out / "labels" / sid / "instances.h5")
+        np.testing.assert_array_equal(alone.coords, with_slide.coords)
+        np.testing.assert_allclose(alone.scores, with_slide.scores, rtol=0, atol=1e-6)
+        np.testing.assert_array_equal(alone.labels, with_slide.labels)
+        assert alone.level0_size == with_slide.level0_size and alone.meta["slide"] == ""
+        for name in ("heatmap.png", "probability.tif", "detections.geojson", "outlines.geojson", "review.geojson"):
+            assert (labels / sid / name).is_file(), name
+    rows = (labels / "slides.csv").read_text().splitlines()
+    assert rows[0] == "slide_id,bag_prob,n_patches,n_positive" and [r.split(",")[0] for r in rows[1:]] == ["s06", "s08"]
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    assert main(["label", str(out), "--features", str(empty), "--out", str(tmp_path / "l3")]) == 2
+    assert main(["label", str(out), "--features", str(tmp_path / "nope"), "--out", str(tmp_path / "l4")]) == 2
+    assert main(["label", str(out), "--features", str(feats), "--data", str(tmp_path / "d.yaml"),
+                 "--out", str(tmp_path / "l5")]) == 2
+    assert not any((tmp_path / d).exists() for d in ("l3", "l4", "l5"))

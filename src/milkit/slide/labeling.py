@@ -60,10 +60,61 @@ def _threshold(labeler, scores: np.ndarray) -> tuple[float, str]:
     return float(np.median(scores)) if scores.size else 0.0, "slide median (no validation threshold)"
 
 
-def label_slides(run_dir: str | Path, slides: list[Path], features_dir: Path | None, out: Path | None,
+def _attr_value(attrs: dict, key: str) -> object | None:
+    v = attrs.get(key)
+    return None if v is None or (isinstance(v, str) and v in ("", "None")) else v
+
+
+def feature_files(features_dir: Path) -> list[Path]:
+    """Every ``<slide>.h5`` of a features folder (or of its CLAM ``h5_files/``), sorted."""
+    d = features_dir / "h5_files" if (features_dir / "h5_files").is_dir() else features_dir
+    files = sorted(p for p in d.glob("*.h5") if p.is_file())
+    if not files:
+        raise FileNotFoundError(f"{features_dir}: no <slide>.h5 feature files to label")
+    return files
+
+
+def _h5_slide_id(h5: Path) -> str:
+    stem = h5.stem
+    return stem[: -len("_patches")] if stem.endswith("_patches") else stem
+
+
+def _geometry_from_slide(slide_path: Path, h5: Path, attrs: dict, thumbnail_size: int):
+    """(slide id, level-0 size, thumbnail, its downsample, mpp, bounds offset) read from the slide."""
+    with open_slide(slide_path, mpp=None) as slide:
+        w0, h0 = slide.dimensions
+        lw, lh = _attr_value(attrs, "level0_width"), _attr_value(attrs, "level0_height")
+        if lw is not None and lh is not None and (int(lw), int(lh)) != (w0, h0):
+            raise ValueError(
+                f"{h5}: made for a {lw}×{lh} slide but {slide_path} is {w0}×{h0} (wrong features folder?)"
+            )
+        thumb, thumb_ds = slide.read_level_image(thumbnail_size)
+        mpp_h5 = _attr_value(attrs, "mpp")
+        mpp = slide.mpp if slide.mpp is not None else (None if mpp_h5 is None else float(mpp_h5))
+        return slide.id, (w0, h0), thumb, thumb_ds, mpp, slide.bounds_offset
+
+
+def _geometry_from_h5(h5: Path, attrs: dict, coords: np.ndarray, ps0: int, thumbnail_size: int):
+    """The same without the slide: size from the h5's ``level0_width/height`` attributes (milkit tile,
+    TRIDENT) or the patches' extent, a white canvas for the heatmap, no bounds offset."""
+    from milkit.view.figures import extent, thumb_size
+
+    lw, lh = _attr_value(attrs, "level0_width"), _attr_value(attrs, "level0_height")
+    size = (int(lw), int(lh)) if lw is not None and lh is not None else extent(coords, ps0)
+    tw, th = thumb_size(size, thumbnail_size)
+    thumb = np.full((th, tw, 3), 255, np.uint8)
+    mpp = _attr_value(attrs, "mpp")
+    return _h5_slide_id(h5), size, thumb, size[0] / tw, None if mpp is None else float(mpp), (0, 0)
+
+
+def label_slides(run_dir: str | Path, slides: list[Path] | None, features_dir: Path | None, out: Path | None,
                  stage: str | None, thumbnail_size: int = 1024) -> list[Path]:
     """Score every patch of every slide; write per-slide outputs (milkit.slide.outputs) and
-    ``OUT/slides.csv`` (slide id, bag probability, patches, positive patches)."""
+    ``OUT/slides.csv`` (slide id, bag probability, patches, positive patches).
+
+    Without ``slides`` every ``<slide>.h5`` of ``features_dir`` is labelled from its coords alone
+    (features extracted elsewhere, e.g. on a cluster): the slide's size comes from the h5, the
+    heatmap is drawn on a white canvas and the GeoJSON has no bounds offset."""
     from milkit.workflow import load_labelers
 
     run_dir = Path(run_dir)
@@ -77,29 +128,26 @@ def label_slides(run_dir: str | Path, slides: list[Path], features_dir: Path | N
         if features_dir is None:
             raise ValueError(f"{run_dir}: the run's data has no features_dir; pass --features DIR")
     features_dir = Path(features_dir)
+    if not features_dir.is_dir():
+        raise FileNotFoundError(f"{features_dir}: features folder (--features) does not exist")
     out = Path(out) if out is not None else run_dir / "labels"
+    # every input is found before anything is written
+    if slides:
+        items = [(p, _feature_file(features_dir, p)) for p in find_slides(list(slides))]
+    else:
+        items = [(None, h5) for h5 in feature_files(features_dir)]
     paths: list[Path] = []
     summary = []
-    for slide_path in find_slides(list(slides)):
-        sid = slide_path.name
-        h5 = _feature_file(features_dir, slide_path)
+    for slide_path, h5 in items:
         ff = read_h5_features(h5)
         if ff.coords is None or ff.patch_size_level0 is None:
             raise ValueError(f"{h5}: whole-slide outputs need coords with a patch_size_level0 attribute")
         attrs = _attrs(h5)
-        mpp_attr = attrs.get("mpp")
-        mpp_h5 = None if mpp_attr in (None, "None") else float(mpp_attr)
-        with open_slide(slide_path, mpp=None) as slide:
-            sid = slide.id
-            w0, h0 = slide.dimensions
-            lw, lh = attrs.get("level0_width"), attrs.get("level0_height")
-            if lw not in (None, "None") and (int(lw), int(lh)) != (w0, h0):
-                raise ValueError(
-                    f"{h5}: made for a {lw}×{lh} slide but {slide_path} is {w0}×{h0} (wrong features folder?)"
-                )
-            thumb, thumb_ds = slide.read_level_image(thumbnail_size)
-            mpp = slide.mpp if slide.mpp is not None else mpp_h5
-            bounds = slide.bounds_offset
+        if slide_path is not None:
+            sid, (w0, h0), thumb, thumb_ds, mpp, bounds = _geometry_from_slide(slide_path, h5, attrs, thumbnail_size)
+        else:
+            sid, (w0, h0), thumb, thumb_ds, mpp, bounds = _geometry_from_h5(h5, attrs, ff.coords,
+                                                                            ff.patch_size_level0, thumbnail_size)
         bag = Bag(torch.from_numpy(ff.features), 0, sid, coords=torch.from_numpy(ff.coords))
         if getattr(exp.data, "graph", False) and len(bag):  # Sm models: the same bag graph as in training
             from milkit.data.graph import grid_adjacency
@@ -132,7 +180,7 @@ def label_slides(run_dir: str | Path, slides: list[Path], features_dir: Path | N
             level0_size=(w0, h0), mpp=mpp, bag_prob=bag_prob, bounds_offset=bounds,
             meta={"run_dir": str(run_dir.resolve()), "stage": stage, "threshold_source": thr_src,
                   "threshold_applies_to": labeler.threshold_on, "n_seeds": len(labeler.members),
-                  "features": str(h5), "slide": str(slide_path)},
+                  "features": str(h5), "slide": "" if slide_path is None else str(slide_path)},
             probability=probability, uncertainty=uncertainty,
             threshold_criterion=str(getattr(labeler, "criterion", None) or thr_src),
             calibration="; ".join(sorted({c.source for c in cal if c is not None})),
