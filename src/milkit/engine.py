@@ -165,6 +165,8 @@ def _quiet_lightning() -> None:
     warnings.filterwarnings("ignore", ".*sync_dist=True.*")
     # --resume: the CSV log of the interrupted process is rewritten from last.ckpt (checkpointing.RunCSVLogger)
     warnings.filterwarnings("ignore", ".*Experiment logs directory .* exists and is not empty.*")
+    # a few slides: fewer batches than log_every_n_steps; milkit's curves are per epoch (logs/metrics.csv)
+    warnings.filterwarnings("ignore", ".*smaller than the logging interval.*")
     os.environ.setdefault("POSSIBLE_USER_WARNING", "off")
 
 
