@@ -65,8 +65,10 @@ def test_ensemble_cell_reads_the_kept_scores_and_compares_with_the_median_seed(t
     for seed, m in ((0, A), (1, B)):
         save_scores(tmp_path / "scores" / "hard" / f"ABMIL_s{seed}.npz", _Lab(), _rows(m, "val"), _rows(m, "test"))
     with np.load(tmp_path / "scores" / "hard" / "ABMIL_s0.npz") as z:
-        assert set(z.files) == set(SCORE_KEYS)
+        assert set(z.files) == set(SCORE_KEYS) | {"val_slide", "test_slide"}
         np.testing.assert_allclose(z["test_prob"], A["test_prob"])
+        cut = len(A["test_prob"]) // 2  # each patch's slide: the two halves of _rows
+        np.testing.assert_array_equal(z["test_slide"], np.repeat([0, 1], [cut, len(A["test_prob"]) - cut]))
     cell = {"0": {"patch_auroc": 0.6, "slide_auroc": 0.0, "patch_f1_run": 0.5, "run_threshold_source": "validation:f1"},
             "1": {"patch_auroc": 0.8, "slide_auroc": 1.0, "patch_f1_run": 0.7},
             "2": {"error": "ValueError: a failed seed has no scores"}}

@@ -181,8 +181,8 @@ def _label_values(lab, rows: list[dict]) -> np.ndarray:
 
 def save_scores(path: Path, lab, val: list[dict], test: list[dict]) -> None:
     """Keep one run's validation and test outputs as the product labels them (``.npz``):
-    per patch the calibrated probability and the true label, per slide the bag probability
-    and label, so that seed ensembles can be formed afterwards at no training cost."""
+    per patch the calibrated probability, the true label and the slide it belongs to, per slide the
+    bag probability and label, so that seed ensembles can be formed afterwards at no training cost."""
     from milkit import io
 
     arrays = {}
@@ -192,6 +192,9 @@ def save_scores(path: Path, lab, val: list[dict], test: list[dict]) -> None:
         arrays[f"{split}_y"] = y.astype(np.int64)
         arrays[f"{split}_bag_prob"] = np.array([r["bag_prob"] for r in rows], np.float64)
         arrays[f"{split}_bag_y"] = np.array([r["label"] for r in rows], np.int64)
+        # the slide (row index) of every patch: label-free rules need the negative slides' patches
+        arrays[f"{split}_slide"] = np.concatenate([np.full(len(r["instance_labels"]), i, np.int64)
+                                                    for i, r in enumerate(rows)]) if rows else np.zeros(0, np.int64)
     io.write_with(path, lambda tmp: np.savez_compressed(open(tmp, "wb"), **arrays))
 
 
