@@ -62,8 +62,11 @@ def train(
     from milkit.workflow import print_table
 
     print_table(metrics)
-    from milkit.trust.verdict import print_verdicts
+    from milkit.trust.verdict import label_free_threshold_notice, print_verdicts
 
+    notice = label_free_threshold_notice(metrics)
+    if notice:
+        typer.echo(notice, err=True)
     print_verdicts(metrics, typer.echo)  # last, so it is what the user sees
 
 

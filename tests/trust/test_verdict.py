@@ -109,3 +109,15 @@ def test_too_few_validation_slides_are_never_trustworthy():
                patch_group=np.repeat(np.arange(8), 10), member_scores=[s, s + 0.01], n_boot=200)
     assert t["slide_auroc"]["ci95"] == [1.0, 1.0]
     assert t["verdict"] == UNCERTAIN and "too few" in t["rule"]
+
+
+def test_label_free_threshold_notice_names_the_stages_without_patch_labels():
+    from milkit.trust.verdict import label_free_threshold_notice
+
+    with_labels = {"threshold": {"threshold": 0.31, "source": "validation:f1", "criterion": "f1"}}
+    without = {"threshold": {"threshold": 0.5, "source": "default:0.5 (no validation instance labels)",
+                             "criterion": "none (no validation instance labels)"}}
+    assert label_free_threshold_notice({"mil": with_labels, "_run": {"primary_stage": "mil"}}) is None
+    line = label_free_threshold_notice({"mil": without, "pseudo_label": without, "abmil": with_labels})
+    assert line.startswith("milkit: mil, pseudo_label: no validation patch labels") and "\n" not in line
+    assert "data.annotations_dir" in line

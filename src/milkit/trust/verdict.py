@@ -151,6 +151,21 @@ def print_verdicts(metrics: dict, echo) -> None:
             echo(verdict_line(stage, m["trust"]) + labels_from(m.get("ensemble")))
 
 
+def label_free_threshold_notice(metrics: dict) -> str | None:
+    """A ``milkit:`` notice naming the stages whose patch threshold had no validation patch labels to be
+    chosen on (``threshold.json`` source ``default:…``), and what that means for their labels
+    (docs/benchmarks.md, "Patch labels without patch annotations"); None when every stage had them."""
+    stages = [stage for stage, m in metrics.items()
+              if not stage.startswith("_") and isinstance(m, dict) and isinstance(m.get("threshold"), dict)
+              and str(m["threshold"].get("source", "")).startswith("default:0.5")]
+    if not stages:
+        return None
+    return (f"milkit: {', '.join(stages)}: no validation patch labels, so patch labels use 0.5 on the probability "
+            "calibrated from slide labels (patches about as suspicious as a positive slide's top patch): expect "
+            "large lesions to be under-labelled; annotate a few validation slides (data.annotations_dir) for an "
+            "F1-chosen threshold")
+
+
 def labels_from(choice: object) -> str:
     """`` [labels: seed-k — the ensemble was below the median replica on validation …]`` when a seed
     ensemble's validation rule chose a replica (``trust.ensemble.choose_labels``); else empty."""
