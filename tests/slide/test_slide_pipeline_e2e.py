@@ -144,6 +144,7 @@ def test_label_features_without_slides_gives_the_slides_labels(run, cohort, tmp_
         np.testing.assert_allclose(alone.scores, with_slide.scores, rtol=0, atol=1e-6)
         np.testing.assert_array_equal(alone.labels, with_slide.labels)
         assert alone.level0_size == with_slide.level0_size and alone.meta["slide"] == ""
+        assert alone.meta["threshold_source"] == "threshold.json (validation:f1)"  # chosen on val patch labels
         for name in ("heatmap.png", "probability.tif", "detections.geojson", "outlines.geojson", "review.geojson"):
             assert (labels / sid / name).is_file(), name
     rows = (labels / "slides.csv").read_text().splitlines()

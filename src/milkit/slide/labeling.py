@@ -51,10 +51,12 @@ def _stride(coords: np.ndarray, attrs: dict, ps0: int) -> int:
     return int(min(gaps)) if gaps else ps0
 
 
-def _threshold(labeler, scores: np.ndarray) -> tuple[float, str]:
-    """(threshold, where it came from); ``scores`` are the values it applies to."""
+def _threshold(labeler, scores: np.ndarray, record: dict | None = None) -> tuple[float, str]:
+    """(threshold, where it came from); ``scores`` are the values it applies to; ``record`` is the
+    stage's threshold.json (its ``source`` says whether validation patch labels chose it)."""
     if labeler.threshold is not None:
-        return float(labeler.threshold), "validation (threshold.json)"
+        source = (record or {}).get("source")
+        return float(labeler.threshold), f"threshold.json ({source})" if source else "validation (threshold.json)"
     if labeler.threshold_on == "probability":
         return 0.5, "default 0.5 (no validation threshold)"
     return float(np.median(scores)) if scores.size else 0.0, "slide median (no validation threshold)"
@@ -123,6 +125,7 @@ def label_slides(run_dir: str | Path, slides: list[Path] | None, features_dir: P
     if stage not in labelers:
         raise ValueError(f"{run_dir}: no stage {stage!r}; stages: {', '.join(labelers)}")
     labeler = labelers[stage]
+    threshold_record = RunDir(run_dir).read_threshold(stage)
     if features_dir is None:
         features_dir = getattr(exp.data, "features_dir", None)
         if features_dir is None:
@@ -171,7 +174,7 @@ def label_slides(run_dir: str | Path, slides: list[Path] | None, features_dir: P
             scores, bag_prob = np.zeros(0), float("nan")
             probability = np.zeros(0) if labeler.threshold_on == "probability" else None
         values = probability if labeler.threshold_on == "probability" and probability is not None else scores
-        thr, thr_src = _threshold(labeler, values)
+        thr, thr_src = _threshold(labeler, values, threshold_record)
         cal = [getattr(m, "calibrator", None) for m in labeler.members]
         s = SlideScores(
             slide_id=sid, coords=ff.coords, scores=scores, labels=(values >= thr).astype(np.int64), threshold=thr,
