@@ -52,6 +52,27 @@ def test_h5_coords_feature_length_mismatch_is_named(tmp_path):
         read_h5_features(tmp_path / "junk.h5")
 
 
+def test_check_h5_features_refuses_what_reading_refuses_without_reading_the_data(tmp_path):
+    from milkit.data.features import check_h5_features
+
+    _write_h5(tmp_path / "ok.h5")
+    check_h5_features(tmp_path / "ok.h5", whole_slide=True)
+    _write_h5(tmp_path / "bad.h5", n=6, coords_n=5)
+    (tmp_path / "junk.h5").write_bytes(b"not hdf5")
+    _write_h5(tmp_path / "noattrs.h5", attrs=False)
+    with h5py.File(tmp_path / "nofeat.h5", "w") as f:
+        f.create_dataset("coords", data=np.zeros((3, 2), np.int64))
+    for name, msg in (("bad", r"6 feature rows but 5 coords"), ("junk", "not a readable HDF5"),
+                      ("nofeat", "no 'features' dataset")):
+        with pytest.raises(ValueError, match=msg):
+            read_h5_features(tmp_path / f"{name}.h5")
+        with pytest.raises(ValueError, match=rf"{name}\.h5: {msg}"):
+            check_h5_features(tmp_path / f"{name}.h5")
+    check_h5_features(tmp_path / "noattrs.h5")  # a feature bag without a patch size is fine for training ...
+    with pytest.raises(ValueError, match="whole-slide outputs need coords with a patch_size_level0"):
+        check_h5_features(tmp_path / "noattrs.h5", whole_slide=True)  # ... not for drawing on the slide
+
+
 def test_labels_naming_missing_slides_is_named(tmp_path):
     feats = tmp_path / "feats"
     feats.mkdir()

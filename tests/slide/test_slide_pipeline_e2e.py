@@ -155,4 +155,7 @@ def test_label_features_without_slides_gives_the_slides_labels(run, cohort, tmp_
     assert main(["label", str(out), "--features", str(tmp_path / "nope"), "--out", str(tmp_path / "l4")]) == 2
     assert main(["label", str(out), "--features", str(feats), "--data", str(tmp_path / "d.yaml"),
                  "--out", str(tmp_path / "l5")]) == 2
-    assert not any((tmp_path / d).exists() for d in ("l3", "l4", "l5"))
+    with h5py.File(feats / "zz_tiles_only.h5", "w") as g:  # tiled, never extracted: refused before any output
+        g.create_dataset("coords", data=np.zeros((2, 2), np.int64))
+    assert main(["label", str(out), "--features", str(feats), "--out", str(tmp_path / "l6")]) == 2
+    assert not any((tmp_path / d).exists() for d in ("l3", "l4", "l5", "l6"))

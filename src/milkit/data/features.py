@@ -198,6 +198,41 @@ def read_h5_features(path: str | Path) -> FeatureFile:
     return FeatureFile(path, feats, coords, None if ps0 is None else int(round(ps0)), inst)
 
 
+def check_h5_features(path: str | Path, whole_slide: bool = False) -> None:
+    """The checks of :func:`read_h5_features` on shapes and attributes only (no data read), so that a
+    command can refuse a bad file before it writes anything; ``whole_slide`` also needs coords with a
+    level-0 patch size (what whole-slide outputs are drawn with)."""
+    path = Path(path)
+
+    def shape(ds) -> tuple[int, ...]:
+        sh = tuple(ds.shape)
+        return sh[1:] if len(sh) == 3 and sh[0] == 1 else sh
+
+    try:
+        with h5py.File(path, "r") as f:
+            if "features" not in f:
+                raise ValueError(f"{path}: no 'features' dataset (run 'milkit extract' first)")
+            fs = shape(f["features"])
+            if len(fs) != 2:
+                raise ValueError(f"{path}: 'features' has shape {fs}, expected (N, D)")
+            attrs = dict(f.attrs)
+            if "coords" in f:
+                cs = shape(f["coords"])
+                attrs.update(dict(f["coords"].attrs))
+                if 0 not in cs and (len(cs) != 2 or cs[1] != 2):
+                    raise ValueError(f"{path}: 'coords' has shape {cs}, expected (N, 2) level-0 (x, y)")
+                if 0 not in cs and cs[0] != fs[0]:
+                    raise ValueError(f"{path}: {fs[0]} feature rows but {cs[0]} coords")
+            elif whole_slide:
+                raise ValueError(f"{path}: whole-slide outputs need coords with a patch_size_level0 attribute")
+    except OSError as err:
+        raise ValueError(f"{path}: not a readable HDF5 file ({err})") from None
+    has_ps0 = _attr_num(attrs, "patch_size_level0") is not None or (
+        _attr_num(attrs, "patch_size") is not None and _attr_num(attrs, "downsample") is not None)
+    if whole_slide and not has_ps0:
+        raise ValueError(f"{path}: whole-slide outputs need coords with a patch_size_level0 attribute")
+
+
 def read_pt_features(path: str | Path, coords_h5: Path | None = None) -> FeatureFile:
     """CLAM ``.pt``: the (N, D) tensor (``weights_only=True``); coords from ``coords_h5``."""
     path = Path(path)

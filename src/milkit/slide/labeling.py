@@ -21,7 +21,7 @@ import torch
 
 from milkit import io
 from milkit.data.bag import Bag, collate_bags
-from milkit.data.features import read_h5_features
+from milkit.data.features import check_h5_features, read_h5_features
 from milkit.metrics.classification import auroc, binary_metrics, nan_to_none
 from milkit.report import ScoreSet, write_report
 from milkit.run_dir import RunDir
@@ -139,6 +139,11 @@ def label_slides(run_dir: str | Path, slides: list[Path] | None, features_dir: P
         items = [(p, _feature_file(features_dir, p)) for p in find_slides(list(slides))]
     else:
         items = [(None, h5) for h5 in feature_files(features_dir)]
+    for slide_path, h5 in items:
+        check_h5_features(h5, whole_slide=True)
+        if slide_path is not None:
+            with open_slide(slide_path, mpp=None):
+                pass
     paths: list[Path] = []
     summary = []
     for slide_path, h5 in items:
