@@ -68,9 +68,11 @@ def test_check_h5_features_refuses_what_reading_refuses_without_reading_the_data
             read_h5_features(tmp_path / f"{name}.h5")
         with pytest.raises(ValueError, match=rf"{name}\.h5: {msg}"):
             check_h5_features(tmp_path / f"{name}.h5")
-    check_h5_features(tmp_path / "noattrs.h5")  # a feature bag without a patch size is fine for training ...
-    with pytest.raises(ValueError, match="whole-slide outputs need coords with a patch_size_level0"):
-        check_h5_features(tmp_path / "noattrs.h5", whole_slide=True)  # ... not for drawing on the slide
+    check_h5_features(tmp_path / "noattrs.h5", whole_slide=True)  # CLAM: the size is the grid's step ...
+    _write_h5(tmp_path / "one.h5", n=1, attrs=False)
+    check_h5_features(tmp_path / "one.h5")
+    with pytest.raises(ValueError, match="one.h5: whole-slide outputs need a patch_size_level0 attribute"):
+        check_h5_features(tmp_path / "one.h5", whole_slide=True)  # ... which one patch does not have
 
 
 def test_labels_naming_missing_slides_is_named(tmp_path):

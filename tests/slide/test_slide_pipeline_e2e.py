@@ -159,3 +159,23 @@ def test_label_features_without_slides_gives_the_slides_labels(run, cohort, tmp_
         g.create_dataset("coords", data=np.zeros((2, 2), np.int64))
     assert main(["label", str(out), "--features", str(feats), "--out", str(tmp_path / "l6")]) == 2
     assert not any((tmp_path / d).exists() for d in ("l3", "l4", "l5", "l6"))
+
+
+def test_clam_h5_without_attributes_takes_the_coordinate_step_as_patch_size(run, cohort, tmp_path, capsys):
+    """CLAM's h5_files carry features and coords only: whole-slide outputs read the patch size off the
+    grid (non-overlapping patches), say so once, and equal the outputs of the file with its attributes."""
+    out, _ = run
+    clam = tmp_path / "clam" / "h5_files"
+    clam.mkdir(parents=True)
+    with h5py.File(cohort.tiles_dir / "s08.h5") as f, h5py.File(clam / "s08.h5", "w") as g:
+        g.create_dataset("features", data=f["features"][()])
+        g.create_dataset("coords", data=f["coords"][()].astype(np.int32))  # CLAM writes int32, no attrs
+        ps0 = int(f["coords"].attrs["patch_size_level0"])
+    capsys.readouterr()
+    assert main(["label", str(out), "--features", str(tmp_path / "clam"), "--out", str(tmp_path / "labels")]) == 0
+    err = capsys.readouterr().err
+    assert "1 feature file(s) have no patch_size_level0 attribute (CLAM h5_files: s08.h5)" in err
+    alone, ref = (read_instances_h5(d / "s08" / "instances.h5") for d in (tmp_path / "labels", out / "labels"))
+    assert alone.size_level0 == ref.size_level0 == ps0
+    np.testing.assert_array_equal(alone.labels, ref.labels)
+    np.testing.assert_allclose(alone.scores, ref.scores, rtol=0, atol=1e-6)

@@ -3,7 +3,8 @@
 Layouts read (FORMATS.md "Per-slide HDF5"):
 
 - ``h5`` — milkit/TRIDENT ``<slide>.h5`` (``features`` (N, D), ``coords`` (N, 2) level-0
-  top-left with attrs) and CLAM ``h5_files/<slide>.h5`` (same datasets, no attrs);
+  top-left with attrs) and CLAM ``h5_files/<slide>.h5`` (same datasets, no attrs: where a level-0
+  patch size is needed it is the coordinate step, :func:`level0_patch_size`);
 - ``clam_pt`` — CLAM ``pt_files/<slide>.pt`` (the (N, D) tensor only, loaded with
   ``weights_only=True``; coords from ``h5_files/<slide>.h5`` when it is there);
 - ``torchmil`` — ``features/<bag>.npy|.h5`` with sibling ``coords/`` (grid units, turned
@@ -198,6 +199,30 @@ def read_h5_features(path: str | Path) -> FeatureFile:
     return FeatureFile(path, feats, coords, None if ps0 is None else int(round(ps0)), inst)
 
 
+def coordinate_step(coords: np.ndarray | None) -> int | None:
+    """The smallest positive gap between distinct x or y coords (the patch grid's step), None for
+    fewer than two positions on both axes."""
+    if coords is None or not len(coords):
+        return None
+    gaps = [np.diff(u).min() for u in (np.unique(coords[:, 0]), np.unique(coords[:, 1])) if u.size > 1]
+    return int(round(float(min(gaps)))) if gaps else None
+
+
+def level0_patch_size(ff: FeatureFile, what: str = "whole-slide outputs") -> tuple[int, bool]:
+    """(level-0 patch size, whether it was inferred): the coords' ``patch_size_level0`` (or CLAM's
+    ``patch_size`` × ``downsample``) attribute, else the coordinate step, as for CLAM's ``h5_files``,
+    which carry no attributes (non-overlapping patches: the step is the patch size)."""
+    if ff.patch_size_level0 is not None:
+        return ff.patch_size_level0, False
+    if ff.coords is None:
+        raise ValueError(f"{ff.path}: {what} need coords (N, 2) level-0 (x, y)")
+    step = coordinate_step(ff.coords)
+    if step is None or step <= 0:
+        raise ValueError(f"{ff.path}: {what} need a patch_size_level0 attribute on coords (with fewer than two "
+                         "patch positions it cannot be read off the grid)")
+    return step, True
+
+
 def check_h5_features(path: str | Path, whole_slide: bool = False) -> None:
     """The checks of :func:`read_h5_features` on shapes and attributes only (no data read), so that a
     command can refuse a bad file before it writes anything; ``whole_slide`` also needs coords with a
@@ -224,13 +249,16 @@ def check_h5_features(path: str | Path, whole_slide: bool = False) -> None:
                 if 0 not in cs and cs[0] != fs[0]:
                     raise ValueError(f"{path}: {fs[0]} feature rows but {cs[0]} coords")
             elif whole_slide:
-                raise ValueError(f"{path}: whole-slide outputs need coords with a patch_size_level0 attribute")
+                raise ValueError(f"{path}: whole-slide outputs need coords (N, 2) level-0 (x, y)")
+            has_ps0 = _attr_num(attrs, "patch_size_level0") is not None or (
+                _attr_num(attrs, "patch_size") is not None and _attr_num(attrs, "downsample") is not None)
+            if whole_slide and not has_ps0 and fs[0] > 0:  # the size is then read off the grid: needs two positions
+                c = np.asarray(f["coords"][()]).reshape(-1, 2)
+                if coordinate_step(c) is None:
+                    raise ValueError(f"{path}: whole-slide outputs need a patch_size_level0 attribute on coords (with "
+                                     "fewer than two patch positions it cannot be read off the grid)")
     except OSError as err:
         raise ValueError(f"{path}: not a readable HDF5 file ({err})") from None
-    has_ps0 = _attr_num(attrs, "patch_size_level0") is not None or (
-        _attr_num(attrs, "patch_size") is not None and _attr_num(attrs, "downsample") is not None)
-    if whole_slide and not has_ps0:
-        raise ValueError(f"{path}: whole-slide outputs need coords with a patch_size_level0 attribute")
 
 
 def read_pt_features(path: str | Path, coords_h5: Path | None = None) -> FeatureFile:
@@ -616,12 +644,13 @@ def _check_case_groups(rows: list[LabelRow], source: Path, group_column: str) ->
 def _annotation_labels(cfg: FeatureBagsConfig, sid: str, ff: FeatureFile) -> np.ndarray:
     from milkit.slide.annotations import find_annotation, patch_labels, read_annotations
 
-    if ff.patch_size_level0 is None:
-        raise ValueError(f"{ff.path}: annotations need patch_size_level0 in the coords attrs")
+    if not len(ff.features):
+        return np.zeros(0, np.int64)
+    ps0, _ = level0_patch_size(ff, "annotations (data.annotations_dir)")  # CLAM h5_files: the coordinate step
     ann = find_annotation(cfg.annotations_dir, sid)  # type: ignore[arg-type]
     if ann is None:
         return np.zeros(len(ff.features), np.int64)  # Camelyon16: normal slides have no annotation
-    labels, _ = patch_labels(read_annotations(ann), ff.coords, ff.patch_size_level0, cfg.tumour_fraction)
+    labels, _ = patch_labels(read_annotations(ann), ff.coords, ps0, cfg.tumour_fraction)
     return labels
 
 

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import csv
 import io as _io
+import logging
 from pathlib import Path
 
 import numpy as np
@@ -21,13 +22,15 @@ import torch
 
 from milkit import io
 from milkit.data.bag import Bag, collate_bags
-from milkit.data.features import check_h5_features, read_h5_features
+from milkit.data.features import check_h5_features, level0_patch_size, read_h5_features
 from milkit.metrics.classification import auroc, binary_metrics, nan_to_none
 from milkit.report import ScoreSet, write_report
 from milkit.run_dir import RunDir
 from milkit.slide.annotations import find_annotation, patch_labels, read_annotations
 from milkit.slide.outputs import SlideScores, read_instances_h5, write_slide_outputs
 from milkit.slide.reader import find_slides, open_slide
+
+log = logging.getLogger(__name__)
 
 #: Camelyon16 patch label: tumour fraction ≥ 0.5 (Sm App. B; issue #3)
 TUMOUR_FRACTION = 0.5
@@ -146,10 +149,13 @@ def label_slides(run_dir: str | Path, slides: list[Path] | None, features_dir: P
                 pass
     paths: list[Path] = []
     summary = []
+    inferred: list[str] = []
     for slide_path, h5 in items:
         ff = read_h5_features(h5)
-        if ff.coords is None or ff.patch_size_level0 is None:
-            raise ValueError(f"{h5}: whole-slide outputs need coords with a patch_size_level0 attribute")
+        ps0, was_inferred = level0_patch_size(ff) if len(ff.features) else (ff.patch_size_level0 or 1, False)
+        if was_inferred:
+            inferred.append(h5.name)
+        ff.patch_size_level0 = ps0
         attrs = _attrs(h5)
         if slide_path is not None:
             sid, (w0, h0), thumb, thumb_ds, mpp, bounds = _geometry_from_slide(slide_path, h5, attrs, thumbnail_size)
@@ -201,6 +207,10 @@ def label_slides(run_dir: str | Path, slides: list[Path] | None, features_dir: P
     for sid, p, n, k in summary:
         w.writerow([sid, f"{p:.6g}", n, k])
     io.write_text(out / "slides.csv", buf.getvalue())
+    if inferred:
+        log.info("%d feature file(s) have no patch_size_level0 attribute (CLAM h5_files: %s%s); their patch size "
+                 "is the coordinate step, i.e. non-overlapping patches", len(inferred), ", ".join(inferred[:3]),
+                 " …" if len(inferred) > 3 else "")
     return paths + [out / "slides.csv"]
 
 
