@@ -39,6 +39,9 @@ def train(
         False, "--resume", help="continue an interrupted run in --out (finished stages kept, the unfinished one from last.ckpt)"
     ),
     seeds: Optional[int] = typer.Option(None, "--seeds", min=1, help="seed replicas per stage (trainer.seeds)"),
+    folds: Optional[int] = typer.Option(
+        None, "--folds", min=2, help="K-fold cross-validation: OUT/fold-<k>/ runs and OUT/cv_summary.{json,md} (mean ± sd)"
+    ),
     parallel_seeds: Optional[str] = typer.Option(
         None, "--parallel-seeds", help="train the seed replicas in up to P processes at once, or 'auto' (trainer.parallel_seeds)"
     ),
@@ -55,15 +58,32 @@ def train(
     path = resolve_config(config)
     extra = ([f"trainer.seeds={seeds}"] if seeds else []) + (
         [f"trainer.parallel_seeds={parallel_seeds}"] if parallel_seeds is not None else [])
-    exp = load_experiment(path, list(set_ or []) + extra)
+    overrides = list(set_ or []) + extra
+    exp = load_experiment(path, overrides)
+    from milkit.trust.verdict import label_free_threshold_notice, print_verdicts
+
+    if folds is not None:
+        from milkit import cross_validation as cv
+        from milkit.workflow import print_cv_table
+
+        exps = [load_experiment(path, overrides + cv.fold_overrides(exp, folds, k)) for k in range(folds)]
+        summary, per_fold = cv.run_folds(exps, out, train_run, overwrite=overwrite, resume=resume, source=str(path))
+        if not summary:
+            return
+        print_cv_table(summary)
+        typer.echo(f"summary: {out / cv.SUMMARY_MD}")
+        notice = label_free_threshold_notice(per_fold[0])
+        if notice:
+            typer.echo(notice, err=True)
+        for k, m in enumerate(per_fold):  # last, so they are what the user sees
+            print_verdicts(m, lambda line, k=k: typer.echo(f"fold-{k} {line}"))
+        return
     metrics = train_run(exp, out, overwrite=overwrite, resume=resume, source=str(path))
     if not metrics:  # a DDP rank other than 0: rank 0 wrote and prints the results
         return
     from milkit.workflow import print_table
 
     print_table(metrics)
-    from milkit.trust.verdict import label_free_threshold_notice, print_verdicts
-
     notice = label_free_threshold_notice(metrics)
     if notice:
         typer.echo(notice, err=True)

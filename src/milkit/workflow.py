@@ -248,6 +248,18 @@ def label_run(run_dir: str | Path, out: Path | None, data_yaml: Path | None, spl
     return method.label(labelers[stage], ds, out, stage)
 
 
+def print_cv_table(summary: dict, split: str = "test", console: Console | None = None) -> None:
+    """Rich table of a cross-validation summary (milkit.cross_validation): mean ± sd over the folds."""
+    from milkit.cross_validation import table_rows
+
+    t = Table(title=f"milkit — {split} split, {summary['folds']} folds (mean ± sd)")
+    for col in ("stage", "bag AUROC", "inst AUROC", "inst F1"):
+        t.add_column(col)
+    for row in table_rows(summary, split):
+        t.add_row(*row)
+    (console or Console()).print(t)
+
+
 def print_table(metrics: dict, split: str = "test", console: Console | None = None) -> None:
     """Rich table, one row per stage: bag AUROC and instance AUROC / F1 / accuracy, or, for
     pixel-map methods, classification error, F1+, F1−, IoU and HD on positive images."""

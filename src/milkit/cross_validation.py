@@ -1,0 +1,155 @@
+"""``milkit train CONFIG --out DIR --folds K``: K-fold cross-validation as K runs and one summary.
+
+Fold k is an ordinary run directory, ``DIR/fold-<k>/``, trained with the dataset's own k-fold
+splits (feature bags: ``data.split_mode: kfold``, ``data.folds: K``, ``data.fold: k``; the
+histology sets: ``data.n_folds`` / ``data.fold``), so ``milkit label`` / ``evaluate`` / ``view``
+work on each fold as on any run. ``DIR/cv_summary.json`` and ``cv_summary.md`` hold, per stage and
+split, every numeric metric of each fold with its mean and sample standard deviation (ddof 1),
+and each fold's trust verdict: the "mean ± sd" that CLAM's k-fold tables, Distill-to-Label §IV
+(5-fold) and the Sm paper (five train/validation splits, App. B) report.
+
+Every fold's config is validated, and every fold folder's state checked, before the first fold
+trains; ``--resume`` keeps finished folds and continues the unfinished one.
+"""
+
+from __future__ import annotations
+
+import math
+import re
+from pathlib import Path
+from typing import Callable
+
+import numpy as np
+
+from milkit import io
+from milkit.config import Experiment
+from milkit.run_dir import RunDir
+
+SUMMARY_JSON, SUMMARY_MD = "cv_summary.json", "cv_summary.md"
+_FOLD_DIR = re.compile(r"fold-\d+$")
+
+
+def fold_overrides(exp: Experiment, folds: int, fold: int) -> list[str]:
+    """``--set`` overrides that select fold ``fold`` of ``folds`` in ``exp``'s dataset."""
+    fields = type(exp.data).model_fields
+    if "folds" in fields and "split_mode" in fields:
+        return ["data.split_mode=kfold", f"data.folds={folds}", f"data.fold={fold}"]
+    if "n_folds" in fields and "fold" in fields:
+        return [f"data.n_folds={folds}", f"data.fold={fold}"]
+    raise ValueError(f"--folds: data.kind {exp.data.kind!r} has no k-fold splits "
+                     "(feature_bags and the histology sets have)")
+
+
+def fold_dir(out: Path, fold: int) -> Path:
+    return Path(out) / f"fold-{fold}"
+
+
+def check_out(out: Path, folds: int, overwrite: bool, resume: bool) -> None:
+    """Refuse an ``--out`` that is not new, empty or a cross-validation folder, and fold folders that
+    ``train`` would refuse (before any fold trains)."""
+    out = Path(out)
+    if out.exists() and not out.is_dir():
+        raise FileExistsError(f"{out}: is a file; --out must be a folder")
+    if (out / "config.yaml").is_file():
+        raise FileExistsError(f"{out}: holds a single milkit run; --folds writes fold-<k>/ run folders, "
+                              "choose another --out")
+    if out.is_dir():
+        other = [p.name for p in out.iterdir() if not (_FOLD_DIR.match(p.name) or p.name in (SUMMARY_JSON, SUMMARY_MD))]
+        if other:
+            raise FileExistsError(f"{out}: not empty and not a cross-validation folder ({', '.join(sorted(other)[:3])}); "
+                                  "choose a new or empty --out (nothing there was changed)")
+    for k in range(folds):
+        state = RunDir(fold_dir(out, k)).state()
+        if state in ("file", "foreign"):
+            raise FileExistsError(f"{fold_dir(out, k)}: not a milkit run; remove it or choose another --out")
+        if state in ("unfinished", "finished") and not (overwrite or resume):
+            raise FileExistsError(f"{fold_dir(out, k)}: already holds {'a finished' if state == 'finished' else 'an unfinished'}"
+                                  " run; pass --resume to continue the cross-validation or --overwrite to replace it")
+
+
+def run_folds(experiments: list[Experiment], out: Path, train: Callable[..., dict], overwrite: bool = False,
+              resume: bool = False, source: str = "config") -> tuple[dict, list[dict]]:
+    """Train every fold (``train`` is :func:`milkit.workflow.train_run`) and write the summary; returns it
+    and each fold's metrics (``({}, …)`` on a DDP rank other than 0, which writes nothing)."""
+    out = Path(out)
+    check_out(out, len(experiments), overwrite, resume)
+    per_fold: list[dict] = []
+    for k, exp in enumerate(experiments):
+        run = RunDir(fold_dir(out, k))
+        if resume and run.state() == "finished":
+            per_fold.append(run.read_metrics())  # a finished fold is kept as it is
+            continue
+        per_fold.append(train(exp, run.path, overwrite=overwrite, resume=resume, source=source))
+    if not all(per_fold):  # a DDP rank other than 0: rank 0 writes the summary
+        return {}, per_fold
+    summary = summarise(per_fold)
+    io.write_json(out / SUMMARY_JSON, summary)
+    io.write_text(out / SUMMARY_MD, render(summary))
+    return summary, per_fold
+
+
+def _stages(metrics: dict) -> list[str]:
+    return [s for s, m in metrics.items() if not s.startswith("_") and isinstance(m, dict)
+            and any(isinstance(m.get(sp), dict) for sp in ("val", "test"))]
+
+
+def _is_count(key: str) -> bool:
+    """``n_bags``, ``instance_n``, ``instance_n_pos``: sizes of the split, not metrics."""
+    return key.startswith("n_") or key.endswith("_n") or "_n_" in key
+
+
+def _mean_sd(values: list[float]) -> dict:
+    v = [x for x in values if x is not None and math.isfinite(x)]
+    return {"mean": float(np.mean(v)) if v else None,
+            "sd": float(np.std(v, ddof=1)) if len(v) > 1 else None,
+            "n": len(v), "values": values}
+
+
+def summarise(per_fold: list[dict]) -> dict:
+    """Per stage and split, every numeric metric over the folds (values, mean, sample sd), and each
+    fold's trust verdict; ``primary_stage`` is the stage ``milkit label`` uses."""
+    stages = [s for s in _stages(per_fold[0]) if all(s in m for m in per_fold)]
+    out: dict = {"folds": len(per_fold), "sd": "sample standard deviation over folds (ddof 1)",
+                 "primary_stage": per_fold[0].get("_run", {}).get("primary_stage"), "stages": {}}
+    for stage in stages:
+        block: dict = {}
+        for split in ("val", "test"):
+            rows = [m[stage].get(split) for m in per_fold]
+            if not all(isinstance(r, dict) for r in rows):
+                continue
+            keys = list(dict.fromkeys(k for r in rows for k, v in r.items()  # union, first fold's order
+                                      if isinstance(v, (int, float)) and not isinstance(v, bool) and not _is_count(k)))
+            block[split] = {k: _mean_sd([r.get(k) if isinstance(r.get(k), (int, float)) else None for r in rows])
+                            for k in keys}
+        block["verdicts"] = [(m[stage].get("trust") or {}).get("verdict") for m in per_fold]
+        out["stages"][stage] = block
+    return out
+
+
+def _fmt(cell: dict) -> str:
+    if cell["mean"] is None:
+        return "—"
+    return f"{cell['mean']:.3f} ± {cell['sd']:.3f}" if cell["sd"] is not None else f"{cell['mean']:.3f}"
+
+
+def table_rows(summary: dict, split: str = "test") -> list[tuple[str, str, str, str]]:
+    """(stage, bag AUROC, instance AUROC, instance F1) as mean ± sd strings, one row per stage."""
+    rows = []
+    for stage, block in summary["stages"].items():
+        s = block.get(split, {})
+        rows.append((stage, *(_fmt(s[k]) if k in s else "—" for k in ("bag_auroc", "instance_auroc", "instance_f1"))))
+    return rows
+
+
+def render(summary: dict) -> str:
+    """cv_summary.md: one table per stage, metric × split, mean ± sd and the per-fold values."""
+    lines = [f"# Cross-validation: {summary['folds']} folds", "",
+             f"mean ± sd ({summary['sd']}); primary stage (what `milkit label` uses): {summary['primary_stage']}", ""]
+    for stage, block in summary["stages"].items():
+        lines += [f"## {stage}", "", "| split | metric | mean ± sd | per fold |", "|---|---|---|---|"]
+        for split in ("val", "test"):
+            for k, cell in block.get(split, {}).items():
+                per = ", ".join("—" if v is None else f"{v:.3f}" for v in cell["values"])
+                lines.append(f"| {split} | {k} | {_fmt(cell)} | {per} |")
+        lines += ["", "verdicts per fold: " + ", ".join(str(v) for v in block["verdicts"]), ""]
+    return "\n".join(lines)
