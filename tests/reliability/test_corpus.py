@@ -250,6 +250,9 @@ CASES = [
     C("csv_empty_file", train(labels(header="")), 2, "labels.csv", "no rows"),
     C("csv_not_utf8", train(labels("s00,1,train", "sé,0,train", encoding="latin-1")), 2, "labels.csv", "UTF-8"),
     C("csv_label_column_option", train(set_key("data.label_column", "tumour")), 2, "labels.csv", "'tumour'"),
+    C("csv_label_not_in_map", train(set_key("data.label_map", {"0": 0, "x": 1})), 2, "labels.csv", "label '1'",
+      "data.label_map"),
+    C("label_map_bad_value", train(set_key("data.label_map", {"tumor_tissue": 2})), 2, "data.label_map", "0, 1 or null"),
     C("split_train_test_no_val_fraction", train(labels(*rows(SPLIT_TT)), set_key("data.val_fraction", 0.0)), 2,
       "labels.csv", "val split", "val_fraction"),
     C("split_test_empty", train(labels(*rows(["train"] * 8 + ["val"] * 4)), ), 2, "labels.csv", "test split"),
@@ -300,6 +303,15 @@ CASES = [
     C("run_label_bad_split", cmd("label", "{run}", "--split", "dev"), 2, "'dev'"),
     C("run_label_bad_stage", cmd("label", "{run}", "--stage", "teacher"), 2, "'teacher'"),
     C("run_annotations_missing", cmd("evaluate", "{run}", "--annotations", "{root}/noann"), 2, "noann"),
+    C("run_label_features_missing", cmd("label", "{run}", "--features", "{root}/nofeats"), 2, "nofeats", "--features"),
+    C("run_label_features_empty", cmd("label", "{run}", "--features", "{slides}"), 2, "no <slide>.h5"),
+    C("run_label_features_with_data", cmd("label", "{run}", "--features", "{root}/feats", "--data", "{cfg}"), 2,
+      "--data", "--features"),
+    C("run_label_features_unextracted", cmd("label", "{run}", "--features", "{root}/feats", edits=(
+        write("feats/zz.h5", b""), lambda c: _coords_only(c.feats / "zz.h5"))), 2, "zz.h5", "'features'"),
+    C("train_folds_no_kfold", cmd("train", "{cfg}", "--out", "{out}", "--folds", "3", edits=(
+        set_key("data", {"kind": "spatial_bags"}),)), 2, "--folds", "'spatial_bags'"),
+    C("train_folds_out_is_run", cmd("train", "{cfg}", "--out", "{run}", "--folds", "3"), 2, "single milkit run"),
     # -- output folders -------------------------------------------------------------------------
     C("out_foreign_folder", train(write("run/metrics.json", '{"mine": 1}\n')), 2, "run", "not a milkit run"),
     C("out_foreign_overwrite", train(write("run/notes.txt", "mine\n"), args=("--overwrite",)), 2, "run", "not a milkit run"),
@@ -318,6 +330,13 @@ CASES = [
     C("unknown_command", cmd("trian"), 2, "trian"),
     C("unknown_option", cmd("train", "{cfg}", "--out", "{out}", "--epochs", "3"), 2, "--epochs"),
 ]
+
+
+def _coords_only(path: Path) -> None:
+    """A tiled slide never extracted: coords, no features."""
+    path.unlink()
+    with h5py.File(path, "w") as f:
+        f.create_dataset("coords", data=np.zeros((2, 2), np.int64))
 
 
 # -- fixtures -----------------------------------------------------------------------------

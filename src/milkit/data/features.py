@@ -29,7 +29,7 @@ from typing import Literal
 import h5py
 import numpy as np
 import torch
-from pydantic import Field, model_validator
+from pydantic import Field, field_validator, model_validator
 
 from milkit.data.bag import Bag, BagDataset
 from milkit.data.bag_cache import BagCache, bag_bytes
@@ -401,18 +401,23 @@ class FeatureBagsConfig(DataConfig):
     #: and an epoch then reads no file (docs/scale.md)
     cache_gb: float | None = Field(None, ge=0)
 
+    @field_validator("label_map")
+    @classmethod
+    def _label_map(cls, v: dict[str, int | None] | None) -> dict[str, int | None] | None:
+        if v is not None:
+            if not v:
+                raise ValueError("label_map is empty; leave it out for 0/1 labels")
+            bad = {k: x for k, x in v.items() if x not in (0, 1, None)}
+            if bad:
+                raise ValueError(f"label_map values must be 0, 1 or null, got {bad}")
+        return v
+
     @model_validator(mode="after")
     def _check(self) -> "FeatureBagsConfig":
         if self.fold >= self.folds:
             raise ValueError(f"fold {self.fold} must be < folds {self.folds}")
         if abs(sum(self.fractions) - 1) > 1e-6:
             raise ValueError(f"fractions must sum to 1, got {list(self.fractions)}")
-        if self.label_map is not None:
-            if not self.label_map:
-                raise ValueError("label_map is empty; leave it out for 0/1 labels")
-            bad = {k: v for k, v in self.label_map.items() if v not in (0, 1, None)}
-            if bad:
-                raise ValueError(f"label_map values must be 0, 1 or null, got {bad}")
         if self.preload and self.cache_gb == 0:
             raise ValueError("data.preload: true keeps the bags in the bag cache, which data.cache_gb: 0 turns off; "
                              "leave data.cache_gb out (no limit with preload) or set data.preload: false")
