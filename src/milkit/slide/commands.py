@@ -73,8 +73,11 @@ def tiling_options(**kw):
 
 def extract(
     tiles: Path = typer.Argument(..., help="folder of <slide>.h5 written by milkit tile"),
-    encoder: str = typer.Option(..., "--encoder", help="resnet18, resnet50 (truncated after layer 3), tiny_cnn, timm:<name>"),
-    weights: str = typer.Option("imagenet", "--weights", help="imagenet (download/cache), none (random), or a file"),
+    encoder: str = typer.Option(..., "--encoder", help="resnet18, resnet50 (truncated after layer 3), tiny_cnn, "
+                                "timm:<name>, or a pathology foundation model from the Hugging Face hub: uni, uni2-h, "
+                                "virchow2, h-optimus-0, gigapath (needs timm, the model's licence accepted and a login)"),
+    weights: str = typer.Option("imagenet", "--weights", help="imagenet (the pretrained weights, downloaded and cached; "
+                                "the hub's for a foundation model), none (random), or a file"),
     out: Optional[Path] = typer.Option(None, "--out", help="write feature h5 files here (default: in place)"),
     slides: Optional[Path] = typer.Option(None, "--slides", help="folder holding the slides (default: recorded path)"),
     batch_size: int = typer.Option(64, "--batch-size"),

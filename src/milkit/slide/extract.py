@@ -109,7 +109,7 @@ def _weights_tag(weights: str) -> str:
     return f"{p.name}@{h}"
 
 
-def _load_weights(model: nn.Module, path: Path) -> None:
+def _load_weights(model: nn.Module, path: Path, strict: bool = False) -> None:
     if not path.is_file():
         raise FileNotFoundError(f"{path}: encoder weights file does not exist")
     if path.suffix == ".safetensors":
@@ -125,6 +125,13 @@ def _load_weights(model: nn.Module, path: Path) -> None:
     if not isinstance(state, dict):
         raise ValueError(f"{path}: expected a state dict of tensors")
     state = {k.removeprefix("module.").removeprefix("model."): v for k, v in state.items()}
+    if strict:  # a foundation model's card gives its architecture: a key that does not fit is an error
+        target = getattr(model, "vit", model)  # ClassAndMeanTokens wraps the ViT
+        missing, unexpected = target.load_state_dict(state, strict=False)
+        if missing or unexpected:
+            raise ValueError(f"{path}: does not fit the encoder ({len(missing)} missing keys, first {missing[:2]}; "
+                             f"{len(unexpected)} unexpected, first {unexpected[:2]})")
+        return
     missing, unexpected = model.load_state_dict(state, strict=False)
     own = set(model.state_dict())
     if len(missing) == len(own):
@@ -133,9 +140,18 @@ def _load_weights(model: nn.Module, path: Path) -> None:
         log.warning("%s: %d encoder weights missing (first: %s)", path, len(missing), missing[:3])
 
 
+def _hub_names() -> tuple[str, ...]:
+    from milkit.slide.hub_encoders import HUB_ENCODERS
+
+    return tuple(HUB_ENCODERS)
+
+
 def build_patch_encoder(name: str, weights: str = "imagenet", seed: int = 0) -> PatchEncoder:
-    """``name`` in :data:`ENCODERS` or ``timm:<model>``; ``weights`` is ``imagenet``
-    (downloaded by torchvision/timm when not cached), ``none`` (random, seeded) or a file."""
+    """``name`` in :data:`ENCODERS`, a pathology foundation model of
+    :data:`milkit.slide.hub_encoders.HUB_ENCODERS` (``uni``, ``virchow2``, …) or ``timm:<model>``;
+    ``weights`` is ``imagenet`` (the pretrained weights: torchvision's / timm's, or the foundation
+    model's own from the Hugging Face hub; downloaded when not cached), ``none`` (random, seeded) or a
+    file (every key must match for a foundation model)."""
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
         if name == "tiny_cnn":
@@ -157,6 +173,11 @@ def build_patch_encoder(name: str, weights: str = "imagenet", seed: int = 0) -> 
             model = ResNetTrunc(torchvision.models.resnet50(weights=tv))
             name = "resnet50_trunc"
             input_size, mean, std = 224, IMAGENET_MEAN, IMAGENET_STD
+        elif name in _hub_names():
+            from milkit.slide.hub_encoders import build_hub_model
+
+            model, spec = build_hub_model(name, pretrained=weights == "imagenet")
+            input_size, mean, std = spec.input_size, spec.mean, spec.std
         elif name.startswith("timm:"):
             try:
                 import timm
@@ -167,14 +188,15 @@ def build_patch_encoder(name: str, weights: str = "imagenet", seed: int = 0) -> 
             input_size = int(cfg["input_size"][-1])
             mean, std = tuple(cfg["mean"]), tuple(cfg["std"])
         else:
-            raise ValueError(f"unknown encoder {name!r}; known: {', '.join(ENCODERS)}, timm:<model>")
+            raise ValueError(f"unknown encoder {name!r}; known: {', '.join(ENCODERS + _hub_names())}, timm:<model>")
     if weights not in ("imagenet", "none"):
-        _load_weights(model, Path(weights))
+        _load_weights(model, Path(weights), strict=name in _hub_names())
     model.eval()
     with torch.no_grad():
-        probe = input_size if name.startswith("timm:") else 64  # CNNs pool globally: any size gives D
+        probe = input_size if name.startswith("timm:") or name in _hub_names() else 64  # CNNs pool globally
         dim = int(model(torch.zeros(1, 3, probe or 64, probe or 64)).shape[-1])
-    return PatchEncoder(model, f"{name}:{_weights_tag(weights)}", dim, input_size, mean, std)  # type: ignore[arg-type]
+    tag = "hub" if weights == "imagenet" and name in _hub_names() else _weights_tag(weights)
+    return PatchEncoder(model, f"{name}:{tag}", dim, input_size, mean, std)  # type: ignore[arg-type]
 
 
 # -- reading patches -------------------------------------------------------------------
