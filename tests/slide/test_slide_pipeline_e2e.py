@@ -4,6 +4,7 @@ the written probability TIFF opens in OpenSlide; GeoJSON detections land on the 
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import h5py
 import numpy as np
@@ -179,3 +180,15 @@ def test_clam_h5_without_attributes_takes_the_coordinate_step_as_patch_size(run,
     assert alone.size_level0 == ref.size_level0 == ps0
     np.testing.assert_array_equal(alone.labels, ref.labels)
     np.testing.assert_allclose(alone.scores, ref.scores, rtol=0, atol=1e-6)
+
+
+def test_geometry_without_the_slide_comes_from_the_h5_attributes():
+    from milkit.slide.labeling import _geometry_from_h5
+
+    coords = np.array([[0, 0], [64, 0], [128, 64]])
+    attrs = {"level0_width": 512, "level0_height": 256, "mpp": 0.25, "bounds_x": 8, "bounds_y": 4}
+    sid, size, thumb, ds, mpp, bounds = _geometry_from_h5(Path("x/s1_patches.h5"), attrs, coords, 64, 128)
+    assert (sid, size, thumb.shape, ds, mpp, bounds) == ("s1", (512, 256), (64, 128, 3), 4.0, 0.25, (8, 4))
+    assert int(thumb.min()) == 255  # a white canvas under the heatmap
+    sid, size, _, _, mpp, bounds = _geometry_from_h5(Path("s2.h5"), {}, coords, 64, 128)  # CLAM: nothing recorded
+    assert (sid, size, mpp, bounds) == ("s2", (192, 128), None, (0, 0))  # the patches' extent

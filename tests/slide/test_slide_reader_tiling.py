@@ -66,6 +66,7 @@ def test_tiling_writes_trident_attrs_and_thumbnail(cohort):
     assert a["patch_size"] == 32 and a["patch_size_level0"] == 64
     assert a["mpp"] == pytest.approx(0.25) and a["target_mpp"] == pytest.approx(0.5)
     assert (a["level0_width"], a["level0_height"]) == (1024, 1024)
+    assert (a["bounds_x"], a["bounds_y"]) == (0, 0)  # a TIFF has no bounds offset (MRXS would)
     assert np.all(frac >= 0.25)
     assert np.all(coords % 64 == 0)  # no overlap: grid multiples of the level-0 patch size
     # glass corners are never kept; tissue covers the centre

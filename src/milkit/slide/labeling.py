@@ -101,7 +101,8 @@ def _geometry_from_slide(slide_path: Path, h5: Path, attrs: dict, thumbnail_size
 
 def _geometry_from_h5(h5: Path, attrs: dict, coords: np.ndarray, ps0: int, thumbnail_size: int):
     """The same without the slide: size from the h5's ``level0_width/height`` attributes (milkit tile,
-    TRIDENT) or the patches' extent, a white canvas for the heatmap, no bounds offset."""
+    TRIDENT) or the patches' extent, a white canvas for the heatmap, and the bounds offset that
+    ``milkit tile`` records (``bounds_x/y``; 0 without them)."""
     from milkit.view.figures import extent, thumb_size
 
     lw, lh = _attr_value(attrs, "level0_width"), _attr_value(attrs, "level0_height")
@@ -109,7 +110,8 @@ def _geometry_from_h5(h5: Path, attrs: dict, coords: np.ndarray, ps0: int, thumb
     tw, th = thumb_size(size, thumbnail_size)
     thumb = np.full((th, tw, 3), 255, np.uint8)
     mpp = _attr_value(attrs, "mpp")
-    return _h5_slide_id(h5), size, thumb, size[0] / tw, None if mpp is None else float(mpp), (0, 0)
+    bounds = tuple(int(_attr_value(attrs, k) or 0) for k in ("bounds_x", "bounds_y"))
+    return _h5_slide_id(h5), size, thumb, size[0] / tw, None if mpp is None else float(mpp), bounds
 
 
 def label_slides(run_dir: str | Path, slides: list[Path] | None, features_dir: Path | None, out: Path | None,
@@ -118,8 +120,8 @@ def label_slides(run_dir: str | Path, slides: list[Path] | None, features_dir: P
     ``OUT/slides.csv`` (slide id, bag probability, patches, positive patches).
 
     Without ``slides`` every ``<slide>.h5`` of ``features_dir`` is labelled from its coords alone
-    (features extracted elsewhere, e.g. on a cluster): the slide's size comes from the h5, the
-    heatmap is drawn on a white canvas and the GeoJSON has no bounds offset."""
+    (features extracted elsewhere, e.g. on a cluster): the slide's size and bounds offset come from
+    the h5, and the heatmap is drawn on a white canvas."""
     from milkit.workflow import load_labelers
 
     run_dir = Path(run_dir)

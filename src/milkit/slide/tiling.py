@@ -158,6 +158,10 @@ def compute_grid(slide: Slide, cfg: TilingConfig) -> Grid:
         coord_origin="top_left",
         reader=f"openslide-python {openslide.__version__} (OpenSlide {openslide.__library_version__})",
         slide_vendor=slide.vendor,
+        # QuPath's origin for slides with a bounds offset (MRXS…): lets `milkit label --features` place GeoJSON
+        # without the slide
+        bounds_x=int(slide.bounds_offset[0]),
+        bounds_y=int(slide.bounds_offset[1]),
         tissue_method=f"hsv-saturation median{cfg.tissue.median} {cfg.tissue.method}"
         + (f"(floor {cfg.tissue.threshold})" if cfg.tissue.method == "otsu" else f"({cfg.tissue.threshold})"),
         tissue_fraction_threshold=float(cfg.tissue_fraction),
