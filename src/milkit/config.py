@@ -69,6 +69,11 @@ class TrainerConfig(StrictModel):
     seeds: int = Field(1, ge=1, description="seed replicas per stage, labels from their ensemble (issue 11 §3)")
     threshold_criterion: Literal["f1", "youden_product", "youden"] = Field(
         "f1", description="how the instance threshold is chosen on validation (issue 11 §4: F1)")
+    label_free_threshold: Literal["top_patch", "sure_positives"] = Field(
+        "top_patch", description="the instance threshold when validation has no patch labels: 0.5 on the probability "
+        "calibrated from slide labels (top_patch), or 0.5 of a Platt map whose positives are every positive-slide "
+        "patch above the highest negative-slide patch (sure_positives: more recall where lesions are large, fooled "
+        "by look-alikes more common in positive slides); not from a paper, docs/benchmarks.md")
     ensemble_threshold: Literal["median_of_seeds", "ensemble"] = Field(
         "median_of_seeds", description="the seed ensemble's instance threshold (trainer.seeds > 1): the median of "
         "the seeds' own validation thresholds, or the one chosen on the ensemble's validation probabilities "

@@ -189,13 +189,15 @@ DEFAULT_CRITERION = "f1"
 
 
 def select_threshold(labeler: Labeler, val: BagDataset, criterion: str = DEFAULT_CRITERION,
-                     rows: list[dict] | None = None) -> dict:
+                     rows: list[dict] | None = None, label_free: str = "top_patch") -> dict:
     """Instance threshold chosen on validation instance labels by ``criterion`` (``f1``,
     ``youden_product`` or ``youden``; NOTES.md "Common ground"), on the calibrated probability
     once the labeler has one (``applies_to``).
 
-    Without validation instance labels there is nothing to choose on: probabilities
-    use 0.5, other scores their validation median, and the source says so.
+    Without validation instance labels there is nothing to choose on: probabilities use the
+    ``label_free`` rule on the slide labels (``trainer.label_free_threshold``,
+    :func:`milkit.trust.calibration.label_free_threshold`: 0.5 by default), other scores their
+    validation median, and the source says so.
     """
     rows = labeler.predict_dataset(val) if rows is None else rows
     on = labeler.threshold_on
@@ -205,6 +207,16 @@ def select_threshold(labeler: Labeler, val: BagDataset, criterion: str = DEFAULT
         return {"threshold": choose_threshold(*arrs, criterion=criterion), "source": f"validation:{criterion}", **base}
     base["criterion"] = "none (no validation instance labels)"
     if on == "probability":
+        from milkit.trust.calibration import label_free_threshold
+
+        if label_free != "top_patch":
+            try:
+                thr = label_free_threshold(rows, labeler.label_values, label_free)
+                return {"threshold": thr, "source": f"slide labels:{label_free} (no validation instance labels)",
+                        **base}
+            except ValueError as err:
+                if "label_free_threshold must be" in str(err):
+                    raise
         return {"threshold": 0.5, "source": "default:0.5 (no validation instance labels)", **base}
     scores = np.concatenate([r["scores"] for r in rows]) if rows else np.zeros(1)
     return {"threshold": float(np.median(scores)), "source": "default:validation median (no instance labels)", **base}
@@ -449,8 +461,9 @@ class Method:
         """Per stage: the threshold chosen on validation by ``trainer.threshold_criterion``
         (default F1), written to ``stages/<stage>/threshold.json`` with its criterion."""
         criterion = getattr(self.exp.trainer, "threshold_criterion", DEFAULT_CRITERION)
+        label_free = getattr(self.exp.trainer, "label_free_threshold", "top_patch")
         for name, lab in labelers.items():
-            info = select_threshold(lab, splits.val, criterion)
+            info = select_threshold(lab, splits.val, criterion, label_free=label_free)
             lab.threshold = info["threshold"]
             lab.criterion = info["criterion"]
             run.write_threshold(name, info)

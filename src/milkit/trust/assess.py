@@ -55,7 +55,7 @@ def spread(per_seed: list[dict], ensemble: dict, split: str = "test") -> dict:
 
 
 def stage_trust(lab: Labeler, stage_metrics: dict, splits: DataSplits, criterion: str,
-                seed_values: list[int], n_boot: int = 1000) -> dict:
+                seed_values: list[int], n_boot: int = 1000, label_free: str = "top_patch") -> dict:
     """Trust block of one stage; adds ``seeds`` and ``seed_spread`` to ``stage_metrics`` for K > 1."""
     from milkit.methods.seg_base import SegLabeler
 
@@ -77,7 +77,7 @@ def stage_trust(lab: Labeler, stage_metrics: dict, splits: DataSplits, criterion
     if len(members) > 1:
         per_seed = []
         for k, (m, mr) in enumerate(zip(members, member_rows)):
-            info = select_threshold(m, splits.val, criterion, rows=mr)
+            info = select_threshold(m, splits.val, criterion, rows=mr, label_free=label_free)
             m.criterion = info["criterion"]
             one = {"seed": seed_values[k], "threshold": info}
             for split in ("val", "test"):
@@ -103,7 +103,8 @@ def add_trust(metrics: dict, labelers: dict[str, Labeler], splits: DataSplits, e
         cals = [getattr(x, "calibrator", None) for x in lab.members]
         m["calibration"] = [c.to_dict() if c is not None else None for c in cals]
         seeds = [exp.seed + k for k in range(len(lab.members))]
-        m["trust"] = stage_trust(lab, m, splits, criterion, seeds)
+        m["trust"] = stage_trust(lab, m, splits, criterion, seeds,
+                                 label_free=getattr(exp.trainer, "label_free_threshold", "top_patch"))
         thr = m.get("threshold")
         if isinstance(thr, dict) and isinstance(thr.get("ensemble"), dict):  # one copy, at the stage's top
             m["ensemble"] = nan_to_none(thr.pop("ensemble"))

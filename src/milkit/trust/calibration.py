@@ -137,6 +137,54 @@ def slide_label_targets(rows: list[dict], key: str | None = None) -> tuple[np.nd
     return raw, y, w
 
 
+def sure_positive_targets(rows: list[dict], key: str) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """(value, target, weight) for :func:`label_free_threshold`'s ``sure_positives``: every instance of a
+    negative slide → 0; every instance of a positive slide above the highest negative-slide instance → 1
+    (at least the slide's top instance, as :func:`slide_label_targets`); classes weighted equally."""
+    neg = [np.asarray(r[key], np.float64) for r in rows if r["label"] == 0 and len(r[key])]
+    if not neg or not any(r["label"] == 1 and len(r[key]) for r in rows):
+        raise ValueError("a threshold from slide labels needs negative and positive validation slides")
+    n = np.concatenate(neg)
+    top = float(n.max())
+    pos = []
+    for r in rows:
+        v = np.asarray(r[key], np.float64)
+        if r["label"] == 1 and len(v):
+            sure = v[v > top]
+            pos.append(sure if len(sure) else v[[int(np.argmax(v))]])
+    p = np.concatenate(pos)
+    raw = np.concatenate([n, p])
+    y = np.concatenate([np.zeros(len(n), int), np.ones(len(p), int)])
+    return raw, y, np.where(y == 1, 1.0 / len(p), 1.0 / len(n))
+
+
+#: ``trainer.label_free_threshold``: the instance threshold when validation has no instance labels
+LABEL_FREE_RULES = ("top_patch", "sure_positives")
+
+
+def label_free_threshold(rows: list[dict], values, rule: str) -> float:
+    """The instance threshold, on the calibrated probability, from validation *slide* labels alone
+    (docs/benchmarks.md, "Patch labels without patch annotations"):
+
+    - ``top_patch``: 0.5, i.e. where the probability calibrated from slide labels
+      (:func:`slide_label_targets`) crosses one half;
+    - ``sure_positives``: 0.5 of a Platt map fitted on :func:`sure_positive_targets` (the
+      probabilities' logits), i.e. the positives are every positive-slide patch above the highest
+      negative-slide patch. More recall where lesions are large (measured: hard-bags 10 of 12 cells,
+      the demo slides); fooled where look-alikes are more common in positive slides.
+    """
+    if rule not in LABEL_FREE_RULES:
+        raise ValueError(f"trainer.label_free_threshold must be one of {', '.join(LABEL_FREE_RULES)}, got {rule!r}")
+    if rule == "top_patch":
+        return 0.5
+    vals = [{"label": r["label"], "v": np.asarray(values(r), np.float64)} for r in rows]
+    raw, y, w = sure_positive_targets(vals, "v")
+    cal = fit_calibrator(raw, y, w, logit_input=True, source="sure positives")
+    grid = np.unique(np.concatenate([v["v"] for v in vals]))
+    above = grid[cal(grid) >= 0.5]
+    return float(above.min()) if above.size else float(np.nextafter(grid.max(), np.inf))
+
+
 def calibrate_rows(rows: list[dict], logit_input: bool = False) -> Calibrator:
     """Calibrator for one labeler from its validation rows (``Labeler.predict_dataset``), on their
     ``calibration_input`` (instance logits for probability scores) when present, else ``raw``

@@ -242,14 +242,15 @@ def finalise(method: Method, members: dict[str, list[Labeler]], splits: DataSpli
     if K > 1:
         criterion = getattr(method.exp.trainer, "threshold_criterion", DEFAULT_CRITERION)
         how = getattr(method.exp.trainer, "ensemble_threshold", ENSEMBLE_THRESHOLD)
+        label_free = getattr(method.exp.trainer, "label_free_threshold", "top_patch")
         seed0 = int(getattr(method.exp, "seed", 0))
         for stage, lab in out.items():
-            choose_stage(lab, splits, run, stage, criterion, seed0, how)  # type: ignore[arg-type]
+            choose_stage(lab, splits, run, stage, criterion, seed0, how, label_free)  # type: ignore[arg-type]
     return out
 
 
 def choose_stage(lab: "EnsembleLabeler", splits: DataSplits, run: RunDir, stage: str, criterion: str,
-                 seed0: int = 0, ensemble_threshold: str = "median_of_seeds") -> dict:
+                 seed0: int = 0, ensemble_threshold: str = "median_of_seeds", label_free: str = "top_patch") -> dict:
     """Apply :func:`choose_labels` to one stage's ensemble on validation: set ``lab.use`` and its
     threshold (the ensemble's: :func:`seed_median_threshold` unless ``ensemble_threshold`` is
     ``ensemble``), and rewrite ``threshold.json`` with the ``ensemble`` record. Returns the record."""
@@ -264,7 +265,8 @@ def choose_stage(lab: "EnsembleLabeler", splits: DataSplits, run: RunDir, stage:
     if rec["used"] != USED_ENSEMBLE:
         k = parse_used(rec["used"], len(lab.members), "choose_labels")
         lab.use = k
-        info = select_threshold(lab.members[k], splits.val, criterion, rows=rows[k])  # the replica's own
+        info = select_threshold(lab.members[k], splits.val, criterion, rows=rows[k],
+                                label_free=label_free)  # the replica's own
         lab.threshold, lab.criterion = info["threshold"], info["criterion"]
     else:
         thr = seed_median_threshold(rec) if ensemble_threshold == "median_of_seeds" else None

@@ -157,13 +157,19 @@ def label_free_threshold_notice(metrics: dict) -> str | None:
     (docs/benchmarks.md, "Patch labels without patch annotations"); None when every stage had them."""
     stages = [stage for stage, m in metrics.items()
               if not stage.startswith("_") and isinstance(m, dict) and isinstance(m.get("threshold"), dict)
-              and str(m["threshold"].get("source", "")).startswith("default:0.5")]
+              and str(m["threshold"].get("source", "")).startswith(("default:0.5", "slide labels:"))]
     if not stages:
         return None
-    return (f"milkit: {', '.join(stages)}: no validation patch labels, so patch labels use 0.5 on the probability "
-            "calibrated from slide labels (patches about as suspicious as a positive slide's top patch): expect "
-            "large lesions to be under-labelled; annotate a few validation slides (data.annotations_dir) for an "
-            "F1-chosen threshold")
+    source = str(metrics[stages[0]]["threshold"].get("source", ""))
+    if source.startswith("slide labels:sure_positives"):
+        how = ("0.5 of a map fitted on the positive-slide patches above every negative-slide patch "
+               "(trainer.label_free_threshold sure_positives): look-alikes common in positive slides are labelled too")
+    else:
+        how = ("0.5 on the probability calibrated from slide labels (patches about as suspicious as a positive "
+               "slide's top patch): expect large lesions to be under-labelled, or try "
+               "trainer.label_free_threshold=sure_positives")
+    return (f"milkit: {', '.join(stages)}: no validation patch labels, so patch labels use {how}; annotate a few "
+            "validation slides (data.annotations_dir) for an F1-chosen threshold")
 
 
 def labels_from(choice: object) -> str:
