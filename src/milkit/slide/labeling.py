@@ -22,7 +22,7 @@ import torch
 
 from milkit import io
 from milkit.data.bag import Bag, collate_bags
-from milkit.data.features import check_h5_features, level0_patch_size, read_h5_features
+from milkit.data.features import check_h5_features, coordinate_step, level0_patch_size, read_h5_features
 from milkit.metrics.classification import auroc, binary_metrics, nan_to_none
 from milkit.report import ScoreSet, write_report
 from milkit.run_dir import RunDir
@@ -50,8 +50,8 @@ def _stride(coords: np.ndarray, attrs: dict, ps0: int) -> int:
     v = attrs.get("stride_level0")
     if v not in (None, "None"):
         return int(v)
-    gaps = [np.diff(np.unique(coords[:, a])).min() for a in (0, 1) if len(np.unique(coords[:, a])) > 1]
-    return int(min(gaps)) if gaps else ps0
+    step = coordinate_step(coords)
+    return step if step is not None else ps0
 
 
 def _threshold(labeler, scores: np.ndarray, record: dict | None = None) -> tuple[float, str]:
