@@ -69,3 +69,27 @@ def test_notice_says_which_rule_and_the_config_key_is_checked(tmp_path):
     with pytest.raises(ConfigError, match="trainer.label_free_threshold"):
         build_experiment({"data": {"kind": "spatial_bags"}, "method": {"name": "mil"},
                           "trainer": {"label_free_threshold": "median"}})
+
+
+def test_hard_bags_label_free_f1_hides_the_validation_patch_labels():
+    from milkit.benchmarks.hard_bags import label_free_f1
+
+    rng = np.random.default_rng(0)
+
+    def slide(y, n=40):
+        inst = np.zeros(n, int)
+        if y:
+            inst[:8] = 1
+        raw = rng.normal(size=n) + 3.0 * inst
+        return {"label": y, "raw": raw, "scores": raw, "calibration_input": None, "instance_labels": inst}
+
+    val, test = [slide(i % 2) for i in range(10)], [slide(i % 2) for i in range(10)]
+    lab = types.SimpleNamespace(score_kind="score")
+    f = label_free_f1(lab, val, test)
+    assert set(f) == {"top_patch", "sure_positives"} and all(0 < v <= 1 for v in f.values())
+    # the validation patch labels are not used: scrambling them changes nothing
+    scrambled = [{**r, "instance_labels": rng.permutation(r["instance_labels"])} for r in val]
+    assert label_free_f1(lab, scrambled, test) == f
+    # with large, well-ranked lesions (8 of 40 patches, 3 sd) taking the sure positives labels more of them
+    assert f["sure_positives"] > f["top_patch"]
+    assert label_free_f1(lab, [r for r in val if r["label"] == 1], test) == {"top_patch": None, "sure_positives": None}

@@ -170,6 +170,28 @@ def _f1(y: np.ndarray, s: np.ndarray, thr: float) -> float:
     return float(f1_score(y, (s >= thr).astype(int), zero_division=0))
 
 
+def label_free_f1(lab, val_rows: list[dict], test_rows: list[dict]) -> dict[str, float | None]:
+    """Test patch F1 of each ``trainer.label_free_threshold`` rule, as a run whose validation had no
+    patch labels would label: the validation patch labels are hidden, the calibrator is refitted on the
+    slide labels (``trust.calibration.calibrate_rows``) and each rule's threshold
+    (``trust.calibration.label_free_threshold``) applies to that probability (docs/benchmarks.md,
+    "Patch labels without patch annotations")."""
+    from milkit.trust.calibration import LABEL_FREE_RULES, calibrate_rows, label_free_threshold
+
+    hidden = [{**r, "instance_labels": None} for r in val_rows]
+    key = "calibration_input" if val_rows and val_rows[0].get("calibration_input") is not None else "raw"
+    try:
+        cal = calibrate_rows(hidden, logit_input=lab.score_kind == "probability" and key == "raw")
+    except ValueError:  # validation without both classes of slides: no label-free threshold either
+        return {rule: None for rule in LABEL_FREE_RULES}
+    for r in hidden:
+        r["probability"] = cal(r[key])
+    yt = np.concatenate([r["instance_labels"] for r in test_rows])
+    pt = cal(np.concatenate([np.asarray(r[key], np.float64) for r in test_rows]))
+    return {rule: _f1(yt, pt, label_free_threshold(hidden, lambda r: r["probability"], rule))
+            for rule in LABEL_FREE_RULES}
+
+
 def _patch_arrays(rows: list[dict]) -> tuple[np.ndarray, np.ndarray]:
     return (np.concatenate([r["instance_labels"] for r in rows]), np.concatenate([r["scores"] for r in rows]))
 
@@ -375,9 +397,11 @@ def run_cell(row: str, level: str, seed: int, s: dict, run_dir: Path, scores_pat
     thr = f1_best_threshold(yv, sv)
     if scores_path is not None:
         save_scores(scores_path, labelers[stage], val_rows, test_rows)
+    free = label_free_f1(labelers[stage], val_rows, test_rows)
     return {"load": round(os.getloadavg()[0], 1), "patch_auroc": test.get("instance_auroc"), "slide_auroc": test.get("bag_auroc"),
             "patch_f1_run": test.get("instance_f1"), "run_threshold_source": (m[stage].get("threshold") or {}).get("source"),
-            "patch_f1_valf1": _f1(yt, st, thr), "stage": stage, "seconds": round(time.perf_counter() - t0, 1)}
+            "patch_f1_valf1": _f1(yt, st, thr), **{f"patch_f1_{rule}": v for rule, v in free.items()},
+            "stage": stage, "seconds": round(time.perf_counter() - t0, 1)}
 
 
 def probe_cell(level: str, s: dict) -> dict:
@@ -406,7 +430,9 @@ def probe_cell(level: str, s: dict) -> dict:
 
 
 METRICS = (("patch AUROC", "patch_auroc"), ("slide AUROC", "slide_auroc"),
-           ("patch F1 (run's val threshold)", "patch_f1_run"), ("patch F1 (val F1-best threshold)", "patch_f1_valf1"))
+           ("patch F1 (run's val threshold)", "patch_f1_run"), ("patch F1 (val F1-best threshold)", "patch_f1_valf1"),
+           ("patch F1, no patch labels: top_patch", "patch_f1_top_patch"),
+           ("patch F1, no patch labels: sure_positives", "patch_f1_sure_positives"))
 #: the metrics compared between the seed ensemble and the median seed
 ENS_METRICS = (("patch AUROC", "patch_auroc"), ("slide AUROC", "slide_auroc"), ("patch F1", "patch_f1_run"))
 
