@@ -9,7 +9,9 @@ and each fold's trust verdict: the "mean ± sd" that CLAM's k-fold tables, Disti
 (5-fold) and the Sm paper (five train/validation splits, App. B) report.
 
 Every fold's config is validated, and every fold folder's state checked, before the first fold
-trains; ``--resume`` keeps finished folds and continues the unfinished one.
+trains; ``--resume`` keeps finished folds (their config must be the fold's) and continues the
+unfinished one. Folds trained as separate jobs (``--set data.split_mode=kfold --set data.folds=K
+--set data.fold=k --out DIR/fold-<k>``, e.g. a SLURM array) are summarised by ``--folds K --resume``.
 """
 
 from __future__ import annotations
@@ -75,11 +77,9 @@ def run_folds(experiments: list[Experiment], out: Path, train: Callable[..., dic
     check_out(out, len(experiments), overwrite, resume)
     per_fold: list[dict] = []
     for k, exp in enumerate(experiments):
-        run = RunDir(fold_dir(out, k))
-        if resume and run.state() == "finished":
-            per_fold.append(run.read_metrics())  # a finished fold is kept as it is
-            continue
-        per_fold.append(train(exp, run.path, overwrite=overwrite, resume=resume, source=source))
+        # --resume: a finished fold keeps its stages (train_run checks its config is this fold's and
+        # re-evaluates it); an unfinished one continues from its last epoch
+        per_fold.append(train(exp, fold_dir(out, k), overwrite=overwrite, resume=resume, source=source))
     if not all(per_fold):  # a DDP rank other than 0: rank 0 writes the summary
         return {}, per_fold
     summary = summarise(per_fold)

@@ -78,6 +78,26 @@ def test_three_folds_write_three_runs_and_their_mean_and_sd(cv_run, capsys):
     assert main(["train", str(cfg), "--out", str(out), "--folds", "3", "--resume"]) == 0
     assert (out / "fold-0" / "stages" / "mil" / "model.pt").stat().st_mtime_ns == before
     assert json.loads((out / "cv_summary.json").read_text()) == s
+    # a fold trained with another config is not summarised as this cross-validation's
+    assert main(["train", str(cfg), "--out", str(out), "--folds", "3", "--resume", "--set", "trainer.lr=0.5"]) == 2
+    assert "trainer.lr" in capsys.readouterr().err
+
+
+def test_folds_trained_as_separate_jobs_are_summarised_by_resume(cv_run, capsys):
+    """A SLURM array trains fold k into OUT/fold-k with the k-fold keys; --folds K --resume then trains
+    nothing and writes the summary."""
+    root, cfg = cv_run
+    out = root / "array"
+    for k in range(2):
+        assert main(["train", str(cfg), "--out", str(out / f"fold-{k}"), "--set", "data.split_mode=kfold",
+                     "--set", "data.folds=2", "--set", f"data.fold={k}"]) == 0
+    stamps = [(out / f"fold-{k}" / "stages" / "mil" / "model.pt").stat().st_mtime_ns for k in range(2)]
+    assert main(["train", str(cfg), "--out", str(out), "--folds", "2", "--resume"]) == 0
+    assert [(out / f"fold-{k}" / "stages" / "mil" / "model.pt").stat().st_mtime_ns for k in range(2)] == stamps
+    s = json.loads((out / "cv_summary.json").read_text())
+    per_fold = [json.loads((out / f"fold-{k}" / "metrics.json").read_text()) for k in range(2)]
+    assert s["stages"]["mil"]["test"]["bag_auroc"]["values"] == pytest.approx([m["mil"]["test"]["bag_auroc"]
+                                                                                for m in per_fold])
 
 
 def test_folds_bad_input_is_one_line_and_writes_nothing(cv_run, tmp_path, capsys):
