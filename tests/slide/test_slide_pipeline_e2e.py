@@ -126,6 +126,11 @@ def test_cli_label_and_evaluate_slides(run, cohort, tmp_path):
     rc = main(["label", str(out), "--slides", str(cohort.slides_dir / "s09.tif"), "--features", str(wrong),
                "--out", str(tmp_path / "l2")])
     assert rc == 2 and not (tmp_path / "l2").exists()
+    # with a good slide before it, still nothing written: every slide is checked before the first output
+    (wrong / "s08.h5").write_bytes((cohort.tiles_dir / "s08.h5").read_bytes())
+    rc = main(["label", str(out), "--slides", str(cohort.slides_dir / "s08.tif"), str(cohort.slides_dir / "s09.tif"),
+               "--features", str(wrong), "--out", str(tmp_path / "l3")])
+    assert rc == 2 and not (tmp_path / "l3").exists()
 
 
 def test_label_features_without_slides_gives_the_slides_labels(run, cohort, tmp_path):

@@ -84,15 +84,19 @@ def _h5_slide_id(h5: Path) -> str:
     return stem[: -len("_patches")] if stem.endswith("_patches") else stem
 
 
+def _check_slide_matches(slide, h5: Path, attrs: dict) -> None:
+    """The h5 was made for this slide: its recorded level-0 size (when it has one) is the slide's."""
+    w0, h0 = slide.dimensions
+    lw, lh = _attr_value(attrs, "level0_width"), _attr_value(attrs, "level0_height")
+    if lw is not None and lh is not None and (int(lw), int(lh)) != (w0, h0):
+        raise ValueError(f"{h5}: made for a {lw}×{lh} slide but {slide.path} is {w0}×{h0} (wrong features folder?)")
+
+
 def _geometry_from_slide(slide_path: Path, h5: Path, attrs: dict, thumbnail_size: int):
     """(slide id, level-0 size, thumbnail, its downsample, mpp, bounds offset) read from the slide."""
     with open_slide(slide_path, mpp=None) as slide:
         w0, h0 = slide.dimensions
-        lw, lh = _attr_value(attrs, "level0_width"), _attr_value(attrs, "level0_height")
-        if lw is not None and lh is not None and (int(lw), int(lh)) != (w0, h0):
-            raise ValueError(
-                f"{h5}: made for a {lw}×{lh} slide but {slide_path} is {w0}×{h0} (wrong features folder?)"
-            )
+        _check_slide_matches(slide, h5, attrs)
         thumb, thumb_ds = slide.read_level_image(thumbnail_size)
         mpp_h5 = _attr_value(attrs, "mpp")
         mpp = slide.mpp if slide.mpp is not None else (None if mpp_h5 is None else float(mpp_h5))
@@ -147,8 +151,8 @@ def label_slides(run_dir: str | Path, slides: list[Path] | None, features_dir: P
     for slide_path, h5 in items:
         check_h5_features(h5, whole_slide=True)
         if slide_path is not None:
-            with open_slide(slide_path, mpp=None):
-                pass
+            with open_slide(slide_path, mpp=None) as slide:
+                _check_slide_matches(slide, h5, _attrs(h5))
     paths: list[Path] = []
     summary = []
     inferred: list[str] = []
