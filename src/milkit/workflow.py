@@ -117,11 +117,26 @@ def _finish(exp: Experiment, run: RunDir, method: Method, members: dict, splits:
                        "stages": list(labelers)}
     # the stage `milkit label` uses by default (issue 11 §2)
     metrics["_run"]["primary_stage"] = method.primary_stage if method.primary_stage in labelers else list(labelers)[-1]
+    features = _training_features(splits)
+    if features:  # what made the training features: `milkit label` refuses features of another encoder
+        metrics["_run"]["features"] = features
     from milkit import io
 
     io.write_json(run.metrics_path, metrics)
     write_report(run.path, metrics, scores)
     return metrics
+
+
+def _training_features(splits: DataSplits) -> dict | None:
+    """:func:`milkit.data.features.provenance` of the training and validation feature files (feature bags only)."""
+    from milkit.data.features import provenance
+
+    files = []
+    for ds in (splits.train, splits.val):
+        table = getattr(ds, "table", None)
+        if table is not None and hasattr(ds, "indices"):
+            files += [table.files[i] for i in ds.indices]
+    return provenance(files) if files else None
 
 
 def prepare(exp: Experiment, source: str = "config") -> DataSplits:

@@ -211,3 +211,18 @@ def test_kfold_tests_partition_and_respect_cases():
         assert len(tr) + len(va) + len(te) == 50 and len(va) > 0
     with pytest.raises(ValueError, match="at least 5 cases"):
         kfold_splits([0, 1, 0], None, k=5)
+
+
+def test_provenance_reads_the_attributes_and_skips_what_is_not_recorded(tmp_path):
+    from milkit.data.features import file_provenance, provenance
+
+    _write_h5(tmp_path / "a.h5")
+    _write_h5(tmp_path / "b.h5", attrs=False)  # CLAM h5_files: nothing recorded
+    with h5py.File(tmp_path / "a.h5", "a") as f:
+        f.attrs["encoder"] = "resnet50_trunc:imagenet"
+        f["coords"].attrs["target_mpp"] = 0.5
+    assert file_provenance(tmp_path / "a.h5") == {"encoder": "resnet50_trunc:imagenet", "target_mpp": 0.5,
+                                                 "patch_size": 256}
+    assert file_provenance(tmp_path / "b.h5") == {"encoder": None, "target_mpp": None, "patch_size": None}
+    assert provenance([tmp_path / "a.h5", tmp_path / "b.h5"]) == {
+        "encoder": ["resnet50_trunc:imagenet"], "target_mpp": [0.5], "patch_size": [256]}

@@ -197,3 +197,27 @@ def test_geometry_without_the_slide_comes_from_the_h5_attributes():
     assert int(thumb.min()) == 255  # a white canvas under the heatmap
     sid, size, _, _, mpp, bounds = _geometry_from_h5(Path("s2.h5"), {}, coords, 64, 128)  # CLAM: nothing recorded
     assert (sid, size, mpp, bounds) == ("s2", (192, 128), None, (0, 0))  # the patches' extent
+
+
+def test_label_refuses_features_of_another_encoder_and_notes_another_patch_size(run, cohort, tmp_path, capsys):
+    """The run records what made its training features (metrics.json _run.features); labelling features of
+    another encoder is refused before any output (the same D can be another model), another patch size is
+    noted once."""
+    out, _ = run
+    trained = json.loads((out / "metrics.json").read_text())["_run"]["features"]
+    with h5py.File(cohort.tiles_dir / "s08.h5") as f:
+        assert trained["encoder"] == [f.attrs["encoder"]] and trained["patch_size"] == [int(f["coords"].attrs["patch_size"])]
+    for name, edit in (("other_encoder", {"encoder": "uni:hub"}), ("other_size", {"patch_size": 999})):
+        d = tmp_path / name
+        d.mkdir()
+        (d / "s08.h5").write_bytes((cohort.tiles_dir / "s08.h5").read_bytes())
+        with h5py.File(d / "s08.h5", "a") as f:
+            for k, v in edit.items():
+                for node in (f, f["coords"], f["features"]):
+                    if k in node.attrs or k == "encoder":
+                        node.attrs[k] = v
+    capsys.readouterr()
+    assert main(["label", str(out), "--features", str(tmp_path / "other_encoder"), "--out", str(tmp_path / "l1")]) == 2
+    assert "features of encoder 'uni:hub'" in capsys.readouterr().err and not (tmp_path / "l1").exists()
+    assert main(["label", str(out), "--features", str(tmp_path / "other_size"), "--out", str(tmp_path / "l2")]) == 0
+    assert "s08.h5: patch_size 999, trained on" in capsys.readouterr().err

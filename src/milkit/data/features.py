@@ -223,6 +223,38 @@ def level0_patch_size(ff: FeatureFile, what: str = "whole-slide outputs") -> tup
     return step, True
 
 
+#: the h5 attributes that say how a feature file was made (``milkit extract`` / ``tile``; TRIDENT's names)
+PROVENANCE_KEYS = ("encoder", "target_mpp", "patch_size")
+
+
+def file_provenance(path: str | Path) -> dict:
+    """What made one feature file, from its attributes only: ``encoder`` (milkit's ``name:weights``),
+    ``target_mpp`` and ``patch_size`` (the coords' attributes); None where the file does not say."""
+    out: dict = dict.fromkeys(PROVENANCE_KEYS)
+    try:
+        with h5py.File(path, "r") as f:
+            attrs = {**dict(f.attrs), **(dict(f["coords"].attrs) if "coords" in f else {}),
+                     **(dict(f["features"].attrs) if "features" in f else {})}
+    except OSError:
+        return out
+    enc = attrs.get("encoder")
+    out["encoder"] = enc.decode() if isinstance(enc, bytes) else (str(enc) if enc is not None else None)
+    for k in ("target_mpp", "patch_size"):
+        v = _attr_num(attrs, k)
+        out[k] = None if v is None else (int(v) if k == "patch_size" else round(float(v), 6))
+    return out
+
+
+def provenance(paths: list[Path]) -> dict:
+    """:func:`file_provenance` over many files: per key the sorted distinct values that were recorded."""
+    seen: dict[str, set] = {k: set() for k in PROVENANCE_KEYS}
+    for p in paths:
+        for k, v in file_provenance(p).items():
+            if v is not None:
+                seen[k].add(v)
+    return {k: sorted(v) for k, v in seen.items()}
+
+
 def check_h5_features(path: str | Path, whole_slide: bool = False) -> None:
     """The checks of :func:`read_h5_features` on shapes and attributes only (no data read), so that a
     command can refuse a bad file before it writes anything; ``whole_slide`` also needs coords with a

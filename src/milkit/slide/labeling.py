@@ -84,6 +84,24 @@ def _h5_slide_id(h5: Path) -> str:
     return stem[: -len("_patches")] if stem.endswith("_patches") else stem
 
 
+def _check_same_encoder(h5: Path, trained_on: dict, run_dir: Path, other_scale: list[str]) -> None:
+    """Features of another encoder than the run's training features are refused (the same D can be a
+    different model: UNI and CLAM's ResNet-50 are both 1024-d); another ``target_mpp`` / ``patch_size`` is
+    noted in ``other_scale``. Files or runs that do not record it are not checked."""
+    from milkit.data.features import file_provenance
+
+    own = file_provenance(h5)
+    encoders = trained_on.get("encoder") or []
+    if own["encoder"] is not None and len(encoders) == 1 and own["encoder"] != encoders[0]:
+        raise ValueError(f"{h5}: features of encoder {own['encoder']!r}, but {run_dir} was trained on "
+                         f"{encoders[0]!r} features; extract with that encoder (milkit extract --encoder)")
+    for k in ("target_mpp", "patch_size"):
+        known = trained_on.get(k) or []
+        if own[k] is not None and known and own[k] not in known:
+            other_scale.append(f"{h5.name}: {k} {own[k]}, trained on {', '.join(map(str, known))}")
+            return
+
+
 def _check_slide_matches(slide, h5: Path, attrs: dict) -> None:
     """The h5 was made for this slide: its recorded level-0 size (when it has one) is the slide's."""
     w0, h0 = slide.dimensions
@@ -148,11 +166,17 @@ def label_slides(run_dir: str | Path, slides: list[Path] | None, features_dir: P
         items = [(p, _feature_file(features_dir, p)) for p in find_slides(list(slides))]
     else:
         items = [(None, h5) for h5 in feature_files(features_dir)]
+    trained_on = (RunDir(run_dir).read_metrics().get("_run") or {}).get("features") or {}
+    other_scale: list[str] = []
     for slide_path, h5 in items:
         check_h5_features(h5, whole_slide=True)
+        _check_same_encoder(h5, trained_on, run_dir, other_scale)
         if slide_path is not None:
             with open_slide(slide_path, mpp=None) as slide:
                 _check_slide_matches(slide, h5, _attrs(h5))
+    if other_scale:
+        log.info("%d feature file(s) were made at another resolution or patch size than the training features "
+                 "(%s); the model scores them all the same", len(other_scale), "; ".join(other_scale[:3]))
     paths: list[Path] = []
     summary = []
     inferred: list[str] = []
