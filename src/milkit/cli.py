@@ -67,6 +67,10 @@ def train(
         from milkit.workflow import print_cv_table
 
         exps = [load_experiment(path, overrides + cv.fold_overrides(exp, folds, k)) for k in range(folds)]
+        mode = getattr(exp.data, "split_mode", None)
+        if mode not in (None, "kfold"):
+            typer.echo(f"milkit: --folds {folds}: k-fold splits of every labelled slide replace data.split_mode "
+                       f"{mode!r} (a split column of the labels CSV is not used)", err=True)
         summary, per_fold = cv.run_folds(exps, out, train_run, overwrite=overwrite, resume=resume, source=str(path))
         if not summary:
             return

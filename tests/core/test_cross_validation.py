@@ -55,7 +55,9 @@ def test_three_folds_write_three_runs_and_their_mean_and_sd(cv_run, capsys):
     out = root / "out"
     capsys.readouterr()
     assert main(["train", str(cfg), "--out", str(out), "--folds", "3"]) == 0
-    printed = capsys.readouterr().out.strip().splitlines()
+    captured = capsys.readouterr()
+    assert "k-fold splits of every labelled slide replace data.split_mode 'auto'" in captured.err
+    printed = captured.out.strip().splitlines()
     assert printed[-1].startswith("fold-2 verdict mil: ") and printed[-3].startswith("fold-0 verdict mil: ")
     per_fold = [json.loads((out / f"fold-{k}" / "metrics.json").read_text()) for k in range(3)]
     for k in range(3):

@@ -56,7 +56,9 @@ def test_select_threshold_records_the_rule_and_falls_back_without_both_classes_o
     assert select_threshold(LAB, None, rows=ROWS)["source"].startswith("default:0.5")
     only_pos = _rows((1, [0.2, 0.9]), (1, [0.4]))
     info = select_threshold(LAB, None, rows=only_pos, label_free="sure_positives")
-    assert info["threshold"] == 0.5 and info["source"].startswith("default:0.5")
+    assert info["threshold"] == 0.5 and info["source"] == (
+        "default:0.5 (no validation instance labels; sure_positives needs negative and positive validation slides)")
+    assert label_free_threshold(only_pos, LAB.label_values, "sure_positives") is None
     with_labels = [{**r, "instance_labels": (r["probability"] > 0.5).astype(int)} for r in ROWS]
     assert select_threshold(LAB, None, rows=with_labels, label_free="sure_positives")["source"] == "validation:f1"
 

@@ -188,8 +188,11 @@ def label_free_f1(lab, val_rows: list[dict], test_rows: list[dict]) -> dict[str,
         r["probability"] = cal(r[key])
     yt = np.concatenate([r["instance_labels"] for r in test_rows])
     pt = cal(np.concatenate([np.asarray(r[key], np.float64) for r in test_rows]))
-    return {rule: _f1(yt, pt, label_free_threshold(hidden, lambda r: r["probability"], rule))
-            for rule in LABEL_FREE_RULES}
+    out = {}
+    for rule in LABEL_FREE_RULES:
+        thr = label_free_threshold(hidden, lambda r: r["probability"], rule)
+        out[rule] = None if thr is None else _f1(yt, pt, thr)
+    return out
 
 
 def _patch_arrays(rows: list[dict]) -> tuple[np.ndarray, np.ndarray]:

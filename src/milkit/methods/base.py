@@ -209,15 +209,11 @@ def select_threshold(labeler: Labeler, val: BagDataset, criterion: str = DEFAULT
     if on == "probability":
         from milkit.trust.calibration import label_free_threshold
 
-        if label_free != "top_patch":
-            try:
-                thr = label_free_threshold(rows, labeler.label_values, label_free)
-                return {"threshold": thr, "source": f"slide labels:{label_free} (no validation instance labels)",
-                        **base}
-            except ValueError as err:
-                if "label_free_threshold must be" in str(err):
-                    raise
-        return {"threshold": 0.5, "source": "default:0.5 (no validation instance labels)", **base}
+        thr = label_free_threshold(rows, labeler.label_values, label_free)
+        if thr is not None and label_free != "top_patch":
+            return {"threshold": thr, "source": f"slide labels:{label_free} (no validation instance labels)", **base}
+        why = "" if thr is not None else f"; {label_free} needs negative and positive validation slides"
+        return {"threshold": 0.5, "source": f"default:0.5 (no validation instance labels{why})", **base}
     scores = np.concatenate([r["scores"] for r in rows]) if rows else np.zeros(1)
     return {"threshold": float(np.median(scores)), "source": "default:validation median (no instance labels)", **base}
 

@@ -162,7 +162,7 @@ def sure_positive_targets(rows: list[dict], key: str) -> tuple[np.ndarray, np.nd
 LABEL_FREE_RULES = ("top_patch", "sure_positives")
 
 
-def label_free_threshold(rows: list[dict], values, rule: str) -> float:
+def label_free_threshold(rows: list[dict], values, rule: str) -> float | None:
     """The instance threshold, on the calibrated probability, from validation *slide* labels alone
     (docs/benchmarks.md, "Patch labels without patch annotations"):
 
@@ -172,13 +172,18 @@ def label_free_threshold(rows: list[dict], values, rule: str) -> float:
       probabilities' logits), i.e. the positives are every positive-slide patch above the highest
       negative-slide patch. More recall where lesions are large (measured: hard-bags 10 of 12 cells,
       the demo slides); fooled where look-alikes are more common in positive slides.
+
+    None when ``sure_positives`` has no negative or no positive validation slide to fit on.
     """
     if rule not in LABEL_FREE_RULES:
         raise ValueError(f"trainer.label_free_threshold must be one of {', '.join(LABEL_FREE_RULES)}, got {rule!r}")
     if rule == "top_patch":
         return 0.5
     vals = [{"label": r["label"], "v": np.asarray(values(r), np.float64)} for r in rows]
-    raw, y, w = sure_positive_targets(vals, "v")
+    try:
+        raw, y, w = sure_positive_targets(vals, "v")
+    except ValueError:
+        return None
     cal = fit_calibrator(raw, y, w, logit_input=True, source="sure positives")
     grid = np.unique(np.concatenate([v["v"] for v in vals]))
     above = grid[cal(grid) >= 0.5]
