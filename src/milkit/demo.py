@@ -20,6 +20,7 @@ from rich.console import Console
 from milkit import io
 from milkit.config import build_experiment
 from milkit.methods.base import Labeler
+from milkit.trust.verdict import print_verdicts
 from milkit.workflow import label_run, load_labelers, print_table, train_run
 
 DEMO_CONFIG = {
@@ -88,6 +89,7 @@ def run_demo(out: Path, seed: int = 0) -> dict:
             *(np.nan_to_num(d[s].get("instance_auroc") or np.nan) for s in d)
         )
     )
+    print_verdicts(metrics, lambda line: console.print(line, markup=False, highlight=False, soft_wrap=True))
     console.print(f"labels: {labels[0]}\nmontage: {png}\nmetrics: {out / 'metrics.json'}\nreport: {out / 'report.html'}")
     metrics["_slides"] = run_slide_demo(out / "wsi", seed, console)
     return metrics
@@ -135,7 +137,8 @@ def run_slide_demo(out: Path, seed: int = 0, console: Console | None = None) -> 
         "trainer": {"max_epochs": 30, "lr": 1e-3, "progress_bar": False, "monitor": "val/auroc_minus_bce"},
     }, source="milkit demo (slides)")
     console.print("train ABMIL on 6 slides (slide labels only) …")
-    train_run(exp, run, overwrite=True)
+    metrics = train_run(exp, run, overwrite=True)
+    print_verdicts(metrics, lambda line: console.print(line, markup=False, highlight=False, soft_wrap=True))
     labels = run / "labels"  # where report.html's per-slide links expect them
     label_slides(run, [slides_dir], tiles, labels, None, thumbnail_size=512)
     res = evaluate_annotations(run, ann_dir, labels)
