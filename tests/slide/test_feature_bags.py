@@ -226,3 +226,20 @@ def test_provenance_reads_the_attributes_and_skips_what_is_not_recorded(tmp_path
     assert file_provenance(tmp_path / "b.h5") == {"encoder": None, "target_mpp": None, "patch_size": None}
     assert provenance([tmp_path / "a.h5", tmp_path / "b.h5"]) == {
         "encoder": ["resnet50_trunc:imagenet"], "target_mpp": [0.5], "patch_size": [256]}
+
+
+def test_a_positive_slide_without_annotation_has_unknown_patch_labels(cohort, tmp_path, caplog):
+    import logging
+    import shutil
+
+    few = tmp_path / "few"
+    shutil.copytree(cohort.ann_dir, few)
+    (few / "s00.xml").unlink()
+    cfg = FeatureBagsConfig(features_dir=cohort.tiles_dir, labels_csv=cohort.labels_csv, annotations_dir=few)
+    with caplog.at_level(logging.INFO, logger="milkit"):
+        splits = cfg.build(seed=0)
+    assert "1 positive slide(s) have no annotation" in caplog.text and "(s00)" in caplog.text
+    s00, s01, s02 = (splits.train[i] for i in range(3))
+    assert s00.bag_id == "s00" and s00.label == 1 and s00.instance_labels is None  # unknown, not negative
+    assert s01.label == 0 and int(s01.instance_labels.sum()) == 0  # negative, no annotation: all negative
+    assert s02.label == 1 and int(s02.instance_labels.sum()) > 0

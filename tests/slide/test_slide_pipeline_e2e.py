@@ -221,3 +221,28 @@ def test_label_refuses_features_of_another_encoder_and_notes_another_patch_size(
     assert "features of encoder 'uni:hub'" in capsys.readouterr().err and not (tmp_path / "l1").exists()
     assert main(["label", str(out), "--features", str(tmp_path / "other_size"), "--out", str(tmp_path / "l2")]) == 0
     assert "s08.h5: patch_size 999, trained on" in capsys.readouterr().err
+
+
+def test_a_positive_slide_without_annotation_is_left_out_of_the_patch_metrics(run, cohort, tmp_path, caplog):
+    """Users annotate a few positive slides: one without its XML is not annotated (unknown patch
+    labels), not all negative, so its tumour detections are not counted as false positives."""
+    import logging
+    import shutil
+
+    out, _ = run
+    full = evaluate_annotations(out, cohort.ann_dir)
+    few = tmp_path / "few"
+    shutil.copytree(cohort.ann_dir, few)
+    (few / "s08.xml").unlink()  # s08: a positive test slide
+    with caplog.at_level(logging.INFO, logger="milkit"):
+        res = evaluate_annotations(out, few)
+    assert "1 positive slide(s) have no annotation" in caplog.text and "s08" in caplog.text
+    s08, s09 = res["per_slide"]["s08"], res["per_slide"]["s09"]
+    assert s08["annotated"] is False and s08["n_tumour_patches"] is None and s08["instance_auroc"] is None
+    test = res["splits"]["test"]
+    # only s09's patches are scored; the slide metric still sees both slides
+    assert test["n_instances"] == s09["n_patches"] == full["per_slide"]["s09"]["n_patches"]
+    assert test["n_tumour_instances"] == 0 and test["n_lesions"] == 0 and test["froc"] is None
+    assert test["slide_auroc"] == full["splits"]["test"]["slide_auroc"] and test["n_slides"] == 2
+    assert res["not_annotated"] == ["s08"] and res["splits"]["val"] == full["splits"]["val"]
+    assert "not annotated" in (out / "report_annotations.html").read_text()

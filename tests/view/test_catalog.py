@@ -47,10 +47,10 @@ def test_patch_metrics_fill_in_behind_the_list(view_cohort, tmp_path, monkeypatc
     calls = []
     real = Catalog._patch_metrics
 
-    def gated(self, sid, f):
+    def gated(self, sid, f, true_label=None):
         go.wait(60)
         calls.append(sid)
-        return real(self, sid, f) if sid == "c000" else {"patch_auroc": 0.5, "patch_f1": 0.25, "n_tumour_patches": 3}
+        return real(self, sid, f, true_label) if sid == "c000" else {"patch_auroc": 0.5, "patch_f1": 0.25, "n_tumour_patches": 3}
 
     monkeypatch.setattr(Catalog, "_patch_metrics", gated)
     cat = Catalog(tmp_path, annotations_dir=view_cohort.ann_dir)

@@ -512,6 +512,8 @@ class FeatureTable:
             )
         if not rows:
             raise ValueError(f"{source}: no labelled slides")
+        if cfg.annotations_dir is not None:
+            _note_not_annotated(rows, Path(cfg.annotations_dir))
         return cls(rows, [index[r.slide_id] for r in rows], layout, source)
 
     def split_indices(self, cfg: FeatureBagsConfig, seed: int) -> list[np.ndarray]:
@@ -600,7 +602,7 @@ class FeatureTable:
         inst = ff.instance_labels
         if cfg.annotations_dir is not None and ff.coords is not None:
             if i not in self._inst:
-                self._inst[i] = _annotation_labels(cfg, row.slide_id, ff)
+                self._inst[i] = _annotation_labels(cfg, row, ff)
             inst = self._inst[i]
         bag = Bag(
             instances=torch.from_numpy(ff.features),
@@ -678,17 +680,33 @@ def _check_case_groups(rows: list[LabelRow], source: Path, group_column: str) ->
                              "(data.group_column keeps a group in one split)")
 
 
-def _annotation_labels(cfg: FeatureBagsConfig, sid: str, ff: FeatureFile) -> np.ndarray:
-    from milkit.slide.annotations import find_annotation, patch_labels, read_annotations
+def _annotation_labels(cfg: FeatureBagsConfig, row: LabelRow, ff: FeatureFile) -> np.ndarray | None:
+    """Patch labels from ``data.annotations_dir``; None (unknown) for a positive slide without an
+    annotation file (:func:`milkit.slide.annotations.not_annotated`)."""
+    from milkit.slide.annotations import find_annotation, not_annotated, patch_labels, read_annotations
 
+    ann = find_annotation(cfg.annotations_dir, row.slide_id)  # type: ignore[arg-type]
+    if not_annotated(ann, row.label):
+        return None
     if not len(ff.features):
         return np.zeros(0, np.int64)
     ps0, _ = level0_patch_size(ff, "annotations (data.annotations_dir)")  # CLAM h5_files: the coordinate step
-    ann = find_annotation(cfg.annotations_dir, sid)  # type: ignore[arg-type]
     if ann is None:
         return np.zeros(len(ff.features), np.int64)  # Camelyon16: normal slides have no annotation
     labels, _ = patch_labels(read_annotations(ann), ff.coords, ps0, cfg.tumour_fraction)
     return labels
+
+
+def _note_not_annotated(rows: list[LabelRow], folder: Path) -> None:
+    """One notice naming the positive slides that ``data.annotations_dir`` does not annotate."""
+    from milkit.slide.annotations import find_annotation, not_annotated
+
+    miss = [r.slide_id for r in rows if not_annotated(find_annotation(folder, r.slide_id), r.label)]
+    if miss:
+        shown = ", ".join(miss[:5]) + (" …" if len(miss) > 5 else "")
+        log.info("%d positive slide(s) have no annotation in %s (%s): their patch labels are unknown and they are "
+                 "left out of every patch metric (negative slides without one are all negative)", len(miss),
+                 folder, shown)
 
 
 def preload_bags(table: FeatureTable, cfg: FeatureBagsConfig, indices: list[int]) -> None:

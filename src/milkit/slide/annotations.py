@@ -149,12 +149,21 @@ def read_annotations(path: str | Path, offset: tuple[float, float] = (0.0, 0.0))
 
 
 def find_annotation(folder: str | Path, sid: str) -> Path | None:
-    """``folder/<sid>.xml|.geojson|.json``, or None (a slide without annotation is all negative)."""
+    """``folder/<sid>.xml|.geojson|.json``, or None: a negative slide without annotation is all
+    negative (Camelyon16 annotates every tumour slide); a positive one was not annotated
+    (:func:`not_annotated`)."""
     for suf in ANNOTATION_SUFFIXES:
         p = Path(folder) / f"{sid}{suf}"
         if p.is_file():
             return p
     return None
+
+
+def not_annotated(annotation: Path | None, slide_label: int | None) -> bool:
+    """A slide labelled positive with no annotation file: its patch labels are unknown, not
+    negative. Users annotate a few of their positive slides; scoring the others' tumour patches
+    as negatives would count every true detection on them as a false positive."""
+    return annotation is None and slide_label == 1
 
 
 def rasterize(regions: list[Region], size: tuple[int, int], downsample: float) -> np.ndarray:

@@ -26,7 +26,7 @@ from milkit.data.features import check_h5_features, coordinate_step, level0_patc
 from milkit.metrics.classification import auroc, binary_metrics, nan_to_none
 from milkit.report import ScoreSet, write_report
 from milkit.run_dir import RunDir
-from milkit.slide.annotations import find_annotation, patch_labels, read_annotations
+from milkit.slide.annotations import find_annotation, not_annotated, patch_labels, read_annotations
 from milkit.slide.outputs import SlideScores, read_instances_h5, write_slide_outputs
 from milkit.slide.reader import find_slides, open_slide
 
@@ -277,21 +277,30 @@ def evaluate_annotations(run_dir: str | Path, annotations_dir: Path, labels_dir:
     results: list[SlideResult] = []
     for f in files:
         s = read_instances_h5(f)
-        ann = find_annotation(annotations_dir, s.slide_id)
+        sid = s.slide_id
+        ann = find_annotation(annotations_dir, sid)
         regions = read_annotations(ann, offset=s.bounds_offset) if ann is not None else []
         if ann is not None:
             check_regions(regions, ann, s.level0_size)
-        y, _ = patch_labels(regions, s.coords, s.size_level0, tumour_fraction, s.level0_size)
         geom = tumour_geometry(regions)
         lesions = [] if geom.is_empty else list(getattr(geom, "geoms", [geom]))
-        prob = _probability(f)
-        sid = s.slide_id
         true = info[sid].label if sid in info else int(bool(lesions))
-        results.append(SlideResult(sid, split_of(info, sid), true, s, y, prob, ann, lesions))
+        if not_annotated(ann, true):  # patch labels unknown: out of every patch metric and the FROC
+            y = np.full(len(s.coords), -1, np.int64)
+        else:
+            y, _ = patch_labels(regions, s.coords, s.size_level0, tumour_fraction, s.level0_size)
+        results.append(SlideResult(sid, split_of(info, sid), true, s, y, _probability(f), ann, lesions))
+    unannotated = [r.slide_id for r in results if not r.annotated]
+    if unannotated:
+        log.info("%d positive slide(s) have no annotation in %s (%s): slide metrics only, left out of the patch "
+                 "metrics and the FROC", len(unannotated), annotations_dir,
+                 ", ".join(unannotated[:5]) + (" …" if len(unannotated) > 5 else ""))
     splits: dict[str, dict] = {}
     n_lesion = 0
     froc_in: dict[str, list] = {}
     for r in results:
+        if not r.annotated:
+            continue
         conf = r.prob if r.prob is not None else r.scores.scores
         c, k = detections(r.scores.coords, conf, r.scores.size_level0)
         froc_in.setdefault(r.split, []).append((k, lesion_hits(c, r.lesions, n_lesion), None))
@@ -299,11 +308,12 @@ def evaluate_annotations(run_dir: str | Path, annotations_dir: Path, labels_dir:
     for split in SPLIT_ORDER:
         rs = [r for r in results if r.split == split]
         if rs:
-            splits[split] = _split_metrics(rs, froc(froc_in[split], sum(len(r.lesions) for r in rs)))
+            splits[split] = _split_metrics(rs, froc(froc_in.get(split, []), sum(len(r.lesions) for r in rs)))
     per_slide = {r.slide_id: r.metrics() for r in results}
     result = nan_to_none({
         "tumour_fraction_threshold": tumour_fraction,
         "patch_positive_rule": "exact tumour area fraction (shapely) >= threshold",
+        "not_annotated": unannotated,  # positive slides without an annotation: slide metrics only
         "split_source": "the run's config (labels CSV / seed)" if info else "none (no feature-bag run): 'unlisted'",
         "labels_dir": str(labels_dir),
         "annotations_dir": str(annotations_dir),
@@ -327,9 +337,10 @@ def _probability(path: Path) -> np.ndarray | None:
 
 def _split_metrics(rs: list, froc_result: dict) -> dict:
     """Patch and slide metrics of the slides of one split (pooled patches within the split only)."""
-    y = np.concatenate([r.patch_true for r in rs])
-    s = np.concatenate([r.scores.scores for r in rs])
-    lab = np.concatenate([r.scores.labels for r in rs])
+    keep = [r.patch_true >= 0 for r in rs]  # patches of not-annotated positive slides are unknown (−1)
+    y = np.concatenate([r.patch_true[k] for r, k in zip(rs, keep)])
+    s = np.concatenate([np.asarray(r.scores.scores)[k] for r, k in zip(rs, keep)])
+    lab = np.concatenate([np.asarray(r.scores.labels)[k] for r, k in zip(rs, keep)])
     pooled = binary_metrics(y, lab, 0.5) if len(y) else {}
     per_auc = [m for m in (r.metrics()["instance_auroc"] for r in rs) if m is not None and np.isfinite(m)]
     sy = np.array([r.true_label for r in rs])

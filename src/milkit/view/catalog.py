@@ -128,7 +128,7 @@ class Catalog:
         try:
             for i, sid, f in todo:
                 try:
-                    m = self._patch_metrics(sid, f)
+                    m = self._patch_metrics(sid, f, rows[i].get("true_label"))
                 except (OSError, ValueError, KeyError) as err:
                     log.warning("%s: patch metrics not computed (%s)", f, err)
                     m = {}
@@ -146,13 +146,16 @@ class Catalog:
         ann = find_annotation(self.annotations_dir, sid)
         return ann, (read_annotations(ann, offset=offset) if ann is not None else [])
 
-    def _patch_metrics(self, sid: str, f: Path) -> dict:
+    def _patch_metrics(self, sid: str, f: Path, true_label: int | None = None) -> dict:
+        """Patch AUROC/F1 against the annotation; none for a positive slide without one (unknown)."""
         from milkit.metrics.classification import auroc, binary_metrics
-        from milkit.slide.annotations import patch_labels
+        from milkit.slide.annotations import not_annotated, patch_labels
         from milkit.slide.outputs import read_instances_h5
 
         s = read_instances_h5(f)
-        _, regions = self._regions(sid, s.bounds_offset)
+        ann, regions = self._regions(sid, s.bounds_offset)
+        if not_annotated(ann, true_label):
+            return {}
         y, _ = patch_labels(regions, s.coords, s.size_level0, 0.5, s.level0_size)
         if not len(y):
             return {}

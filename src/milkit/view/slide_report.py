@@ -32,18 +32,25 @@ class SlideResult:
     split: str
     true_label: int
     scores: SlideScores
-    patch_true: np.ndarray  # (N,) 0/1 from the annotation
+    patch_true: np.ndarray  # (N,) 0/1 from the annotation; −1 throughout on a not-annotated positive slide
     prob: np.ndarray | None  # calibrated probability per patch, when written
     annotation: Path | None
     lesions: list = field(default_factory=list)  # shapely polygons, level 0
 
+    @property
+    def annotated(self) -> bool:
+        """False for a positive slide without annotation: its patch labels are unknown (−1)."""
+        return not (len(self.patch_true) and bool((np.asarray(self.patch_true) < 0).all()))
+
     def metrics(self) -> dict:
         y, s = self.patch_true, self.scores
         m = {"split": self.split, "true_label": self.true_label, "n_patches": int(len(y)),
-             "n_tumour_patches": int(y.sum()), "n_positive_patches": int(np.asarray(s.labels).sum()),
+             "n_positive_patches": int(np.asarray(s.labels).sum()),
              "annotation": str(self.annotation) if self.annotation else None, "bag_prob": s.bag_prob,
-             "n_lesions": len(self.lesions),
-             "instance_auroc": auroc(y, s.scores) if len(y) else float("nan")}
+             "annotated": self.annotated, "n_lesions": len(self.lesions)}
+        if not self.annotated:
+            return {**m, "n_tumour_patches": None, "instance_auroc": float("nan")}
+        m.update(n_tumour_patches=int(y.sum()), instance_auroc=auroc(y, s.scores) if len(y) else float("nan"))
         if len(y):
             m.update({f"instance_{k}": v for k, v in binary_metrics(y, s.labels, 0.5).items() if k != "auroc"})
         return m
@@ -110,7 +117,8 @@ def render(result: dict, results: list[SlideResult], labels_dir: Path, thumbnail
     for r in results:
         m = r.metrics()
         rows.append([html.escape(r.slide_id), html.escape(r.split), str(r.true_label), _fmt(m["bag_prob"]),
-                     str(m["n_patches"]), str(m["n_tumour_patches"]), str(m["n_positive_patches"]),
+                     str(m["n_patches"]),
+                     "not annotated" if m["n_tumour_patches"] is None else str(m["n_tumour_patches"]), str(m["n_positive_patches"]),
                      _fmt(m["instance_auroc"]), _fmt(m.get("instance_f1")),
                      f"<a href='{html.escape(view_link(r.slide_id, port))}'>open</a>"])
     p.append("<h2>Slides</h2>" + figures.sortable_table(
