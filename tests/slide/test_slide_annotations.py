@@ -173,3 +173,18 @@ def test_points_lines_only_and_outside_polygons_are_named_errors(tmp_path, caplo
     with caplog.at_level("WARNING"):
         check_regions(read_annotations(half), half, (1024, 1024))
     assert "half.geojson" in caplog.text and "50% of the tumour area lies outside" in caplog.text
+
+
+def test_find_annotation_takes_qupath_export_names_and_says_who_is_not_annotated(tmp_path):
+    from milkit.slide.annotations import find_annotation, not_annotated
+
+    (tmp_path / "a.xml").write_text("<ASAP_Annotations/>")
+    (tmp_path / "b.svs.geojson").write_text("{}")  # QuPath: the image name, extension included
+    (tmp_path / "c.svs.geojson").write_text("{}")
+    (tmp_path / "c.geojson").write_text("{}")
+    assert find_annotation(tmp_path, "a") == tmp_path / "a.xml"
+    assert find_annotation(tmp_path, "b") == tmp_path / "b.svs.geojson"
+    assert find_annotation(tmp_path, "c") == tmp_path / "c.geojson"  # the exact name first
+    assert find_annotation(tmp_path, "d") is None
+    assert not_annotated(None, 1) and not not_annotated(None, 0) and not not_annotated(None, None)
+    assert not not_annotated(tmp_path / "a.xml", 1)

@@ -149,13 +149,17 @@ def read_annotations(path: str | Path, offset: tuple[float, float] = (0.0, 0.0))
 
 
 def find_annotation(folder: str | Path, sid: str) -> Path | None:
-    """``folder/<sid>.xml|.geojson|.json``, or None: a negative slide without annotation is all
+    """``folder/<sid>.xml|.geojson|.json`` (or ``<sid>.svs.geojson`` etc.), or None: a negative slide without annotation is all
     negative (Camelyon16 annotates every tumour slide); a positive one was not annotated
     (:func:`not_annotated`)."""
-    for suf in ANNOTATION_SUFFIXES:
-        p = Path(folder) / f"{sid}{suf}"
-        if p.is_file():
-            return p
+    from milkit.slide.reader import SLIDE_EXTENSIONS
+
+    # QuPath names its exports after the image, extension included (``<sid>.svs.geojson``)
+    for stem in (sid, *(sid + ext for ext in SLIDE_EXTENSIONS)):
+        for suf in ANNOTATION_SUFFIXES:
+            p = Path(folder) / f"{stem}{suf}"
+            if p.is_file():
+                return p
     return None
 
 
