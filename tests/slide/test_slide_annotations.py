@@ -188,3 +188,26 @@ def test_find_annotation_takes_qupath_export_names_and_says_who_is_not_annotated
     assert find_annotation(tmp_path, "d") is None
     assert not_annotated(None, 1) and not not_annotated(None, 0) and not not_annotated(None, None)
     assert not not_annotated(tmp_path / "a.xml", 1)
+
+
+@pytest.mark.parametrize("cell,ds,shape", [(512, 1, (1300, 1100)), (64, 1, (700, 650)), (64, 4, (200, 190)),
+                                           (100, 8, (90, 70)), (256, 2, (512, 512))])
+def test_probability_tiles_equal_the_drawn_level(cell, ds, shape):
+    """The constant-tile shortcut of heatmap._tiles gives the tiles a plain nearest-cell drawing gives."""
+    import imagecodecs
+
+    from milkit.slide.heatmap import _tiles
+
+    rng = np.random.default_rng(cell + ds)
+    h, w = shape
+    r8 = np.zeros((-(-h * ds // cell), -(-w * ds // cell)), np.uint8)
+    r8[1:-1, 1:] = rng.integers(1, 4, size=(r8.shape[0] - 2, r8.shape[1] - 1))  # few values: many constant tiles
+    r8[0, 0] = 200
+    tile = 64
+    yy = np.minimum(np.arange(h) * ds // cell, r8.shape[0] - 1)
+    xx = np.minimum(np.arange(w) * ds // cell, r8.shape[1] - 1)
+    level = np.zeros((-(-h // tile) * tile, -(-w // tile) * tile), np.uint8)
+    level[:h, :w] = r8[yy][:, xx]  # beyond the level: 0
+    got = [imagecodecs.zlib_decode(b) for b in _tiles(r8, cell, (h, w), ds, tile)]
+    want = [level[y:y + tile, x:x + tile].tobytes() for y in range(0, h, tile) for x in range(0, w, tile)]
+    assert len(got) == len(want) and all(g == t for g, t in zip(got, want))

@@ -117,30 +117,52 @@ def to_uint8(raster: np.ndarray) -> np.ndarray:
     return out
 
 
+def _cell_spans(n: int, size: int, cell: int, ds: int, tile: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Per tile along one axis of a level (``n`` pixels at downsample ``ds``): the first and last
+    raster cell it covers and whether the tile lies wholly inside the level."""
+    start = np.arange(0, n, tile)
+    first = np.minimum(start * ds // cell, size - 1)
+    last = np.minimum((start + tile - 1) * ds // cell, size - 1)
+    return first, last, start + tile <= n
+
+
 def _tiles(r8: np.ndarray, cell: int, shape: tuple[int, int], ds: int, tile: int):
     """Row-major ``tile``×``tile`` tiles of the level whose downsample is ``ds`` (nearest cell),
-    zlib-encoded; constant tiles (most of a slide: glass, or inside one patch) are encoded once."""
+    zlib-encoded. Constant tiles (most of a slide: glass, or inside one patch) are found from the
+    raster cells they cover, without drawing them, and encoded once per value."""
     import imagecodecs
 
     h, w = shape
     cache: dict[int, bytes] = {}
-    for ty in range(0, h, tile):
+
+    def encoded(v: int) -> bytes:
+        if v not in cache:
+            cache[v] = imagecodecs.zlib_encode(np.full((tile, tile), v, np.uint8))
+        return cache[v]
+
+    xf, xl, xin = _cell_spans(w, r8.shape[1], cell, ds, tile)
+    xcells = np.minimum(xf[:, None] + np.arange(int((xl - xf).max()) + 1), xl[:, None])  # cells of each tile
+    yf, yl, yin = _cell_spans(h, r8.shape[0], cell, ds, tile)
+    for ty, y0, y1, y_inside in zip(range(0, h, tile), yf.tolist(), yl.tolist(), yin.tolist()):
+        band = r8[y0:y1 + 1]
+        lo, hi = band.min(0)[xcells].min(1), band.max(0)[xcells].max(1)
+        const = ((lo == hi) & xin & y_inside).tolist()
         yy = np.minimum(((ty + np.arange(tile)) * ds) // cell, r8.shape[0] - 1)
         ymask = (ty + np.arange(tile)) < h
-        rows = r8[yy]
-        for tx in range(0, w, tile):
+        rows = None  # the tile row's pixels, drawn only for a tile that is not constant
+        for tx, c, v in zip(range(0, w, tile), const, lo.tolist()):
+            if c:
+                yield encoded(v)
+                continue
+            if rows is None:
+                rows = r8[yy]
             xx = np.minimum(((tx + np.arange(tile)) * ds) // cell, r8.shape[1] - 1)
             xmask = (tx + np.arange(tile)) < w
             t = rows[:, xx]
             if not (ymask.all() and xmask.all()):
                 t = np.where(ymask[:, None] & xmask[None, :], t, 0).astype(np.uint8)
-            lo = int(t.min())
-            if lo == int(t.max()):
-                if lo not in cache:
-                    cache[lo] = imagecodecs.zlib_encode(np.ascontiguousarray(t))
-                yield cache[lo]
-            else:
-                yield imagecodecs.zlib_encode(np.ascontiguousarray(t))
+            v = int(t.min())
+            yield encoded(v) if v == int(t.max()) else imagecodecs.zlib_encode(np.ascontiguousarray(t))
 
 
 def write_probability_tiff(path: str | Path, raster: np.ndarray, cell: int, level0_size: tuple[int, int],
