@@ -55,6 +55,7 @@ COMMAND_MODULES: list[str] = [
 BENCHMARK_MODULES: list[str] = [
     "milkit.benchmarks.mnist_bags",  # Distill-to-Label Fig. 2 / Tables I–II on digit-bags
     "milkit.benchmarks.extract",  # tiling and feature-extraction throughput
+    "milkit.benchmarks.label_outputs",  # one whole slide's milkit label outputs
     "milkit.benchmarks.sm_spatial",  # Sm: spatial synthetic
     "milkit.benchmarks.speed",  # MIL models' speed and memory (vs torchmil)
     "milkit.benchmarks.train_loop",  # milkit train vs a plain PyTorch loop (issue 15)
