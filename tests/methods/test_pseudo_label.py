@@ -283,3 +283,22 @@ def test_the_default_is_two_scales_averaged_and_a_lone_alpha_or_a_teacher_means_
     assert PseudoLabelConfig(feature_alpha=0.5, feature_alpha_grid=[0.5, 0.3]).feature_alpha_grid == [0.5, 0.3]
     again = PseudoLabelConfig(**c.model_dump())  # a run's config.yaml (every key written) reads back the same
     assert again.feature_alpha_grid == [0.8, 0.65] and again.feature_alpha_combine == "mean"
+
+
+def test_a_validation_tie_keeps_stage_mil_and_says_so(tmp_path, monkeypatch, caplog):
+    """Two validation slides rank perfectly under every candidate: the first (stage mil) is kept,
+    and the run says that stage pseudo_label then labels as stage mil does."""
+    import logging
+
+    import milkit.methods.pseudo_label as pl
+
+    monkeypatch.setattr(pl, "instance_max_auroc", lambda scores, labels: 1.0)  # every candidate ties
+    data = {"kind": "hard_bags", "level": "easy", "n_train": 12, "n_val": 4, "n_test": 4}
+    method = {"name": "pseudo_label", "mil_epochs": 1, "rounds": 2, "round_epochs": 1, "feature_alpha": 0.8,
+              "feature_alpha_grid": None}
+    raw = {"seed": 3, "data": data, "method": method, "trainer": {**TRAINER, "max_epochs": 1}}
+    with caplog.at_level(logging.INFO, logger="milkit"):
+        train_run(build_experiment(raw), tmp_path / "tie")
+    sel = json.loads((tmp_path / "tie" / "stages" / "pseudo_label" / "selection.json").read_text())
+    assert sel["chosen"] == "mil"
+    assert "pseudo_label (seed 3): the rounds tie with stage 'mil'" in caplog.text and "on 4 slides" in caplog.text

@@ -62,6 +62,7 @@ run's ``config.yaml``, so ``milkit label`` / ``evaluate`` rebuild the same model
 from __future__ import annotations
 
 import json
+import logging
 import shutil
 from pathlib import Path
 from typing import Literal
@@ -86,6 +87,8 @@ from milkit.models.factory import ModelSection, build_mil_model
 from milkit.nn.encoders import EncoderConfig
 from milkit.nn.smooth import SmoothOperator
 from milkit.run_dir import RunDir
+
+log = logging.getLogger(__name__)
 
 
 SlideNorm = Literal["none", "centre", "standardise"]
@@ -626,6 +629,12 @@ class PseudoLabelMethod(Method):
             if candidates else None
         if best is None:
             raise ValueError("method.rounds is 0 and stage 'mil' is a teacher: there is no instance classifier to keep")
+        tied = [k["candidate"] for k in candidates if k is not best and k["val_instance_max_auroc"] == best["val_instance_max_auroc"]]
+        if tied and best["candidate"] == "mil":
+            log.info("pseudo_label (seed %d): the rounds tie with stage 'mil' on validation (instance-max slide AUROC "
+                     "%.3f on %d slides), so stage pseudo_label keeps stage mil's classifier and labels as it does; "
+                     "more validation slides let the rounds count (stages/pseudo_label/selection.json)",
+                     int(self.exp.seed), best["val_instance_max_auroc"], len(y_val))
         dest = run.model_path("pseudo_label")
         dest.parent.mkdir(parents=True, exist_ok=True)
         shutil.copyfile(best["path"], dest)
