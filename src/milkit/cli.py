@@ -116,13 +116,22 @@ def label(
     if slides or features is not None:
         from milkit.slide.labeling import label_slides
 
-        paths = label_slides(run_dir, slides, features, out, stage)
-    else:
-        from milkit.workflow import label_run
+        paths = label_slides(run_dir, slides, features, out, stage, progress=sys.stderr.isatty())
+        typer.echo(slide_outputs_summary(paths))
+        return
+    from milkit.workflow import label_run
 
-        paths = label_run(run_dir, out, data, split, stage)
-    for p in paths:
+    for p in label_run(run_dir, out, data, split, stage):
         typer.echo(str(p))
+
+
+def slide_outputs_summary(paths: list[Path]) -> str:
+    """What ``label --slides/--features`` wrote, in two lines (not seven paths a slide)."""
+    table = next(p for p in paths if p.name == "slides.csv")
+    dirs = sorted({p.parent for p in paths if p.parent != table.parent})
+    names = sorted({p.name for p in paths if p.parent != table.parent})
+    return (f"labelled {len(dirs)} slide(s) → {table.parent}/<slide>/: {', '.join(names)}\n"
+            f"slide table: {table}")
 
 
 @app.command()

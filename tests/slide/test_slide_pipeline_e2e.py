@@ -105,12 +105,15 @@ def test_cli_tile_extract_and_bad_input(cohort, tmp_path):
     assert main(["extract", str(tiles), "--encoder", "nope", "--no-progress"]) == 2
 
 
-def test_cli_label_and_evaluate_slides(run, cohort, tmp_path):
+def test_cli_label_and_evaluate_slides(run, cohort, tmp_path, capsys):
     out, _ = run
     labels = tmp_path / "labels"
     rc = main(["label", str(out), "--slides", str(cohort.slides_dir / "s08.tif"), "--features", str(cohort.tiles_dir),
                "--out", str(labels)])
     assert rc == 0 and (labels / "s08" / "probability.tif").is_file()
+    said = capsys.readouterr().out.splitlines()  # a summary, not seven paths a slide
+    assert said[0].startswith(f"labelled 1 slide(s) → {labels}/<slide>/: detections.geojson, heatmap.png, instances.csv")
+    assert said[1] == f"slide table: {labels / 'slides.csv'}" and len(said) == 2
     assert main(["evaluate", str(out), "--annotations", str(cohort.ann_dir), "--labels", str(labels)]) == 0
     m = json.loads((out / "metrics.json").read_text())["annotations"]
     assert m["splits"]["test"]["n_slides"] == 1 and m["labels_dir"] == str(labels) and set(m["splits"]) == {"test"}

@@ -28,6 +28,7 @@ from milkit.report import ScoreSet, write_report
 from milkit.run_dir import RunDir
 from milkit.slide.annotations import find_annotation, not_annotated, patch_labels, read_annotations
 from milkit.slide.outputs import SlideScores, read_instances_h5, write_slide_outputs
+from milkit.slide.progress import track
 from milkit.slide.reader import find_slides, open_slide
 
 log = logging.getLogger(__name__)
@@ -137,9 +138,10 @@ def _geometry_from_h5(h5: Path, attrs: dict, coords: np.ndarray, ps0: int, thumb
 
 
 def label_slides(run_dir: str | Path, slides: list[Path] | None, features_dir: Path | None, out: Path | None,
-                 stage: str | None, thumbnail_size: int = 1024) -> list[Path]:
+                 stage: str | None, thumbnail_size: int = 1024, progress: bool = False) -> list[Path]:
     """Score every patch of every slide; write per-slide outputs (milkit.slide.outputs) and
-    ``OUT/slides.csv`` (slide id, bag probability, patches, positive patches).
+    ``OUT/slides.csv`` (slide id, bag probability, patches, positive patches). ``progress``: a bar
+    over the slides on stderr.
 
     Without ``slides`` every ``<slide>.h5`` of ``features_dir`` is labelled from its coords alone
     (features extracted elsewhere, e.g. on a cluster): the slide's size and bounds offset come from
@@ -180,7 +182,7 @@ def label_slides(run_dir: str | Path, slides: list[Path] | None, features_dir: P
     paths: list[Path] = []
     summary = []
     inferred: list[str] = []
-    for slide_path, h5 in items:
+    for slide_path, h5 in track(items, f"label {len(items)} slide(s)", enabled=progress):
         ff = read_h5_features(h5)
         ps0, was_inferred = level0_patch_size(ff) if len(ff.features) else (ff.patch_size_level0 or 1, False)
         if was_inferred:
