@@ -211,3 +211,28 @@ def test_probability_tiles_equal_the_drawn_level(cell, ds, shape):
     got = [imagecodecs.zlib_decode(b) for b in _tiles(r8, cell, (h, w), ds, tile)]
     want = [level[y:y + tile, x:x + tile].tobytes() for y in range(0, h, tile) for x in range(0, w, tile)]
     assert len(got) == len(want) and all(g == t for g, t in zip(got, want))
+
+
+def test_asap_outlines_round_trip_with_holes_and_no_bounds_offset(tmp_path):
+    """outlines.xml: the positive region as ASAP XML (full-slide level-0 px, holes as Exclusion
+    polygons); read back through the Camelyon16 reader it covers the same area."""
+    from xml.etree import ElementTree as ET
+
+    from milkit.slide.annotations import read_asap_xml, tumour_geometry, write_asap_region
+    from milkit.slide.qupath import positive_region
+
+    g = np.stack(np.meshgrid(np.arange(5), np.arange(3)), -1).reshape(-1, 2)
+    labels = np.ones(len(g), int)
+    labels[(g[:, 0] == 1) & (g[:, 1] == 1)] = 0  # a hole in the first region
+    labels[g[:, 0] == 3] = 0  # column 3 negative: column 4 is a second region
+    coords = g * 256 + np.array([1000, 2000])
+    geom = positive_region(coords, labels, 256)
+    path = write_asap_region(tmp_path / "outlines.xml", geom)
+    root = ET.parse(path).getroot()
+    groups = [a.get("PartOfGroup") for a in root.iter("Annotation")]
+    assert sorted(groups) == ["Exclusion", "Tumor", "Tumor"]
+    back = tumour_geometry(read_asap_xml(path))
+    assert back.area == pytest.approx(geom.area) == 11 * 256 ** 2  # 15 patches, the hole and column 3 negative
+    assert back.symmetric_difference(geom).area == pytest.approx(0)
+    xs = [float(c.get("X")) for c in root.iter("Coordinate")]
+    assert min(xs) == 1000  # level-0 px of the full slide: no bounds offset (QuPath's GeoJSON subtracts it)

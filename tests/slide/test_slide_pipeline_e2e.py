@@ -42,7 +42,7 @@ def run(cohort, tmp_path_factory):
 
 def test_label_then_evaluate_recovers_the_lesion(run, cohort):
     out, paths = run
-    assert {p.name for p in paths} >= {"instances.csv", "instances.h5", "probability.tif", "detections.geojson",
+    assert {p.name for p in paths} >= {"instances.csv", "instances.h5", "probability.tif", "detections.geojson", "outlines.xml",
                                        "heatmap.png", "slides.csv"}
     res = evaluate_annotations(out, cohort.ann_dir)
     # scored per split, as the run split them (s06, s07 val; s08, s09 test), never pooled

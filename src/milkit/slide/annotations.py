@@ -21,6 +21,8 @@ from xml.etree import ElementTree as ET
 import numpy as np
 from PIL import Image, ImageDraw
 
+from milkit import io
+
 #: ASAP/QuPath group or class names (lower case) that are not tumour
 NON_TUMOUR = frozenset({"_2", "exclusion", "none", "normal", "ignore", "ignore*", "other", "background", "negative"})
 ANNOTATION_SUFFIXES = (".xml", ".geojson", ".json")
@@ -65,6 +67,41 @@ def read_asap_xml(path: str | Path) -> list[Region]:
         regions.append(Region(np.array([(x, y) for _, x, y in pts]), [], group or "", _is_tumour(group)))
     _check_area(path, n_shapes, len(regions))
     return regions
+
+
+#: the groups milkit writes: tumour outlines, and the holes cut out of them (a :data:`NON_TUMOUR` name)
+ASAP_TUMOUR_GROUP, ASAP_EXCLUSION_GROUP = "Tumor", "Exclusion"
+
+
+def write_asap_xml(path: str | Path, polygons: list[np.ndarray], group: str = ASAP_TUMOUR_GROUP,
+                   exclusions: list[np.ndarray] = (), exclusion_group: str = ASAP_EXCLUSION_GROUP) -> None:  # type: ignore[assignment]
+    """Camelyon16/ASAP XML (atomic): one ``Polygon`` annotation per (K, 2) level-0 polygon in
+    ``group``, and per ``exclusions`` polygon in ``exclusion_group`` (ASAP has no holes: Camelyon16
+    marks them as polygons of an exclusion group, which :func:`read_asap_xml` subtracts)."""
+    root = ET.Element("ASAP_Annotations")
+    anns = ET.SubElement(root, "Annotations")
+    shapes = [(p, group, "#F4FA58") for p in polygons] + [(p, exclusion_group, "#64FE2E") for p in exclusions]
+    for i, (poly, grp, colour) in enumerate(shapes):
+        a = ET.SubElement(anns, "Annotation", Name=f"Annotation {i}", Type="Polygon", PartOfGroup=grp, Color=colour)
+        coords = ET.SubElement(a, "Coordinates")
+        for k, (x, y) in enumerate(np.asarray(poly, np.float64)):
+            ET.SubElement(coords, "Coordinate", Order=str(k), X=f"{x:.3f}", Y=f"{y:.3f}")
+    groups = ET.SubElement(root, "AnnotationGroups")
+    for grp, colour in ((group, "#FF0000"), (exclusion_group, "#00FF00"))[: 2 if len(exclusions) else 1]:
+        ET.SubElement(ET.SubElement(groups, "Group", Name=grp, PartOfGroup="None", Color=colour), "Attributes")
+    io.write_text(path, '<?xml version="1.0"?>\n' + ET.tostring(root, encoding="unicode"))
+
+
+def write_asap_region(path: str | Path, geom, group: str = ASAP_TUMOUR_GROUP) -> Path:
+    """A shapely (Multi)Polygon in level-0 px of the full slide (ASAP uses no bounds offset) as ASAP
+    XML: exteriors in ``group``, holes as :data:`ASAP_EXCLUSION_GROUP` polygons. Reading it back with
+    :func:`tumour_geometry` gives the same area, except an island inside another region's hole,
+    which Camelyon16's rule (exclusions are subtracted last) drops."""
+    polys = [] if geom.is_empty else list(getattr(geom, "geoms", [geom]))
+    ext = [np.asarray(p.exterior.coords)[:-1] for p in polys]
+    holes = [np.asarray(h.coords)[:-1] for p in polys for h in p.interiors]
+    write_asap_xml(path, ext, group, holes)
+    return Path(path)
 
 
 def _check_area(path: Path, n_shapes: int, n_polygons: int) -> None:

@@ -10,6 +10,7 @@
   (milkit.slide.heatmap; the scale is in its ImageDescription)
 - ``detections.geojson`` QuPath FeatureCollection: one detection square per positive patch
 - ``outlines.geojson`` QuPath annotations: the merged positive region (milkit.slide.qupath)
+- ``outlines.xml`` the same region as Camelyon16/ASAP XML (holes as ``Exclusion`` polygons)
 - ``review.geojson`` QuPath annotations of the most uncertain regions (milkit.trust.review)
 
 Runs written before calibration existed (no ``calibration.json``) have no probability for
@@ -29,9 +30,8 @@ import h5py
 import numpy as np
 
 from milkit import io
-from milkit.slide.annotations import patch_feature_collection
-from milkit.slide.heatmap import normalise_scores, overlay, score_raster, write_probability_tiff
-from milkit.slide.qupath import write_outlines
+from milkit.slide.annotations import patch_feature_collection, write_asap_region
+from milkit.slide.qupath import positive_region, write_outlines
 from milkit.slide.heatmap import normalise_scores, overlay, score_raster, with_colorbar, write_probability_tiff
 from milkit.trust.review import review_feature_collection, review_scores
 
@@ -166,6 +166,7 @@ def write_slide_outputs(out_dir: Path, s: SlideScores, thumb: np.ndarray | None,
             f["properties"]["measurements"]["calibrated_probability"] = float(s.probability[k])
     io.write_text(paths[3], json.dumps(fc))
     paths.append(write_outlines(d / "outlines.geojson", s.coords, s.labels, s.size_level0, s.bounds_offset))
+    paths.append(write_asap_region(d / "outlines.xml", positive_region(s.coords, s.labels, s.size_level0)))
     rs, basis = review_scores(s.probability if s.probability is not None else s.scores, s.uncertainty, s.threshold)
     io.write_text(paths[4], json.dumps(review_feature_collection(s.coords, s.size_level0, s.stride_level0, rs,
                                                                  basis, s.bounds_offset)))

@@ -17,6 +17,7 @@ import tifffile
 from PIL import Image, ImageDraw
 
 from milkit import io
+from milkit.slide.annotations import write_asap_xml
 
 GLASS = (238, 236, 240)
 STROMA = (226, 160, 196)
@@ -106,23 +107,6 @@ def write_pyramid_tiff(
                 level = np.asarray(Image.fromarray(level).reduce(2))
 
     io.write_with(path, write)
-
-
-def write_asap_xml(path: str | Path, polygons: list[np.ndarray], group: str = "Tumor") -> None:
-    """Camelyon16/ASAP XML with one Polygon annotation per polygon, all in ``group``."""
-    root = ET.Element("ASAP_Annotations")
-    anns = ET.SubElement(root, "Annotations")
-    for i, poly in enumerate(polygons):
-        a = ET.SubElement(
-            anns, "Annotation", Name=f"Annotation {i}", Type="Polygon", PartOfGroup=group, Color="#F4FA58"
-        )
-        coords = ET.SubElement(a, "Coordinates")
-        for k, (x, y) in enumerate(poly):
-            ET.SubElement(coords, "Coordinate", Order=str(k), X=f"{x:.3f}", Y=f"{y:.3f}")
-    groups = ET.SubElement(root, "AnnotationGroups")
-    g = ET.SubElement(groups, "Group", Name=group, PartOfGroup="None", Color="#FF0000")
-    ET.SubElement(g, "Attributes")
-    io.write_text(path, ET.tostring(root, encoding="unicode"))
 
 
 def make_slide(
