@@ -243,3 +243,18 @@ def test_a_positive_slide_without_annotation_has_unknown_patch_labels(cohort, tm
     assert s00.bag_id == "s00" and s00.label == 1 and s00.instance_labels is None  # unknown, not negative
     assert s01.label == 0 and int(s01.instance_labels.sum()) == 0  # negative, no annotation: all negative
     assert s02.label == 1 and int(s02.instance_labels.sum()) > 0
+
+
+def test_a_negative_slide_with_a_tumour_annotation_is_warned_about(cohort, tmp_path, caplog):
+    import logging
+    import shutil
+
+    ann = tmp_path / "ann"
+    shutil.copytree(cohort.ann_dir, ann)
+    shutil.copy(ann / "s00.xml", ann / "s01.xml")  # s01 is labelled negative; s00's lesion lies on its tissue
+    cfg = FeatureBagsConfig(features_dir=cohort.tiles_dir, labels_csv=cohort.labels_csv, annotations_dir=ann)
+    splits = cfg.build(seed=0)
+    with caplog.at_level(logging.WARNING, logger="milkit"):
+        s01 = splits.train[1]
+    assert s01.bag_id == "s01" and int(s01.instance_labels.sum()) > 0
+    assert "s01.xml: slide 's01' is labelled negative" in caplog.text

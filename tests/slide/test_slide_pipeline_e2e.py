@@ -249,3 +249,17 @@ def test_a_positive_slide_without_annotation_is_left_out_of_the_patch_metrics(ru
     assert test["slide_auroc"] == full["splits"]["test"]["slide_auroc"] and test["n_slides"] == 2
     assert res["not_annotated"] == ["s08"] and res["splits"]["val"] == full["splits"]["val"]
     assert "not annotated" in (out / "report_annotations.html").read_text()
+
+
+def test_evaluate_warns_when_a_negative_slide_has_a_tumour_annotation(run, cohort, tmp_path, caplog):
+    import logging
+    import shutil
+
+    out, _ = run
+    ann = tmp_path / "ann"
+    shutil.copytree(cohort.ann_dir, ann)
+    shutil.copy(ann / "s08.xml", ann / "s09.xml")  # s09 is labelled negative
+    with caplog.at_level(logging.WARNING, logger="milkit"):
+        res = evaluate_annotations(out, ann)
+    assert res["per_slide"]["s09"]["n_tumour_patches"] > 0
+    assert "s09.xml: slide 's09' is labelled negative in the run's labels" in caplog.text

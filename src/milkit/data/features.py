@@ -694,6 +694,9 @@ def _annotation_labels(cfg: FeatureBagsConfig, row: LabelRow, ff: FeatureFile) -
     if ann is None:
         return np.zeros(len(ff.features), np.int64)  # Camelyon16: normal slides have no annotation
     labels, _ = patch_labels(read_annotations(ann), ff.coords, ps0, cfg.tumour_fraction)
+    if row.label == 0 and labels.any():
+        log.warning("%s: slide %r is labelled negative, but this annotation makes %d of its patches tumour; "
+                    "check the labels CSV or the annotation", ann, row.slide_id, int(labels.sum()))
     return labels
 
 

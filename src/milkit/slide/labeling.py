@@ -291,6 +291,9 @@ def evaluate_annotations(run_dir: str | Path, annotations_dir: Path, labels_dir:
             y = np.full(len(s.coords), -1, np.int64)
         else:
             y, _ = patch_labels(regions, s.coords, s.size_level0, tumour_fraction, s.level0_size)
+            if sid in info and true == 0 and y.any():
+                log.warning("%s: slide %r is labelled negative in the run's labels, but this annotation makes %d of "
+                            "its patches tumour; check the labels CSV or the annotation", ann, sid, int(y.sum()))
         results.append(SlideResult(sid, split_of(info, sid), true, s, y, _probability(f), ann, lesions))
     unannotated = [r.slide_id for r in results if not r.annotated]
     if unannotated:
