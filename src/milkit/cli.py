@@ -109,14 +109,18 @@ def label(
         None, "--features", help="folder of <slide>.h5 feature files; alone, every h5 in it is labelled without "
         "its slide (size from the h5, heatmap on a white canvas)"
     ),
+    overwrite: bool = typer.Option(False, "--overwrite", help="replace labels of another run or stage already in "
+                                   "--out (labels of this run and stage are kept and added to)"),
 ) -> None:
     """Write instance labels (CSV) for a split, or whole-slide outputs with --slides / --features."""
     if (slides or features is not None) and data is not None:
         fail(f"--data {data}: labels a split of a dataset; it cannot be combined with --slides / --features")
+    if overwrite and not (slides or features is not None):
+        fail("--overwrite: applies to whole-slide labels (--slides / --features); split labels are rewritten as they are")
     if slides or features is not None:
         from milkit.slide.labeling import label_slides
 
-        paths = label_slides(run_dir, slides, features, out, stage, progress=sys.stderr.isatty())
+        paths = label_slides(run_dir, slides, features, out, stage, progress=sys.stderr.isatty(), overwrite=overwrite)
         typer.echo(slide_outputs_summary(paths))
         return
     from milkit.workflow import label_run

@@ -263,3 +263,29 @@ def test_evaluate_warns_when_a_negative_slide_has_a_tumour_annotation(run, cohor
         res = evaluate_annotations(out, ann)
     assert res["per_slide"]["s09"]["n_tumour_patches"] > 0
     assert "s09.xml: slide 's09' is labelled negative in the run's labels" in caplog.text
+
+
+def test_label_in_batches_keeps_earlier_slides_and_refuses_another_runs_labels(run, cohort, tmp_path):
+    """Labelling into an --out that holds labels: this run's are kept and listed (batches); another
+    run's are refused (exit 2, nothing written) unless --overwrite, which replaces them."""
+    import csv
+
+    out, _ = run
+    labels = tmp_path / "labels"
+    feats = ["--features", str(cohort.tiles_dir), "--out", str(labels)]
+    assert main(["label", str(out), "--slides", str(cohort.slides_dir / "s06.tif"), *feats]) == 0
+    assert main(["label", str(out), "--slides", str(cohort.slides_dir / "s08.tif"), *feats]) == 0
+    rows = list(csv.DictReader((labels / "slides.csv").open()))
+    assert [r["slide_id"] for r in rows] == ["s06", "s08"] and (labels / "s06" / "instances.h5").is_file()
+    # make s06's labels another run's
+    with h5py.File(labels / "s06" / "instances.h5", "r+") as f:
+        meta = json.loads(f.attrs["meta"])
+        f.attrs["meta"] = json.dumps({**meta, "run_dir": "/elsewhere/run"})
+    before = (labels / "slides.csv").read_bytes(), (labels / "s08" / "instances.h5").stat().st_mtime_ns
+    assert main(["label", str(out), "--slides", str(cohort.slides_dir / "s09.tif"), *feats]) == 2
+    assert not (labels / "s09").exists()
+    assert ((labels / "slides.csv").read_bytes(), (labels / "s08" / "instances.h5").stat().st_mtime_ns) == before
+    assert main(["label", str(out), "--slides", str(cohort.slides_dir / "s09.tif"), *feats, "--overwrite"]) == 0
+    assert not any((labels / "s06").iterdir())  # the other run's files are gone, nothing else was there
+    assert [r["slide_id"] for r in csv.DictReader((labels / "slides.csv").open())] == ["s08", "s09"]
+    assert main(["label", str(out), "--overwrite"]) == 2  # split labels: the flag does not apply

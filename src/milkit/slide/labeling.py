@@ -13,6 +13,7 @@ slides are). Instance AUROC on raw scores, F1/accuracy at the written labels.
 from __future__ import annotations
 
 import csv
+import json
 import io as _io
 import logging
 from pathlib import Path
@@ -138,10 +139,15 @@ def _geometry_from_h5(h5: Path, attrs: dict, coords: np.ndarray, ps0: int, thumb
 
 
 def label_slides(run_dir: str | Path, slides: list[Path] | None, features_dir: Path | None, out: Path | None,
-                 stage: str | None, thumbnail_size: int = 1024, progress: bool = False) -> list[Path]:
+                 stage: str | None, thumbnail_size: int = 1024, progress: bool = False,
+                 overwrite: bool = False) -> list[Path]:
     """Score every patch of every slide; write per-slide outputs (milkit.slide.outputs) and
     ``OUT/slides.csv`` (slide id, bag probability, patches, positive patches). ``progress``: a bar
     over the slides on stderr.
+
+    OUT may already hold labels of this run and stage (labelling in batches): they are kept, and
+    ``slides.csv`` lists them with the new ones. Labels of another run or stage are refused unless
+    ``overwrite``, which then removes them (:func:`previous_labels`).
 
     Without ``slides`` every ``<slide>.h5`` of ``features_dir`` is labelled from its coords alone
     (features extracted elsewhere, e.g. on a cluster): the slide's size and bounds offset come from
@@ -179,6 +185,16 @@ def label_slides(run_dir: str | Path, slides: list[Path] | None, features_dir: P
     if other_scale:
         log.info("%d feature file(s) were made at another resolution or patch size than the training features "
                  "(%s); the model scores them all the same", len(other_scale), "; ".join(other_scale[:3]))
+    previous = previous_labels(out)
+    mine = (str(run_dir.resolve()), stage)
+    foreign = {sid: v for sid, v in previous.items() if v[:2] != mine}
+    if foreign and not overwrite:
+        sid, (r, st, path) = next(iter(sorted(foreign.items())))
+        raise ValueError(f"{path}: --out {out} holds labels of another run or stage ({len(foreign)} slide(s); this one "
+                         f"from {r}, stage {st}); pass --overwrite to replace them, or choose another --out")
+    for _, _, path in foreign.values():  # --overwrite: only what milkit wrote there
+        for name in LABEL_FILES:
+            (path.parent / name).unlink(missing_ok=True)
     paths: list[Path] = []
     summary = []
     inferred: list[str] = []
@@ -233,17 +249,48 @@ def label_slides(run_dir: str | Path, slides: list[Path] | None, features_dir: P
         )
         paths += write_slide_outputs(out, s, thumb, thumb_ds)
         summary.append((sid, bag_prob, len(scores), int(s.labels.sum())))
+    kept = _kept_rows(out / "slides.csv", {sid for sid, v in previous.items() if v[:2] == mine} - {r[0] for r in summary})
     buf = _io.StringIO()
     w = csv.writer(buf)
     w.writerow(["slide_id", "bag_prob", "n_patches", "n_positive"])
     for sid, p, n, k in summary:
-        w.writerow([sid, f"{p:.6g}", n, k])
+        kept[sid] = [sid, f"{p:.6g}", n, k]
+    for sid in sorted(kept):
+        w.writerow(kept[sid])
     io.write_text(out / "slides.csv", buf.getvalue())
     if inferred:
         log.info("%d feature file(s) have no patch_size_level0 attribute (CLAM h5_files: %s%s); their patch size "
                  "is the coordinate step, i.e. non-overlapping patches", len(inferred), ", ".join(inferred[:3]),
                  " …" if len(inferred) > 3 else "")
     return paths + [out / "slides.csv"]
+
+
+#: what :func:`milkit.slide.outputs.write_slide_outputs` writes in a slide's folder
+LABEL_FILES = ("instances.csv", "instances.h5", "probability.tif", "detections.geojson", "outlines.geojson",
+               "outlines.xml", "review.geojson", "heatmap.png")
+
+
+def previous_labels(out: Path) -> dict[str, tuple[str, str, Path]]:
+    """Slide id → (run directory, stage, instances.h5) of the labels already in ``out``."""
+    import h5py
+
+    found = {}
+    for p in sorted(Path(out).glob("*/instances.h5")) if Path(out).is_dir() else []:
+        try:
+            with h5py.File(p, "r") as f:
+                meta = json.loads(f.attrs.get("meta", "{}"))
+        except (OSError, ValueError):
+            raise ValueError(f"{p}: not a readable milkit instances.h5; remove it or choose another --out") from None
+        found[p.parent.name] = (str(meta.get("run_dir", "")), str(meta.get("stage", "")), p)
+    return found
+
+
+def _kept_rows(table: Path, keep: set[str]) -> dict[str, list]:
+    """Rows of an earlier ``slides.csv`` for the slides in ``keep``."""
+    if not keep or not table.is_file():
+        return {}
+    with table.open(newline="") as f:
+        return {r[0]: r for r in list(csv.reader(f))[1:] if r and r[0] in keep}
 
 
 def _feature_file(features_dir: Path, slide_path: Path) -> Path:
