@@ -51,7 +51,10 @@ def test_label_then_evaluate_recovers_the_lesion(run, cohort):
     assert test["n_tumour_instances"] > 5 and res["per_slide"]["s08"]["split"] == "test"
     # chance is 0.5; the lesion's texture makes it separable, the margin is wide
     assert test["instance_auroc"] > 0.75
-    assert json.loads((out / "metrics.json").read_text())["annotations"]["splits"]["test"] == test
+    metrics = json.loads((out / "metrics.json").read_text())
+    assert metrics["annotations"]["splits"]["test"] == test
+    trust = read_instances_h5(out / "labels" / "s08" / "instances.h5").meta["trust"]  # the verdict travels along
+    assert trust == {k: metrics["mil"]["trust"][k] for k in ("verdict", "rule")}
     # the two positive slides carry the annotations
     assert res["per_slide"]["s06"]["annotation"].endswith("s06.xml") and res["per_slide"]["s07"]["annotation"] is None
     page = (out / "report_annotations.html").read_text()  # per-split table, per-slide table, thumbnails

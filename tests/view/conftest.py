@@ -28,6 +28,8 @@ from milkit.slide.tiling import TilingConfig, tile_slides
 
 SIZE = (1024, 1024)
 PS0 = 64  # 32 px at 0.5 µm/px on a 0.25 µm/px slide
+#: the verdict the labels carry, as milkit label records it (meta.trust)
+TRUST_RULE = "fewer than 10 validation slides of a class: too few to check"
 
 
 @dataclass
@@ -75,7 +77,8 @@ def view_cohort(tmp_path_factory) -> ViewCohort:
         scores = np.clip(0.1 + 0.8 * frac + rng.normal(0, 0.05, len(coords)), 0, 1)
         s = SlideScores(sid, coords, scores, (scores >= 0.5).astype(np.int64), 0.5, "probability", PS0, PS0, SIZE,
                         0.25, float(scores.max()), meta={"slide": str(slides_dir / f"{sid}.tif"),
-                                                         "threshold_source": "test"})
+                                                         "threshold_source": "test", "stage": "mil",
+                                                         "trust": {"verdict": "uncertain", "rule": TRUST_RULE}})
         write_slide_outputs(labels_dir, s, None, 1.0)
     # s02 as the trust issue writes it: calibrated probabilities and uncertainty per patch
     with h5py.File(labels_dir / "s02" / "instances.h5", "a") as f:

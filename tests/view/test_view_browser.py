@@ -94,6 +94,9 @@ def test_viewer_layers_threshold_click_and_list(page, server, view_cohort):
     _ready(page)
     assert page.inner_text("#slide-title").startswith("s00")
     assert page.locator("#slide-table tbody tr").count() == 3
+    # the verdict the labels carry is shown above the list, coloured by its level
+    assert page.inner_text("#trust").startswith("verdict mil: UNCERTAIN — fewer than 10 validation slides")
+    assert "(3 slides)" in page.inner_text("#trust") and page.locator("#trust .verdict.uncertain").count() == 1
     # where the lesion is and where tissue is clearly not lesion
     s = read_instances_h5(view_cohort.labels_dir / "s00" / "instances.h5")
     frac = patch_tumour_fraction(read_asap_xml(view_cohort.ann_dir / "s00.xml"), s.coords, s.size_level0)

@@ -161,6 +161,8 @@ def label_slides(run_dir: str | Path, slides: list[Path] | None, features_dir: P
         raise ValueError(f"{run_dir}: no stage {stage!r}; stages: {', '.join(labelers)}")
     labeler = labelers[stage]
     threshold_record = RunDir(run_dir).read_threshold(stage)
+    trust = (RunDir(run_dir).read_metrics().get(stage) or {}).get("trust") or {}
+    trust = {k: trust[k] for k in ("verdict", "rule") if k in trust}  # travels with the labels (milkit view)
     if features_dir is None:
         features_dir = getattr(exp.data, "features_dir", None)
         if features_dir is None:
@@ -242,7 +244,7 @@ def label_slides(run_dir: str | Path, slides: list[Path] | None, features_dir: P
             level0_size=(w0, h0), mpp=mpp, bag_prob=bag_prob, bounds_offset=bounds,
             meta={"run_dir": str(run_dir.resolve()), "stage": stage, "threshold_source": thr_src,
                   "threshold_applies_to": labeler.threshold_on, "n_seeds": len(labeler.members),
-                  "features": str(h5), "slide": "" if slide_path is None else str(slide_path)},
+                  "features": str(h5), "slide": "" if slide_path is None else str(slide_path), "trust": trust},
             probability=probability, uncertainty=uncertainty,
             threshold_criterion=str(getattr(labeler, "criterion", None) or thr_src),
             calibration="; ".join(sorted({c.source for c in cal if c is not None})),

@@ -66,6 +66,8 @@ class Catalog:
         self._open: OrderedDict[str, SlideData] = OrderedDict()
         self._lock = threading.Lock()
         self.pending = 0  # slides whose patch metrics the background thread has still to compute
+        #: per (run, stage) the labels come from: the stage's trust verdict and rule as ``milkit label`` recorded them
+        self.trust: list[dict] = []
         self._filled = threading.Event()
         self._filled.set()
         self._list_lock = threading.Lock()
@@ -89,7 +91,7 @@ class Catalog:
         return self._list
 
     def _build_list(self) -> list[dict]:
-        rows, infos, evaluated, todo = [], {}, {}, []
+        rows, infos, evaluated, todo, verdicts = [], {}, {}, [], {}
         for sid, f in self.files.items():
             with h5py.File(f, "r") as h:
                 a = dict(h.attrs)
@@ -97,6 +99,8 @@ class Catalog:
                 npos = int(np.asarray(h["label"][()]).sum())
             meta = json.loads(_attr(a, "meta", "{}") or "{}")
             run = self._run_of(meta)
+            verdicts.setdefault((str(meta.get("run_dir", "")), str(meta.get("stage", ""))), []).append(
+                (sid, meta.get("trust") or {}))
             key = str(run)
             if key not in infos:
                 infos[key] = slide_info(run) if run else {}
@@ -117,6 +121,8 @@ class Catalog:
             elif self.annotations_dir is not None:
                 todo.append((len(rows), sid, f))
             rows.append(_with_true_label(row))
+        self.trust = [{"run_dir": r, "stage": st, "verdict": (v[0][1] or {}).get("verdict"),
+                       "rule": (v[0][1] or {}).get("rule"), "n_slides": len(v)} for (r, st), v in verdicts.items()]
         if todo:
             self.pending = len(todo)
             self._filled.clear()

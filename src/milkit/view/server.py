@@ -31,6 +31,7 @@ def create_app(catalog: Catalog) -> Flask:
     def slides():
         rows = catalog.slide_list()
         return jsonify({"labels_dir": str(catalog.labels_dir), "slides": rows, "pending": catalog.pending,
+                        "trust": catalog.trust,
                         "colormap": lut().tolist(), "gradient": css_gradient()})
 
     @app.get("/api/slide/<sid>")

@@ -173,6 +173,18 @@
   });
 
   // the list arrives at once; patch AUROC/F1 against the annotations may follow (j.pending slides to go)
+  function trustNote(j) {  // the verdict of the run and stage the labels come from (milkit label records it)
+    var box = $("trust");
+    box.innerHTML = "";
+    (j.trust || []).forEach(function (t) {
+      var d = document.createElement("div");
+      var v = t.verdict || "no verdict recorded";
+      d.className = "verdict " + v.replace(/ /g, "-");
+      d.textContent = "verdict " + (t.stage || "?") + ": " + v.toUpperCase() + (t.rule ? " — " + t.rule : "") +
+        " (" + t.n_slides + " slides" + (t.run_dir ? ", " + t.run_dir : "") + ")";
+      box.appendChild(d);
+    });
+  }
   function listNote(j) {
     $("labels-dir").textContent = j.labels_dir + " · " + j.slides.length + " slides" +
       (j.pending ? " · patch metrics: " + j.pending + " to go" : "");
@@ -186,6 +198,7 @@
   fetch("/api/slides").then(function (r) { return r.json(); }).then(function (j) {
     M.slides = j.slides;
     $("bar").style.background = j.gradient;
+    trustNote(j);
     listNote(j);
     renderList();
     if (j.pending) setTimeout(refreshList, 2000);
