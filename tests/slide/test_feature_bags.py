@@ -258,3 +258,29 @@ def test_a_negative_slide_with_a_tumour_annotation_is_warned_about(cohort, tmp_p
         s01 = splits.train[1]
     assert s01.bag_id == "s01" and int(s01.instance_labels.sum()) > 0
     assert "s01.xml: slide 's01' is labelled negative" in caplog.text
+
+
+def test_a_file_with_review_regions_labels_patches_only_inside_them(cohort, tmp_path):
+    import json
+    import shutil
+
+    from milkit.slide.annotations import read_asap_xml
+
+    ann = tmp_path / "ann"
+    shutil.copytree(cohort.ann_dir, ann)
+    lesion = read_asap_xml(ann / "s00.xml")[0].exterior
+    (ann / "s00.xml").unlink()
+    half = [[0, 0], [512, 0], [512, 1024], [0, 1024], [0, 0]]  # the left half of the 1024-px slide was reviewed
+    feats = [{"type": "Feature", "properties": {"classification": {"name": "Review"}},
+              "geometry": {"type": "Polygon", "coordinates": [half]}},
+             {"type": "Feature", "properties": {"classification": {"name": "Tumor"}},
+              "geometry": {"type": "Polygon", "coordinates": [lesion.tolist() + [lesion[0].tolist()]]}}]
+    (ann / "s00.geojson").write_text(json.dumps({"type": "FeatureCollection", "features": feats}))
+    full = FeatureBagsConfig(features_dir=cohort.tiles_dir, labels_csv=cohort.labels_csv,
+                             annotations_dir=cohort.ann_dir).build(seed=0).train[0]
+    part = FeatureBagsConfig(features_dir=cohort.tiles_dir, labels_csv=cohort.labels_csv,
+                             annotations_dir=ann).build(seed=0).train[0]
+    left = part.coords[:, 0] + 32 <= 512  # patches (64 px) with at least half their area left of x = 512
+    assert part.bag_id == "s00" and left.any() and (~left).any()
+    assert (part.instance_labels[~left] == -1).all()
+    assert torch.equal(part.instance_labels[left], full.instance_labels[left])

@@ -236,3 +236,47 @@ def test_asap_outlines_round_trip_with_holes_and_no_bounds_offset(tmp_path):
     assert back.symmetric_difference(geom).area == pytest.approx(0)
     xs = [float(c.get("X")) for c in root.iter("Coordinate")]
     assert min(xs) == 1000  # level-0 px of the full slide: no bounds offset (QuPath's GeoJSON subtracts it)
+
+
+def test_review_regions_close_the_loop_annotated_only_where_reviewed(tmp_path):
+    """A pathologist imports review.geojson into QuPath, draws the tumour inside the Review regions,
+    exports everything: the Review squares are not tumour; patches outside them are unknown (−1) on
+    a positive slide and negative on a negative one; a file without Review regions covers the slide."""
+    from milkit.slide.annotations import read_geojson, slide_patch_labels, tumour_geometry
+    from milkit.trust.review import REVIEW_CLASS, review_feature_collection
+
+    coords = np.stack(np.meshgrid(np.arange(6), np.arange(2)), -1).reshape(-1, 2) * 100  # 6 × 2 patches of 100 px
+    scores = np.zeros(len(coords))
+    scores[(coords[:, 0] < 200)] = 1.0  # the 4 patches of columns 0-1 are the most uncertain
+    fc = review_feature_collection(coords, 100, 100, scores, "seed spread", (0, 0), fraction=4 / 12)
+    assert [f["properties"]["classification"]["name"] for f in fc["features"]] == [REVIEW_CLASS[0]]
+    fc["features"].append({"type": "Feature", "properties": {"classification": {"name": "Tumor"}},
+                           "geometry": {"type": "Polygon", "coordinates": [[[0, 0], [100, 0], [100, 200], [0, 200],
+                                                                            [0, 0]]]}})  # column 0 is tumour
+    path = tmp_path / "s.geojson"
+    path.write_text(json.dumps(fc))
+    regions = read_geojson(path)
+    assert tumour_geometry(regions).area == pytest.approx(100 * 200)  # the Review square is not tumour
+    pos = slide_patch_labels(path, 1, coords, 100)
+    col = coords[:, 0] // 100
+    assert pos[col == 0].tolist() == [1, 1] and pos[col == 1].tolist() == [0, 0] and (pos[col >= 2] == -1).all()
+    neg = slide_patch_labels(path, 0, coords, 100)
+    assert neg[col == 0].tolist() == [1, 1] and (neg[col >= 1] == 0).all()  # negative slide: the rest is negative
+    # no Review region: the whole slide is annotated; no file: negative → 0, positive → unknown
+    fc["features"] = fc["features"][1:]
+    path.write_text(json.dumps(fc))
+    assert (slide_patch_labels(path, 1, coords, 100) == (col == 0)).all()
+    assert (slide_patch_labels(None, 0, coords, 100) == 0).all() and (slide_patch_labels(None, 1, coords, 100) == -1).all()
+
+
+def test_slide_result_metrics_use_only_the_known_patches():
+    from milkit.slide.outputs import SlideScores
+    from milkit.view.slide_report import SlideResult
+
+    coords = np.stack([np.arange(6) * 64, np.zeros(6, int)], 1)
+    scores = np.array([0.9, 0.8, 0.1, 0.2, 0.95, 0.05])
+    s = SlideScores("a", coords, scores, (scores >= 0.5).astype(int), 0.5, "probability", 64, 64, (512, 64), 0.5, 0.9)
+    y = np.array([1, 1, 0, 0, -1, -1])  # the last two outside the reviewed region
+    m = SlideResult("a", "test", 1, s, y, None, None).metrics()
+    assert m["annotated"] and m["n_annotated_patches"] == 4 and m["n_tumour_patches"] == 2
+    assert m["instance_auroc"] == 1.0 and m["instance_f1"] == 1.0  # patch 4 (0.95, unknown) is not a false positive

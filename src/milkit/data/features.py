@@ -683,20 +683,18 @@ def _check_case_groups(rows: list[LabelRow], source: Path, group_column: str) ->
 def _annotation_labels(cfg: FeatureBagsConfig, row: LabelRow, ff: FeatureFile) -> np.ndarray | None:
     """Patch labels from ``data.annotations_dir``; None (unknown) for a positive slide without an
     annotation file (:func:`milkit.slide.annotations.not_annotated`)."""
-    from milkit.slide.annotations import find_annotation, not_annotated, patch_labels, read_annotations
+    from milkit.slide.annotations import find_annotation, not_annotated, slide_patch_labels
 
     ann = find_annotation(cfg.annotations_dir, row.slide_id)  # type: ignore[arg-type]
     if not_annotated(ann, row.label):
         return None
-    if not len(ff.features):
-        return np.zeros(0, np.int64)
+    if not len(ff.features) or ann is None:  # Camelyon16: normal slides have no annotation
+        return np.zeros(len(ff.features), np.int64)
     ps0, _ = level0_patch_size(ff, "annotations (data.annotations_dir)")  # CLAM h5_files: the coordinate step
-    if ann is None:
-        return np.zeros(len(ff.features), np.int64)  # Camelyon16: normal slides have no annotation
-    labels, _ = patch_labels(read_annotations(ann), ff.coords, ps0, cfg.tumour_fraction)
-    if row.label == 0 and labels.any():
+    labels = slide_patch_labels(ann, row.label, ff.coords, ps0, cfg.tumour_fraction)
+    if row.label == 0 and (labels == 1).any():
         log.warning("%s: slide %r is labelled negative, but this annotation makes %d of its patches tumour; "
-                    "check the labels CSV or the annotation", ann, row.slide_id, int(labels.sum()))
+                    "check the labels CSV or the annotation", ann, row.slide_id, int((labels == 1).sum()))
     return labels
 
 

@@ -29,18 +29,33 @@ ANNOTATION_SUFFIXES = (".xml", ".geojson", ".json")
 log = logging.getLogger(__name__)
 
 
+#: class or group names (lower case) of a *reviewed region*: the part of a slide someone looked at
+#: (milkit's ``review.geojson`` class, QuPath's ``Region*``); see :func:`slide_patch_labels`
+REVIEWED = frozenset({"review", "reviewed", "region*", "roi"})
+
+
 @dataclass
 class Region:
-    """A polygon with optional interior rings; ``positive`` = tumour."""
+    """A polygon with optional interior rings; ``positive`` = tumour; ``reviewed`` = a reviewed
+    region (neither tumour nor exclusion: it says where the annotation is complete)."""
 
     exterior: np.ndarray  # (K, 2) float level-0 (x, y)
     holes: list[np.ndarray] = field(default_factory=list)
     name: str = ""
     positive: bool = True
+    reviewed: bool = False
+
+
+def _is_reviewed(name: str | None) -> bool:
+    return name is not None and name.strip().lower() in REVIEWED
 
 
 def _is_tumour(name: str | None) -> bool:
-    return name is None or name.strip().lower() not in NON_TUMOUR
+    return name is None or (name.strip().lower() not in NON_TUMOUR and not _is_reviewed(name))
+
+
+def _region(exterior: np.ndarray, holes: list[np.ndarray], name: str | None) -> Region:
+    return Region(exterior, holes, name or "", _is_tumour(name), _is_reviewed(name))
 
 
 def read_asap_xml(path: str | Path) -> list[Region]:
@@ -64,7 +79,7 @@ def read_asap_xml(path: str | Path) -> list[Region]:
             continue  # dots and lines carry no area
         pts.sort(key=lambda t: t[0])
         group = ann.get("PartOfGroup")
-        regions.append(Region(np.array([(x, y) for _, x, y in pts]), [], group or "", _is_tumour(group)))
+        regions.append(_region(np.array([(x, y) for _, x, y in pts]), [], group))
     _check_area(path, n_shapes, len(regions))
     return regions
 
@@ -121,7 +136,7 @@ def _rings_to_regions(rings: list, name: str | None, offset: tuple[float, float]
         raise ValueError(f"{path}: polygon coordinates are not [[x, y], ...] lists") from None
     if not arrs or len(arrs[0]) < 3:
         return None
-    return Region(arrs[0], [a for a in arrs[1:] if len(a) >= 3], name or "", _is_tumour(name))
+    return _region(arrs[0], [a for a in arrs[1:] if len(a) >= 3], name)
 
 
 def _geometry_regions(geom: dict, name: str | None, offset, path: Path) -> list[Region]:
@@ -225,7 +240,7 @@ def rasterize(regions: list[Region], size: tuple[int, int], downsample: float) -
             for hole in r.holes:
                 draw.polygon(poly(hole), fill=0)
     for r in regions:
-        if not r.positive:
+        if not r.positive and not r.reviewed:
             draw.polygon(poly(r.exterior), fill=0)
     return np.asarray(img, dtype=np.uint8)[:h, :w] > 0
 
@@ -252,10 +267,26 @@ def tumour_geometry(regions: list[Region]):
     if not pos:
         return shapely.Polygon()
     geom = shapely.union_all(pos)
-    neg = [poly(r, False) for r in regions if not r.positive]
+    neg = [poly(r, False) for r in regions if not r.positive and not r.reviewed]
     if neg:
         geom = geom.difference(shapely.union_all(neg))
     return geom
+
+
+def _polygon(r: Region):
+    import shapely
+    from shapely.geometry import Polygon
+
+    g = Polygon(r.exterior, [h for h in r.holes if len(h) >= 3])
+    return g if g.is_valid else shapely.make_valid(g)
+
+
+def reviewed_geometry(regions: list[Region]):
+    """The union of the reviewed regions (None when there are none: the whole slide was annotated)."""
+    import shapely
+
+    rev = [_polygon(r) for r in regions if r.reviewed]
+    return shapely.union_all(rev) if rev else None
 
 
 def patch_tumour_fraction(regions: list[Region], coords: np.ndarray, size_level0: int,
@@ -263,14 +294,18 @@ def patch_tumour_fraction(regions: list[Region], coords: np.ndarray, size_level0
     """Exact tumour fraction of each level-0 square patch: area(patch ∩ tumour) / area(patch),
     with :func:`tumour_geometry` (no rasterisation; ``level0_size`` and ``px_per_patch`` are
     accepted for callers of the former raster version and ignored)."""
+    if not any(r.positive for r in regions):
+        return np.zeros(len(np.asarray(coords).reshape(-1, 2)), np.float32)
+    return area_fraction(tumour_geometry(regions), coords, size_level0)
+
+
+def area_fraction(geom, coords: np.ndarray, size_level0: int) -> np.ndarray:
+    """area(patch ∩ ``geom``) / area(patch) for each level-0 square patch (exact, shapely)."""
     import shapely
 
     coords = np.asarray(coords, np.float64).reshape(-1, 2)
     out = np.zeros(len(coords), np.float32)
-    if len(coords) == 0 or not any(r.positive for r in regions):
-        return out
-    geom = tumour_geometry(regions)
-    if geom.is_empty:
+    if len(coords) == 0 or geom is None or geom.is_empty:
         return out
     s = float(size_level0)
     boxes = shapely.box(coords[:, 0], coords[:, 1], coords[:, 0] + s, coords[:, 1] + s)
@@ -305,11 +340,41 @@ def check_regions(regions: list[Region], path: str | Path, level0_size: tuple[in
 
 def patch_labels(regions: list[Region], coords: np.ndarray, size_level0: int, threshold: float = 0.5,
                  level0_size: tuple[int, int] | None = None) -> tuple[np.ndarray, np.ndarray]:
-    """(labels int64, tumour fractions): label 1 iff fraction ≥ ``threshold``."""
+    """(labels int64, tumour fractions): label 1 iff fraction ≥ ``threshold``; where the file
+    holds reviewed regions, −1 (unknown) for a patch with less than ``threshold`` of its area
+    inside them."""
     if not 0 < threshold <= 1:
         raise ValueError(f"tumour fraction threshold must be in (0, 1], got {threshold}")
     frac = patch_tumour_fraction(regions, coords, size_level0, level0_size)
-    return (frac >= threshold - 1e-9).astype(np.int64), frac
+    labels = (frac >= threshold - 1e-9).astype(np.int64)
+    rev = reviewed_geometry(regions)
+    if rev is not None:
+        labels[area_fraction(rev, coords, size_level0) < threshold - 1e-9] = -1
+    return labels, frac
+
+
+def slide_patch_labels(annotation: Path | None, slide_label: int | None, coords: np.ndarray, size_level0: int,
+                       threshold: float = 0.5, regions: list[Region] | None = None,
+                       level0_size: tuple[int, int] | None = None) -> np.ndarray:
+    """One slide's patch labels from its annotation file, with the slide label deciding what an
+    absent or partial annotation means:
+
+    - no file: all 0 on a negative slide (Camelyon16 annotates every tumour slide), all −1
+      (unknown) on a positive one (:func:`not_annotated`);
+    - a file with reviewed regions (milkit's ``Review`` squares of ``review.geojson``, QuPath's
+      ``Region*``): tumour inside them as annotated, the rest of a positive slide −1 (annotated
+      only where reviewed), the rest of a negative slide 0;
+    - otherwise the whole slide is annotated (:func:`patch_labels`).
+
+    ``regions``: the file already read (with its offset)."""
+    n = len(np.asarray(coords).reshape(-1, 2))
+    if annotation is None:
+        return np.full(n, -1 if not_annotated(annotation, slide_label) else 0, np.int64)
+    regions = read_annotations(annotation) if regions is None else regions
+    labels, _ = patch_labels(regions, coords, size_level0, threshold, level0_size)
+    if slide_label == 0:
+        labels[labels < 0] = 0  # every patch of a negative slide is negative (the MIL assumption)
+    return labels
 
 
 def patch_feature_collection(coords: np.ndarray, scores: np.ndarray, labels: np.ndarray, size_level0: int,

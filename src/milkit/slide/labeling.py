@@ -27,7 +27,7 @@ from milkit.data.features import check_h5_features, coordinate_step, level0_patc
 from milkit.metrics.classification import auroc, binary_metrics, nan_to_none
 from milkit.report import ScoreSet, write_report
 from milkit.run_dir import RunDir
-from milkit.slide.annotations import find_annotation, not_annotated, patch_labels, read_annotations
+from milkit.slide.annotations import find_annotation, read_annotations, slide_patch_labels
 from milkit.slide.outputs import SlideScores, read_instances_h5, write_slide_outputs
 from milkit.slide.progress import track
 from milkit.slide.reader import find_slides, open_slide
@@ -336,13 +336,12 @@ def evaluate_annotations(run_dir: str | Path, annotations_dir: Path, labels_dir:
         geom = tumour_geometry(regions)
         lesions = [] if geom.is_empty else list(getattr(geom, "geoms", [geom]))
         true = info[sid].label if sid in info else int(bool(lesions))
-        if not_annotated(ann, true):  # patch labels unknown: out of every patch metric and the FROC
-            y = np.full(len(s.coords), -1, np.int64)
-        else:
-            y, _ = patch_labels(regions, s.coords, s.size_level0, tumour_fraction, s.level0_size)
-            if sid in info and true == 0 and y.any():
-                log.warning("%s: slide %r is labelled negative in the run's labels, but this annotation makes %d of "
-                            "its patches tumour; check the labels CSV or the annotation", ann, sid, int(y.sum()))
+        # −1 (unknown: out of every patch metric and the FROC) on a positive slide without annotation
+        # and outside the reviewed regions of a partly annotated one
+        y = slide_patch_labels(ann, true, s.coords, s.size_level0, tumour_fraction, regions, s.level0_size)
+        if sid in info and true == 0 and (y == 1).any():
+            log.warning("%s: slide %r is labelled negative in the run's labels, but this annotation makes %d of "
+                        "its patches tumour; check the labels CSV or the annotation", ann, sid, int((y == 1).sum()))
         results.append(SlideResult(sid, split_of(info, sid), true, s, y, _probability(f), ann, lesions))
     unannotated = [r.slide_id for r in results if not r.annotated]
     if unannotated:
@@ -355,8 +354,9 @@ def evaluate_annotations(run_dir: str | Path, annotations_dir: Path, labels_dir:
     for r in results:
         if not r.annotated:
             continue
-        conf = r.prob if r.prob is not None else r.scores.scores
-        c, k = detections(r.scores.coords, conf, r.scores.size_level0)
+        known = r.patch_true >= 0  # detections only where the annotation is complete
+        conf = (r.prob if r.prob is not None else r.scores.scores)[known]
+        c, k = detections(r.scores.coords[known], conf, r.scores.size_level0)
         froc_in.setdefault(r.split, []).append((k, lesion_hits(c, r.lesions, n_lesion), None))
         n_lesion += len(r.lesions)
     for split in SPLIT_ORDER:

@@ -155,17 +155,19 @@ class Catalog:
     def _patch_metrics(self, sid: str, f: Path, true_label: int | None = None) -> dict:
         """Patch AUROC/F1 against the annotation; none for a positive slide without one (unknown)."""
         from milkit.metrics.classification import auroc, binary_metrics
-        from milkit.slide.annotations import not_annotated, patch_labels
+        from milkit.slide.annotations import not_annotated, slide_patch_labels
         from milkit.slide.outputs import read_instances_h5
 
         s = read_instances_h5(f)
         ann, regions = self._regions(sid, s.bounds_offset)
         if not_annotated(ann, true_label):
             return {}
-        y, _ = patch_labels(regions, s.coords, s.size_level0, 0.5, s.level0_size)
-        if not len(y):
+        y = slide_patch_labels(ann, true_label, s.coords, s.size_level0, 0.5, regions, s.level0_size)
+        known = y >= 0  # outside the reviewed regions of a partly annotated slide: unknown
+        if not known.any():
             return {}
-        return {"patch_auroc": auroc(y, s.scores), "patch_f1": binary_metrics(y, s.labels, 0.5)["f1"],
+        y, score, lab = y[known], np.asarray(s.scores)[known], np.asarray(s.labels)[known]
+        return {"patch_auroc": auroc(y, score), "patch_f1": binary_metrics(y, lab, 0.5)["f1"],
                 "n_tumour_patches": int(y.sum())}
 
     # -- one slide -----------------------------------------------------------------
@@ -227,7 +229,7 @@ class Catalog:
                 log.warning("%s", err)
         ann, regions = self._regions(sid, s.bounds_offset)
         ox, oy = s.bounds_offset
-        annotations = [{"positive": r.positive, "name": r.name,
+        annotations = [{"positive": r.positive, "reviewed": r.reviewed, "name": r.name,
                         "rings": [(r.exterior).round(1).tolist()] + [h.round(1).tolist() for h in r.holes]}
                        for r in regions]
         payload = {

@@ -39,20 +39,23 @@ class SlideResult:
 
     @property
     def annotated(self) -> bool:
-        """False for a positive slide without annotation: its patch labels are unknown (−1)."""
+        """False for a positive slide without annotation: its patch labels are all unknown (−1)."""
         return not (len(self.patch_true) and bool((np.asarray(self.patch_true) < 0).all()))
 
     def metrics(self) -> dict:
-        y, s = self.patch_true, self.scores
-        m = {"split": self.split, "true_label": self.true_label, "n_patches": int(len(y)),
-             "n_positive_patches": int(np.asarray(s.labels).sum()),
+        """Patch metrics over the patches with a known label (outside reviewed regions: unknown)."""
+        s, known = self.scores, np.asarray(self.patch_true) >= 0
+        y = np.asarray(self.patch_true)[known]
+        m = {"split": self.split, "true_label": self.true_label, "n_patches": int(len(self.patch_true)),
+             "n_positive_patches": int(np.asarray(s.labels).sum()), "n_annotated_patches": int(known.sum()),
              "annotation": str(self.annotation) if self.annotation else None, "bag_prob": s.bag_prob,
              "annotated": self.annotated, "n_lesions": len(self.lesions)}
         if not self.annotated:
             return {**m, "n_tumour_patches": None, "instance_auroc": float("nan")}
-        m.update(n_tumour_patches=int(y.sum()), instance_auroc=auroc(y, s.scores) if len(y) else float("nan"))
+        score, lab = np.asarray(s.scores)[known], np.asarray(s.labels)[known]
+        m.update(n_tumour_patches=int(y.sum()), instance_auroc=auroc(y, score) if len(y) else float("nan"))
         if len(y):
-            m.update({f"instance_{k}": v for k, v in binary_metrics(y, s.labels, 0.5).items() if k != "auroc"})
+            m.update({f"instance_{k}": v for k, v in binary_metrics(y, lab, 0.5).items() if k != "auroc"})
         return m
 
 

@@ -125,8 +125,8 @@
       ctx.globalAlpha = parseFloat($("op-ann").value); ctx.lineWidth = 2;
       d.annotations.forEach(function (a) {
         ctx.beginPath(); rings(ctx, t, a.rings);
-        ctx.setLineDash(a.positive ? [] : [6, 4]);
-        ctx.strokeStyle = a.positive ? "rgb(0,170,0)" : "rgb(230,180,0)"; ctx.stroke();
+        ctx.setLineDash(a.positive ? [] : a.reviewed ? [2, 3] : [6, 4]);  // reviewed region: grey dots
+        ctx.strokeStyle = a.positive ? "rgb(0,170,0)" : a.reviewed ? "rgb(110,110,110)" : "rgb(230,180,0)"; ctx.stroke();
       });
       ctx.setLineDash([]);
     }
