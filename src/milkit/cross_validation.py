@@ -25,7 +25,7 @@ import numpy as np
 
 from milkit import io
 from milkit.config import Experiment
-from milkit.run_dir import RunDir
+from milkit.run_dir import RunDir, stage_metrics
 
 SUMMARY_JSON, SUMMARY_MD = "cv_summary.json", "cv_summary.md"
 _FOLD_DIR = re.compile(r"fold-\d+$")
@@ -89,8 +89,7 @@ def run_folds(experiments: list[Experiment], out: Path, train: Callable[..., dic
 
 
 def _stages(metrics: dict) -> list[str]:
-    return [s for s, m in metrics.items() if not s.startswith("_") and isinstance(m, dict)
-            and any(isinstance(m.get(sp), dict) for sp in ("val", "test"))]
+    return list(stage_metrics(metrics))
 
 
 def _is_count(key: str) -> bool:

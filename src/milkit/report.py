@@ -32,7 +32,7 @@ import numpy as np
 
 from milkit import io
 from milkit.metrics.classification import auroc
-from milkit.run_dir import RunDir
+from milkit.run_dir import RunDir, stage_metrics
 
 #: instance scores plotted per histogram at most (a 100k-patch slide set stays fast)
 MAX_HISTOGRAM_POINTS = 200_000
@@ -351,9 +351,7 @@ def render_report(run_path: Path, metrics: dict, scores: dict[str, dict[str, Sco
              + (f"; method <b>{html.escape(str(info.get('method')))}</b>" if info.get("method") else "")
              + (f"; trained in {_fmt(info.get('train_seconds'))} s" if info.get("train_seconds") is not None else "")
              + "</p>"]
-    for stage, m in metrics.items():
-        if stage.startswith("_") or not isinstance(m, dict):
-            continue
+    for stage, m in stage_metrics(metrics).items():
         parts.append(f"<h2>stage: {html.escape(stage)}</h2>")
         if isinstance(m.get("trust"), dict):
             parts.append(trust_section(m["trust"], m.get("calibration"), m.get("ensemble")))

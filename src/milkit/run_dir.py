@@ -28,6 +28,13 @@ from typing import Literal
 import yaml
 
 from milkit import io
+
+
+def stage_metrics(metrics: dict) -> dict[str, dict]:
+    """The stages of a metrics.json: not ``_run`` and not ``annotations`` (what ``evaluate
+    --annotations`` adds), only entries that hold a ``val`` or ``test`` split."""
+    return {s: m for s, m in metrics.items() if not s.startswith("_") and isinstance(m, dict)
+            and any(isinstance(m.get(sp), dict) for sp in ("val", "test"))}
 from milkit.config import Experiment, build_experiment
 
 

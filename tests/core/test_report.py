@@ -199,3 +199,11 @@ def test_slide_run_report_end_to_end(tmp_path):
     assert f"milkit label {tmp_path / 'run'} --slides SLIDES/ --features {feats}" in section
     assert "(0 of these 8 slides are labelled there now)" in section  # no labels/ written yet
     assert section.count("data:image/png;base64,") == 16  # 2 splits × (2 FN + 2 FP) × (patch labels, heatmap)
+
+
+def test_report_lists_stages_only_not_the_annotations_record(tmp_path):
+    """`evaluate --annotations` adds an `annotations` key to metrics.json: not a stage."""
+    metrics = {"_run": {"method": "mil"}, "mil": {"val": {"bag_auroc": 1.0}, "test": {"bag_auroc": 0.9}},
+               "annotations": {"splits": {"test": {"n_slides": 2}}, "per_slide": {}}}
+    page = render_report(tmp_path, metrics, {})
+    assert "stage: mil" in page and "stage: annotations" not in page
