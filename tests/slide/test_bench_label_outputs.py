@@ -24,3 +24,11 @@ def test_cli_writes_the_table_and_a_refused_option_is_one_line(tmp_path, capsys)
     assert res["n_patches"] > 0 and res["probability_tif_s"] > 0 and res["sizes_mib"]["probability.tif"] > 0
     assert main(["benchmark", "label-outputs", "--tissue", "2", "--out", str(tmp_path / "x")]) == 2
     assert "--tissue" in capsys.readouterr().err and not (tmp_path / "x").exists()
+
+
+def test_label_files_names_every_file_write_slide_outputs_writes(tmp_path):
+    from milkit.slide.outputs import LABEL_FILES, write_slide_outputs
+
+    s = synthetic_slide(4096, 4096, 256, 0.5, seed=1)
+    paths = write_slide_outputs(tmp_path, s, np.full((64, 64, 3), 240, np.uint8), 64.0)
+    assert sorted(p.name for p in paths) == sorted(LABEL_FILES) == sorted(p.name for p in (tmp_path / "bench").iterdir())

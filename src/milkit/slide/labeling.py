@@ -28,7 +28,7 @@ from milkit.metrics.classification import auroc, binary_metrics, nan_to_none
 from milkit.report import ScoreSet, write_report
 from milkit.run_dir import RunDir
 from milkit.slide.annotations import find_annotation, read_annotations, slide_patch_labels
-from milkit.slide.outputs import SlideScores, read_instances_h5, write_slide_outputs
+from milkit.slide.outputs import LABEL_FILES, SlideScores, read_instances_h5, write_slide_outputs
 from milkit.slide.progress import track
 from milkit.slide.reader import find_slides, open_slide
 
@@ -265,11 +265,6 @@ def label_slides(run_dir: str | Path, slides: list[Path] | None, features_dir: P
                  "is the coordinate step, i.e. non-overlapping patches", len(inferred), ", ".join(inferred[:3]),
                  " …" if len(inferred) > 3 else "")
     return paths + [out / "slides.csv"]
-
-
-#: what :func:`milkit.slide.outputs.write_slide_outputs` writes in a slide's folder
-LABEL_FILES = ("instances.csv", "instances.h5", "probability.tif", "detections.geojson", "outlines.geojson",
-               "outlines.xml", "review.geojson", "heatmap.png")
 
 
 def previous_labels(out: Path) -> dict[str, tuple[str, str, Path]]:

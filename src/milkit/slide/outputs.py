@@ -36,6 +36,11 @@ from milkit.slide.heatmap import normalise_scores, overlay, score_raster, with_c
 from milkit.trust.review import review_feature_collection, review_scores
 
 
+#: every file :func:`write_slide_outputs` may write in a slide's folder (the module docstring)
+LABEL_FILES = ("instances.csv", "instances.h5", "probability.tif", "detections.geojson", "outlines.geojson",
+               "outlines.xml", "review.geojson", "heatmap.png")
+
+
 @dataclass
 class SlideScores:
     """One slide's patch scores and the geometry needed to draw them."""
