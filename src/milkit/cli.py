@@ -75,6 +75,8 @@ def train(
         if not summary:
             return
         print_cv_table(summary)
+        for line in cv.pooled_lines(summary):
+            typer.echo(line)
         typer.echo(f"summary: {out / cv.SUMMARY_MD}")
         notice = label_free_threshold_notice(per_fold[0])
         if notice:

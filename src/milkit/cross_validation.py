@@ -6,7 +6,10 @@ histology sets: ``data.n_folds`` / ``data.fold``), so ``milkit label`` / ``evalu
 work on each fold as on any run. ``DIR/cv_summary.json`` and ``cv_summary.md`` hold, per stage and
 split, every numeric metric of each fold with its mean and sample standard deviation (ddof 1),
 and each fold's trust verdict: the "mean ± sd" that CLAM's k-fold tables, Distill-to-Label §IV
-(5-fold) and the Sm paper (five train/validation splits, App. B) report.
+(5-fold) and the Sm paper (five train/validation splits, App. B) report. Beside it, the pooled
+out-of-fold test (:func:`pooled_out_of_fold`): each slide's prediction from the fold that tested
+it, in ``out_of_fold_<stage>.csv``, and the slide (and patch) AUROC over all slides with a
+bootstrap interval — what a small cohort can say with all its slides at once.
 
 Every fold's config is validated, and every fold folder's state checked, before the first fold
 trains; ``--resume`` keeps finished folds (their config must be the fold's) and continues the
@@ -29,6 +32,7 @@ from milkit.run_dir import RunDir, stage_metrics
 
 SUMMARY_JSON, SUMMARY_MD = "cv_summary.json", "cv_summary.md"
 _FOLD_DIR = re.compile(r"fold-\d+$")
+_OOF_CSV = re.compile(r"out_of_fold_.+\.csv$")
 
 
 def fold_overrides(exp: Experiment, folds: int, fold: int) -> list[str]:
@@ -56,7 +60,8 @@ def check_out(out: Path, folds: int, overwrite: bool, resume: bool) -> None:
         raise FileExistsError(f"{out}: holds a single milkit run; --folds writes fold-<k>/ run folders, "
                               "choose another --out")
     if out.is_dir():
-        other = [p.name for p in out.iterdir() if not (_FOLD_DIR.match(p.name) or p.name in (SUMMARY_JSON, SUMMARY_MD))]
+        other = [p.name for p in out.iterdir()
+                 if not (_FOLD_DIR.match(p.name) or _OOF_CSV.match(p.name) or p.name in (SUMMARY_JSON, SUMMARY_MD))]
         if other:
             raise FileExistsError(f"{out}: not empty and not a cross-validation folder ({', '.join(sorted(other)[:3])}); "
                                   "choose a new or empty --out (nothing there was changed)")
@@ -83,6 +88,7 @@ def run_folds(experiments: list[Experiment], out: Path, train: Callable[..., dic
     if not all(per_fold):  # a DDP rank other than 0: rank 0 writes the summary
         return {}, per_fold
     summary = summarise(per_fold)
+    summary["pooled_test"] = pooled_out_of_fold(out, len(experiments), list(summary["stages"]))
     io.write_json(out / SUMMARY_JSON, summary)
     io.write_text(out / SUMMARY_MD, render(summary))
     return summary, per_fold
@@ -125,6 +131,88 @@ def summarise(per_fold: list[dict]) -> dict:
     return out
 
 
+def oof_csv(out: Path, stage: str) -> Path:
+    return Path(out) / f"out_of_fold_{stage}.csv"
+
+
+def pooled_out_of_fold(out: Path, folds: int, stages: list[str], n_boot: int = 1000, seed: int = 0) -> dict:
+    """Every slide's test prediction from the one fold whose test split holds it (the test folds
+    partition the slides), pooled: per stage the slide AUROC over all slides with its bootstrap 95 %
+    interval, and, where patch labels exist, the patch AUROC of the calibrated probabilities (one
+    scale across folds; slides resampled whole) and the patch F1 at each fold's own threshold.
+    Few slides make each fold's numbers noisy; the pooled interval is over every slide at once.
+    Writes ``out_of_fold_<stage>.csv`` (slide, fold, label, slide probability). Pixel-map stages
+    are left out (no patch probabilities)."""
+    import csv
+    import io as _io
+
+    from milkit.methods.seg_base import SegLabeler
+    from milkit.metrics.classification import bootstrap_auroc, nan_to_none
+    from milkit.workflow import load_labelers
+
+    acc: dict[str, dict] = {s: {"rows": [], "py": [], "pp": [], "pg": [], "tp": 0, "fp": 0, "fn": 0} for s in stages}
+    for k in range(folds):
+        _, labelers, exp = load_labelers(fold_dir(out, k))
+        test = exp.data.build(exp.seed).test
+        for stage, a in acc.items():
+            lab = labelers.get(stage)
+            if lab is None or isinstance(lab, SegLabeler):
+                continue
+            for r in lab.predict_dataset(test):
+                a["rows"].append((r["bag_id"], k, int(r["label"]), float(r["bag_prob"])))
+                y, prob = r.get("instance_labels"), r.get("probability")
+                if y is None or prob is None:
+                    continue
+                keep = np.asarray(y) >= 0
+                yk, pk = np.asarray(y)[keep], np.asarray(prob, np.float64)[keep]
+                a["py"].append(yk)
+                a["pp"].append(pk)
+                a["pg"].append(np.full(len(yk), len(a["rows"])))
+                hit = (np.asarray(lab.label_values(r))[keep] >= lab.threshold) if lab.threshold is not None else None
+                if hit is not None:
+                    a["tp"] += int((hit & (yk == 1)).sum())
+                    a["fp"] += int((hit & (yk == 0)).sum())
+                    a["fn"] += int((~hit & (yk == 1)).sum())
+    res: dict = {}
+    for stage, a in acc.items():
+        if not a["rows"]:
+            continue
+        buf = _io.StringIO()
+        w = csv.writer(buf)
+        w.writerow(["slide_id", "fold", "label", "bag_prob"])
+        w.writerows([sid, k, y, f"{p:.6g}"] for sid, k, y, p in a["rows"])
+        io.write_text(oof_csv(out, stage), buf.getvalue())
+        sb = bootstrap_auroc([r[2] for r in a["rows"]], [r[3] for r in a["rows"]], n_boot=n_boot, seed=seed)
+        block = {"n_slides": len(a["rows"]), "slide_auroc": {"value": sb["auroc"], "ci95": [sb["low"], sb["high"]]},
+                 "patch_auroc": None, "patch_f1": None, "n_patches": 0, "file": oof_csv(out, stage).name}
+        if a["py"]:
+            y, p, g = (np.concatenate(a[key]) for key in ("py", "pp", "pg"))
+            pb = bootstrap_auroc(y, p, groups=g, n_boot=n_boot, seed=seed + 1)
+            denom = 2 * a["tp"] + a["fp"] + a["fn"]
+            block.update(patch_auroc={"value": pb["auroc"], "ci95": [pb["low"], pb["high"]]}, n_patches=int(len(y)),
+                         patch_f1=2 * a["tp"] / denom if denom else None)
+        res[stage] = nan_to_none(block)
+    return res
+
+
+def pooled_lines(summary: dict) -> list[str]:
+    """One line per stage for the terminal: the pooled out-of-fold numbers."""
+    out = []
+    for stage, b in (summary.get("pooled_test") or {}).items():
+        line = f"cross-validation {stage}, pooled out-of-fold test ({b['n_slides']} slides): slide AUROC {_ci(b['slide_auroc'])}"
+        if b.get("patch_auroc"):
+            line += f"; patch AUROC {_ci(b['patch_auroc'])}" + (
+                f", patch F1 {b['patch_f1']:.3f}" if b.get("patch_f1") is not None else "")
+        out.append(line)
+    return out
+
+
+def _ci(c: dict) -> str:
+    v, (lo, hi) = c.get("value"), c.get("ci95") or (None, None)
+    f = lambda x: "—" if x is None else f"{x:.3f}"  # noqa: E731
+    return f"{f(v)} [{f(lo)}, {f(hi)}]"
+
+
 def _fmt(cell: dict) -> str:
     if cell["mean"] is None:
         return "—"
@@ -151,4 +239,9 @@ def render(summary: dict) -> str:
                 per = ", ".join("—" if v is None else f"{v:.3f}" for v in cell["values"])
                 lines.append(f"| {split} | {k} | {_fmt(cell)} | {per} |")
         lines += ["", "verdicts per fold: " + ", ".join(str(v) for v in block["verdicts"]), ""]
+    pooled = pooled_lines(summary)
+    if pooled:
+        lines += ["## Pooled out-of-fold test", "", "Each slide's prediction from the fold that tested it (per-slide values in "
+                  "`out_of_fold_<stage>.csv`); 95 % bootstrap intervals (slides resampled whole).", ""]
+        lines += [f"- {ln}" for ln in pooled] + [""]
     return "\n".join(lines)

@@ -136,3 +136,32 @@ def test_summary_by_hand():
     assert "n_bags" not in t and "instance_n_pos" not in t and "instance" not in s["stages"]["s"]["val"]
     assert s["stages"]["s"]["verdicts"] == ["uncertain", "trustworthy", "trustworthy"]
     assert "| test | bag_auroc | 0.700 ± 0.200 | 0.500, 0.700, 0.900 |" in render(s)
+
+
+def test_pooled_out_of_fold_test_covers_every_slide_once(cv_run):
+    """The test folds partition the slides: out_of_fold_mil.csv holds each slide once, and the pooled
+    slide AUROC is the AUROC of that file's column, inside its own interval."""
+    import csv
+
+    from milkit.metrics.classification import auroc
+
+    root, cfg = cv_run
+    out = root / "pooled"
+    assert main(["train", str(cfg), "--out", str(out), "--folds", "3"]) == 0
+    rows = list(csv.DictReader((out / "out_of_fold_mil.csv").open()))
+    assert sorted(r["slide_id"] for r in rows) == [f"s{i:02d}" for i in range(N_SLIDES)]
+    assert {int(r["fold"]) for r in rows} == {0, 1, 2}
+    from milkit.config import build_experiment
+
+    for k in range(3):  # each slide's fold is the one whose test split holds it
+        exp = build_experiment(yaml.safe_load((out / f"fold-{k}" / "config.yaml").read_text()))
+        test_ids = {exp.data.build(exp.seed).test[i].bag_id for i in range(len(exp.data.build(exp.seed).test))}
+        assert {r["slide_id"] for r in rows if int(r["fold"]) == k} == test_ids
+    pooled = json.loads((out / "cv_summary.json").read_text())["pooled_test"]["mil"]
+    assert pooled["n_slides"] == N_SLIDES and pooled["n_patches"] == N_SLIDES * N_PATCH
+    value = auroc([int(r["label"]) for r in rows], [float(r["bag_prob"]) for r in rows])
+    assert pooled["slide_auroc"]["value"] == pytest.approx(value, abs=1e-6)
+    lo, hi = pooled["slide_auroc"]["ci95"]
+    assert lo <= value <= hi
+    assert pooled["patch_auroc"]["value"] > 0.8 and 0 <= pooled["patch_f1"] <= 1  # chance 0.5 (planted shift)
+    assert "pooled out-of-fold test (24 slides)" in (out / "cv_summary.md").read_text()
