@@ -168,15 +168,30 @@ def _fit_feature_dims(exp: Experiment, splits: DataSplits, source: str) -> None:
     it out; when it is given and differs from the features' D, both numbers are named."""
     from milkit.config import FEATURE_ENCODERS, ConfigError
 
-    encoders = [(k, e) for k, e in _encoder_sections(exp.method, "method") if e.name in FEATURE_ENCODERS]
-    if not encoders or len(splits.train) == 0:
+    sections = _encoder_sections(exp.method, "method")
+    if not sections or len(splits.train) == 0:
         return
     bag = splits.train[0]
-    if bag.instances.ndim != 2:
+    where = bag.meta.get("path") or f"bag {bag.bag_id!r}"
+    features = bag.instances.ndim == 2
+    for key, enc in sections:
+        if features == (enc.name in FEATURE_ENCODERS):
+            continue
+        if features and "name" not in enc.model_fields_set:  # left out: the features as they are
+            log.info("%s.name = identity: the instances in %s are feature vectors (D = %d), not images for the "
+                     "default %r", key, where, int(bag.instances.shape[1]), enc.name)
+            enc.name = "identity"
+            continue
+        kind = (f"feature vectors (D = {int(bag.instances.shape[1])})" if features
+                else f"images ({' × '.join(str(x) for x in bag.instances.shape[1:])})")
+        want = ", ".join(FEATURE_ENCODERS) if features else "an image encoder (lenet5, small_cnn, resnet18, …)"
+        raise ConfigError(f"{source}: config key '{key}.name' is {enc.name!r}, an encoder of "
+                          f"{'images' if features else 'feature vectors'}, but the instances in {where} are {kind}; "
+                          f"use {want}")
+    if not features:
         return
     d = int(bag.instances.shape[1])
-    where = bag.meta.get("path") or f"bag {bag.bag_id!r}"
-    for key, enc in encoders:
+    for key, enc in [(k, e) for k, e in sections if e.name in FEATURE_ENCODERS]:
         if enc.in_dim is None:
             enc.in_dim = d
             log.info("%s.in_dim = %d, read from %s", key, d, where)
