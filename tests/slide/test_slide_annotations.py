@@ -253,19 +253,24 @@ def test_review_regions_close_the_loop_annotated_only_where_reviewed(tmp_path):
     fc["features"].append({"type": "Feature", "properties": {"classification": {"name": "Tumor"}},
                            "geometry": {"type": "Polygon", "coordinates": [[[0, 0], [100, 0], [100, 200], [0, 200],
                                                                             [0, 0]]]}})  # column 0 is tumour
+    fc["features"].append({"type": "Feature", "properties": {"classification": {"name": "Tumor"}},
+                           "geometry": {"type": "Polygon", "coordinates": [[[500, 0], [600, 0], [600, 100], [500, 100],
+                                                                            [500, 0]]]}})  # one more, outside
     path = tmp_path / "s.geojson"
     path.write_text(json.dumps(fc))
     regions = read_geojson(path)
-    assert tumour_geometry(regions).area == pytest.approx(100 * 200)  # the Review square is not tumour
+    assert tumour_geometry(regions).area == pytest.approx(100 * 300)  # the Review square is not tumour
     pos = slide_patch_labels(path, 1, coords, 100)
-    col = coords[:, 0] // 100
-    assert pos[col == 0].tolist() == [1, 1] and pos[col == 1].tolist() == [0, 0] and (pos[col >= 2] == -1).all()
+    col, row = coords[:, 0] // 100, coords[:, 1] // 100
+    assert pos[col == 0].tolist() == [1, 1] and pos[col == 1].tolist() == [0, 0]
+    assert pos[(col == 5) & (row == 0)].tolist() == [1]  # drawn tumour counts outside the reviewed region too
+    assert (pos[(col >= 2) & ~((col == 5) & (row == 0))] == -1).all()
     neg = slide_patch_labels(path, 0, coords, 100)
-    assert neg[col == 0].tolist() == [1, 1] and (neg[col >= 1] == 0).all()  # negative slide: the rest is negative
+    assert neg[col == 0].tolist() == [1, 1] and (neg[(col >= 1) & (col < 5)] == 0).all()  # the rest is negative
     # no Review region: the whole slide is annotated; no file: negative → 0, positive → unknown
     fc["features"] = fc["features"][1:]
     path.write_text(json.dumps(fc))
-    assert (slide_patch_labels(path, 1, coords, 100) == (col == 0)).all()
+    assert (slide_patch_labels(path, 1, coords, 100) == ((col == 0) | ((col == 5) & (row == 0)))).all()
     assert (slide_patch_labels(None, 0, coords, 100) == 0).all() and (slide_patch_labels(None, 1, coords, 100) == -1).all()
 
 

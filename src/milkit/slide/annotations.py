@@ -7,6 +7,12 @@ fraction is the exact area of patch ∩ tumour (shapely), so no rasterisation in
 lesion; it is positive when the fraction reaches ``threshold`` (0.5 by default, as in
 Camelyon16 work, Sm App. B; always recorded with the labels). Pixel masks (for drawing
 and pixel metrics) are still rasterised by :func:`level_mask`.
+
+A third kind of region, *reviewed* (class ``Review`` as ``review.geojson`` writes it, QuPath's
+``Region*``), marks where a partial annotation is complete: :func:`slide_patch_labels`, the one
+rule training, ``evaluate --annotations`` and the viewer share, leaves patches outside it unknown
+on a positive slide. :func:`write_asap_xml` / :func:`write_asap_region` write ASAP XML (``label``'s
+``outlines.xml``; holes as ``Exclusion`` polygons).
 """
 
 from __future__ import annotations
@@ -256,28 +262,23 @@ def tumour_geometry(regions: list[Region]):
     minus their holes, minus every non-tumour region (Camelyon16 ``_2``/``Exclusion``).
     Self-intersecting outlines are repaired with ``shapely.make_valid``."""
     import shapely
-    from shapely.geometry import Polygon
 
-    def poly(r: Region, with_holes: bool):
-        holes = [h for h in r.holes if len(h) >= 3] if with_holes else []
-        g = Polygon(r.exterior, holes)
-        return g if g.is_valid else shapely.make_valid(g)
-
-    pos = [poly(r, True) for r in regions if r.positive]
+    pos = [_polygon(r) for r in regions if r.positive]
     if not pos:
         return shapely.Polygon()
     geom = shapely.union_all(pos)
-    neg = [poly(r, False) for r in regions if not r.positive and not r.reviewed]
+    neg = [_polygon(r, holes=False) for r in regions if not r.positive and not r.reviewed]
     if neg:
         geom = geom.difference(shapely.union_all(neg))
     return geom
 
 
-def _polygon(r: Region):
+def _polygon(r: Region, holes: bool = True):
+    """The region as a valid shapely polygon (``make_valid`` repairs self-intersections)."""
     import shapely
     from shapely.geometry import Polygon
 
-    g = Polygon(r.exterior, [h for h in r.holes if len(h) >= 3])
+    g = Polygon(r.exterior, [h for h in r.holes if len(h) >= 3] if holes else [])
     return g if g.is_valid else shapely.make_valid(g)
 
 
@@ -341,15 +342,16 @@ def check_regions(regions: list[Region], path: str | Path, level0_size: tuple[in
 def patch_labels(regions: list[Region], coords: np.ndarray, size_level0: int, threshold: float = 0.5,
                  level0_size: tuple[int, int] | None = None) -> tuple[np.ndarray, np.ndarray]:
     """(labels int64, tumour fractions): label 1 iff fraction ≥ ``threshold``; where the file
-    holds reviewed regions, −1 (unknown) for a patch with less than ``threshold`` of its area
-    inside them."""
+    holds reviewed regions, a patch that is not tumour and has less than ``threshold`` of its area
+    inside them is −1 (unknown: drawn tumour is tumour anywhere, its absence means something only
+    where someone looked)."""
     if not 0 < threshold <= 1:
         raise ValueError(f"tumour fraction threshold must be in (0, 1], got {threshold}")
     frac = patch_tumour_fraction(regions, coords, size_level0, level0_size)
     labels = (frac >= threshold - 1e-9).astype(np.int64)
     rev = reviewed_geometry(regions)
     if rev is not None:
-        labels[area_fraction(rev, coords, size_level0) < threshold - 1e-9] = -1
+        labels[(labels == 0) & (area_fraction(rev, coords, size_level0) < threshold - 1e-9)] = -1
     return labels, frac
 
 
@@ -362,8 +364,9 @@ def slide_patch_labels(annotation: Path | None, slide_label: int | None, coords:
     - no file: all 0 on a negative slide (Camelyon16 annotates every tumour slide), all −1
       (unknown) on a positive one (:func:`not_annotated`);
     - a file with reviewed regions (milkit's ``Review`` squares of ``review.geojson``, QuPath's
-      ``Region*``): tumour inside them as annotated, the rest of a positive slide −1 (annotated
-      only where reviewed), the rest of a negative slide 0;
+      ``Region*``): drawn tumour is tumour wherever it is; the other patches are negative inside
+      the reviewed regions and, outside them, −1 on a positive slide (not looked at), 0 on a
+      negative one;
     - otherwise the whole slide is annotated (:func:`patch_labels`).
 
     ``regions``: the file already read (with its offset)."""

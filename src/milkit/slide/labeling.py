@@ -13,8 +13,8 @@ slides are). Instance AUROC on raw scores, F1/accuracy at the written labels.
 from __future__ import annotations
 
 import csv
-import json
 import io as _io
+import json
 import logging
 from pathlib import Path
 
