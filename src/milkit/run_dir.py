@@ -89,6 +89,10 @@ class RunDir:
         if not self.path.is_dir():
             raise FileNotFoundError(f"{self.path}: run directory does not exist")
         if not self.config_path.is_file():
+            folds = sorted(p.name for p in self.path.glob("fold-*") if (p / "config.yaml").is_file())
+            if folds:  # milkit train --folds K: one run per fold
+                raise FileNotFoundError(f"{self.path}: a cross-validation folder ({len(folds)} fold runs), not one run; "
+                                        f"give one fold's run, e.g. {self.path / folds[0]}")
             raise FileNotFoundError(f"{self.path}: not a milkit run directory (no config.yaml)")
         try:
             raw = yaml.safe_load(self.config_path.read_text())

@@ -165,3 +165,14 @@ def test_pooled_out_of_fold_test_covers_every_slide_once(cv_run):
     assert lo <= value <= hi
     assert pooled["patch_auroc"]["value"] > 0.8 and 0 <= pooled["patch_f1"] <= 1  # chance 0.5 (planted shift)
     assert "pooled out-of-fold test (24 slides)" in (out / "cv_summary.md").read_text()
+
+
+def test_a_cross_validation_folder_given_as_a_run_names_a_fold(cv_run, capsys):
+    root, cfg = cv_run
+    out = root / "out"
+    if not (out / "fold-0" / "config.yaml").is_file():
+        assert main(["train", str(cfg), "--out", str(out), "--folds", "3"]) == 0
+    capsys.readouterr()
+    assert main(["evaluate", str(out)]) == 2
+    err = capsys.readouterr().err
+    assert "a cross-validation folder (3 fold runs)" in err and str(out / "fold-0") in err
