@@ -113,16 +113,22 @@ def label(
     ),
     overwrite: bool = typer.Option(False, "--overwrite", help="replace labels of another run or stage already in "
                                    "--out (labels of this run and stage are kept and added to)"),
+    review_fraction: Optional[float] = typer.Option(
+        None, "--review-fraction", help="share of each slide's patches that review.geojson outlines for annotation "
+        "(default 0.02; docs/benchmarks.md 'The review loop')"),
 ) -> None:
     """Write instance labels (CSV) for a split, or whole-slide outputs with --slides / --features."""
     if (slides or features is not None) and data is not None:
         fail(f"--data {data}: labels a split of a dataset; it cannot be combined with --slides / --features")
     if overwrite and not (slides or features is not None):
         fail("--overwrite: applies to whole-slide labels (--slides / --features); split labels are rewritten as they are")
+    if review_fraction is not None and not (slides or features is not None):
+        fail("--review-fraction: applies to whole-slide labels (--slides / --features), which write review.geojson")
     if slides or features is not None:
         from milkit.slide.labeling import label_slides
 
-        paths = label_slides(run_dir, slides, features, out, stage, progress=sys.stderr.isatty(), overwrite=overwrite)
+        paths = label_slides(run_dir, slides, features, out, stage, progress=sys.stderr.isatty(), overwrite=overwrite,
+                             review_fraction=review_fraction)
         typer.echo(slide_outputs_summary(paths))
         return
     from milkit.workflow import label_run

@@ -305,6 +305,7 @@ CASES = [
     C("run_annotations_missing", cmd("evaluate", "{run}", "--annotations", "{root}/noann"), 2, "noann"),
     C("run_label_features_missing", cmd("label", "{run}", "--features", "{root}/nofeats"), 2, "nofeats", "--features"),
     C("run_label_overwrite_without_slides", cmd("label", "{run}", "--overwrite"), 2, "--overwrite", "--slides"),
+    C("run_label_review_fraction_without_slides", cmd("label", "{run}", "--review-fraction", "0.1"), 2, "--review-fraction", "--slides"),
     C("run_label_features_empty", cmd("label", "{run}", "--features", "{slides}"), 2, "no <slide>.h5"),
     C("run_label_features_with_data", cmd("label", "{run}", "--features", "{root}/feats", "--data", "{cfg}"), 2,
       "--data", "--features"),

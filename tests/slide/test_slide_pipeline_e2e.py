@@ -292,3 +292,21 @@ def test_label_in_batches_keeps_earlier_slides_and_refuses_another_runs_labels(r
     assert not any((labels / "s06").iterdir())  # the other run's files are gone, nothing else was there
     assert [r["slide_id"] for r in csv.DictReader((labels / "slides.csv").open())] == ["s08", "s09"]
     assert main(["label", str(out), "--overwrite"]) == 2  # split labels: the flag does not apply
+
+
+def test_review_fraction_sets_how_much_review_geojson_outlines(run, cohort, tmp_path, capsys):
+    out, _ = run
+    sizes = {}
+    for frac in ("0.02", "0.2"):
+        labels = tmp_path / frac
+        assert main(["label", str(out), "--slides", str(cohort.slides_dir / "s08.tif"), "--features",
+                     str(cohort.tiles_dir), "--out", str(labels), "--review-fraction", frac]) == 0
+        fc = json.loads((labels / "s08" / "review.geojson").read_text())
+        assert fc["properties"]["fraction"] == float(frac)
+        sizes[frac] = sum(f["properties"]["measurements"]["n_patches"] for f in fc["features"])
+    n = len(read_instances_h5(tmp_path / "0.2" / "s08" / "instances.h5").coords)
+    assert sizes["0.02"] == int(np.ceil(0.02 * n)) and sizes["0.2"] == int(np.ceil(0.2 * n))
+    capsys.readouterr()
+    assert main(["label", str(out), "--slides", str(cohort.slides_dir / "s08.tif"), "--features", str(cohort.tiles_dir),
+                 "--out", str(tmp_path / "bad"), "--review-fraction", "0"]) == 2
+    assert "--review-fraction must be in (0, 1]" in capsys.readouterr().err and not (tmp_path / "bad").exists()

@@ -140,10 +140,11 @@ def _geometry_from_h5(h5: Path, attrs: dict, coords: np.ndarray, ps0: int, thumb
 
 def label_slides(run_dir: str | Path, slides: list[Path] | None, features_dir: Path | None, out: Path | None,
                  stage: str | None, thumbnail_size: int = 1024, progress: bool = False,
-                 overwrite: bool = False) -> list[Path]:
+                 overwrite: bool = False, review_fraction: float | None = None) -> list[Path]:
     """Score every patch of every slide; write per-slide outputs (milkit.slide.outputs) and
     ``OUT/slides.csv`` (slide id, bag probability, patches, positive patches). ``progress``: a bar
-    over the slides on stderr.
+    over the slides on stderr. ``review_fraction``: the share of each slide's patches that
+    ``review.geojson`` outlines (default :data:`milkit.trust.review.REVIEW_FRACTION`).
 
     OUT may already hold labels of this run and stage (labelling in batches): they are kept, and
     ``slides.csv`` lists them with the new ones. Labels of another run or stage are refused unless
@@ -154,6 +155,11 @@ def label_slides(run_dir: str | Path, slides: list[Path] | None, features_dir: P
     the h5, and the heatmap is drawn on a white canvas."""
     from milkit.workflow import load_labelers
 
+    from milkit.trust.review import REVIEW_FRACTION
+
+    review_fraction = REVIEW_FRACTION if review_fraction is None else float(review_fraction)
+    if not 0 < review_fraction <= 1:
+        raise ValueError(f"--review-fraction must be in (0, 1], got {review_fraction:g}")
     run_dir = Path(run_dir)
     method, labelers, exp = load_labelers(run_dir)
     stage = stage or method.primary_stage
@@ -249,7 +255,7 @@ def label_slides(run_dir: str | Path, slides: list[Path] | None, features_dir: P
             threshold_criterion=str(getattr(labeler, "criterion", None) or thr_src),
             calibration="; ".join(sorted({c.source for c in cal if c is not None})),
         )
-        paths += write_slide_outputs(out, s, thumb, thumb_ds)
+        paths += write_slide_outputs(out, s, thumb, thumb_ds, review_fraction)
         summary.append((sid, bag_prob, len(scores), int(s.labels.sum())))
     kept = _kept_rows(out / "slides.csv", {sid for sid, v in previous.items() if v[:2] == mine} - {r[0] for r in summary})
     buf = _io.StringIO()

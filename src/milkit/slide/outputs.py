@@ -33,7 +33,7 @@ from milkit import io
 from milkit.slide.annotations import patch_feature_collection, write_asap_region
 from milkit.slide.qupath import positive_region, write_outlines
 from milkit.slide.heatmap import normalise_scores, overlay, score_raster, with_colorbar, write_probability_tiff
-from milkit.trust.review import review_feature_collection, review_scores
+from milkit.trust.review import REVIEW_FRACTION, review_feature_collection, review_scores
 
 
 #: every file :func:`write_slide_outputs` may write in a slide's folder (the module docstring)
@@ -148,8 +148,10 @@ def read_instances_h5(path: str | Path) -> SlideScores:
     )
 
 
-def write_slide_outputs(out_dir: Path, s: SlideScores, thumb: np.ndarray | None, thumb_downsample: float) -> list[Path]:
-    """All per-slide outputs; returns their paths."""
+def write_slide_outputs(out_dir: Path, s: SlideScores, thumb: np.ndarray | None, thumb_downsample: float,
+                        review_fraction: float = REVIEW_FRACTION) -> list[Path]:
+    """All per-slide outputs; returns their paths. ``review_fraction``: the share of the slide's
+    patches ``review.geojson`` outlines."""
     d = Path(out_dir) / s.slide_id
     if s.probability is not None:
         norm = np.clip(np.asarray(s.probability, np.float64), 0, 1)
@@ -174,7 +176,7 @@ def write_slide_outputs(out_dir: Path, s: SlideScores, thumb: np.ndarray | None,
     paths.append(write_asap_region(d / "outlines.xml", positive_region(s.coords, s.labels, s.size_level0)))
     rs, basis = review_scores(s.probability if s.probability is not None else s.scores, s.uncertainty, s.threshold)
     io.write_text(paths[4], json.dumps(review_feature_collection(s.coords, s.size_level0, s.stride_level0, rs,
-                                                                 basis, s.bounds_offset)))
+                                                                 basis, s.bounds_offset, fraction=review_fraction)))
     if thumb is not None:
         img = overlay(thumb, thumb_downsample, raster, cell)
         if s.probability is not None:
