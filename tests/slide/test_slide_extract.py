@@ -260,3 +260,22 @@ def test_batched_channels_last_features_equal_the_plain_loop(cohort, encoder, wo
     assert got.shape == (len(coords), enc.dim) and got.dtype == np.float32
     assert np.abs(ref).max() > 1e-3  # features that are not all zero
     np.testing.assert_allclose(got, ref, rtol=1e-4, atol=1e-5 * np.abs(ref).max())
+
+
+def test_features_of_another_encoder_are_refused_unless_overwrite(cohort, tmp_path):
+    tiles = tmp_path / "tiles"
+    tiles.mkdir()
+    for n in ("s01.h5", "s02.h5"):
+        shutil.copy(cohort.tiles_dir / n, tiles / n)
+    with h5py.File(tiles / "s02.h5", "a") as f:
+        f["features"].attrs["encoder"] = "uni:hub"  # hours of foundation-model features
+    before = {n: (tiles / n).read_bytes() for n in ("s01.h5", "s02.h5")}
+    with pytest.raises(ValueError, match=r"s02\.h5: holds features of encoder 'uni:hub' \(1 file\(s\)\); extracting "
+                                         r"'tiny_cnn:none' would replace them: pass --overwrite, or --out DIR"):
+        ex.extract_dir(tiles, "tiny_cnn", "none", num_workers=0, progress=False)
+    assert {n: (tiles / n).read_bytes() for n in before} == before  # nothing written, not even s01's
+    r = ex.extract_dir(tiles, "tiny_cnn", "none", out_dir=tmp_path / "both", num_workers=0, progress=False)
+    assert len(r["written"]) == 2  # --out keeps both
+    r = ex.extract_dir(tiles, "tiny_cnn", "none", num_workers=0, progress=False, overwrite=True)
+    assert [p.name for p in map(Path, r["written"])] == ["s02.h5"] and len(r["skipped"]) == 1
+    assert ex.features_encoder(tiles / "s02.h5") == "tiny_cnn:none"

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import re
+
 import h5py
 import numpy as np
 import pytest
@@ -166,3 +168,27 @@ def test_patch_fractions_and_grid_hand_computed():
     g = grid_coords(10, 8, 4, 3)
     assert g.tolist() == [[0, 0], [3, 0], [6, 0], [0, 3], [3, 3], [6, 3]]
     assert grid_coords(3, 3, 4, 4).shape == (0, 2)
+
+
+def test_a_slide_tiled_with_other_settings_is_refused_not_silently_kept(tmp_path):
+    """Re-running `milkit tile` into the same --out skips slides tiled as asked (resume), but one
+    tiled with another patch size, resolution or tissue rule is an error naming the file and the
+    setting, before any slide is written; --overwrite re-tiles."""
+    s = make_slide(tmp_path / "slides", "a", positive=False, seed=0, size=(512, 512), mpp=0.25)
+    b = make_slide(tmp_path / "slides", "b", positive=False, seed=1, size=(512, 512), mpp=0.25)
+    cfg = TilingConfig(patch_size=32, target_mpp=0.5)
+    out = tmp_path / "tiles"
+    tile_slides([s.path], out, cfg, progress=False)
+    before = (out / "a.h5").stat().st_mtime_ns
+    tile_slides([s.path], out, cfg, progress=False)  # same settings: kept as it is
+    assert (out / "a.h5").stat().st_mtime_ns == before
+    for other, named in ((TilingConfig(patch_size=64, target_mpp=0.5), "patch_size 32 (asked: 64)"),
+                         (TilingConfig(patch_size=32, target_mpp=1.0), "target_mpp 0.5 (asked: 1.0)"),
+                         (TilingConfig(patch_size=32, target_mpp=0.5, tissue_fraction=0.5),
+                          "tissue_fraction_threshold 0.25 (asked: 0.5)")):
+        with pytest.raises(ValueError, match=r"a\.h5: already tiled with other settings \(" + re.escape(named)):
+            tile_slides([b.path, s.path], out, other, progress=False)
+        assert not (out / "b.h5").exists()  # checked before the first slide was tiled
+    tile_slides([s.path], out, TilingConfig(patch_size=64, target_mpp=0.5), overwrite=True, progress=False)
+    with h5py.File(out / "a.h5", "r") as f:
+        assert int(f["coords"].attrs["patch_size"]) == 64

@@ -86,13 +86,16 @@ def extract(
     precision: str = typer.Option("fp32", "--precision", help="fp32, bf16 or fp16 (autocast on GPU)"),
     mpp: Optional[float] = typer.Option(None, "--mpp", help="level-0 µm/px override when reading slides"),
     progress: bool = typer.Option(True, "--progress/--no-progress"),
+    overwrite: bool = typer.Option(False, "--overwrite", help="replace features of another encoder already in the h5 "
+                                   "files (without it they are refused: use --out to keep both)"),
 ) -> None:
     """Add features (N, D) to each slide's h5; finished slides are skipped; sharded across ranks."""
     from milkit.slide.extract import extract_dir
 
     if precision not in ("fp32", "bf16", "fp16"):
         raise ValueError(f"--precision must be fp32, bf16 or fp16, got {precision!r}")
-    summary = extract_dir(tiles, encoder, weights, out, slides, batch_size, workers, devices, precision, mpp, progress)
+    summary = extract_dir(tiles, encoder, weights, out, slides, batch_size, workers, devices, precision, mpp, progress,
+                          overwrite=overwrite)
     typer.echo(
         f"rank {summary['rank']}/{summary['world_size']} on {summary['device']}: "
         f"{len(summary['written'])} written, {len(summary['skipped'])} already done ({summary['encoder']}, D={summary['dim']})"

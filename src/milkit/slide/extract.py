@@ -422,19 +422,23 @@ def read_patch_file(path: Path) -> PatchFile:
     )
 
 
-def has_features(path: Path, encoder_name: str) -> bool:
-    """True when ``path`` holds complete features (one row per coord) from ``encoder_name``."""
+def features_encoder(path: Path) -> str | None:
+    """The encoder of the complete features (one row per coord) ``path`` holds; None without them."""
     if not path.is_file():
-        return False
+        return None
     try:
         with h5py.File(path, "r") as f:
-            if "features" not in f or "coords" not in f:
-                return False
+            if "features" not in f or "coords" not in f or f["features"].shape[0] != f["coords"].shape[0]:
+                return None
             enc = f["features"].attrs.get("encoder")
-            enc = enc.decode() if isinstance(enc, bytes) else enc
-            return enc == encoder_name and f["features"].shape[0] == f["coords"].shape[0]
+            return str(enc.decode() if isinstance(enc, bytes) else enc)
     except OSError:
-        return False
+        return None
+
+
+def has_features(path: Path, encoder_name: str) -> bool:
+    """True when ``path`` holds complete features (one row per coord) from ``encoder_name``."""
+    return features_encoder(path) == encoder_name
 
 
 def _output_mode(dst: Path, src: Path) -> int:
@@ -601,6 +605,7 @@ def extract_dir(
     progress: bool = True,
     environ: dict[str, str] | None = None,
     strict: bool = True,
+    overwrite: bool = False,
 ) -> dict:
     """Extract features for this rank's share of ``tiles_dir/*.h5``; returns a summary.
 
@@ -609,6 +614,8 @@ def extract_dir(
     slide or patch h5, a missing slide file) is recorded in ``failed.csv`` (slide, reason)
     and the rest go on; at the end :class:`ExtractionFailed` is raised when ``strict``
     (the CLI then exits 2). Stale temporary files of an interrupted run are removed.
+    Features of another encoder already in an output h5 are refused before anything is
+    written, unless ``overwrite`` (hours of extraction are not replaced by a typo).
     """
     from milkit.slide.progress import CohortProgress
 
@@ -629,6 +636,12 @@ def extract_dir(
     enc = build_patch_encoder(encoder, weights)
     device = pick_device(devices, local_rank)
     out_dir = Path(out_dir) if out_dir is not None else tiles_dir
+    if not overwrite:
+        other = [(out_dir / f.name, e) for f, _, _ in mine
+                 if (e := features_encoder(out_dir / f.name)) is not None and e != enc.name]
+        if other:
+            raise ValueError(f"{other[0][0]}: holds features of encoder {other[0][1]!r} ({len(other)} file(s)); "
+                             f"extracting {enc.name!r} would replace them: pass --overwrite, or --out DIR to keep both")
     done, skipped, failures, n_patches = [], [], [], 0
     todo = []
     for f, pf, err in mine:

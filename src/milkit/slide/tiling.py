@@ -10,6 +10,7 @@ when the tissue mask covers at least ``tissue_fraction`` of it.
 from __future__ import annotations
 
 import logging
+import math
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -30,6 +31,8 @@ log = logging.getLogger(__name__)
 
 #: a milkit temp file older than this (s) in the output folder is a leftover, not a live write
 STALE_TMP_S = 600.0
+#: µm/px when no resolution is given (20×, TilingConfig)
+DEFAULT_TARGET_MPP = 0.5
 
 
 class TilingConfig(StrictModel):
@@ -84,7 +87,7 @@ def resolve_geometry(slide: Slide, cfg: TilingConfig) -> dict:
             slide.require_mpp(f"tiling at {cfg.target_magnification}x needs the level-0 magnification")
         ds = float(mag0) / cfg.target_magnification  # type: ignore[arg-type]
     else:
-        target = cfg.target_mpp if cfg.target_mpp is not None else 0.5
+        target = cfg.target_mpp if cfg.target_mpp is not None else DEFAULT_TARGET_MPP
         ds = target / slide.require_mpp(f"tiling at {target} µm/px needs it")
     if ds < 1 - 1e-3:
         raise ValueError(
@@ -162,12 +165,42 @@ def compute_grid(slide: Slide, cfg: TilingConfig) -> Grid:
         # without the slide
         bounds_x=int(slide.bounds_offset[0]),
         bounds_y=int(slide.bounds_offset[1]),
-        tissue_method=f"hsv-saturation median{cfg.tissue.median} {cfg.tissue.method}"
-        + (f"(floor {cfg.tissue.threshold})" if cfg.tissue.method == "otsu" else f"({cfg.tissue.threshold})"),
+        tissue_method=tissue_description(cfg),
         tissue_fraction_threshold=float(cfg.tissue_fraction),
         milkit_version=milkit.__version__,
     )
     return Grid(coords[keep], frac[keep], attrs, mask, mask_ds, thumb)
+
+
+def tissue_description(cfg: TilingConfig) -> str:
+    """The ``tissue_method`` attribute: how tissue was found."""
+    t = cfg.tissue
+    return f"hsv-saturation median{t.median} {t.method}" + (f"(floor {t.threshold})" if t.method == "otsu"
+                                                             else f"({t.threshold})")
+
+
+def tiled_otherwise(h5: Path, cfg: TilingConfig) -> str | None:
+    """How an existing tile h5 differs from what ``cfg`` asks for (None: the same settings, or a
+    file that records none of them, e.g. CLAM's): patch size, overlap, resolution, tissue rule."""
+    try:
+        with h5py.File(h5, "r") as f:
+            a = {**dict(f.attrs), **(dict(f["coords"].attrs) if "coords" in f else {})}
+    except OSError:
+        return "not a readable HDF5 file"
+    a = {k: (v.decode() if isinstance(v, bytes) else v) for k, v in a.items()}
+    want: dict[str, object] = {"patch_size": cfg.patch_size, "overlap": cfg.overlap,
+                               "tissue_fraction_threshold": cfg.tissue_fraction, "tissue_method": tissue_description(cfg)}
+    res = [(k, getattr(cfg, k)) for k in ("target_mpp", "target_magnification", "downsample") if getattr(cfg, k) is not None]
+    key, value = res[0] if res else ("target_mpp", DEFAULT_TARGET_MPP)
+    want[key] = value
+    diff = []
+    for k, v in want.items():
+        if k not in a or a[k] is None:
+            continue
+        same = math.isclose(float(a[k]), float(v), rel_tol=1e-6) if isinstance(v, (int, float)) else str(a[k]) == str(v)
+        if not same:
+            diff.append(f"{k} {a[k]} (asked: {v})")
+    return "; ".join(diff) or None
 
 
 def check_level_not_blank(slide: Slide, coords: np.ndarray, geo: dict, n: int = 8) -> None:
@@ -252,6 +285,13 @@ def tile_slides(slides: list[Path], out_dir: Path, cfg: TilingConfig, mpp: float
     for folder in (out_dir, out_dir / "thumbnails"):  # temp files of a tile run killed mid-write
         if folder.is_dir():
             io.remove_stale_temps(folder, min_age_s=STALE_TMP_S)
+    if not overwrite:  # a finished slide is skipped only if it was tiled as asked (checked before any write)
+        for p in slides:
+            h5 = out_dir / f"{slide_id(p)}.h5"
+            other = tiled_otherwise(h5, cfg) if h5.is_file() else None
+            if other:
+                raise ValueError(f"{h5}: already tiled with other settings ({other}); pass --overwrite to re-tile "
+                                 "(its features go too) or choose another --out")
     done, errors = [], []
     for p in track(slides, "tiling", enabled=progress):
         h5 = out_dir / f"{slide_id(p)}.h5"
