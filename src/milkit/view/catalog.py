@@ -155,15 +155,13 @@ class Catalog:
     def _patch_metrics(self, sid: str, f: Path, true_label: int | None = None) -> dict:
         """Patch AUROC/F1 against the annotation; none for a positive slide without one (unknown)."""
         from milkit.metrics.classification import auroc, binary_metrics
-        from milkit.slide.annotations import not_annotated, slide_patch_labels
+        from milkit.slide.annotations import slide_patch_labels
         from milkit.slide.outputs import read_instances_h5
 
         s = read_instances_h5(f)
         ann, regions = self._regions(sid, s.bounds_offset)
-        if not_annotated(ann, true_label):
-            return {}
         y = slide_patch_labels(ann, true_label, s.coords, s.size_level0, 0.5, regions, s.level0_size)
-        known = y >= 0  # outside the reviewed regions of a partly annotated slide: unknown
+        known = y >= 0  # unknown: a positive slide without annotation, or outside its reviewed regions
         if not known.any():
             return {}
         y, score, lab = y[known], np.asarray(s.scores)[known], np.asarray(s.labels)[known]
