@@ -285,3 +285,29 @@ def test_a_file_with_review_regions_labels_patches_only_inside_them(cohort, tmp_
     out = part.instance_labels[~left]  # outside: unknown, except the drawn tumour, which counts anywhere
     assert torch.equal(out, torch.where(full.instance_labels[~left] == 1, 1, -1)) and (out == -1).any()
     assert torch.equal(part.instance_labels[left], full.instance_labels[left])
+
+
+def test_qupath_geojson_of_a_slide_with_bounds_is_shifted_to_level0(cohort, tmp_path):
+    """QuPath's coordinates start at the slide's bounds origin (MRXS, cropped scans); the h5 records
+    it (bounds_x/y, as milkit tile writes them), so the training labels match the ASAP XML's."""
+    import json
+    import shutil
+
+    from milkit.slide.annotations import read_asap_xml
+
+    feats, ann = tmp_path / "feats", tmp_path / "ann"
+    shutil.copytree(cohort.tiles_dir, feats)
+    shutil.copytree(cohort.ann_dir, ann)
+    with h5py.File(feats / "s00.h5", "a") as f:
+        f["coords"].attrs["bounds_x"], f["coords"].attrs["bounds_y"] = 100, 50
+    lesion = read_asap_xml(ann / "s00.xml")[0].exterior - np.array([100, 50])
+    (ann / "s00.xml").unlink()
+    ring = lesion.tolist() + [lesion[0].tolist()]
+    (ann / "s00.geojson").write_text(json.dumps({"type": "FeatureCollection", "features": [
+        {"type": "Feature", "properties": {"classification": {"name": "Tumor"}},
+         "geometry": {"type": "Polygon", "coordinates": [ring]}}]}))
+    want = FeatureBagsConfig(features_dir=cohort.tiles_dir, labels_csv=cohort.labels_csv,
+                             annotations_dir=cohort.ann_dir).build(seed=0).train[0]
+    got = FeatureBagsConfig(features_dir=feats, labels_csv=cohort.labels_csv, annotations_dir=ann).build(seed=0).train[0]
+    assert got.bag_id == "s00" and int(want.instance_labels.sum()) > 0
+    assert torch.equal(got.instance_labels, want.instance_labels)

@@ -145,6 +145,8 @@ class FeatureFile:
     coords: np.ndarray | None
     patch_size_level0: int | None
     instance_labels: np.ndarray | None = None
+    #: level-0 origin of QuPath's coordinates (``openslide.bounds-x/-y``, as ``milkit tile`` records them)
+    bounds_offset: tuple[int, int] = (0, 0)
 
 
 def _attr_num(attrs: dict, key: str) -> float | None:
@@ -196,7 +198,8 @@ def read_h5_features(path: str | Path) -> FeatureFile:
     ps0 = _attr_num(attrs, "patch_size_level0")
     if ps0 is None and _attr_num(attrs, "patch_size") is not None and _attr_num(attrs, "downsample") is not None:
         ps0 = _attr_num(attrs, "patch_size") * _attr_num(attrs, "downsample")  # CLAM patch attrs
-    return FeatureFile(path, feats, coords, None if ps0 is None else int(round(ps0)), inst)
+    bounds = tuple(int(_attr_num(attrs, k) or 0) for k in ("bounds_x", "bounds_y"))
+    return FeatureFile(path, feats, coords, None if ps0 is None else int(round(ps0)), inst, bounds)  # type: ignore[arg-type]
 
 
 def coordinate_step(coords: np.ndarray | None) -> int | None:
@@ -683,7 +686,7 @@ def _check_case_groups(rows: list[LabelRow], source: Path, group_column: str) ->
 def _annotation_labels(cfg: FeatureBagsConfig, row: LabelRow, ff: FeatureFile) -> np.ndarray | None:
     """Patch labels from ``data.annotations_dir``; None (unknown) for a positive slide without an
     annotation file (:func:`milkit.slide.annotations.not_annotated`)."""
-    from milkit.slide.annotations import find_annotation, not_annotated, slide_patch_labels
+    from milkit.slide.annotations import find_annotation, not_annotated, read_annotations, slide_patch_labels
 
     ann = find_annotation(cfg.annotations_dir, row.slide_id)  # type: ignore[arg-type]
     if not_annotated(ann, row.label):
@@ -691,7 +694,8 @@ def _annotation_labels(cfg: FeatureBagsConfig, row: LabelRow, ff: FeatureFile) -
     if not len(ff.features) or ann is None:  # Camelyon16: normal slides have no annotation
         return np.zeros(len(ff.features), np.int64)
     ps0, _ = level0_patch_size(ff, "annotations (data.annotations_dir)")  # CLAM h5_files: the coordinate step
-    labels = slide_patch_labels(ann, row.label, ff.coords, ps0, cfg.tumour_fraction)
+    regions = read_annotations(ann, offset=ff.bounds_offset)  # QuPath GeoJSON starts at the bounds origin
+    labels = slide_patch_labels(ann, row.label, ff.coords, ps0, cfg.tumour_fraction, regions)
     if row.label == 0 and (labels == 1).any():
         log.warning("%s: slide %r is labelled negative, but this annotation makes %d of its patches tumour; "
                     "check the labels CSV or the annotation", ann, row.slide_id, int((labels == 1).sum()))
