@@ -273,8 +273,13 @@ def label_run(run_dir: str | Path, out: Path | None, data_yaml: Path | None, spl
     stage = stage or (method.primary_stage if method.primary_stage in labelers else list(labelers)[-1])
     if stage not in labelers:
         raise ValueError(f"{run_dir}: no stage {stage!r}; stages: {', '.join(labelers)}")
+    from milkit.trust.verdict import do_not_use_warning
+
     ds = _splits_for(exp, data_yaml).get(split)
     out = Path(out) if out is not None else Path(run_dir) / "labels"
+    warning = do_not_use_warning(RunDir(run_dir).read_metrics(), stage)
+    if warning:
+        log.warning("%s", warning)
     return method.label(labelers[stage], ds, out, stage)
 
 

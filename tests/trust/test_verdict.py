@@ -121,3 +121,12 @@ def test_label_free_threshold_notice_names_the_stages_without_patch_labels():
     line = label_free_threshold_notice({"mil": without, "pseudo_label": without, "abmil": with_labels})
     assert line.startswith("milkit: mil, pseudo_label: no validation patch labels") and "\n" not in line
     assert "data.annotations_dir" in line
+
+
+def test_label_warns_before_labelling_with_a_do_not_use_stage():
+    from milkit.trust.verdict import do_not_use_warning
+
+    bad = {"mil": {"trust": {"verdict": "do not use", "rule": "validation slide AUROC 95% CI includes 0.5"}}}
+    assert do_not_use_warning(bad, "mil").startswith("stage mil's verdict is DO NOT USE (validation slide AUROC 95% CI")
+    assert do_not_use_warning({"mil": {"trust": {"verdict": "uncertain"}}}, "mil") is None
+    assert do_not_use_warning({}, "mil") is None and do_not_use_warning({"_run": {}}, "_run") is None

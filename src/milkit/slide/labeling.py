@@ -167,7 +167,13 @@ def label_slides(run_dir: str | Path, slides: list[Path] | None, features_dir: P
         raise ValueError(f"{run_dir}: no stage {stage!r}; stages: {', '.join(labelers)}")
     labeler = labelers[stage]
     threshold_record = RunDir(run_dir).read_threshold(stage)
-    trust = (RunDir(run_dir).read_metrics().get(stage) or {}).get("trust") or {}
+    from milkit.trust.verdict import do_not_use_warning
+
+    run_metrics = RunDir(run_dir).read_metrics()
+    warning = do_not_use_warning(run_metrics, stage)
+    if warning:
+        log.warning("%s", warning)
+    trust = (run_metrics.get(stage) or {}).get("trust") or {}
     trust = {k: trust[k] for k in ("verdict", "rule") if k in trust}  # travels with the labels (milkit view)
     if features_dir is None:
         features_dir = getattr(exp.data, "features_dir", None)

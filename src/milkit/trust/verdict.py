@@ -151,6 +151,16 @@ def print_verdicts(metrics: dict, echo) -> None:
             echo(verdict_line(stage, m["trust"]) + labels_from(m.get("ensemble")))
 
 
+def do_not_use_warning(metrics: dict, stage: str) -> str | None:
+    """What ``milkit label`` warns before labelling with a stage whose verdict is *do not use*
+    (the labels are written all the same: the user asked for them); None otherwise."""
+    trust = (metrics.get(stage) or {}).get("trust") if isinstance(metrics.get(stage), dict) else None
+    if not isinstance(trust, dict) or trust.get("verdict") != DO_NOT_USE:
+        return None
+    return (f"stage {stage}'s verdict is DO NOT USE ({trust.get('rule', '')}): these labels are written, but read "
+            "them as untested; see report.html")
+
+
 def label_free_threshold_notice(metrics: dict) -> str | None:
     """A ``milkit:`` notice naming the stages whose patch threshold had no validation patch labels to be
     chosen on (``threshold.json`` source ``default:…``), and what that means for their labels
