@@ -285,3 +285,16 @@ def test_slide_result_metrics_use_only_the_known_patches():
     m = SlideResult("a", "test", 1, s, y, None, None).metrics()
     assert m["annotated"] and m["n_annotated_patches"] == 4 and m["n_tumour_patches"] == 2
     assert m["instance_auroc"] == 1.0 and m["instance_f1"] == 1.0  # patch 4 (0.95, unknown) is not a false positive
+
+
+def test_per_slide_f1_is_undefined_on_a_slide_without_tumour_and_without_calls():
+    from milkit.slide.outputs import SlideScores
+    from milkit.view.slide_report import SlideResult
+
+    coords = np.stack([np.arange(4) * 64, np.zeros(4, int)], 1)
+    quiet = np.array([0.1, 0.2, 0.3, 0.2])
+    s = SlideScores("n", coords, quiet, (quiet >= 0.5).astype(int), 0.5, "probability", 64, 64, (256, 64), 0.5, 0.2)
+    assert SlideResult("n", "test", 0, s, np.zeros(4, int), None, None).metrics()["instance_f1"] is None  # 0/0
+    loud = np.array([0.9, 0.2, 0.3, 0.2])  # one false positive: F1 is 0, and says so
+    s = SlideScores("n", coords, loud, (loud >= 0.5).astype(int), 0.5, "probability", 64, 64, (256, 64), 0.5, 0.9)
+    assert SlideResult("n", "test", 0, s, np.zeros(4, int), None, None).metrics()["instance_f1"] == 0.0

@@ -165,7 +165,8 @@ class Catalog:
         if not known.any():
             return {}
         y, score, lab = y[known], np.asarray(s.scores)[known], np.asarray(s.labels)[known]
-        return {"patch_auroc": auroc(y, score), "patch_f1": binary_metrics(y, lab, 0.5)["f1"],
+        f1 = binary_metrics(y, lab, 0.5)["f1"] if (y.any() or lab.any()) else None  # 0/0: no tumour, none called
+        return {"patch_auroc": auroc(y, score), "patch_f1": f1,
                 "n_tumour_patches": int(y.sum())}
 
     # -- one slide -----------------------------------------------------------------

@@ -56,6 +56,8 @@ class SlideResult:
         m.update(n_tumour_patches=int(y.sum()), instance_auroc=auroc(y, score) if len(y) else float("nan"))
         if len(y):
             m.update({f"instance_{k}": v for k, v in binary_metrics(y, lab, 0.5).items() if k != "auroc"})
+            if not (y.any() or lab.any()):  # no tumour and none called: F1 is 0/0, not 0
+                m["instance_f1"] = None
         return m
 
 
