@@ -466,6 +466,8 @@ class FeatureBagsConfig(DataConfig):
 
     def build(self, seed: int) -> DataSplits:
         table = FeatureTable.from_config(self)
+        if self.annotations_dir is not None:  # here, not in from_config: milkit view reads the table too
+            _note_not_annotated(table.rows, Path(self.annotations_dir))
         table.cache = BagCache(self.cache_budget_bytes())
         parts = table.split_indices(self, seed)
         if self.preload:
@@ -515,8 +517,6 @@ class FeatureTable:
             )
         if not rows:
             raise ValueError(f"{source}: no labelled slides")
-        if cfg.annotations_dir is not None:
-            _note_not_annotated(rows, Path(cfg.annotations_dir))
         return cls(rows, [index[r.slide_id] for r in rows], layout, source)
 
     def split_indices(self, cfg: FeatureBagsConfig, seed: int) -> list[np.ndarray]:
