@@ -147,10 +147,10 @@ def pooled_out_of_fold(out: Path, folds: int, stages: list[str], n_boot: int = 1
     import io as _io
 
     from milkit.methods.seg_base import SegLabeler
-    from milkit.metrics.classification import bootstrap_auroc, nan_to_none
+    from milkit.metrics.classification import binary_metrics, bootstrap_auroc, nan_to_none
     from milkit.workflow import load_labelers
 
-    acc: dict[str, dict] = {s: {"rows": [], "py": [], "pp": [], "pg": [], "tp": 0, "fp": 0, "fn": 0} for s in stages}
+    acc: dict[str, dict] = {s: {"rows": [], "py": [], "pp": [], "pg": [], "ph": []} for s in stages}
     for k in range(folds):
         _, labelers, exp = load_labelers(fold_dir(out, k))
         test = exp.data.build(exp.seed).test
@@ -168,11 +168,8 @@ def pooled_out_of_fold(out: Path, folds: int, stages: list[str], n_boot: int = 1
                 a["py"].append(yk)
                 a["pp"].append(pk)
                 a["pg"].append(np.full(len(yk), len(a["rows"])))
-                hit = (np.asarray(lab.label_values(r))[keep] >= lab.threshold) if lab.threshold is not None else None
-                if hit is not None:
-                    a["tp"] += int((hit & (yk == 1)).sum())
-                    a["fp"] += int((hit & (yk == 0)).sum())
-                    a["fn"] += int((~hit & (yk == 1)).sum())
+                if lab.threshold is not None:  # the patch label at this fold's own threshold
+                    a["ph"].append((np.asarray(lab.label_values(r))[keep] >= lab.threshold).astype(np.float64))
     res: dict = {}
     for stage, a in acc.items():
         if not a["rows"]:
@@ -188,9 +185,9 @@ def pooled_out_of_fold(out: Path, folds: int, stages: list[str], n_boot: int = 1
         if a["py"]:
             y, p, g = (np.concatenate(a[key]) for key in ("py", "pp", "pg"))
             pb = bootstrap_auroc(y, p, groups=g, n_boot=n_boot, seed=seed + 1)
-            denom = 2 * a["tp"] + a["fp"] + a["fn"]
+            f1 = binary_metrics(y, np.concatenate(a["ph"]), 0.5)["f1"] if len(a["ph"]) == len(a["py"]) else None
             block.update(patch_auroc={"value": pb["auroc"], "ci95": [pb["low"], pb["high"]]}, n_patches=int(len(y)),
-                         patch_f1=2 * a["tp"] / denom if denom else None)
+                         patch_f1=f1)
         res[stage] = nan_to_none(block)
     return res
 

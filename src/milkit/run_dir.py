@@ -28,6 +28,7 @@ from typing import Literal
 import yaml
 
 from milkit import io
+from milkit.config import Experiment, build_experiment
 
 
 def stage_metrics(metrics: dict) -> dict[str, dict]:
@@ -35,7 +36,6 @@ def stage_metrics(metrics: dict) -> dict[str, dict]:
     --annotations`` adds), only entries that hold a ``val`` or ``test`` split."""
     return {s: m for s, m in metrics.items() if not s.startswith("_") and isinstance(m, dict)
             and any(isinstance(m.get(sp), dict) for sp in ("val", "test"))}
-from milkit.config import Experiment, build_experiment
 
 
 @dataclass

@@ -14,7 +14,7 @@ from milkit.config import Experiment, load_yaml, validate_section
 from milkit.data.base import DataSplits
 from milkit.methods.base import Labeler, Method
 from milkit.report import write_report
-from milkit.run_dir import RunDir
+from milkit.run_dir import RunDir, stage_metrics
 
 log = logging.getLogger(__name__)
 
@@ -299,8 +299,7 @@ def print_table(metrics: dict, split: str = "test", console: Console | None = No
     """Rich table, one row per stage: bag AUROC and instance AUROC / F1 / accuracy, or, for
     pixel-map methods, classification error, F1+, F1−, IoU and HD on positive images."""
     console = console or Console()
-    rows = [(stage, m) for stage, m in metrics.items()
-            if not stage.startswith("_") and isinstance(m, dict) and split in m]
+    rows = [(stage, m) for stage, m in stage_metrics(metrics).items() if split in m]
     pixel = any("f1_pos" in m[split] for _, m in rows)
     cols = (("image AUROC", "bag_auroc"), ("cls err", "classification_error"), ("F1+", "f1_pos"),
             ("F1−", "f1_neg"), ("IoU", "iou"), ("HD pos", "hd_pos")) if pixel else (

@@ -202,6 +202,14 @@ def read_h5_features(path: str | Path) -> FeatureFile:
     return FeatureFile(path, feats, coords, None if ps0 is None else int(round(ps0)), inst, bounds)  # type: ignore[arg-type]
 
 
+def h5_attrs(path: str | Path) -> dict:
+    """The attributes of an h5 file and of its ``coords`` dataset (where milkit/TRIDENT put the
+    geometry), strings decoded; OSError for an unreadable file."""
+    with h5py.File(path, "r") as f:
+        a = {**dict(f.attrs), **(dict(f["coords"].attrs) if "coords" in f else {})}
+    return {k: (v.decode() if isinstance(v, bytes) else v) for k, v in a.items()}
+
+
 def coordinate_step(coords: np.ndarray | None) -> int | None:
     """The smallest positive gap between distinct x or y coords (the patch grid's step), None for
     fewer than two positions on both axes."""

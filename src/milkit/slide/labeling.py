@@ -23,7 +23,7 @@ import torch
 
 from milkit import io
 from milkit.data.bag import Bag, collate_bags
-from milkit.data.features import check_h5_features, coordinate_step, level0_patch_size, read_h5_features
+from milkit.data.features import check_h5_features, coordinate_step, h5_attrs, level0_patch_size, read_h5_features
 from milkit.metrics.classification import auroc, binary_metrics, nan_to_none
 from milkit.report import ScoreSet, write_report
 from milkit.run_dir import RunDir
@@ -36,16 +36,6 @@ log = logging.getLogger(__name__)
 
 #: Camelyon16 patch label: tumour fraction ≥ 0.5 (Sm App. B; issue #3)
 TUMOUR_FRACTION = 0.5
-
-
-def _attrs(path: Path) -> dict:
-    import h5py
-
-    with h5py.File(path, "r") as f:
-        a = dict(f.attrs)
-        if "coords" in f:
-            a.update(dict(f["coords"].attrs))
-    return {k: (v.decode() if isinstance(v, bytes) else v) for k, v in a.items()}
 
 
 def _stride(coords: np.ndarray, attrs: dict, ps0: int) -> int:
@@ -195,7 +185,7 @@ def label_slides(run_dir: str | Path, slides: list[Path] | None, features_dir: P
         _check_same_encoder(h5, trained_on, run_dir, other_scale)
         if slide_path is not None:
             with open_slide(slide_path, mpp=None) as slide:
-                _check_slide_matches(slide, h5, _attrs(h5))
+                _check_slide_matches(slide, h5, h5_attrs(h5))
     if other_scale:
         log.info("%d feature file(s) were made at another resolution or patch size than the training features "
                  "(%s); the model scores them all the same", len(other_scale), "; ".join(other_scale[:3]))
@@ -218,7 +208,7 @@ def label_slides(run_dir: str | Path, slides: list[Path] | None, features_dir: P
         if was_inferred:
             inferred.append(h5.name)
         ff.patch_size_level0 = ps0
-        attrs = _attrs(h5)
+        attrs = h5_attrs(h5)
         if slide_path is not None:
             sid, (w0, h0), thumb, thumb_ds, mpp, bounds = _geometry_from_slide(slide_path, h5, attrs, thumbnail_size)
         else:

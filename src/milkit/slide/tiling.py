@@ -182,12 +182,12 @@ def tissue_description(cfg: TilingConfig) -> str:
 def tiled_otherwise(h5: Path, cfg: TilingConfig) -> str | None:
     """How an existing tile h5 differs from what ``cfg`` asks for (None: the same settings, or a
     file that records none of them, e.g. CLAM's): patch size, overlap, resolution, tissue rule."""
+    from milkit.data.features import h5_attrs
+
     try:
-        with h5py.File(h5, "r") as f:
-            a = {**dict(f.attrs), **(dict(f["coords"].attrs) if "coords" in f else {})}
+        a = h5_attrs(h5)
     except OSError:
         return "not a readable HDF5 file"
-    a = {k: (v.decode() if isinstance(v, bytes) else v) for k, v in a.items()}
     want: dict[str, object] = {"patch_size": cfg.patch_size, "overlap": cfg.overlap,
                                "tissue_fraction_threshold": cfg.tissue_fraction, "tissue_method": tissue_description(cfg)}
     res = [(k, getattr(cfg, k)) for k in ("target_mpp", "target_magnification", "downsample") if getattr(cfg, k) is not None]
