@@ -22,6 +22,7 @@ import logging
 import uuid
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Sequence
 from xml.etree import ElementTree as ET
 
 import numpy as np
@@ -95,7 +96,7 @@ ASAP_TUMOUR_GROUP, ASAP_EXCLUSION_GROUP = "Tumor", "Exclusion"
 
 
 def write_asap_xml(path: str | Path, polygons: list[np.ndarray], group: str = ASAP_TUMOUR_GROUP,
-                   exclusions: list[np.ndarray] = (), exclusion_group: str = ASAP_EXCLUSION_GROUP) -> None:  # type: ignore[assignment]
+                   exclusions: Sequence[np.ndarray] = (), exclusion_group: str = ASAP_EXCLUSION_GROUP) -> None:
     """Camelyon16/ASAP XML (atomic): one ``Polygon`` annotation per (K, 2) level-0 polygon in
     ``group``, and per ``exclusions`` polygon in ``exclusion_group`` (ASAP has no holes: Camelyon16
     marks them as polygons of an exclusion group, which :func:`read_asap_xml` subtracts)."""
@@ -207,9 +208,9 @@ def read_annotations(path: str | Path, offset: tuple[float, float] = (0.0, 0.0))
 
 
 def find_annotation(folder: str | Path, sid: str) -> Path | None:
-    """``folder/<sid>.xml|.geojson|.json`` (or ``<sid>.svs.geojson`` etc.), or None: a negative slide without annotation is all
-    negative (Camelyon16 annotates every tumour slide); a positive one was not annotated
-    (:func:`not_annotated`)."""
+    """``folder/<sid>.xml|.geojson|.json`` (or ``<sid>.svs.geojson`` etc.), or None: a negative
+    slide without annotation is all negative (Camelyon16 annotates every tumour slide); a positive
+    one was not annotated (:func:`not_annotated`)."""
     from milkit.slide.reader import SLIDE_EXTENSIONS
 
     # QuPath names its exports after the image, extension included (``<sid>.svs.geojson``)

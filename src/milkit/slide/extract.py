@@ -637,7 +637,8 @@ def extract_dir(
     device = pick_device(devices, local_rank)
     out_dir = Path(out_dir) if out_dir is not None else tiles_dir
     if not overwrite:
-        other = [(out_dir / f.name, e) for f, _, _ in mine
+        # every rank checks every file, so that no rank writes while another refuses
+        other = [(out_dir / f.name, e) for f in files
                  if (e := features_encoder(out_dir / f.name)) is not None and e != enc.name]
         if other:
             raise ValueError(f"{other[0][0]}: holds features of encoder {other[0][1]!r} ({len(other)} file(s)); "

@@ -23,7 +23,8 @@ import torch
 
 from milkit import io
 from milkit.data.bag import Bag, collate_bags
-from milkit.data.features import check_h5_features, coordinate_step, h5_attrs, level0_patch_size, read_h5_features
+from milkit.data.features import (check_h5_features, coordinate_step, h5_attrs, index_feature_files, level0_patch_size,
+                                  read_h5_features)
 from milkit.metrics.classification import auroc, binary_metrics, nan_to_none
 from milkit.report import ScoreSet, write_report
 from milkit.run_dir import RunDir
@@ -64,16 +65,14 @@ def _attr_value(attrs: dict, key: str) -> object | None:
 
 def feature_files(features_dir: Path) -> list[Path]:
     """Every ``<slide>.h5`` of a features folder (or of its CLAM ``h5_files/``), sorted."""
-    d = features_dir / "h5_files" if (features_dir / "h5_files").is_dir() else features_dir
-    files = sorted(p for p in d.glob("*.h5") if p.is_file())
+    files = sorted(p for p in index_feature_files(features_dir, "h5").values() if p.is_file())
     if not files:
         raise FileNotFoundError(f"{features_dir}: no <slide>.h5 feature files to label")
     return files
 
 
 def _h5_slide_id(h5: Path) -> str:
-    stem = h5.stem
-    return stem[: -len("_patches")] if stem.endswith("_patches") else stem
+    return h5.stem.removesuffix("_patches")  # as data.features.index_feature_files names them
 
 
 def _check_same_encoder(h5: Path, trained_on: dict, run_dir: Path, other_scale: list[str]) -> None:
@@ -178,7 +177,7 @@ def label_slides(run_dir: str | Path, slides: list[Path] | None, features_dir: P
         items = [(p, _feature_file(features_dir, p)) for p in find_slides(list(slides))]
     else:
         items = [(None, h5) for h5 in feature_files(features_dir)]
-    trained_on = (RunDir(run_dir).read_metrics().get("_run") or {}).get("features") or {}
+    trained_on = (run_metrics.get("_run") or {}).get("features") or {}
     other_scale: list[str] = []
     for slide_path, h5 in items:
         check_h5_features(h5, whole_slide=True)
@@ -271,13 +270,10 @@ def label_slides(run_dir: str | Path, slides: list[Path] | None, features_dir: P
 
 def previous_labels(out: Path) -> dict[str, tuple[str, str, Path]]:
     """Slide id → (run directory, stage, instances.h5) of the labels already in ``out``."""
-    import h5py
-
     found = {}
     for p in sorted(Path(out).glob("*/instances.h5")) if Path(out).is_dir() else []:
         try:
-            with h5py.File(p, "r") as f:
-                meta = json.loads(f.attrs.get("meta", "{}"))
+            meta = json.loads(h5_attrs(p).get("meta", "{}"))
         except (OSError, ValueError):
             raise ValueError(f"{p}: not a readable milkit instances.h5; remove it or choose another --out") from None
         found[p.parent.name] = (str(meta.get("run_dir", "")), str(meta.get("stage", "")), p)
