@@ -274,6 +274,10 @@ def test_features_of_another_encoder_are_refused_unless_overwrite(cohort, tmp_pa
                                          r"'tiny_cnn:none' would replace them: pass --overwrite, or --out DIR"):
         ex.extract_dir(tiles, "tiny_cnn", "none", num_workers=0, progress=False)
     assert {n: (tiles / n).read_bytes() for n in before} == before  # nothing written, not even s01's
+    for rank in ("0", "1"):  # under torchrun every rank refuses, whichever shard holds the file
+        with pytest.raises(ValueError, match=r"s02\.h5: holds features of encoder 'uni:hub'"):
+            ex.extract_dir(tiles, "tiny_cnn", "none", num_workers=0, progress=False,
+                           environ={"RANK": rank, "WORLD_SIZE": "2"})
     r = ex.extract_dir(tiles, "tiny_cnn", "none", out_dir=tmp_path / "both", num_workers=0, progress=False)
     assert len(r["written"]) == 2  # --out keeps both
     r = ex.extract_dir(tiles, "tiny_cnn", "none", num_workers=0, progress=False, overwrite=True)
