@@ -83,6 +83,8 @@ def train(
             typer.echo(notice, err=True)
         for k, m in enumerate(per_fold):  # last, so they are what the user sees
             print_verdicts(m, lambda line, k=k: typer.echo(f"fold-{k} {line}"))
+        for line in cv.pooled_verdict_lines(summary):  # the verdict of `milkit label` on this folder
+            typer.echo(line)
         return
     metrics = train_run(exp, out, overwrite=overwrite, resume=resume, source=str(path))
     if not metrics:  # a DDP rank other than 0: rank 0 wrote and prints the results
@@ -98,7 +100,9 @@ def train(
 
 @app.command()
 def label(
-    run_dir: Path = typer.Argument(..., help="a run directory written by milkit train"),
+    run_dir: Path = typer.Argument(..., help="a run directory written by milkit train, or a --folds "
+                                   "cross-validation folder (with --slides / --features: cohort slides out of fold, "
+                                   "new slides by the ensemble of the folds)"),
     out: Optional[Path] = typer.Option(None, "--out", help="output folder (default RUN_DIR/labels)"),
     data: Optional[Path] = typer.Option(None, "--data", help="YAML with a 'data' section to label instead"),
     split: str = typer.Option("test", "--split", help="train, val or test"),
@@ -131,8 +135,13 @@ def label(
                              review_fraction=review_fraction)
         typer.echo(slide_outputs_summary(paths))
         return
+    from milkit.cross_validation import fold_runs
     from milkit.workflow import label_run
 
+    folds = fold_runs(run_dir)
+    if folds:
+        fail(f"{run_dir}: a cross-validation folder; --split labels one run's split: give a fold's run (e.g. "
+             f"{folds[0]}), or label slides with every fold (--features / --slides)")
     for p in label_run(run_dir, out, data, split, stage):
         typer.echo(str(p))
 
@@ -167,7 +176,9 @@ def evaluate(
         for split, m in metrics["splits"].items():  # per split, never pooled
             typer.echo(f"{split}: " + "  ".join(f"{k} {m[k]:.4g}" if isinstance(m[k], float) else f"{k} {m[k]}"
                                                   for k in keys if k in m))
-        where = Path(run_dir) if (Path(run_dir) / "config.yaml").is_file() else Path(metrics["labels_dir"])
+        from milkit.slide.cohort import is_labelling_run
+
+        where = Path(run_dir) if is_labelling_run(Path(run_dir)) else Path(metrics["labels_dir"])
         typer.echo(f"report: {where / 'report_annotations.html'}")
     else:
         metrics = evaluate_run(run_dir)

@@ -50,6 +50,29 @@ def fold_dir(out: Path, fold: int) -> Path:
     return Path(out) / f"fold-{fold}"
 
 
+def fold_runs(out: Path) -> list[Path]:
+    """The fold runs (``fold-<k>/`` holding a config.yaml) of a cross-validation folder, by fold;
+    ``[]`` when ``out`` is not one (a single run, or no folder)."""
+    out = Path(out)
+    if not out.is_dir() or (out / "config.yaml").is_file():
+        return []
+    runs = [p for p in out.iterdir() if _FOLD_DIR.match(p.name) and (p / "config.yaml").is_file()]
+    return sorted(runs, key=lambda p: int(p.name.split("-")[1]))
+
+
+def tested_by(out: Path) -> dict[str, tuple[int, int]]:
+    """Slide id → (fold, slide label) of the fold whose test split holds it (the test folds partition
+    the cohort: every slide is tested by exactly one fold, the one that did not train on it)."""
+    from milkit.slide.cohort import run_slide_info
+
+    found: dict[str, tuple[int, int]] = {}
+    for k, run in enumerate(fold_runs(out)):
+        for sid, info in run_slide_info(run).items():
+            if info.split == "test":
+                found[sid] = (k, info.label)
+    return found
+
+
 def check_out(out: Path, folds: int, overwrite: bool, resume: bool) -> None:
     """Refuse an ``--out`` that is not new, empty or a cross-validation folder, and fold folders that
     ``train`` would refuse (before any fold trains)."""
@@ -142,7 +165,9 @@ def pooled_out_of_fold(out: Path, folds: int, stages: list[str], n_boot: int = 1
     scale across folds; slides resampled whole) and the patch F1 at each fold's own threshold.
     Few slides make each fold's numbers noisy; the pooled interval is over every slide at once.
     Writes ``out_of_fold_<stage>.csv`` (slide, fold, label, slide probability). Pixel-map stages
-    are left out (no patch probabilities)."""
+    are left out (no patch probabilities). ``trust``: the verdict rules (:func:`milkit.trust.verdict.assess`)
+    applied to the pooled out-of-fold predictions, with seed agreement over every fold's test slides
+    (``trainer.seeds`` > 1) — the verdict of the labels ``milkit label`` writes from this folder."""
     import csv
     import io as _io
 
@@ -150,7 +175,10 @@ def pooled_out_of_fold(out: Path, folds: int, stages: list[str], n_boot: int = 1
     from milkit.metrics.classification import binary_metrics, bootstrap_auroc, nan_to_none
     from milkit.workflow import load_labelers
 
-    acc: dict[str, dict] = {s: {"rows": [], "py": [], "pp": [], "pg": [], "ph": []} for s in stages}
+    from milkit.trust.verdict import assess
+
+    acc: dict[str, dict] = {s: {"rows": [], "py": [], "pp": [], "pg": [], "ph": [], "max": [], "seeds": None}
+                            for s in stages}
     for k in range(folds):
         _, labelers, exp = load_labelers(fold_dir(out, k))
         test = exp.data.build(exp.seed).test
@@ -158,8 +186,15 @@ def pooled_out_of_fold(out: Path, folds: int, stages: list[str], n_boot: int = 1
             lab = labelers.get(stage)
             if lab is None or isinstance(lab, SegLabeler):
                 continue
+            members = getattr(lab, "members", [lab])
+            if len(members) > 1:  # each replica's calibrated patch probabilities, fold after fold
+                per = [np.concatenate([m.label_values(r) for r in m.predict_dataset(test)] or [np.zeros(0)])
+                       for m in members]
+                a["seeds"] = per if a["seeds"] is None else [np.concatenate(x) for x in zip(a["seeds"], per)]
             for r in lab.predict_dataset(test):
                 a["rows"].append((r["bag_id"], k, int(r["label"]), float(r["bag_prob"])))
+                values = np.asarray(lab.label_values(r), np.float64)
+                a["max"].append(float(values.max()) if values.size else float("nan"))
                 y, prob = r.get("instance_labels"), r.get("probability")
                 if y is None or prob is None:
                     continue
@@ -182,12 +217,16 @@ def pooled_out_of_fold(out: Path, folds: int, stages: list[str], n_boot: int = 1
         sb = bootstrap_auroc([r[2] for r in a["rows"]], [r[3] for r in a["rows"]], n_boot=n_boot, seed=seed)
         block = {"n_slides": len(a["rows"]), "slide_auroc": {"value": sb["auroc"], "ci95": [sb["low"], sb["high"]]},
                  "patch_auroc": None, "patch_f1": None, "n_patches": 0, "file": oof_csv(out, stage).name}
+        y = p = g = None
         if a["py"]:
             y, p, g = (np.concatenate(a[key]) for key in ("py", "pp", "pg"))
             pb = bootstrap_auroc(y, p, groups=g, n_boot=n_boot, seed=seed + 1)
             f1 = binary_metrics(y, np.concatenate(a["ph"]), 0.5)["f1"] if len(a["ph"]) == len(a["py"]) else None
             block.update(patch_auroc={"value": pb["auroc"], "ci95": [pb["low"], pb["high"]]}, n_patches=int(len(y)),
                          patch_f1=f1)
+        block["trust"] = assess([r[2] for r in a["rows"]], [r[3] for r in a["rows"]], a["max"], patch_true=y,
+                                patch_score=p, patch_prob=p, patch_group=g, member_scores=a["seeds"],
+                                n_boot=n_boot, seed=seed)
         res[stage] = nan_to_none(block)
     return res
 
@@ -202,6 +241,15 @@ def pooled_lines(summary: dict) -> list[str]:
                 f", patch F1 {b['patch_f1']:.3f}" if b.get("patch_f1") is not None else "")
         out.append(line)
     return out
+
+
+def pooled_verdict_lines(summary: dict) -> list[str]:
+    """The pooled out-of-fold verdict of each stage (what ``milkit label`` on this folder records), one line each."""
+    from milkit.trust.verdict import verdict_line
+
+    return [f"cross-validation {verdict_line(stage, b['trust'])} [rules read on the pooled out-of-fold test, "
+            f"{b['n_slides']} slides]" for stage, b in (summary.get("pooled_test") or {}).items()
+            if isinstance(b.get("trust"), dict)]
 
 
 def _ci(c: dict) -> str:
@@ -240,5 +288,5 @@ def render(summary: dict) -> str:
     if pooled:
         lines += ["## Pooled out-of-fold test", "", "Each slide's prediction from the fold that tested it (per-slide values in "
                   "`out_of_fold_<stage>.csv`); 95 % bootstrap intervals (slides resampled whole).", ""]
-        lines += [f"- {ln}" for ln in pooled] + [""]
+        lines += [f"- {ln}" for ln in pooled + pooled_verdict_lines(summary)] + [""]
     return "\n".join(lines)

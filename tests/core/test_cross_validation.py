@@ -58,7 +58,8 @@ def test_three_folds_write_three_runs_and_their_mean_and_sd(cv_run, capsys):
     captured = capsys.readouterr()
     assert "k-fold splits of every labelled slide replace data.split_mode 'auto'" in captured.err
     printed = captured.out.strip().splitlines()
-    assert printed[-1].startswith("fold-2 verdict mil: ") and printed[-3].startswith("fold-0 verdict mil: ")
+    assert printed[-2].startswith("fold-2 verdict mil: ") and printed[-4].startswith("fold-0 verdict mil: ")
+    assert printed[-1].startswith("cross-validation verdict mil: ")  # the verdict of `label` on this folder
     per_fold = [json.loads((out / f"fold-{k}" / "metrics.json").read_text()) for k in range(3)]
     for k in range(3):
         data = yaml.safe_load((out / f"fold-{k}" / "config.yaml").read_text())["data"]
@@ -176,3 +177,96 @@ def test_a_cross_validation_folder_given_as_a_run_names_a_fold(cv_run, capsys):
     assert main(["evaluate", str(out)]) == 2
     err = capsys.readouterr().err
     assert "a cross-validation folder (3 fold runs)" in err and str(out / "fold-0") in err
+
+
+def _trained(cv_run, name="out"):
+    root, cfg = cv_run
+    out = root / name
+    if not (out / "fold-2" / "config.yaml").is_file():
+        assert main(["train", str(cfg), "--out", str(out), "--folds", "3"]) == 0
+    return root, out
+
+
+def test_pooled_verdict_is_printed_last_and_read_on_every_slide(cv_run):
+    root, out = _trained(cv_run)
+    pooled = json.loads((out / "cv_summary.json").read_text())["pooled_test"]["mil"]
+    trust = pooled["trust"]
+    assert trust["n_slides"] == N_SLIDES and trust["slide_auroc"]["value"] == pytest.approx(pooled["slide_auroc"]["value"])
+    # 12 slides a class pass the rule that every 8-slide fold's validation fails; the planted shift is found
+    assert "fewer than 10 validation slides" not in trust["rule"] and trust["verdict"] == "trustworthy"
+    assert "cross-validation verdict mil: TRUSTWORTHY" in (out / "cv_summary.md").read_text()
+
+
+def test_label_a_cross_validation_folder_out_of_fold_and_new_slides_by_the_folds(cv_run, tmp_path, capsys):
+    """Cohort slides are labelled by the fold that tested them (its own scores, threshold and calibration);
+    a new slide by the mean of the folds' calibrated probabilities at the median fold threshold."""
+    import csv
+    import shutil
+
+    import torch
+
+    from milkit.data.bag import Bag, collate_bags
+    from milkit.workflow import load_labelers
+
+    root, out = _trained(cv_run)
+    feats = tmp_path / "feats"
+    shutil.copytree(root / "feats", feats)
+    shutil.copy(feats / "s01.h5", feats / "new01.h5")  # not in the labels CSV: a new slide
+    capsys.readouterr()
+    assert main(["label", str(out), "--features", str(feats), "--out", str(tmp_path / "lab")]) == 0
+    assert "24 slide(s) of the cross-validation cohort labelled out of fold" in capsys.readouterr().err
+    fold_of = {r["slide_id"]: int(r["fold"]) for r in csv.DictReader((out / "out_of_fold_mil.csv").open())}
+    labs = [load_labelers(out / f"fold-{k}")[1]["mil"] for k in range(3)]
+
+    def read(sid):
+        with h5py.File(tmp_path / "lab" / sid / "instances.h5") as f:
+            return (json.loads(f.attrs["meta"]), float(f.attrs["bag_prob"]), float(f.attrs["threshold"]),
+                    f["probability"][()], f["label"][()], f["uncertainty"][()] if "uncertainty" in f else None)
+
+    with h5py.File(feats / "s01.h5") as f:
+        x = torch.from_numpy(f["features"][()])
+    batch = collate_bags([Bag(x, 0, "s01")])
+    for sid in ("s00", "s01", "s07"):
+        meta, bag_prob, thr, prob, label, unc = read(sid)
+        k = fold_of[sid]
+        assert meta["labelled_by"].startswith(f"fold-{k} (out of fold") and unc is None
+        assert thr == pytest.approx(labs[k].threshold) and (label == (prob >= thr)).all()
+    meta, bag_prob, thr, prob, label, unc = read("s01")
+    o = labs[fold_of["s01"]].outputs(batch)
+    assert prob == pytest.approx(o.probability[0].double().numpy(), abs=1e-6) and bag_prob == pytest.approx(float(o.bag_prob[0]), abs=1e-6)
+    meta, bag_prob, thr, prob, label, unc = read("new01")
+    per = np.stack([lab.outputs(batch).probability[0].double().numpy() for lab in labs])
+    assert meta["labelled_by"].startswith("ensemble of 3 folds") and meta["n_folds"] == 3
+    assert prob == pytest.approx(per.mean(0), abs=1e-6) and unc == pytest.approx(per.std(0), abs=1e-6)
+    assert thr == pytest.approx(np.median([lab.threshold for lab in labs]))
+    assert meta["trust"]["verdict"] == json.loads((out / "cv_summary.json").read_text())["pooled_test"]["mil"]["trust"]["verdict"]
+    # --split labels one run's split: a one-line error naming a fold
+    assert main(["label", str(out)]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and str(out / "fold-0") in err[0] and "--features" in err[0]
+
+
+def test_evaluate_a_cross_validation_folder_against_annotations_out_of_fold(cv_run, tmp_path, capsys):
+    """Every cohort slide is scored as test (out of fold); the result lands in cv_summary.json and the viewer's list."""
+    from milkit.view.catalog import Catalog
+
+    root, out = _trained(cv_run)
+    ann = tmp_path / "ann"
+    ann.mkdir()
+    tumour = {"type": "Feature", "properties": {"classification": {"name": "Tumor"}},
+              "geometry": {"type": "Polygon", "coordinates": [[[0, 0], [192, 0], [192, 64], [0, 64], [0, 0]]]}}
+    for i in range(1, N_SLIDES, 2):  # the planted positives: patches 0–2, the first row's left three
+        (ann / f"s{i:02d}.geojson").write_text(json.dumps({"type": "FeatureCollection", "features": [tumour]}))
+    lab = tmp_path / "lab"
+    assert main(["label", str(out), "--features", str(root / "feats"), "--out", str(lab)]) == 0
+    capsys.readouterr()
+    assert main(["evaluate", str(out), "--annotations", str(ann), "--labels", str(lab)]) == 0
+    printed = capsys.readouterr().out
+    assert printed.startswith("test: n_slides 24") and str(out / "report_annotations.html") in printed
+    result = json.loads((out / "cv_summary.json").read_text())["annotations"]
+    assert list(result["splits"]) == ["test"] and result["splits"]["test"]["n_tumour_instances"] == 3 * N_SLIDES // 2
+    assert result["splits"]["test"]["instance_auroc"] > 0.8  # chance 0.5
+    assert "pooled_test" in json.loads((out / "cv_summary.json").read_text())  # the summary is kept
+    rows = {r["id"]: r for r in Catalog(lab, annotations_dir=ann).slide_list(wait=True)}
+    assert {r["split"] for r in rows.values()} == {"test"} and rows["s01"]["true_label"] == 1
+    assert rows["s01"]["patch_auroc"] == pytest.approx(result["per_slide"]["s01"]["instance_auroc"])

@@ -47,12 +47,14 @@ def _stride(coords: np.ndarray, attrs: dict, ps0: int) -> int:
     return step if step is not None else ps0
 
 
-def _threshold(labeler, scores: np.ndarray, record: dict | None = None) -> tuple[float, str]:
+def _threshold(labeler, scores: np.ndarray, record: dict | None = None,
+               where: str = "threshold.json") -> tuple[float, str]:
     """(threshold, where it came from); ``scores`` are the values it applies to; ``record`` is the
-    stage's threshold.json (its ``source`` says whether validation patch labels chose it)."""
+    stage's threshold.json (its ``source`` says whether validation patch labels chose it); ``where``
+    names the threshold's origin (a cross-validation ensemble's is the median of its folds')."""
     if labeler.threshold is not None:
         source = (record or {}).get("source")
-        return float(labeler.threshold), f"threshold.json ({source})" if source else "validation (threshold.json)"
+        return float(labeler.threshold), f"{where} ({source})" if source else f"validation ({where})"
     if labeler.threshold_on == "probability":
         return 0.5, "default 0.5 (no validation threshold)"
     return float(np.median(scores)) if scores.size else 0.0, "slide median (no validation threshold)"
@@ -142,28 +144,19 @@ def label_slides(run_dir: str | Path, slides: list[Path] | None, features_dir: P
     Without ``slides`` every ``<slide>.h5`` of ``features_dir`` is labelled from its coords alone
     (features extracted elsewhere, e.g. on a cluster): the slide's size and bounds offset come from
     the h5, and the heatmap is drawn on a white canvas."""
-    from milkit.workflow import load_labelers
-
+    from milkit.slide.label_source import calibrations, load_source
     from milkit.trust.review import REVIEW_FRACTION
+    from milkit.trust.verdict import do_not_use_warning
 
     review_fraction = REVIEW_FRACTION if review_fraction is None else float(review_fraction)
     if not 0 < review_fraction <= 1:
         raise ValueError(f"--review-fraction must be in (0, 1], got {review_fraction:g}")
     run_dir = Path(run_dir)
-    method, labelers, exp = load_labelers(run_dir)
-    stage = stage or method.primary_stage
-    if stage not in labelers:
-        raise ValueError(f"{run_dir}: no stage {stage!r}; stages: {', '.join(labelers)}")
-    labeler = labelers[stage]
-    threshold_record = RunDir(run_dir).read_threshold(stage)
-    from milkit.trust.verdict import do_not_use_warning
-
-    run_metrics = RunDir(run_dir).read_metrics()
-    warning = do_not_use_warning(run_metrics, stage)
+    source = load_source(run_dir, stage)  # one run, or a cross-validation folder's folds
+    stage, exp, trust = source.stage, source.exp, source.trust  # the verdict travels with the labels (milkit view)
+    warning = do_not_use_warning({stage: {"trust": trust}}, stage)
     if warning:
         log.warning("%s", warning)
-    trust = (run_metrics.get(stage) or {}).get("trust") or {}
-    trust = {k: trust[k] for k in ("verdict", "rule") if k in trust}  # travels with the labels (milkit view)
     if features_dir is None:
         features_dir = getattr(exp.data, "features_dir", None)
         if features_dir is None:
@@ -177,7 +170,7 @@ def label_slides(run_dir: str | Path, slides: list[Path] | None, features_dir: P
         items = [(p, _feature_file(features_dir, p)) for p in find_slides(list(slides))]
     else:
         items = [(None, h5) for h5 in feature_files(features_dir)]
-    trained_on = (run_metrics.get("_run") or {}).get("features") or {}
+    trained_on = (source.metrics.get("_run") or {}).get("features") or {}
     other_scale: list[str] = []
     for slide_path, h5 in items:
         check_h5_features(h5, whole_slide=True)
@@ -200,6 +193,7 @@ def label_slides(run_dir: str | Path, slides: list[Path] | None, features_dir: P
             (path.parent / name).unlink(missing_ok=True)
     paths: list[Path] = []
     summary = []
+    oof = 0  # slides of a cross-validation cohort, labelled by the fold that tested them
     inferred: list[str] = []
     for slide_path, h5 in track(items, f"label {len(items)} slide(s)", enabled=progress):
         ff = read_h5_features(h5)
@@ -219,6 +213,8 @@ def label_slides(run_dir: str | Path, slides: list[Path] | None, features_dir: P
 
             bag.adj = grid_adjacency(ff.coords, ff.patch_size_level0)
         n = len(bag)
+        choice = source.choose(sid)
+        labeler = choice.labeler
         probability = uncertainty = None
         if n:
             batch = collate_bags([bag])
@@ -236,19 +232,20 @@ def label_slides(run_dir: str | Path, slides: list[Path] | None, features_dir: P
             scores, bag_prob = np.zeros(0), float("nan")
             probability = np.zeros(0) if labeler.threshold_on == "probability" else None
         values = probability if labeler.threshold_on == "probability" and probability is not None else scores
-        thr, thr_src = _threshold(labeler, values, threshold_record)
-        cal = [getattr(m, "calibrator", None) for m in labeler.members]
+        thr, thr_src = _threshold(labeler, values, choice.record, choice.threshold_from)
+        oof += choice is not source.default
         s = SlideScores(
             slide_id=sid, coords=ff.coords, scores=scores, labels=(values >= thr).astype(np.int64), threshold=thr,
             score_kind=labeler.score_kind, size_level0=ff.patch_size_level0,
             stride_level0=_stride(ff.coords, attrs, ff.patch_size_level0) if len(ff.coords) else ff.patch_size_level0,
             level0_size=(w0, h0), mpp=mpp, bag_prob=bag_prob, bounds_offset=bounds,
             meta={"run_dir": str(run_dir.resolve()), "stage": stage, "threshold_source": thr_src,
-                  "threshold_applies_to": labeler.threshold_on, "n_seeds": len(labeler.members),
-                  "features": str(h5), "slide": "" if slide_path is None else str(slide_path), "trust": trust},
+                  "threshold_applies_to": labeler.threshold_on, "n_seeds": choice.n_seeds,
+                  "features": str(h5), "slide": "" if slide_path is None else str(slide_path), "trust": trust,
+                  "labelled_by": choice.labelled_by, **({"n_folds": source.n_folds} if source.n_folds else {})},
             probability=probability, uncertainty=uncertainty,
             threshold_criterion=str(getattr(labeler, "criterion", None) or thr_src),
-            calibration="; ".join(sorted({c.source for c in cal if c is not None})),
+            calibration=calibrations(labeler),
         )
         paths += write_slide_outputs(out, s, thumb, thumb_ds, review_fraction)
         summary.append((sid, bag_prob, len(scores), int(s.labels.sum())))
@@ -261,6 +258,9 @@ def label_slides(run_dir: str | Path, slides: list[Path] | None, features_dir: P
     for sid in sorted(kept):
         w.writerow(kept[sid])
     io.write_text(out / "slides.csv", buf.getvalue())
+    if source.n_folds:
+        log.info("%d slide(s) of the cross-validation cohort labelled out of fold (each by the fold that tested it), "
+                 "%d other slide(s) by the ensemble of the %d folds", oof, len(items) - oof, source.n_folds)
     if inferred:
         log.info("%d feature file(s) have no patch_size_level0 attribute (CLAM h5_files: %s%s); their patch size "
                  "is the coordinate step, i.e. non-overlapping patches", len(inferred), ", ".join(inferred[:3]),
@@ -305,7 +305,7 @@ def evaluate_annotations(run_dir: str | Path, annotations_dir: Path, labels_dir:
     writes the result into RUN_DIR/metrics.json under ``annotations`` and the per-slide page
     ``report_annotations.html`` (milkit.view.slide_report), and returns it."""
     from milkit.slide.annotations import check_regions, tumour_geometry
-    from milkit.slide.cohort import SPLIT_ORDER, slide_info, split_of
+    from milkit.slide.cohort import SPLIT_ORDER, is_labelling_run, metrics_file, slide_info, split_of
     from milkit.slide.froc import detections, froc, lesion_hits
     from milkit.view.slide_report import SlideResult, write_slide_report
 
@@ -367,9 +367,12 @@ def evaluate_annotations(run_dir: str | Path, annotations_dir: Path, labels_dir:
         "splits": splits,
         "per_slide": per_slide,
     })
-    where = run.path if run.config_path.is_file() else labels_dir
+    where = run.path if is_labelling_run(run.path) else labels_dir
     if run.config_path.is_file():
         run.update_metrics("annotations", result)
+    elif where == run.path:  # a cross-validation folder: beside its pooled out-of-fold test
+        summary = metrics_file(run.path)
+        io.write_json(summary, {**(json.loads(summary.read_text()) if summary.is_file() else {}), "annotations": result})
     write_slide_report(where, result, results, labels_dir)
     return result
 

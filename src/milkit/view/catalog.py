@@ -16,7 +16,7 @@ from pathlib import Path
 import h5py
 import numpy as np
 
-from milkit.slide.cohort import slide_info, split_of
+from milkit.slide.cohort import is_labelling_run, metrics_file, slide_info, split_of
 from milkit.view.colors import display_values
 
 log = logging.getLogger(__name__)
@@ -77,7 +77,7 @@ class Catalog:
         if self.run_dir is not None:
             return self.run_dir
         r = meta.get("run_dir")
-        return Path(r) if r and (Path(r) / "config.yaml").is_file() else None
+        return Path(r) if r and is_labelling_run(Path(r)) else None  # a run or a cross-validation folder
 
     def slide_list(self, wait: bool = False) -> list[dict]:
         """id, split, true label, slide probability, patch counts, and patch AUROC/F1 where
@@ -104,7 +104,8 @@ class Catalog:
             key = str(run)
             if key not in infos:
                 infos[key] = slide_info(run) if run else {}
-                m = json.loads((run / "metrics.json").read_text()) if run and (run / "metrics.json").is_file() else {}
+                mf = metrics_file(run) if run else None
+                m = json.loads(mf.read_text()) if mf is not None and mf.is_file() else {}
                 ev_all = m.get("annotations") or {}
                 same = self.annotations_dir is None or (
                     ev_all.get("annotations_dir") and Path(ev_all["annotations_dir"]).resolve() == self.annotations_dir.resolve()
