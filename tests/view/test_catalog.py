@@ -63,3 +63,17 @@ def test_patch_metrics_fill_in_behind_the_list(view_cohort, tmp_path, monkeypatc
     # c000 is a copy of s00 but has no annotation of its own: all negative, so AUROC undefined, F1 0
     assert rows[0]["n_tumour_patches"] == 0 and rows[0]["patch_auroc"] is None and rows[0]["true_label"] == 0
     assert rows[1]["patch_auroc"] == 0.5 and rows[1]["true_label"] == 1
+
+
+def test_a_folder_of_pixel_map_labels_is_named_as_such(tmp_path, capsys):
+    """`milkit view` (and `evaluate --annotations`) on what `label` writes for a segmentation run: one line that says
+    these are image masks and where to look, exit 2; an empty folder says to label slides first."""
+    from milkit.cli import main
+
+    (tmp_path / "labels" / "seg" / "masks").mkdir(parents=True)
+    (tmp_path / "empty").mkdir()
+    assert main(["view", str(tmp_path / "labels"), "--no-browser"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "pixel-map labels of images (stage seg" in err[0] and str(tmp_path / "labels" / "seg" / "overlay") in err[0]
+    assert main(["view", str(tmp_path / "empty"), "--no-browser"]) == 2
+    assert "no <slide>/instances.h5 (run 'milkit label RUN --slides" in capsys.readouterr().err

@@ -1,6 +1,7 @@
 """``milkit label RUN_DIR --slides ...`` and ``milkit evaluate RUN_DIR --annotations DIR``.
 
-Labelling: a trained run's labeler (the seed ensemble when the run has K > 1 seeds) scores
+Labelling: a trained run's labeler (the seed ensemble when the run has K > 1 seeds; for a ``--folds`` folder
+the fold that tested the slide or the folds' ensemble, :mod:`milkit.slide.label_source`) scores
 every patch of each slide's feature h5: raw score, validation-calibrated probability and,
 for ensembles, the seed spread; the instance threshold (on the probability) is the one
 chosen on validation at training time (threshold.json, with its criterion).
@@ -29,7 +30,7 @@ from milkit.metrics.classification import auroc, binary_metrics, nan_to_none
 from milkit.report import ScoreSet, write_report
 from milkit.run_dir import RunDir
 from milkit.slide.annotations import find_annotation, read_annotations, slide_patch_labels
-from milkit.slide.outputs import LABEL_FILES, SlideScores, read_instances_h5, write_slide_outputs
+from milkit.slide.outputs import LABEL_FILES, SlideScores, no_slide_labels, read_instances_h5, write_slide_outputs
 from milkit.slide.progress import track
 from milkit.slide.reader import find_slides, open_slide
 
@@ -316,7 +317,7 @@ def evaluate_annotations(run_dir: str | Path, annotations_dir: Path, labels_dir:
     labels_dir = Path(labels_dir) if labels_dir is not None else run.path / "labels"
     files = sorted(labels_dir.glob("*/instances.h5"))
     if not files:
-        raise ValueError(f"{labels_dir}: no <slide>/instances.h5 (run 'milkit label --slides' first)")
+        raise no_slide_labels(labels_dir)
     info = slide_info(run.path)
     results: list[SlideResult] = []
     for f in files:

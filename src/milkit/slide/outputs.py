@@ -185,3 +185,14 @@ def write_slide_outputs(out_dir: Path, s: SlideScores, thumb: np.ndarray | None,
         io.write_with(p, lambda tmp: img.save(tmp, format="PNG", compress_level=3))
         paths.append(p)
     return paths
+
+
+def no_slide_labels(labels_dir: Path) -> ValueError:
+    """The error for a labels folder without ``<slide>/instances.h5``, naming what it holds instead: the
+    pixel-map labels of a segmentation run (``<stage>/masks``, ``prob``, ``overlay``), or nothing."""
+    labels_dir = Path(labels_dir)
+    stages = sorted(p.parent.name for p in labels_dir.glob("*/masks") if p.is_dir())
+    if stages:
+        return ValueError(f"{labels_dir}: pixel-map labels of images (stage {stages[0]}: masks/, prob/, overlay/ PNGs), "
+                          f"not patch labels of slides; open {labels_dir / stages[0] / 'overlay'} or the run's report.html")
+    return ValueError(f"{labels_dir}: no <slide>/instances.h5 (run 'milkit label RUN --slides … / --features …' first)")

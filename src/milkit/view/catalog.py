@@ -17,6 +17,7 @@ import h5py
 import numpy as np
 
 from milkit.slide.cohort import is_labelling_run, metrics_file, slide_info, split_of
+from milkit.slide.outputs import no_slide_labels
 from milkit.view.colors import display_values
 
 log = logging.getLogger(__name__)
@@ -54,7 +55,7 @@ class Catalog:
             raise FileNotFoundError(f"{self.labels_dir}: labels folder does not exist")
         self.files = {p.parent.name: p for p in sorted(self.labels_dir.glob("*/instances.h5"))}
         if not self.files:
-            raise ValueError(f"{self.labels_dir}: no <slide>/instances.h5 (run 'milkit label --slides' first)")
+            raise no_slide_labels(self.labels_dir)
         for opt, d in (("--slides", slides_dir), ("--annotations", annotations_dir)):
             if d is not None and not Path(d).is_dir():
                 raise FileNotFoundError(f"{opt} {d}: folder does not exist")
