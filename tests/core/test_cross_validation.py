@@ -270,3 +270,31 @@ def test_evaluate_a_cross_validation_folder_against_annotations_out_of_fold(cv_r
     rows = {r["id"]: r for r in Catalog(lab, annotations_dir=ann).slide_list(wait=True)}
     assert {r["split"] for r in rows.values()} == {"test"} and rows["s01"]["true_label"] == 1
     assert rows["s01"]["patch_auroc"] == pytest.approx(result["per_slide"]["s01"]["instance_auroc"])
+
+
+def test_label_folds_of_seed_ensembles(cv_run, tmp_path):
+    """--folds 2 --seeds 2: each fold labels with its seed ensemble; a new slide with the folds' mean of those."""
+    import shutil
+
+    import torch
+
+    from milkit.data.bag import Bag, collate_bags
+    from milkit.workflow import load_labelers
+
+    root, cfg = cv_run
+    out = tmp_path / "cvs"
+    assert main(["train", str(cfg), "--out", str(out), "--folds", "2", "--seeds", "2"]) == 0
+    assert json.loads((out / "cv_summary.json").read_text())["pooled_test"]["mil"]["trust"]["seed_agreement"]["n_seeds"] == 2
+    feats = tmp_path / "new"
+    feats.mkdir()
+    shutil.copy(root / "feats" / "s03.h5", feats / "new03.h5")
+    assert main(["label", str(out), "--features", str(feats), "--out", str(tmp_path / "lab")]) == 0
+    with h5py.File(feats / "new03.h5") as f:
+        batch = collate_bags([Bag(torch.from_numpy(f["features"][()]), 0, "new03")])
+    labs = [load_labelers(out / f"fold-{k}")[1]["mil"] for k in range(2)]
+    assert all(len(lab.members) == 2 for lab in labs)
+    per = np.stack([lab.outputs(batch).probability[0].double().numpy() for lab in labs])
+    with h5py.File(tmp_path / "lab" / "new03" / "instances.h5") as f:
+        assert f["probability"][()] == pytest.approx(per.mean(0), abs=1e-6)
+        meta = json.loads(f.attrs["meta"])
+        assert (meta["n_seeds"], meta["n_folds"]) == (2, 2) and f.attrs["calibration"]
