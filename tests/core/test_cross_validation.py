@@ -244,6 +244,13 @@ def test_label_a_cross_validation_folder_out_of_fold_and_new_slides_by_the_folds
     assert main(["label", str(out)]) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and str(out / "fold-0") in err[0] and "--features" in err[0]
+    # a fold missing: its slides would be labelled by folds that trained on them, and called new
+    partial = tmp_path / "partial"
+    shutil.copytree(out, partial, ignore=shutil.ignore_patterns("fold-1"))
+    assert main(["label", str(partial), "--features", str(feats), "--out", str(tmp_path / "lab2")]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "3-fold cross-validation with fold-1 missing" in err[0] and "--resume" in err[0]
+    assert not (tmp_path / "lab2").exists()
 
 
 def test_evaluate_a_cross_validation_folder_against_annotations_out_of_fold(cv_run, tmp_path, capsys):

@@ -92,6 +92,7 @@ def _cv_source(cv_dir: Path, folds: list[Path], stage: str | None) -> LabelSourc
     from milkit.cross_validation import SUMMARY_JSON, tested_by
     from milkit.trust.ensemble import EnsembleLabeler
 
+    check_complete(cv_dir, folds)
     loaded = [_stage_labeler(f, stage) for f in folds]
     stage = loaded[0][0]
     if any(s != stage for s, _, _ in loaded):  # only when --stage is left out and folds differ (never by train)
@@ -112,6 +113,21 @@ def _cv_source(cv_dir: Path, folds: list[Path], stage: str | None) -> LabelSourc
                             n_seeds=seeds) for sid, (k, _) in tested_by(cv_dir).items()}
     return LabelSource(cv_dir, stage, loaded[0][2], RunDir(folds[0]).read_metrics(), _trust(block), default, by_slide,
                        n_folds=len(folds))
+
+
+def check_complete(cv_dir: Path, folds: list[Path]) -> None:
+    """Every fold of the cross-validation is there and finished: with one missing, the slides it tested would be
+    labelled by folds that trained on them (and called new)."""
+    data = RunDir(folds[0]).read_raw_config().get("data") or {}
+    k = data.get("folds", data.get("n_folds"))
+    names = {f.name for f in folds}
+    missing = [f"fold-{i}" for i in range(int(k))] if isinstance(k, int) else []
+    missing = [m for m in missing if m not in names]
+    unfinished = [f.name for f in folds if RunDir(f).state() != "finished"]
+    if missing or unfinished:
+        what = f"{', '.join(missing)} missing" if missing else f"{', '.join(unfinished)} unfinished"
+        raise ValueError(f"{cv_dir}: a {k}-fold cross-validation with {what}; finish it (milkit train CONFIG --out "
+                         f"{cv_dir} --folds {k} --resume) or label with one fold's run")
 
 
 def calibrations(labeler: Labeler) -> str:
