@@ -33,6 +33,9 @@ from milkit.run_dir import RunDir, stage_metrics
 SUMMARY_JSON, SUMMARY_MD = "cv_summary.json", "cv_summary.md"
 _FOLD_DIR = re.compile(r"fold-\d+$")
 _OOF_CSV = re.compile(r"out_of_fold_.+\.csv$")
+#: what milkit writes into a cross-validation folder besides the folds (``label`` / ``evaluate --annotations``
+#: on the folder: its default labels folder and report): ``--resume`` accepts a folder that holds them
+LATER_OUTPUTS = (SUMMARY_JSON, SUMMARY_MD, "labels", "report_annotations.html")
 
 
 def fold_overrides(exp: Experiment, folds: int, fold: int) -> list[str]:
@@ -84,7 +87,7 @@ def check_out(out: Path, folds: int, overwrite: bool, resume: bool) -> None:
                               "choose another --out")
     if out.is_dir():
         other = [p.name for p in out.iterdir()
-                 if not (_FOLD_DIR.match(p.name) or _OOF_CSV.match(p.name) or p.name in (SUMMARY_JSON, SUMMARY_MD))]
+                 if not (_FOLD_DIR.match(p.name) or _OOF_CSV.match(p.name) or p.name in LATER_OUTPUTS)]
         if other:
             raise FileExistsError(f"{out}: not empty and not a cross-validation folder ({', '.join(sorted(other)[:3])}); "
                                   "choose a new or empty --out (nothing there was changed)")

@@ -274,6 +274,9 @@ def test_evaluate_a_cross_validation_folder_against_annotations_out_of_fold(cv_r
     assert list(result["splits"]) == ["test"] and result["splits"]["test"]["n_tumour_instances"] == 3 * N_SLIDES // 2
     assert result["splits"]["test"]["instance_auroc"] > 0.8  # chance 0.5
     assert "pooled_test" in json.loads((out / "cv_summary.json").read_text())  # the summary is kept
+    # the folder still takes --resume, labels and report in it (label's default --out is OUT/labels)
+    assert main(["label", str(out), "--features", str(root / "feats")]) == 0 and (out / "labels" / "s01").is_dir()
+    assert main(["train", str(root / "cv.yaml"), "--out", str(out), "--folds", "3", "--resume"]) == 0
     rows = {r["id"]: r for r in Catalog(lab, annotations_dir=ann).slide_list(wait=True)}
     assert {r["split"] for r in rows.values()} == {"test"} and rows["s01"]["true_label"] == 1
     assert rows["s01"]["patch_auroc"] == pytest.approx(result["per_slide"]["s01"]["instance_auroc"])
