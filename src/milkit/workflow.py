@@ -142,10 +142,58 @@ def _training_features(splits: DataSplits) -> dict | None:
 def prepare(exp: Experiment, source: str = "config") -> DataSplits:
     """Build and check the data, and fill what the config may leave to the data (a feature
     encoder's ``in_dim``); errors name the file, the split or the key."""
+    _fit_graph(exp, source)
     splits = exp.data.build(exp.seed)
     splits.check(source)
     _fit_feature_dims(exp, splits, source)
     return splits
+
+
+#: models that smooth over the bag graph (Sm, Eq. 8 of the Sm paper): SmAP / SmTAP need it, and pseudo_label's
+#: instance model is the identity without it
+GRAPH_MODELS = ("smap", "smtap", "smoothed_instance")
+GRAPH_METHODS = ("pseudo_label",)
+
+
+def _graph_users(obj: object, prefix: str) -> list[str]:
+    """Dotted keys of the config sections (the method, any model inside it) that smooth over the bag graph."""
+    from pydantic import BaseModel
+
+    if not isinstance(obj, BaseModel):
+        return []
+    found = [prefix] if getattr(obj, "name", None) in (GRAPH_MODELS + GRAPH_METHODS) else []
+    for name in type(obj).model_fields:
+        found += _graph_users(getattr(obj, name), f"{prefix}.{name}")
+    return found
+
+
+def _fit_graph(exp: Experiment, source: str) -> None:
+    """``data.graph`` (the 8-neighbour patch graph from the coords) for a method or model that smooths over it,
+    when the data can build one: turned on when the config leaves it out (with a notice, recorded in
+    config.yaml); ``false`` given is an error for SmAP / SmTAP (they need it) and a warning for pseudo_label
+    (its smoothing is then the identity). Checked before anything is written."""
+    from milkit.config import ConfigError
+
+    users = _graph_users(exp.method, "method")
+    if not users or "graph" not in type(exp.data).model_fields or exp.data.graph:
+        return
+    what = f"{users[0]}.name {getattr(_section(exp, users[0]), 'name')!r}"
+    if "graph" not in exp.data.model_fields_set:
+        log.info("data.graph = true: %s smooths over the patch graph (8 neighbours, from the coords)", what)
+        exp.data.graph = True
+    elif any(getattr(_section(exp, k), "name", None) in ("smap", "smtap") for k in users):
+        raise ConfigError(f"{source}: config key 'data.graph' is false, but {what} needs the patch graph; "
+                          "set data.graph: true (or leave it out)")
+    else:
+        log.warning("data.graph is false: %s then smooths over nothing (Sm is the identity, no spatial prior); "
+                    "leave data.graph out or set it true for the recipe as measured", what)
+
+
+def _section(exp: Experiment, dotted: str) -> object:
+    obj: object = exp
+    for part in dotted.split("."):
+        obj = getattr(obj, part)
+    return obj
 
 
 def _encoder_sections(obj: object, prefix: str) -> list[tuple[str, object]]:
