@@ -292,7 +292,10 @@ def _splits_for(exp: Experiment, data_yaml: Path | None) -> DataSplits:
     if not isinstance(section, dict) or "kind" not in section:
         raise ValueError(f"{data_yaml}: needs a 'data' section with 'kind'")
     cls = registry.lookup(registry.DATASETS, "dataset", section["kind"])
-    return validate_section(cls, section, "data", str(data_yaml)).build(exp.seed)
+    data = validate_section(cls, section, "data", str(data_yaml))
+    if getattr(exp.data, "graph", False) and "graph" in type(data).model_fields and "graph" not in data.model_fields_set:
+        data.graph = True  # the run's model smooths over the patch graph: these bags get it too
+    return data.build(exp.seed)
 
 
 def evaluate_run(run_dir: str | Path) -> dict:

@@ -48,6 +48,14 @@ def test_pseudo_label_gets_the_patch_graph_when_the_config_leaves_it_out(tmp_pat
     assert exp.data.graph is True  # recorded: label and evaluate build the same graph
     bag = exp.data.build(exp.seed).train[0]
     assert bag.adj is not None and bag.adj.num_nodes == 16
+    # `label --data` with a data section that leaves graph out scores with the graph the model was trained on
+    data = yaml.safe_load(cfg.read_text())["data"]
+    (tmp_path / "d.yaml").write_text(yaml.safe_dump({"data": data}))
+    assert main(["label", str(tmp_path / "run"), "--split", "test", "--out", str(tmp_path / "own")]) == 0
+    assert main(["label", str(tmp_path / "run"), "--split", "test", "--data", str(tmp_path / "d.yaml"),
+                 "--out", str(tmp_path / "other")]) == 0
+    name = "instance_labels_pseudo_label.csv"
+    assert (tmp_path / "other" / name).read_text() == (tmp_path / "own" / name).read_text()
 
 
 def test_pseudo_label_with_graph_false_is_warned_and_smap_refused_before_any_write(tmp_path, capsys):
