@@ -189,7 +189,7 @@ def pooled_out_of_fold(out: Path, folds: int, stages: list[str], n_boot: int = 1
             lab = labelers.get(stage)
             if lab is None or isinstance(lab, SegLabeler):
                 continue
-            members = getattr(lab, "members", [lab])
+            members = lab.members
             if len(members) > 1:  # each replica's calibrated patch probabilities, fold after fold
                 per = [np.concatenate([m.label_values(r) for r in m.predict_dataset(test)] or [np.zeros(0)])
                        for m in members]
