@@ -101,3 +101,14 @@ def test_hard_bags_written_as_h5_train_as_the_in_memory_benchmark(tmp_path):
     m = [json.loads((tmp_path / name / "metrics.json").read_text())["pseudo_label"]["test"] for name in ("memory", "h5")]
     for key in ("instance_auroc", "instance_f1", "bag_auroc"):
         assert m[1][key] == pytest.approx(m[0][key], abs=1e-6), key
+
+
+def test_features_without_coords_name_the_file_and_the_way_out(tmp_path, capsys):
+    """CLAM .pt / coords-less h5 with pseudo_label: the graph cannot be built; one line, nothing written."""
+    cfg = _cohort(tmp_path)
+    with h5py.File(tmp_path / "feats" / "s03.h5", "a") as f:
+        del f["coords"]
+    assert main(["train", str(cfg), "--out", str(tmp_path / "run")]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err[-1].startswith("error: ") and "s03.h5" in err[-1] and "needs coords" in err[-1]
+    assert "data.graph: false trains without it" in err[-1] and not (tmp_path / "run").exists()

@@ -626,7 +626,8 @@ class FeatureTable:
         if cfg.graph:
             if ff.coords is None:
                 raise ValueError(f"{ff.path}: data.graph (the patch graph SmAP, SmTAP and pseudo_label smooth over) "
-                                 "needs coords, and this file has none")
+                                 "needs coords, and this file has none; data.graph: false trains without it "
+                                 "(pseudo_label without spatial smoothing; SmAP / SmTAP cannot)")
             from milkit.data.graph import grid_adjacency
 
             bag.adj = grid_adjacency(ff.coords, ff.patch_size_level0) if len(ff.features) else None
