@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import csv
 import json
 
 import h5py
@@ -308,3 +309,22 @@ def test_label_folds_of_seed_ensembles(cv_run, tmp_path):
         assert f["probability"][()] == pytest.approx(per.mean(0), abs=1e-6)
         meta = json.loads(f.attrs["meta"])
         assert (meta["n_seeds"], meta["n_folds"]) == (2, 2) and f.attrs["calibration"]
+
+
+def test_label_warns_about_positive_slides_without_a_positive_patch(cv_run, tmp_path, caplog):
+    """A threshold above every patch of a slide the model calls positive: label says which slides and why."""
+    import logging
+    import shutil
+
+    root, out = _trained(cv_run)
+    run = tmp_path / "run"
+    shutil.copytree(out / "fold-0", run)
+    thr = json.loads((run / "stages" / "mil" / "threshold.json").read_text())
+    (run / "stages" / "mil" / "threshold.json").write_text(json.dumps({**thr, "threshold": 1.0, "source": "edited"}))
+    with caplog.at_level(logging.WARNING, logger="milkit"):
+        assert main(["label", str(run), "--features", str(root / "feats"), "--out", str(tmp_path / "lab")]) == 0
+    rows = list(csv.DictReader((tmp_path / "lab" / "slides.csv").open()))
+    called = sorted(r["slide_id"] for r in rows if float(r["bag_prob"]) >= 0.5)
+    assert called and all(int(r["n_positive"]) == 0 for r in rows)
+    msg = next(r.getMessage() for r in caplog.records if "no positive patch" in r.getMessage())
+    assert msg.startswith(f"{len(called)} slide(s) called positive") and called[0] in msg and "(edited) = 1" in msg
