@@ -195,7 +195,7 @@ def label_slides(run_dir: str | Path, slides: list[Path] | None, features_dir: P
     paths: list[Path] = []
     summary = []
     oof = 0  # slides of a cross-validation cohort, labelled by the fold that tested them
-    empty: dict[str, str] = {}  # slides called positive without a positive patch → where their threshold came from
+    empty: dict[str, tuple[str, bool]] = {}  # slides called positive, no positive patch → (their threshold, label-free)
     inferred: list[str] = []
     for slide_path, h5 in track(items, f"label {len(items)} slide(s)", enabled=progress):
         ff = read_h5_features(h5)
@@ -252,7 +252,8 @@ def label_slides(run_dir: str | Path, slides: list[Path] | None, features_dir: P
         paths += write_slide_outputs(out, s, thumb, thumb_ds, review_fraction)
         summary.append((sid, bag_prob, len(scores), int(s.labels.sum())))
         if len(scores) and not s.labels.any() and bag_prob >= 0.5:
-            empty[sid] = f"{thr_src} = {thr:.3g}"
+            empty[sid] = (f"{thr_src} = {thr:.3g}",  # and whether no validation patch label chose it
+                          not str(choice.record.get("source", "")).startswith("validation"))
     kept = _kept_rows(out / "slides.csv", {sid for sid, v in previous.items() if v[:2] == mine} - {r[0] for r in summary})
     buf = _io.StringIO()
     w = csv.writer(buf)
@@ -263,10 +264,12 @@ def label_slides(run_dir: str | Path, slides: list[Path] | None, features_dir: P
         w.writerow(kept[sid])
     io.write_text(out / "slides.csv", buf.getvalue())
     if empty:
+        label_free = any(free for _, free in empty.values())
         log.warning("%d slide(s) called positive (slide probability ≥ 0.5) have no positive patch at the patch threshold: "
-                    "%s; it came from %s. Patch annotations of a few validation slides (data.annotations_dir) choose "
-                    "it by F1; see docs/benchmarks.md 'Patch labels without patch annotations'", len(empty),
-                    ", ".join(list(empty)[:5]) + (" …" if len(empty) > 5 else ""), "; ".join(sorted(set(empty.values()))))
+                    "%s; it came from %s.%s", len(empty), ", ".join(list(empty)[:5]) + (" …" if len(empty) > 5 else ""),
+                    "; ".join(sorted({where for where, _ in empty.values()})),
+                    " Patch annotations of a few validation slides (data.annotations_dir) choose it by F1; see "
+                    "docs/benchmarks.md 'Patch labels without patch annotations'" if label_free else "")
     if source.n_folds:
         log.info("%d slide(s) of the cross-validation cohort labelled out of fold (each by the fold that tested it), "
                  "%d other slide(s) by the ensemble of the %d folds", oof, len(items) - oof, source.n_folds)
