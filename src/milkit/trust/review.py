@@ -20,7 +20,8 @@ import numpy as np
 #: fraction of a slide's patches considered for review (at least one patch); ``milkit label
 #: --review-fraction`` sets it. Not from a paper: 2 % of a whole slide is a few hundred patches. On the
 #: demo's small slides (~230 patches) annotating the 2 % of the validation slides lifted test patch
-#: F1 0.18 → 0.28, 10 % → 0.60, the whole lesions → 0.94 (3 seeds; docs/benchmarks.md "The review loop")
+#: F1 0.18 → 0.28, 10 % → 0.60, the whole lesions → 0.94 with the patch graph off, 0.00 → 0.00, 10 % → 0.54,
+#: whole lesions → 0.82 with it on (3 seeds each; docs/benchmarks.md "The review loop")
 REVIEW_FRACTION = 0.02
 #: at most this many regions per slide
 MAX_REGIONS = 25
