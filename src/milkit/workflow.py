@@ -155,15 +155,16 @@ GRAPH_MODELS = ("smap", "smtap", "smoothed_instance")
 GRAPH_METHODS = ("pseudo_label",)
 
 
-def _graph_users(obj: object, prefix: str) -> list[str]:
-    """Dotted keys of the config sections (the method, any model inside it) that smooth over the bag graph."""
+def _graph_users(obj: object, prefix: str) -> list[tuple[str, str]]:
+    """(dotted key, name) of the config sections (the method, any model inside it) that smooth over the bag graph."""
     from pydantic import BaseModel
 
     if not isinstance(obj, BaseModel):
         return []
-    found = [prefix] if getattr(obj, "name", None) in (GRAPH_MODELS + GRAPH_METHODS) else []
-    for name in type(obj).model_fields:
-        found += _graph_users(getattr(obj, name), f"{prefix}.{name}")
+    name = getattr(obj, "name", None)
+    found = [(prefix, name)] if name in (GRAPH_MODELS + GRAPH_METHODS) else []
+    for field in type(obj).model_fields:
+        found += _graph_users(getattr(obj, field), f"{prefix}.{field}")
     return found
 
 
@@ -177,23 +178,17 @@ def _fit_graph(exp: Experiment, source: str) -> None:
     users = _graph_users(exp.method, "method")
     if not users or "graph" not in type(exp.data).model_fields or exp.data.graph:
         return
-    what = f"{users[0]}.name {getattr(_section(exp, users[0]), 'name')!r}"
+    need = [(k, n) for k, n in users if n in ("smap", "smtap")]
+    key, name = (need or users)[0]
     if "graph" not in exp.data.model_fields_set:
-        log.info("data.graph = true: %s smooths over the patch graph (8 neighbours, from the coords)", what)
+        log.info("data.graph = true: %s.name %r smooths over the patch graph (8 neighbours, from the coords)", key, name)
         exp.data.graph = True
-    elif any(getattr(_section(exp, k), "name", None) in ("smap", "smtap") for k in users):
-        raise ConfigError(f"{source}: config key 'data.graph' is false, but {what} needs the patch graph; "
+    elif need:
+        raise ConfigError(f"{source}: config key 'data.graph' is false, but {key}.name {name!r} needs the patch graph; "
                           "set data.graph: true (or leave it out)")
     else:
-        log.warning("data.graph is false: %s then smooths over nothing (Sm is the identity, no spatial prior); "
-                    "leave data.graph out or set it true for the recipe as measured", what)
-
-
-def _section(exp: Experiment, dotted: str) -> object:
-    obj: object = exp
-    for part in dotted.split("."):
-        obj = getattr(obj, part)
-    return obj
+        log.warning("data.graph is false: %s.name %r then smooths over nothing (Sm is the identity, no spatial "
+                    "prior); leave data.graph out or set it true for the recipe as measured", key, name)
 
 
 def _encoder_sections(obj: object, prefix: str) -> list[tuple[str, object]]:
