@@ -279,6 +279,16 @@ def load_labelers(run_dir: str | Path) -> tuple[Method, dict[str, Labeler], Expe
     return method, labelers, exp
 
 
+def stage_labeler(run_dir: str | Path, stage: str | None) -> tuple[Method, str, Labeler, Experiment]:
+    """(method, stage, its labeler, experiment) of a run; ``stage`` None: the method's primary stage (the last
+    stage where the method has none of that name); a stage the run lacks is an error naming them."""
+    method, labelers, exp = load_labelers(run_dir)
+    stage = stage or (method.primary_stage if method.primary_stage in labelers else list(labelers)[-1])
+    if stage not in labelers:
+        raise ValueError(f"{run_dir}: no stage {stage!r}; stages: {', '.join(labelers)}")
+    return method, stage, labelers[stage], exp
+
+
 def _splits_for(exp: Experiment, data_yaml: Path | None) -> DataSplits:
     if data_yaml is None:
         return exp.data.build(exp.seed)
@@ -315,10 +325,7 @@ def evaluate_run(run_dir: str | Path) -> dict:
 
 def label_run(run_dir: str | Path, out: Path | None, data_yaml: Path | None, split: str, stage: str | None) -> list[Path]:
     """Write labels of ``split`` (of the run's data, or of ``data_yaml``) with one stage."""
-    method, labelers, exp = load_labelers(run_dir)
-    stage = stage or (method.primary_stage if method.primary_stage in labelers else list(labelers)[-1])
-    if stage not in labelers:
-        raise ValueError(f"{run_dir}: no stage {stage!r}; stages: {', '.join(labelers)}")
+    method, stage, labeler, exp = stage_labeler(run_dir, stage)
     from milkit.trust.verdict import do_not_use_warning
 
     ds = _splits_for(exp, data_yaml).get(split)
@@ -326,7 +333,7 @@ def label_run(run_dir: str | Path, out: Path | None, data_yaml: Path | None, spl
     warning = do_not_use_warning(RunDir(run_dir).read_metrics(), stage)
     if warning:
         log.warning("%s", warning)
-    return method.label(labelers[stage], ds, out, stage)
+    return method.label(labeler, ds, out, stage)
 
 
 def print_cv_table(summary: dict, split: str = "test", console: Console | None = None) -> None:

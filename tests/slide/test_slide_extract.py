@@ -283,3 +283,7 @@ def test_features_of_another_encoder_are_refused_unless_overwrite(cohort, tmp_pa
     r = ex.extract_dir(tiles, "tiny_cnn", "none", num_workers=0, progress=False, overwrite=True)
     assert [p.name for p in map(Path, r["written"])] == ["s02.h5"] and len(r["skipped"]) == 1
     assert ex.features_encoder(tiles / "s02.h5") == "tiny_cnn:none"
+    with h5py.File(tiles / "s02.h5", "a") as f:  # features CLAM or TRIDENT wrote: no encoder recorded
+        del f["features"].attrs["encoder"]
+    with pytest.raises(ValueError, match=r"s02\.h5: holds features of encoder 'unrecorded'"):
+        ex.extract_dir(tiles, "tiny_cnn", "none", num_workers=0, progress=False)

@@ -422,6 +422,10 @@ def read_patch_file(path: Path) -> PatchFile:
     )
 
 
+#: what :func:`features_encoder` says of features whose encoder was not recorded
+UNRECORDED = "unrecorded"
+
+
 def features_encoder(path: Path) -> str | None:
     """The encoder of the complete features (one row per coord) ``path`` holds; None without them."""
     if not path.is_file():
@@ -431,7 +435,8 @@ def features_encoder(path: Path) -> str | None:
             if "features" not in f or "coords" not in f or f["features"].shape[0] != f["coords"].shape[0]:
                 return None
             enc = f["features"].attrs.get("encoder")
-            return str(enc.decode() if isinstance(enc, bytes) else enc)
+            # features another tool wrote (CLAM, TRIDENT) record no encoder: not ours to replace unasked
+            return UNRECORDED if enc is None else str(enc.decode() if isinstance(enc, bytes) else enc)
     except OSError:
         return None
 

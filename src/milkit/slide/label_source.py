@@ -66,18 +66,10 @@ def load_source(run_dir: Path, stage: str | None) -> LabelSource:
     return _cv_source(run_dir, folds, stage) if folds else _run_source(run_dir, stage)
 
 
-def _stage_labeler(run_dir: Path, stage: str | None):
-    from milkit.workflow import load_labelers
-
-    method, labelers, exp = load_labelers(run_dir)
-    stage = stage or method.primary_stage
-    if stage not in labelers:
-        raise ValueError(f"{run_dir}: no stage {stage!r}; stages: {', '.join(labelers)}")
-    return stage, labelers[stage], exp
-
-
 def _run_source(run_dir: Path, stage: str | None) -> LabelSource:
-    stage, labeler, exp = _stage_labeler(run_dir, stage)
+    from milkit.workflow import stage_labeler
+
+    _, stage, labeler, exp = stage_labeler(run_dir, stage)
     run = RunDir(run_dir)
     metrics = run.read_metrics()
     n = len(labeler.members)
@@ -92,8 +84,10 @@ def _cv_source(cv_dir: Path, folds: list[Path], stage: str | None) -> LabelSourc
     from milkit.cross_validation import SUMMARY_JSON, tested_by
     from milkit.trust.ensemble import EnsembleLabeler
 
+    from milkit.workflow import stage_labeler
+
     check_complete(cv_dir, folds)
-    loaded = [_stage_labeler(f, stage) for f in folds]
+    loaded = [stage_labeler(f, stage)[1:] for f in folds]
     stage = loaded[0][0]
     if any(s != stage for s, _, _ in loaded):  # only when --stage is left out and folds differ (never by train)
         raise ValueError(f"{cv_dir}: the folds' primary stages differ; pass --stage")
