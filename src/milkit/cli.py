@@ -60,7 +60,7 @@ def train(
         [f"trainer.parallel_seeds={parallel_seeds}"] if parallel_seeds is not None else [])
     overrides = list(set_ or []) + extra
     exp = load_experiment(path, overrides)
-    from milkit.trust.verdict import label_free_threshold_notice, print_verdicts
+    from milkit.trust.verdict import few_slides_notice, label_free_threshold_notice, print_verdicts
 
     if folds is not None:
         from milkit import cross_validation as cv
@@ -92,9 +92,13 @@ def train(
     from milkit.workflow import print_table
 
     print_table(metrics)
-    notice = label_free_threshold_notice(metrics)
-    if notice:
-        typer.echo(notice, err=True)
+    fields = type(exp.data).model_fields
+    few = few_slides_notice(metrics, f"`milkit train {config} --out {out}-cv --folds 5`"
+                            + (" (with the same --set options)" if set_ else "")) if (
+        "folds" in fields or "n_folds" in fields) else None  # what cross_validation.fold_overrides accepts
+    for notice in (label_free_threshold_notice(metrics), few):
+        if notice:
+            typer.echo(notice, err=True)
     print_verdicts(metrics, typer.echo)  # last, so it is what the user sees
 
 

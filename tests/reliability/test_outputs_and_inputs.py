@@ -209,3 +209,19 @@ def test_notices_go_to_the_current_stderr(monkeypatch):
     monkeypatch.setattr(sys, "stderr", second)
     logging.getLogger("milkit.test").info("carved")
     assert second.getvalue() == "milkit: carved\n"
+
+
+def test_train_on_few_validation_slides_points_to_folds_before_the_verdict(tmp_path, capsys):
+    """Two validation slides cannot check anything: `milkit train` says to cross-validate (the command to run),
+    on stderr, before the verdict lines that end its output; a --folds run does not repeat it."""
+    c = make_cohort(tmp_path, max_epochs=1)
+    capsys.readouterr()
+    assert main(["train", str(c["config"]), "--out", str(tmp_path / "run")]) == 0
+    cap = capsys.readouterr()
+    notice = [ln for ln in cap.err.splitlines() if "too few to check. With few slides, cross-validate" in ln]
+    assert len(notice) == 1, cap.err
+    assert f"milkit train {c['config']} --out {tmp_path / 'run'}-cv --folds 5" in notice[0]
+    assert "2 validation slides (1 positive, 1 negative)" in notice[0]
+    assert cap.out.strip().splitlines()[-1].startswith("verdict mil: ")
+    assert main(["train", str(c["config"]), "--out", str(tmp_path / "cv"), "--folds", "3"]) == 0
+    assert "cross-validate instead" not in capsys.readouterr().err

@@ -130,3 +130,18 @@ def test_label_warns_before_labelling_with_a_do_not_use_stage():
     assert do_not_use_warning(bad, "mil").startswith("stage mil's verdict is DO NOT USE (validation slide AUROC 95% CI")
     assert do_not_use_warning({"mil": {"trust": {"verdict": "uncertain"}}}, "mil") is None
     assert do_not_use_warning({}, "mil") is None and do_not_use_warning({"_run": {}}, "_run") is None
+
+
+def test_few_slides_notice_points_to_cross_validation_only_when_the_rule_fired():
+    from milkit.trust.verdict import FEW_SLIDES_RULE, MIN_SLIDES_PER_CLASS, few_slides_notice
+
+    y = np.array([0, 1] * 2)  # four validation slides
+    s = np.repeat(y, 10) * 5.0 + np.tile(np.arange(10), 4) * 0.01
+    t = assess(y, y.astype(float), s.reshape(4, 10).max(1), n_boot=200)
+    assert FEW_SLIDES_RULE in t["fired"] and t["n_slides_per_class"] == {"positive": 2, "negative": 2}
+    line = few_slides_notice({"mil": {"trust": t}, "_run": {}}, "`milkit train x.yaml --out r-cv --folds 5`")
+    assert line.startswith("milkit: mil: the verdict read 4 validation slides (2 positive, 2 negative), fewer than "
+                           f"{MIN_SLIDES_PER_CLASS} of a class") and "--folds 5" in line and "\n" not in line
+    many = np.array([0, 1] * MIN_SLIDES_PER_CLASS)
+    t2 = assess(many, many.astype(float), many * 5.0, n_boot=200)
+    assert FEW_SLIDES_RULE not in t2["fired"] and few_slides_notice({"mil": {"trust": t2}}, "x") is None

@@ -82,7 +82,8 @@ def assess(slide_true, slide_prob, slide_max_score, *, patch_true=None, patch_sc
 
     slide_true = np.asarray(slide_true).astype(int)
     s_auc = _ci(bootstrap_auroc(slide_true, slide_prob, n_boot=n_boot, seed=seed))
-    out: dict = {"slide_auroc": s_auc, "n_slides": int(len(slide_true))}
+    out: dict = {"slide_auroc": s_auc, "n_slides": int(len(slide_true)),
+                 "n_slides_per_class": {"positive": int((slide_true == 1).sum()), "negative": int((slide_true == 0).sum())}}
     m_auc = _ci(bootstrap_auroc(slide_true, slide_max_score, n_boot=n_boot, seed=seed + 1)) if patch_checks else None
     out["max_patch_slide_auroc"] = m_auc if patch_checks else "not computed for pixel-map methods"
     agree = seed_agreement(member_scores or []) if patch_checks else {"rho": None, "note": "not computed"}
@@ -180,6 +181,29 @@ def label_free_threshold_notice(metrics: dict) -> str | None:
                "trainer.label_free_threshold=sure_positives")
     return (f"milkit: {', '.join(stages)}: no validation patch labels, so patch labels use {how}; annotate a few "
             "validation slides (data.annotations_dir) for an F1-chosen threshold")
+
+
+#: the rule :func:`few_slides_notice` looks for
+FEW_SLIDES_RULE = RULES[4][1]
+
+
+def few_slides_notice(metrics: dict, folds_command: str) -> str | None:
+    """A ``milkit:`` notice for a run whose verdict had too few validation slides to check
+    (:data:`FEW_SLIDES_RULE` fired), pointing to ``folds_command`` (``milkit train … --folds K``): there every
+    labelled slide is tested once and the verdict reads them all (``cross_validation.pooled_out_of_fold``).
+    None when the rule fired for no stage."""
+    stages = [s for s, m in metrics.items() if not s.startswith("_") and isinstance(m, dict)
+              and isinstance(m.get("trust"), dict) and FEW_SLIDES_RULE in (m["trust"].get("fired") or [])]
+    if not stages:
+        return None
+    trust = metrics[stages[0]]["trust"]
+    per = trust.get("n_slides_per_class") or {}
+    counts = (f" ({per['positive']} positive, {per['negative']} negative)"
+              if {"positive", "negative"} <= set(per) else "")
+    return (f"milkit: {', '.join(stages)}: the verdict read {trust.get('n_slides', '?')} validation slides{counts}, fewer "
+            f"than {MIN_SLIDES_PER_CLASS} of a class, too few to check. With few slides, cross-validate instead: "
+            f"{folds_command} tests every labelled slide once, reads the verdict on all of them, and "
+            "`milkit label` on that folder labels with its folds (docs/scale.md)")
 
 
 def labels_from(choice: object) -> str:
