@@ -92,6 +92,24 @@ def test_geojson_detections_land_on_the_lesion(run, cohort):
     assert hit.mean() > 3 * base.mean()
 
 
+def test_qupath_object_ids_are_unique_across_a_slides_files_and_slides_and_stable(run, cohort, tmp_path):
+    """QuPath asks to refresh duplicate object IDs on import: every object of every slide's GeoJSON files has its
+    own ID, and labelling again gives the same IDs (they are name-based, not random)."""
+    out, _ = run
+    files = ("detections.geojson", "outlines.geojson", "review.geojson")
+
+    def ids(labels, slides):
+        return {(s, f): [ft["id"] for ft in json.loads((labels / s / f).read_text())["features"]]
+                for s in slides for f in files}
+
+    first = ids(out / "labels", LABELLED)
+    every = [i for v in first.values() for i in v]
+    assert all(first[("s08", f)] for f in files)  # a positive slide has objects in every file
+    assert len(every) > 3 * len(LABELLED) and len(set(every)) == len(every)
+    label_slides(out, [cohort.slides_dir / "s08.tif"], cohort.tiles_dir, tmp_path / "again", None, thumbnail_size=64)
+    assert ids(tmp_path / "again", ["s08"]) == {k: v for k, v in first.items() if k[0] == "s08"}
+
+
 def test_cli_tile_extract_and_bad_input(cohort, tmp_path):
     src = cohort.slides_dir / "s01.tif"
     tiles = tmp_path / "tiles"

@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import json
 import logging
-import uuid
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Sequence
@@ -384,11 +383,13 @@ def slide_patch_labels(annotation: Path | None, slide_label: int | None, coords:
 def patch_feature_collection(coords: np.ndarray, scores: np.ndarray, labels: np.ndarray, size_level0: int,
                              offset: tuple[int, int] = (0, 0), positive_only: bool = True,
                              class_name: str = "Tumor", color: tuple[int, int, int] = (200, 0, 0),
-                             score_name: str = "score", seed: int = 0) -> dict:
+                             score_name: str = "score", slide_id: str = "") -> dict:
     """QuPath-importable FeatureCollection: one ``detection`` square per (positive) patch,
     classified ``class_name`` with ``color``, the score as a measurement. ``offset`` is
-    subtracted (QuPath coordinates start at the slide's bounds)."""
-    rng = np.random.default_rng(seed)
+    subtracted (QuPath coordinates start at the slide's bounds). IDs: :func:`milkit.slide.qupath.object_id` of
+    ``slide_id`` and the patch's level-0 position."""
+    from milkit.slide.qupath import object_id
+
     feats = []
     ox, oy = offset
     for (x, y), s, lab in zip(np.asarray(coords), np.asarray(scores), np.asarray(labels)):
@@ -398,7 +399,7 @@ def patch_feature_collection(coords: np.ndarray, scores: np.ndarray, labels: np.
         x1, y1 = x0 + size_level0, y0 + size_level0
         feats.append({
             "type": "Feature",
-            "id": str(uuid.UUID(bytes=rng.bytes(16), version=4)),
+            "id": object_id(slide_id, "detection", int(x), int(y)),
             "geometry": {"type": "Polygon", "coordinates": [[[x0, y0], [x1, y0], [x1, y1], [x0, y1], [x0, y0]]]},
             "properties": {
                 "objectType": "detection",

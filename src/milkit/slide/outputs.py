@@ -167,16 +167,19 @@ def write_slide_outputs(out_dir: Path, s: SlideScores, thumb: np.ndarray | None,
     write_probability_tiff(paths[2], raster, cell, s.level0_size, s.mpp,
                            {"slide_id": s.slide_id, "score_kind": s.score_kind, **how})
     fc = patch_feature_collection(s.coords, s.scores, s.labels, s.size_level0, s.bounds_offset,
-                                  score_name="probability" if s.score_kind == "probability" else "score")
+                                  score_name="probability" if s.score_kind == "probability" else "score",
+                                  slide_id=s.slide_id)
     if s.probability is not None:  # the calibrated probability beside the raw score
         for f, k in zip(fc["features"], np.flatnonzero(np.asarray(s.labels) > 0)):
             f["properties"]["measurements"]["calibrated_probability"] = float(s.probability[k])
     io.write_text(paths[3], json.dumps(fc))
-    paths.append(write_outlines(d / "outlines.geojson", s.coords, s.labels, s.size_level0, s.bounds_offset))
+    paths.append(write_outlines(d / "outlines.geojson", s.coords, s.labels, s.size_level0, s.bounds_offset,
+                                s.slide_id))
     paths.append(write_asap_region(d / "outlines.xml", positive_region(s.coords, s.labels, s.size_level0)))
     rs, basis = review_scores(s.probability if s.probability is not None else s.scores, s.uncertainty, s.threshold)
     io.write_text(paths[4], json.dumps(review_feature_collection(s.coords, s.size_level0, s.stride_level0, rs,
-                                                                 basis, s.bounds_offset, fraction=review_fraction)))
+                                                                 basis, s.bounds_offset, fraction=review_fraction,
+                                                                 slide_id=s.slide_id)))
     if thumb is not None:
         img = overlay(thumb, thumb_downsample, raster, cell)
         if s.probability is not None:

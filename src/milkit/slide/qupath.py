@@ -18,6 +18,16 @@ import numpy as np
 
 from milkit import io
 
+#: the namespace of :func:`object_id` (fixed: the same key gives the same ID in every run and release)
+ID_NAMESPACE = uuid.UUID("4d0c3a52-6c1e-4f0b-9a57-2b8e4f7d9c10")
+
+
+def object_id(*key: object) -> str:
+    """A QuPath object ID for ``key`` (slide, file, object): a name-based UUID (version 5), so the same slide
+    gives the same IDs in every run, and two objects differ wherever their keys do. A slide's several files
+    can then go into one QuPath image without duplicate IDs (QuPath asks to refresh duplicates on import)."""
+    return str(uuid.uuid5(ID_NAMESPACE, "/".join(map(str, key))))
+
 
 def positive_region(coords: np.ndarray, labels: np.ndarray, size_level0: int):
     """The union of the positive patch squares (a shapely (Multi)Polygon, possibly empty)."""
@@ -31,8 +41,9 @@ def positive_region(coords: np.ndarray, labels: np.ndarray, size_level0: int):
 
 
 def outline_collection(coords: np.ndarray, labels: np.ndarray, size_level0: int, offset: tuple[int, int] = (0, 0),
-                       class_name: str = "Tumor", color: tuple[int, int, int] = (200, 0, 0), seed: int = 0) -> dict:
-    """FeatureCollection of merged ``annotation`` outlines (one per connected positive region)."""
+                       class_name: str = "Tumor", color: tuple[int, int, int] = (200, 0, 0), slide_id: str = "") -> dict:
+    """FeatureCollection of merged ``annotation`` outlines (one per connected positive region), IDs from
+    :func:`object_id` of ``slide_id``."""
     import shapely
     from shapely.geometry import mapping
     from shapely.geometry.polygon import orient
@@ -41,14 +52,13 @@ def outline_collection(coords: np.ndarray, labels: np.ndarray, size_level0: int,
     if not geom.is_empty:
         geom = shapely.affinity.translate(geom, -float(offset[0]), -float(offset[1]))
     polys = [] if geom.is_empty else list(getattr(geom, "geoms", [geom]))
-    rng = np.random.default_rng(seed)
     cell = float(size_level0) ** 2
     feats = []
-    for p in sorted(polys, key=lambda g: -g.area):
+    for rank, p in enumerate(sorted(polys, key=lambda g: -g.area), start=1):
         p = orient(p, 1.0)
         feats.append({
             "type": "Feature",
-            "id": str(uuid.UUID(bytes=rng.bytes(16), version=4)),
+            "id": object_id(slide_id, "outline", rank),
             "geometry": json.loads(json.dumps(mapping(p))),  # tuples → lists
             "properties": {
                 "objectType": "annotation",
@@ -62,8 +72,8 @@ def outline_collection(coords: np.ndarray, labels: np.ndarray, size_level0: int,
 
 
 def write_outlines(path: str | Path, coords: np.ndarray, labels: np.ndarray, size_level0: int,
-                   offset: tuple[int, int] = (0, 0)) -> Path:
+                   offset: tuple[int, int] = (0, 0), slide_id: str = "") -> Path:
     """Write :func:`outline_collection` to ``path`` atomically; returns the path."""
     path = Path(path)
-    io.write_text(path, json.dumps(outline_collection(coords, labels, size_level0, offset)))
+    io.write_text(path, json.dumps(outline_collection(coords, labels, size_level0, offset, slide_id=slide_id)))
     return path

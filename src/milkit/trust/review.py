@@ -13,7 +13,6 @@ Regions are ranked by their mean review score; the most uncertain come first.
 from __future__ import annotations
 
 import math
-import uuid
 
 import numpy as np
 
@@ -53,8 +52,9 @@ def _components(coords: np.ndarray, step: int) -> np.ndarray:
 
 def review_feature_collection(coords: np.ndarray, size_level0: int, stride_level0: int, scores: np.ndarray,
                               basis: str, offset: tuple[int, int] = (0, 0), fraction: float = REVIEW_FRACTION,
-                              max_regions: int = MAX_REGIONS, seed: int = 0) -> dict:
-    """QuPath FeatureCollection of the top-``fraction`` patches by ``scores``, merged into regions."""
+                              max_regions: int = MAX_REGIONS, slide_id: str = "") -> dict:
+    """QuPath FeatureCollection of the top-``fraction`` patches by ``scores``, merged into regions (IDs:
+    :func:`milkit.slide.qupath.object_id` of ``slide_id`` and the region's rank)."""
     from shapely.geometry import box, mapping
     from shapely.ops import unary_union
 
@@ -72,7 +72,8 @@ def review_feature_collection(coords: np.ndarray, size_level0: int, stride_level
         idx = top[lab == c]
         regions.append((float(scores[idx].mean()), idx))
     regions.sort(key=lambda t: -t[0])
-    rng = np.random.default_rng(seed)
+    from milkit.slide.qupath import object_id
+
     ox, oy = offset
     for rank, (mean, idx) in enumerate(regions[:max_regions], start=1):
         shape = unary_union([box(int(x) - ox, int(y) - oy, int(x) - ox + size_level0, int(y) - oy + size_level0)
@@ -80,7 +81,7 @@ def review_feature_collection(coords: np.ndarray, size_level0: int, stride_level
         geom = mapping(shape)
         fc["features"].append({
             "type": "Feature",
-            "id": str(uuid.UUID(bytes=rng.bytes(16), version=4)),
+            "id": object_id(slide_id, "review", rank),
             "geometry": {"type": geom["type"], "coordinates": _lists(geom["coordinates"])},
             "properties": {
                 "objectType": "annotation",
