@@ -227,11 +227,21 @@ def pooled_out_of_fold(out: Path, folds: int, stages: list[str], n_boot: int = 1
             f1 = binary_metrics(y, np.concatenate(a["ph"]), 0.5)["f1"] if len(a["ph"]) == len(a["py"]) else None
             block.update(patch_auroc={"value": pb["auroc"], "ci95": [pb["low"], pb["high"]]}, n_patches=int(len(y)),
                          patch_f1=f1)
-        block["trust"] = assess([r[2] for r in a["rows"]], [r[3] for r in a["rows"]], a["max"], patch_true=y,
-                                patch_score=p, patch_prob=p, patch_group=g, member_scores=a["seeds"],
-                                n_boot=n_boot, seed=seed)
+        block["trust"] = _out_of_fold_wording(assess([r[2] for r in a["rows"]], [r[3] for r in a["rows"]], a["max"],
+                                                     patch_true=y, patch_score=p, patch_prob=p, patch_group=g,
+                                                     member_scores=a["seeds"], n_boot=n_boot, seed=seed))
         res[stage] = nan_to_none(block)
     return res
+
+
+def _out_of_fold_wording(trust: dict) -> dict:
+    """The verdict's rules read on the pooled out-of-fold predictions say so: "validation slide AUROC" there is
+    the AUROC over every slide of the cohort, each predicted by the fold that tested it."""
+    def say(text: str) -> str:
+        return text.replace("validation ", "out-of-fold ")
+
+    return dict(trust, rule=say(trust["rule"]), rules=[say(r) for r in trust["rules"]],
+                fired=[say(r) for r in trust["fired"]])
 
 
 def pooled_lines(summary: dict) -> list[str]:

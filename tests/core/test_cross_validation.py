@@ -195,6 +195,9 @@ def test_pooled_verdict_is_printed_last_and_read_on_every_slide(cv_run):
     assert trust["n_slides"] == N_SLIDES and trust["slide_auroc"]["value"] == pytest.approx(pooled["slide_auroc"]["value"])
     # 12 slides a class pass the rule that every 8-slide fold's validation fails; the planted shift is found
     assert "fewer than 10 validation slides" not in trust["rule"] and trust["verdict"] == "trustworthy"
+    # the rules say what they were read on: every slide out of fold, not a validation split
+    assert "fewer than 10 out-of-fold slides of a class: too few to check" in " ".join(trust["rules"])
+    assert not any("validation" in r for r in trust["rules"])
     assert "cross-validation verdict mil: TRUSTWORTHY" in (out / "cv_summary.md").read_text()
 
 
