@@ -302,3 +302,5 @@ def test_a_validation_tie_keeps_stage_mil_and_says_so(tmp_path, monkeypatch, cap
     sel = json.loads((tmp_path / "tie" / "stages" / "pseudo_label" / "selection.json").read_text())
     assert sel["chosen"] == "mil"
     assert "pseudo_label (seed 3): the rounds tie with stage 'mil'" in caplog.text and "on 4 slides" in caplog.text
+    # the notice names the run's own file (a --folds run prints one per fold)
+    assert f"({tmp_path / 'tie' / 'stages' / 'pseudo_label' / 'selection.json'})" in caplog.text

@@ -633,8 +633,9 @@ class PseudoLabelMethod(Method):
         if tied and best["candidate"] == "mil":
             log.info("pseudo_label (seed %d): the rounds tie with stage 'mil' on validation (instance-max slide AUROC "
                      "%.3f on %d slides), so stage pseudo_label keeps stage mil's classifier and labels as it does; "
-                     "more validation slides let the rounds count (stages/pseudo_label/selection.json)",
-                     int(self.exp.seed), best["val_instance_max_auroc"], len(y_val))
+                     "more validation slides let the rounds count (%s)",
+                     int(self.exp.seed), best["val_instance_max_auroc"], len(y_val),
+                     run.stage_dir("pseudo_label") / "selection.json")
         dest = run.model_path("pseudo_label")
         dest.parent.mkdir(parents=True, exist_ok=True)
         shutil.copyfile(best["path"], dest)
