@@ -206,6 +206,19 @@ def _encoder_sections(obj: object, prefix: str) -> list[tuple[str, object]]:
     return out
 
 
+def trained_feature_dim(exp: Experiment) -> int | None:
+    """The feature size D a run's model takes: its config's feature-encoder ``in_dim`` (or the method's own,
+    ``pseudo_label``), as training resolved it; None where the config does not record a single one."""
+    from milkit.config import FEATURE_ENCODERS
+
+    dims = {e.in_dim for _, e in _encoder_sections(exp.method, "method")
+            if e.name in FEATURE_ENCODERS and e.in_dim is not None}
+    own = getattr(exp.method, "in_dim", None)
+    if isinstance(own, int):
+        dims.add(own)
+    return dims.pop() if len(dims) == 1 else None
+
+
 def _fit_feature_dims(exp: Experiment, splits: DataSplits, source: str) -> None:
     """A feature encoder's ``in_dim`` is read from the first training bag when the config leaves
     it out; when it is given and differs from the features' D, both numbers are named."""

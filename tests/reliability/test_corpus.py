@@ -311,6 +311,9 @@ CASES = [
       "--data", "--features"),
     C("run_label_features_unextracted", cmd("label", "{run}", "--features", "{root}/feats", edits=(
         write("feats/zz.h5", b""), lambda c: _coords_only(c.feats / "zz.h5"))), 2, "zz.h5", "'features'"),
+    # a file of another encoder's size sorted after good ones: refused before the good ones are labelled
+    C("run_label_features_other_dim", cmd("label", "{run}", "--features", "{root}/feats", edits=(
+        lambda c: write_h5(c.feats / "zz.h5", bag_features(99, 1, d=3)),)), 2, "zz.h5", "D = 3", "D = 8"),
     C("train_folds_no_kfold", cmd("train", "{cfg}", "--out", "{out}", "--folds", "3", edits=(
         set_key("data", {"kind": "spatial_bags"}),)), 2, "--folds", "'spatial_bags'"),
     C("train_folds_out_is_run", cmd("train", "{cfg}", "--out", "{run}", "--folds", "3"), 2, "single milkit run"),
