@@ -158,6 +158,10 @@ def nan_feats(n: int = 6) -> np.ndarray:
     return x
 
 
+#: six patches, two of them at one position
+DUP_COORDS = np.array([[0, 0], [256, 0], [512, 0], [0, 256], [256, 256], [0, 0]], np.int64)
+
+
 def inf_feats() -> np.ndarray:
     x = bag_features(3, 1)
     x[0, 0] = np.inf
@@ -227,6 +231,8 @@ CASES = [
       "6 feature rows but 5 coords"),
     C("feats_nan", train(h5("s03", nan_feats())), 2, "s03.h5", "NaN"),
     C("feats_inf", train(h5("s03", inf_feats())), 2, "s03.h5", "Inf"),
+    C("feats_duplicate_coords", train(h5("s03", bag_features(3, 1), DUP_COORDS), set_key("data.graph", True)), 2, "s03.h5",
+      "duplicate coords"),
     C("feats_nan_in_test_split", train(h5("s11", nan_feats())), 2, "s11.h5", "NaN"),
     C("feats_other_dim", train(h5("s06", bag_features(6, 0, d=5))), 2, "s06.h5", "D = 5", "D = 8"),
     C("feats_empty_positive_bag", train(h5("s01", np.zeros((0, 8), np.float32), np.zeros((0, 2), np.int64))), 2,
@@ -314,6 +320,10 @@ CASES = [
     # a file of another encoder's size sorted after good ones: refused before the good ones are labelled
     C("run_label_features_other_dim", cmd("label", "{run}", "--features", "{root}/feats", edits=(
         lambda c: write_h5(c.feats / "zz.h5", bag_features(99, 1, d=3)),)), 2, "zz.h5", "D = 3", "D = 8"),
+    C("run_label_features_nan", cmd("label", "{run}", "--features", "{root}/feats", edits=(
+        lambda c: write_h5(c.feats / "zz.h5", nan_feats()),)), 2, "zz.h5", "NaN"),
+    C("run_label_features_duplicate_coords", cmd("label", "{run}", "--features", "{root}/feats", edits=(
+        lambda c: write_h5(c.feats / "zz.h5", bag_features(99, 1), DUP_COORDS),)), 2, "zz.h5", "more than once"),
     C("train_folds_no_kfold", cmd("train", "{cfg}", "--out", "{out}", "--folds", "3", edits=(
         set_key("data", {"kind": "spatial_bags"}),)), 2, "--folds", "'spatial_bags'"),
     C("train_folds_out_is_run", cmd("train", "{cfg}", "--out", "{run}", "--folds", "3"), 2, "single milkit run"),

@@ -304,6 +304,31 @@ def check_h5_features(path: str | Path, whole_slide: bool = False) -> None:
         raise ValueError(f"{path}: not a readable HDF5 file ({err})") from None
 
 
+def check_h5_values(path: str | Path, chunk_rows: int = 65536) -> None:
+    """The value checks a command makes before it writes anything, beyond :func:`check_h5_features`'s shapes:
+    finite features (read in chunks of ``chunk_rows``) and no two patches at one position (the patch graph and
+    every map need distinct coords). Raises ValueError naming the file."""
+    path = Path(path)
+    try:
+        with h5py.File(path, "r") as f:
+            ds = f["features"]
+            rows = ds.shape[-2] if ds.ndim >= 2 else 0
+            bad = 0
+            for start in range(0, rows, chunk_rows):
+                block = np.asarray(ds[..., start:start + chunk_rows, :])
+                bad += int((~np.isfinite(block)).reshape(-1, block.shape[-1]).any(axis=1).sum())
+            if bad:
+                raise ValueError(f"{path}: features contain NaN or Inf ({bad} of {rows} rows); re-extract this slide")
+            if "coords" in f and f["coords"].size:
+                c = np.asarray(f["coords"][()]).reshape(-1, 2)
+                n_distinct = len(np.unique(c, axis=0))
+                if n_distinct != len(c):
+                    raise ValueError(f"{path}: {len(c) - n_distinct} patch position(s) in 'coords' appear more than "
+                                     "once; every patch needs its own position (re-tile this slide)")
+    except OSError as err:
+        raise ValueError(f"{path}: not a readable HDF5 file ({err})") from None
+
+
 def read_pt_features(path: str | Path, coords_h5: Path | None = None) -> FeatureFile:
     """CLAM ``.pt``: the (N, D) tensor (``weights_only=True``); coords from ``coords_h5``."""
     path = Path(path)
@@ -630,7 +655,10 @@ class FeatureTable:
                                  "(pseudo_label without spatial smoothing; SmAP / SmTAP cannot)")
             from milkit.data.graph import grid_adjacency
 
-            bag.adj = grid_adjacency(ff.coords, ff.patch_size_level0) if len(ff.features) else None
+            try:
+                bag.adj = grid_adjacency(ff.coords, ff.patch_size_level0) if len(ff.features) else None
+            except ValueError as err:  # duplicate positions: name the file
+                raise ValueError(f"{ff.path}: {err}; every patch needs its own position (re-tile this slide)") from None
         return bag
 
 

@@ -24,8 +24,8 @@ import torch
 
 from milkit import io
 from milkit.data.bag import Bag, collate_bags
-from milkit.data.features import (check_h5_features, coordinate_step, h5_attrs, index_feature_files, level0_patch_size,
-                                  read_h5_features)
+from milkit.data.features import (check_h5_features, check_h5_values, coordinate_step, h5_attrs, index_feature_files,
+                                  level0_patch_size, read_h5_features)
 from milkit.metrics.classification import auroc, binary_metrics, nan_to_none
 from milkit.report import ScoreSet, write_report
 from milkit.run_dir import RunDir
@@ -189,6 +189,7 @@ def label_slides(run_dir: str | Path, slides: list[Path] | None, features_dir: P
     other_scale: list[str] = []
     for slide_path, h5 in items:
         check_h5_features(h5, whole_slide=True)
+        check_h5_values(h5)
         _check_same_encoder(h5, trained_on, run_dir, other_scale)
         _check_feature_dim(h5, want_d, run_dir)
         if slide_path is not None:
