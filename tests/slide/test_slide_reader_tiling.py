@@ -130,11 +130,16 @@ def test_truncated_tiff_named_error_and_no_partial_output(tmp_path):
     s.path.write_bytes(data[: len(data) // 3])
     good = make_slide(tmp_path, "good", False, seed=4, size=(512, 512))
     out = tmp_path / "tiles"
-    with pytest.raises(ValueError, match=r"1 of 2 slides failed: .*trunc\.tif"):
-        tile_slides([s.path, good.path], out, TilingConfig(patch_size=32, tissue=SMALL), progress=False)
+    # every slide is opened before any is tiled: the truncated one is refused and nothing is written
+    with pytest.raises(ValueError, match=r"1 of 2 slides cannot be opened, nothing tiled: .*trunc\.tif"):
+        tile_slides([good.path, s.path], out, TilingConfig(patch_size=32, tissue=SMALL), progress=False)
+    assert not out.exists() or not [p for p in out.rglob("*") if p.is_file()]
+    tile_slides([good.path], out, TilingConfig(patch_size=32, tissue=SMALL), progress=False)
+    # already tiled slides are not reopened; the bad one still stops the run before it writes
+    with pytest.raises(ValueError, match=r"1 of 2 slides cannot be opened"):
+        tile_slides([good.path, s.path], out, TilingConfig(patch_size=32, tissue=SMALL), progress=False)
     names = sorted(p.name for p in out.rglob("*") if p.is_file())
-    assert "good.h5" in names and not any("trunc" in n and n.endswith(".h5") for n in names)
-    assert not any(n.endswith(".tmp") for n in names)
+    assert "good.h5" in names and not any("trunc" in n for n in names) and not any(n.endswith(".tmp") for n in names)
 
 
 def test_not_a_slide_and_missing_file(tmp_path):

@@ -275,8 +275,9 @@ def tile_slides(slides: list[Path], out_dir: Path, cfg: TilingConfig, mpp: float
                 progress: bool = True) -> list[Path]:
     """Tile every slide; finished ones (h5 present) are skipped unless ``overwrite``.
 
-    A slide that fails leaves nothing behind; the others are still tiled, then one
-    ValueError lists every failure.
+    Every slide to tile is opened first (format, MPP): one that cannot be is an error before
+    anything is written. A slide that fails later (e.g. no tissue) leaves nothing behind; the
+    others are still tiled, then one ValueError lists every failure.
     """
     from milkit.slide.reader import slide_id
     from milkit.slide.progress import track
@@ -292,6 +293,17 @@ def tile_slides(slides: list[Path], out_dir: Path, cfg: TilingConfig, mpp: float
             if other:
                 raise ValueError(f"{h5}: already tiled with other settings ({other}); pass --overwrite to re-tile "
                                  "(its features go too) or choose another --out")
+    unreadable = []
+    for p in slides:  # every slide opens (and has an MPP) before any is tiled
+        if overwrite or not (out_dir / f"{slide_id(p)}.h5").is_file():
+            try:
+                with open_slide(p, mpp, mpp_table):
+                    pass
+            except (ValueError, FileNotFoundError) as err:
+                unreadable.append(str(err))
+    if unreadable:
+        raise ValueError(f"{len(unreadable)} of {len(slides)} slides cannot be opened, nothing tiled: "
+                         + "; ".join(unreadable))
     done, errors = [], []
     for p in track(slides, "tiling", enabled=progress):
         h5 = out_dir / f"{slide_id(p)}.h5"
