@@ -51,6 +51,19 @@ class SmSettings(StrictModel):
         return SmoothOperator(self.alpha, self.trainable_alpha, self.sm_mode, self.sm_steps, self.sm_path)
 
 
+class SmPoolingSettings(SmSettings):
+    """Sm's settings plus the SmAP pooling's, shared by SmAP and SmTAP (whose pooling is SmAP's, §4.3)."""
+
+    sm_where: SmWhere = Field("early", description="the pooling's Sm: early, mid or late (NOTES.md Sm: default early)")
+    embed_dim: int = Field(512, ge=1, description="Linear(P→512)+GELU, App. B.2")
+    attention_hidden: int = Field(128, ge=1, description="attention hidden 128, tanh, App. B.2")
+    spectral_norm: bool = Field(True, description="on the layers after Sm, NOTES.md Sm (paper §4.3)")
+    sm_linear_rewrite: bool = Field(True, description="the pooling's early Sm computed on the 128-d hidden layer "
+                                    "(same values)")
+    sm_mid_tanh: SmMidTanh = Field(
+        "after", description="mid Sm after tanh (§4.3: on the input of the last layer; default) or before (torchmil)")
+
+
 class SmAttentionPool(nn.Module):
     """Attention pooling s_k = wᵀ tanh(V h_k) (Eq. 1–2) with Sm early, mid or late (§4.3)."""
 
@@ -117,16 +130,8 @@ def _embedding(in_dim: int, dim: int) -> nn.Module:
 class SmAP(MILModel):
     """ABMIL + Sm (Sm paper §4.3, Fig. 3(b))."""
 
-    class Config(SmSettings):
+    class Config(SmPoolingSettings):
         name: Literal["smap"] = "smap"
-        sm_where: SmWhere = Field("early", description="NOTES.md Sm: default early")
-        embed_dim: int = Field(512, ge=1, description="Linear(P→512)+GELU, App. B.2")
-        attention_hidden: int = Field(128, ge=1, description="attention hidden 128, tanh, App. B.2")
-        spectral_norm: bool = Field(True, description="on the layers after Sm, NOTES.md Sm (paper §4.3)")
-        sm_linear_rewrite: bool = Field(True, description="early Sm computed on the 128-d hidden layer (same values)")
-        sm_mid_tanh: SmMidTanh = Field(
-            "after", description="SmAP-mid: Sm after tanh (§4.3: on the input of the last layer; default) or before "
-            "(torchmil)")
 
     def __init__(
         self,
@@ -165,18 +170,12 @@ class SmAP(MILModel):
 class SmTAP(MILModel):
     """Transformer (with Sm on the attention output) + SmAP pooling (Sm paper §4.3, Fig. 3(c))."""
 
-    class Config(SmSettings):
+    class Config(SmPoolingSettings):
         name: Literal["smtap"] = "smtap"
-        sm_where: SmWhere = Field("early", description="the pooling's Sm, as SmAP (NOTES.md: default early)")
-        embed_dim: int = Field(512, ge=1, description="App. B.2: 512")
-        attention_hidden: int = Field(128, ge=1, description="App. B.2: 128")
         layers: int = Field(2, ge=1, description="two transformer layers, App. B.2")
         heads: int = Field(8, ge=1, description="8 heads, App. B.2")
         ff_dim: int = Field(0, ge=0, description="no feed-forward, NOTES.md Sm")
         dropout: float = Field(0.0, ge=0, lt=1, description="0, NOTES.md Sm")
-        spectral_norm: bool = Field(True, description="NOTES.md Sm")
-        sm_linear_rewrite: bool = Field(True, description="the pooling's early Sm on the 128-d hidden layer (same values)")
-        sm_mid_tanh: SmMidTanh = Field("after", description="as SmAP: mid Sm after tanh (§4.3) or before (torchmil)")
 
     def __init__(
         self,
