@@ -58,3 +58,17 @@ def test_one_seed_reviews_borderline_patches_and_says_so():
 def test_empty_slide_has_no_regions():
     fc = review_feature_collection(np.zeros((0, 2)), 100, 100, np.zeros(0), "x")
     assert fc["features"] == []
+
+
+def test_region_ids_follow_the_region_not_its_rank():
+    """After a review round the new file's first region is another region: it must not take the old first
+    region's QuPath ID (QuPath would take the two for duplicates); the same region keeps its ID."""
+    coords = _grid(4)
+    basis = "x"
+
+    def first_id(top: int, slide: str = "s1") -> str:
+        scores = np.zeros(16)
+        scores[top] = 1.0
+        return review_feature_collection(coords, 100, 100, scores, basis, fraction=1 / 16, slide_id=slide)["features"][0]["id"]
+
+    assert first_id(3) == first_id(3) and first_id(3) != first_id(12) and first_id(3) != first_id(3, "s2")

@@ -43,7 +43,7 @@ def positive_region(coords: np.ndarray, labels: np.ndarray, size_level0: int):
 def outline_collection(coords: np.ndarray, labels: np.ndarray, size_level0: int, offset: tuple[int, int] = (0, 0),
                        class_name: str = "Tumor", color: tuple[int, int, int] = (200, 0, 0), slide_id: str = "") -> dict:
     """FeatureCollection of merged ``annotation`` outlines (one per connected positive region), IDs from
-    :func:`object_id` of ``slide_id``."""
+    :func:`object_id` of ``slide_id`` and the outline itself (a changed outline is a new object)."""
     import shapely
     from shapely.geometry import mapping
     from shapely.geometry.polygon import orient
@@ -54,12 +54,13 @@ def outline_collection(coords: np.ndarray, labels: np.ndarray, size_level0: int,
     polys = [] if geom.is_empty else list(getattr(geom, "geoms", [geom]))
     cell = float(size_level0) ** 2
     feats = []
-    for rank, p in enumerate(sorted(polys, key=lambda g: -g.area), start=1):
+    for p in sorted(polys, key=lambda g: -g.area):
         p = orient(p, 1.0)
+        geometry = json.loads(json.dumps(mapping(p)))  # tuples → lists
         feats.append({
             "type": "Feature",
-            "id": object_id(slide_id, "outline", rank),
-            "geometry": json.loads(json.dumps(mapping(p))),  # tuples → lists
+            "id": object_id(slide_id, "outline", json.dumps(geometry)),
+            "geometry": geometry,
             "properties": {
                 "objectType": "annotation",
                 "name": f"milkit positive region ({int(round(p.area / cell))} patches)",

@@ -12,6 +12,7 @@ Regions are ranked by their mean review score; the most uncertain come first.
 
 from __future__ import annotations
 
+import json
 import math
 
 import numpy as np
@@ -54,7 +55,8 @@ def review_feature_collection(coords: np.ndarray, size_level0: int, stride_level
                               basis: str, offset: tuple[int, int] = (0, 0), fraction: float = REVIEW_FRACTION,
                               max_regions: int = MAX_REGIONS, slide_id: str = "") -> dict:
     """QuPath FeatureCollection of the top-``fraction`` patches by ``scores``, merged into regions (IDs:
-    :func:`milkit.slide.qupath.object_id` of ``slide_id`` and the region's rank)."""
+    :func:`milkit.slide.qupath.object_id` of ``slide_id`` and the region: a later round's new regions are new
+    objects in QuPath, never the old ones' IDs)."""
     from shapely.geometry import box, mapping
     from shapely.ops import unary_union
 
@@ -79,10 +81,11 @@ def review_feature_collection(coords: np.ndarray, size_level0: int, stride_level
         shape = unary_union([box(int(x) - ox, int(y) - oy, int(x) - ox + size_level0, int(y) - oy + size_level0)
                              for x, y in coords[idx]])
         geom = mapping(shape)
+        geometry = {"type": geom["type"], "coordinates": _lists(geom["coordinates"])}
         fc["features"].append({
             "type": "Feature",
-            "id": object_id(slide_id, "review", rank),
-            "geometry": {"type": geom["type"], "coordinates": _lists(geom["coordinates"])},
+            "id": object_id(slide_id, "review", json.dumps(geometry)),
+            "geometry": geometry,
             "properties": {
                 "objectType": "annotation",
                 "name": f"review {rank}",
