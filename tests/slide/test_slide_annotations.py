@@ -102,8 +102,30 @@ def test_detections_round_trip_through_geojson(tmp_path):
     assert f0["properties"]["measurements"]["score"] == pytest.approx(0.9)
     p = tmp_path / "d.geojson"
     p.write_text(json.dumps(fc))
-    back = read_geojson(p, offset=(8, 4))  # QuPath coords + bounds offset = OpenSlide level 0
+    # milkit's own detections are predictions: read back as annotations they are refused
+    with pytest.raises(ValueError, match="holds only objects milkit wrote"):
+        read_geojson(p)
+    back = read_geojson(p, offset=(8, 4), own_objects=True)  # QuPath coords + bounds offset = OpenSlide level 0
     np.testing.assert_array_equal(back[1].exterior[0], [128, 64])
+
+
+def test_milkit_outlines_exported_back_from_qupath_are_not_truth(tmp_path, caplog):
+    """A user imports outlines.geojson, draws the tumour, exports every annotation: milkit's predicted outline
+    must not count as tumour truth (it would score the predictions against themselves)."""
+    import logging
+
+    from milkit.slide.qupath import outline_collection
+
+    ours = outline_collection(np.array([[0, 0], [64, 0]]), np.array([1, 1]), 64)["features"]
+    user = {"type": "Feature", "geometry": {"type": "Polygon", "coordinates": [[[500, 500], [600, 500], [600, 600],
+                                                                                [500, 600], [500, 500]]]},
+            "properties": {"objectType": "annotation", "classification": {"name": "Tumor"}}}
+    p = tmp_path / "s.geojson"
+    p.write_text(json.dumps({"type": "FeatureCollection", "features": ours + [user]}))
+    with caplog.at_level(logging.WARNING, logger="milkit"):
+        regions = read_geojson(p)
+    assert len(regions) == 1 and regions[0].exterior.min(axis=0).tolist() == [500, 500]
+    assert "1 object(s) milkit wrote" in caplog.text
 
 
 def test_score_raster_and_uint8_encoding():

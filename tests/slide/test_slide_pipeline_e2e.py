@@ -80,7 +80,7 @@ def test_probability_tiff_opens_in_openslide_aligned_with_level0(run):
 def test_geojson_detections_land_on_the_lesion(run, cohort):
     out, _ = run
     lesion = read_asap_xml(cohort.ann_dir / "s08.xml")
-    dets = read_geojson(out / "labels" / "s08" / "detections.geojson")
+    dets = read_geojson(out / "labels" / "s08" / "detections.geojson", own_objects=True)
     assert len(dets) > 0 and all(d.positive for d in dets)
     fc = json.loads((out / "labels" / "s08" / "detections.geojson").read_text())
     assert fc["type"] == "FeatureCollection" and "score" in fc["features"][0]["properties"]["measurements"]

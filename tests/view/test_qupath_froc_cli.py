@@ -67,7 +67,7 @@ def test_written_outlines_and_detections_import_and_round_trip(view_cohort, tmp_
         assert_qupath_importable(json.loads((d / name).read_text()), s.level0_size)
     review = json.loads((view_cohort.labels_dir / "s02" / "review.geojson").read_text())  # s00's is the fixture's
     assert review["features"] and assert_qupath_importable(review, s.level0_size) is None
-    back = tumour_geometry(read_geojson(d / "outlines.geojson"))
+    back = tumour_geometry(read_geojson(d / "outlines.geojson", own_objects=True))
     assert back.area == pytest.approx(int(s.labels.sum()) * s.size_level0 ** 2)
     empty = json.loads((view_cohort.labels_dir / "s01" / "outlines.geojson").read_text())
     assert empty == {"type": "FeatureCollection", "features": []}  # no positive patch, no outline

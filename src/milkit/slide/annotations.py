@@ -33,6 +33,9 @@ from milkit import io
 NON_TUMOUR = frozenset({"_2", "exclusion", "none", "normal", "ignore", "ignore*", "other", "background", "negative"})
 ANNOTATION_SUFFIXES = (".xml", ".geojson", ".json")
 log = logging.getLogger(__name__)
+#: the name every object milkit writes for QuPath starts with (outlines, detections): an annotation file
+#: exported from QuPath with them still in it must not count milkit's own predictions as truth
+OWN_OBJECT_PREFIX = "milkit "
 
 
 #: class or group names (lower case) of a *reviewed region*: the part of a slide someone looked at
@@ -162,9 +165,11 @@ def _geometry_regions(geom: dict, name: str | None, offset, path: Path) -> list[
     return []  # points and lines carry no area
 
 
-def read_geojson(path: str | Path, offset: tuple[float, float] = (0.0, 0.0)) -> list[Region]:
+def read_geojson(path: str | Path, offset: tuple[float, float] = (0.0, 0.0), own_objects: bool = False) -> list[Region]:
     """Polygons of a QuPath GeoJSON (FeatureCollection, Feature, or a list of features).
-    ``offset`` is added to every coordinate (``openslide.bounds-x/-y`` for cropped slides)."""
+    ``offset`` is added to every coordinate (``openslide.bounds-x/-y`` for cropped slides).
+    Objects milkit wrote itself (named :data:`OWN_OBJECT_PREFIX` …) are predictions, left out with a warning
+    (a file of only those is an error), unless ``own_objects`` (reading milkit's outputs back as shapes)."""
     path = Path(path)
     try:
         obj = json.loads(path.read_text())
@@ -179,17 +184,27 @@ def read_geojson(path: str | Path, offset: tuple[float, float] = (0.0, 0.0)) -> 
     else:
         raise ValueError(f"{path}: expected a GeoJSON FeatureCollection, Feature or list of features")
     regions = []
-    n_shapes = n_area = 0
+    n_shapes = n_area = n_ours = 0
     for f in feats:
         if not isinstance(f, dict):
             raise ValueError(f"{path}: a feature is not a JSON object")
         props = f.get("properties") or {}
+        if not own_objects and str(props.get("name") or "").startswith(OWN_OBJECT_PREFIX):  # milkit's predictions, back from QuPath
+            n_ours += 1
+            continue
         cls = props.get("classification")
         name = cls.get("name") if isinstance(cls, dict) else (cls if isinstance(cls, str) else None)
         got = _geometry_regions(f.get("geometry"), name, offset, path)
         n_shapes += f.get("geometry") is not None
         n_area += bool(got)
         regions += got
+    if n_ours and not n_shapes:
+        raise ValueError(f"{path}: holds only objects milkit wrote ({n_ours}: its predicted outlines or patches, "
+                         "imported into QuPath and exported back), no annotation of your own; export your "
+                         "annotations without them")
+    if n_ours:
+        log.warning("%s: %d object(s) milkit wrote (its predicted outlines or patches, named '%s…') are "
+                    "predictions, not annotations, and are left out", path, n_ours, OWN_OBJECT_PREFIX)
     _check_area(path, n_shapes, n_area)
     return regions
 
@@ -403,6 +418,7 @@ def patch_feature_collection(coords: np.ndarray, scores: np.ndarray, labels: np.
             "geometry": {"type": "Polygon", "coordinates": [[[x0, y0], [x1, y0], [x1, y1], [x0, y1], [x0, y0]]]},
             "properties": {
                 "objectType": "detection",
+                "name": f"{OWN_OBJECT_PREFIX}patch",
                 "classification": {"name": class_name if lab else "Other", "color": list(color) if lab else [0, 120, 255]},
                 "measurements": {score_name: float(s)},
                 "isLocked": False,

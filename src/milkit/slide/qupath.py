@@ -17,6 +17,7 @@ from pathlib import Path
 import numpy as np
 
 from milkit import io
+from milkit.slide.annotations import OWN_OBJECT_PREFIX
 
 #: the namespace of :func:`object_id` (fixed: the same key gives the same ID in every run and release)
 ID_NAMESPACE = uuid.UUID("4d0c3a52-6c1e-4f0b-9a57-2b8e4f7d9c10")
@@ -63,7 +64,7 @@ def outline_collection(coords: np.ndarray, labels: np.ndarray, size_level0: int,
             "geometry": geometry,
             "properties": {
                 "objectType": "annotation",
-                "name": f"milkit positive region ({int(round(p.area / cell))} patches)",
+                "name": f"{OWN_OBJECT_PREFIX}positive region ({int(round(p.area / cell))} patches)",
                 "classification": {"name": class_name, "color": list(color)},
                 "isLocked": False,
                 "measurements": {"area_level0_px2": float(p.area), "holes": len(p.interiors)},
