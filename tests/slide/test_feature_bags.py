@@ -85,6 +85,25 @@ def test_labels_naming_missing_slides_is_named(tmp_path):
         cfg.build(0)
 
 
+TCGA = ["TCGA-3C-AALI-01Z-00-DX1.F6E9A5DF-D8FB-45CF-B4BD-C6B76294C291",
+        "TCGA-3C-AALI-01Z-00-DX2.CF4496E0-AB52-4F3E-BDF5-C34833B91B7C"]  # one patient's two diagnostic slides
+
+
+def test_tcga_slide_ids_keep_the_part_after_their_dot(tmp_path):
+    """TCGA slide ids hold a dot; only a slide or feature file extension is dropped from a CSV cell. Before, the
+    UUID after the dot was cut off as if it were an extension: the two slides of one patient became one id,
+    and no file matched it."""
+    rows = read_labels_csv(_labels(tmp_path / "l.csv", [f"{TCGA[0]},1", f"{TCGA[1]}.svs,0", "a.b.h5,1", "v2.1,0"]))
+    assert [r.slide_id for r in rows] == [TCGA[0], TCGA[1], "a.b", "v2.1"]
+    feats = tmp_path / "f"
+    feats.mkdir()
+    for i in range(8):
+        _write_h5(feats / f"{TCGA[0][:-2]}{i:02d}.h5")
+    csv = _labels(tmp_path / "l2.csv", [f"{TCGA[0][:-2]}{i:02d},{i % 2}" for i in range(8)])
+    sp = FeatureBagsConfig(features_dir=feats, labels_csv=csv).build(0)
+    assert len(sp.train) + len(sp.val) + len(sp.test) == 8
+
+
 def test_labels_csv_aliases_and_errors(tmp_path):
     rows = read_labels_csv(_labels(tmp_path / "l.csv", ["s1.svs,1,p1", "s2.ndpi,0,p1"], "wsi,label,patient"))
     assert [(r.slide_id, r.label, r.case_id) for r in rows] == [("s1", 1, "p1"), ("s2", 0, "p1")]

@@ -58,10 +58,22 @@ class LabelRow:
     group: str | None = None
 
 
-def _strip_ext(name: str) -> str:
-    from milkit.slide.reader import slide_id
+#: what a labels CSV's slide id may end with and is not part of the id (CLAM/TRIDENT CSVs name the slide file)
+ID_SUFFIXES = (".h5", ".pt")
 
-    return slide_id(name) if "." in name else name
+
+def _strip_ext(name: str) -> str:
+    """The slide id of a labels CSV cell: a slide-file or feature-file extension is dropped, nothing else. TCGA
+    ids hold dots (``TCGA-3C-AALI-01Z-00-DX1.F6E9A5DF-…``): the part after the last dot is not an extension."""
+    from milkit.slide.reader import SLIDE_EXTENSIONS, slide_id
+
+    low = name.lower()
+    if low.endswith(SLIDE_EXTENSIONS + (".ome.tif", ".ome.tiff")):
+        return slide_id(name)
+    for ext in ID_SUFFIXES:
+        if low.endswith(ext):
+            return name[: -len(ext)]
+    return name
 
 
 def _parse_label(v: str, path: Path, line: int, label_map: dict[str, int | None] | None = None) -> int | None:
