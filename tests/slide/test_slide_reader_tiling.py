@@ -102,9 +102,9 @@ def test_missing_mpp_is_refused_and_overrides_work(tmp_path):
     with h5py.File(h5) as f:
         assert f["coords"].attrs["patch_size_level0"] == 64
     csv = tmp_path / "mpp.csv"
-    csv.write_text("slide_id,mpp\nnompp.tif,0.5\n")
+    csv.write_text("slide_id,mpp\nnompp.tif,0.5\nTCGA-3C-AALI-01Z-00-DX1.F6E9A5DF,0.25\n")
     table = read_mpp_csv(csv)
-    assert table == {"nompp": 0.5}
+    assert table == {"nompp": 0.5, "TCGA-3C-AALI-01Z-00-DX1.F6E9A5DF": 0.25}  # a TCGA id keeps its dot
     h5 = tile_slide(s.path, tmp_path / "t2", TilingConfig(patch_size=32, tissue=SMALL), mpp_table=table)
     with h5py.File(h5) as f:
         assert f["coords"].attrs["patch_size_level0"] == 32

@@ -58,24 +58,6 @@ class LabelRow:
     group: str | None = None
 
 
-#: what a labels CSV's slide id may end with and is not part of the id (CLAM/TRIDENT CSVs name the slide file)
-ID_SUFFIXES = (".h5", ".pt")
-
-
-def _strip_ext(name: str) -> str:
-    """The slide id of a labels CSV cell: a slide-file or feature-file extension is dropped, nothing else. TCGA
-    ids hold dots (``TCGA-3C-AALI-01Z-00-DX1.F6E9A5DF-…``): the part after the last dot is not an extension."""
-    from milkit.slide.reader import SLIDE_EXTENSIONS, slide_id
-
-    low = name.lower()
-    if low.endswith(SLIDE_EXTENSIONS + (".ome.tif", ".ome.tiff")):
-        return slide_id(name)
-    for ext in ID_SUFFIXES:
-        if low.endswith(ext):
-            return name[: -len(ext)]
-    return name
-
-
 def _parse_label(v: str, path: Path, line: int, label_map: dict[str, int | None] | None = None) -> int | None:
     """0 / 1 from a label cell; with ``label_map`` (CLAM's ``label_dict``) its values instead, None = skip the slide."""
     raw = (v or "").strip()
@@ -97,6 +79,8 @@ def read_labels_csv(path: str | Path, label_column: str = "label", group_column:
                     label_map: dict[str, int | None] | None = None) -> list[LabelRow]:
     """Rows of a slide labels CSV (or TSV), with FORMATS.md's column aliases; ``label_map`` maps the label
     column's values to 0 / 1 (None drops the slide, as CLAM's ``ignore``)."""
+    from milkit.slide.reader import cell_slide_id
+
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"{path}: labels CSV does not exist")
@@ -120,7 +104,7 @@ def read_labels_csv(path: str | Path, label_column: str = "label", group_column:
         raise ValueError(f"{path}: no group column {group_column!r} (data.group_column); columns: {sorted(cols)}")
     out, seen = [], set()
     for i, r in enumerate(rows, start=2):
-        sid = _strip_ext((r.get(sid_col) or "").strip())
+        sid = cell_slide_id((r.get(sid_col) or "").strip())
         if not sid:
             raise ValueError(f"{path}: line {i}: empty slide id")
         if sid in seen:

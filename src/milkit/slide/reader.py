@@ -34,6 +34,23 @@ def slide_id(path: str | Path) -> str:
     return Path(name).stem
 
 
+#: besides the slide formats, what a CSV cell naming a slide may end with and is not part of its id
+ID_SUFFIXES = (".h5", ".pt")
+
+
+def cell_slide_id(name: str) -> str:
+    """The slide id in a CSV cell (labels, MPP overrides): a slide-file or feature-file extension is dropped,
+    nothing else. TCGA ids hold dots (``TCGA-3C-AALI-01Z-00-DX1.F6E9A5DF-…``): what follows the last dot is not
+    an extension there (:func:`slide_id` would cut it off, as it does a file's)."""
+    low = name.lower()
+    if low.endswith(SLIDE_EXTENSIONS + (".ome.tif", ".ome.tiff")):
+        return slide_id(name)
+    for ext in ID_SUFFIXES:
+        if low.endswith(ext):
+            return name[: -len(ext)]
+    return name
+
+
 def find_slides(paths: list[str | Path]) -> list[Path]:
     """Expand files and folders into a sorted, de-duplicated list of slide files."""
     out: list[Path] = []
@@ -74,7 +91,7 @@ def read_mpp_csv(path: str | Path) -> dict[str, float]:
             raise ValueError(f"{path}: line {i}: mpp {r['mpp']!r} is not a number") from None
         if not v > 0:
             raise ValueError(f"{path}: line {i}: mpp must be positive, got {v}")
-        out[slide_id(r[sid_col])] = v
+        out[cell_slide_id(r[sid_col].strip())] = v
     return out
 
 
