@@ -77,3 +77,22 @@ def test_a_folder_of_pixel_map_labels_is_named_as_such(tmp_path, capsys):
     assert len(err) == 1 and "pixel-map labels of images (stage seg" in err[0] and str(tmp_path / "labels" / "seg" / "overlay") in err[0]
     assert main(["view", str(tmp_path / "empty"), "--no-browser"]) == 2
     assert "no <slide>/instances.h5 (run 'milkit label RUN --slides" in capsys.readouterr().err
+
+
+def test_slide_ids_with_url_characters_reach_their_tiles(view_cohort, tmp_path):
+    """Slide file names hold spaces, '#', '%' and dots ("Slide #3 (50%).svs", TCGA ids): the tile addresses the
+    viewer hands OpenSeadragon are percent-encoded, and the server finds the slide behind them."""
+    from milkit.view.server import create_app
+
+    sid = "Slide #3 (50%).DX1.F6E9"
+    (tmp_path / sid).mkdir()
+    shutil.copy(view_cohort.labels_dir / "s00" / "instances.h5", tmp_path / sid / "instances.h5")
+    client = create_app(Catalog(tmp_path)).test_client()
+    from urllib.parse import quote
+
+    payload = client.get("/api/slide/" + quote(sid, safe="")).get_json()
+    assert payload["id"] == sid and "#" not in payload["heat_tiles"] and "%" in payload["heat_tiles"]
+    dzi = client.get(payload["heat_tiles"])
+    assert dzi.status_code == 200 and b"Image" in dzi.data
+    tile = client.get(payload["heat_tiles"].replace(".dzi", "_files/0/0_0.png"))  # as OpenSeadragon derives it
+    assert tile.status_code == 200 and tile.data[:4] == b"\x89PNG"

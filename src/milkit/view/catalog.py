@@ -12,6 +12,7 @@ import threading
 from collections import OrderedDict
 from dataclasses import dataclass
 from pathlib import Path
+from urllib.parse import quote
 
 import h5py
 import numpy as np
@@ -243,11 +244,11 @@ class Catalog:
             "uncertainty": None if "uncertainty" not in extra else np.round(extra["uncertainty"], 5).tolist(),
             "bag_prob": s.bag_prob, "annotation_file": str(ann) if ann else None, "annotations": annotations,
             "review": self._review(f.parent / "review.geojson", (ox, oy)),
-            "slide_tiles": f"/slide/{sid}.dzi" if tiles is not None else None,
+            "slide_tiles": f"/slide/{quote(sid, safe='')}.dzi" if tiles is not None else None,  # ids may hold # or %
             "slide_backend": tiles.backend if tiles is not None else None,
             "slide_error": tile_error if tiles is None and path is not None else (
                 None if path is not None else "slide file not found (pass --slides DIR)"),
-            "heat_tiles": f"/heat/{sid}.dzi",
+            "heat_tiles": f"/heat/{quote(sid, safe='')}.dzi",
         }
         heat = HeatTiles(s.coords, values, s.size_level0, s.stride_level0, s.level0_size)
         return SlideData(sid, payload, tiles, heat)
