@@ -200,11 +200,12 @@ def read_geojson(path: str | Path, offset: tuple[float, float] = (0.0, 0.0), own
         regions += got
     if n_ours and not n_shapes:
         raise ValueError(f"{path}: holds only objects milkit wrote ({n_ours}: its predicted outlines or patches, "
-                         "imported into QuPath and exported back), no annotation of your own; export your "
-                         "annotations without them")
+                         f"named '{OWN_OBJECT_PREFIX}…', imported into QuPath and exported back), no annotation of "
+                         "your own; an outline you corrected counts as truth once you rename it in QuPath")
     if n_ours:
         log.warning("%s: %d object(s) milkit wrote (its predicted outlines or patches, named '%s…') are "
-                    "predictions, not annotations, and are left out", path, n_ours, OWN_OBJECT_PREFIX)
+                    "predictions, not annotations, and are left out; rename one you corrected to count it",
+                    path, n_ours, OWN_OBJECT_PREFIX)
     _check_area(path, n_shapes, n_area)
     return regions
 
