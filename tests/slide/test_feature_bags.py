@@ -330,3 +330,33 @@ def test_qupath_geojson_of_a_slide_with_bounds_is_shifted_to_level0(cohort, tmp_
     got = FeatureBagsConfig(features_dir=feats, labels_csv=cohort.labels_csv, annotations_dir=ann).build(seed=0).train[0]
     assert got.bag_id == "s00" and int(want.instance_labels.sum()) > 0
     assert torch.equal(got.instance_labels, want.instance_labels)
+
+
+def _ann(path, x0, y0, side):
+    pts = [(x0, y0), (x0 + side, y0), (x0 + side, y0 + side), (x0, y0 + side)]
+    coords = "".join(f'<Coordinate Order="{i}" X="{x}" Y="{y}"/>' for i, (x, y) in enumerate(pts))
+    path.write_text('<?xml version="1.0"?><ASAP_Annotations><Annotations><Annotation Name="A" Type="Polygon" '
+                    f'PartOfGroup="Tumor"><Coordinates>{coords}</Coordinates></Annotation></Annotations>'
+                    '<AnnotationGroups/></ASAP_Annotations>')
+
+
+def test_training_annotations_outside_the_slide_or_missing_every_patch_are_named(cohort, tmp_path, caplog):
+    """Training and evaluation read the same rule as evaluate --annotations (issue 13's open item): tumour drawn
+    wholly outside the slide (a wrong offset) is an error naming the file; tumour that covers no patch warns."""
+    import logging
+    import shutil
+
+    ann = tmp_path / "ann"
+    shutil.copytree(cohort.ann_dir, ann)
+    _ann(ann / "s00.xml", 10 ** 6, 10 ** 6, 500)  # far outside the slide
+    cfg = FeatureBagsConfig(features_dir=cohort.tiles_dir, labels_csv=cohort.labels_csv, annotations_dir=ann)
+    def read_all():
+        sp = cfg.build(0)
+        return [b for part in (sp.train, sp.val, sp.test) for b in part]
+
+    with pytest.raises(ValueError, match=r"s00\.xml: every tumour polygon lies outside the"):
+        read_all()
+    _ann(ann / "s00.xml", 0, 0, 8)  # inside, but smaller than any patch's half
+    with caplog.at_level(logging.WARNING, logger="milkit"):
+        read_all()
+    assert "s00.xml: its tumour covers none of slide 's00'" in caplog.text

@@ -720,7 +720,8 @@ def _check_case_groups(rows: list[LabelRow], source: Path, group_column: str) ->
 def _annotation_labels(cfg: FeatureBagsConfig, row: LabelRow, ff: FeatureFile) -> np.ndarray | None:
     """Patch labels from ``data.annotations_dir``; None (unknown) for a positive slide without an
     annotation file (:func:`milkit.slide.annotations.not_annotated`)."""
-    from milkit.slide.annotations import find_annotation, not_annotated, read_annotations, slide_patch_labels
+    from milkit.slide.annotations import (check_regions, find_annotation, not_annotated, read_annotations,
+                                          slide_patch_labels, tumour_geometry)
 
     ann = find_annotation(cfg.annotations_dir, row.slide_id)  # type: ignore[arg-type]
     if not_annotated(ann, row.label):
@@ -729,7 +730,15 @@ def _annotation_labels(cfg: FeatureBagsConfig, row: LabelRow, ff: FeatureFile) -
         return np.zeros(len(ff.features), np.int64)
     ps0, _ = level0_patch_size(ff, "annotations (data.annotations_dir)")  # CLAM h5_files: the coordinate step
     regions = read_annotations(ann, offset=ff.bounds_offset)  # QuPath GeoJSON starts at the bounds origin
-    labels = slide_patch_labels(ann, row.label, ff.coords, ps0, cfg.tumour_fraction, regions)
+    attrs = h5_attrs(ff.path) if ff.path.suffix == ".h5" else {}
+    size = (_attr_num(attrs, "level0_width"), _attr_num(attrs, "level0_height"))
+    level0 = (int(size[0]), int(size[1])) if None not in size else None
+    check_regions(regions, ann, level0)  # all tumour outside the slide: an error, as for evaluate --annotations
+    labels = slide_patch_labels(ann, row.label, ff.coords, ps0, cfg.tumour_fraction, regions, level0)
+    if not tumour_geometry(regions).is_empty and not (labels == 1).any():
+        log.warning("%s: its tumour covers none of slide %r's %d patches at data.tumour_fraction %g (wrong slide, "
+                    "coordinate offset or patch size?); the slide gets no tumour patch", ann, row.slide_id,
+                    len(labels), cfg.tumour_fraction)
     if row.label == 0 and (labels == 1).any():
         log.warning("%s: slide %r is labelled negative, but this annotation makes %d of its patches tumour; "
                     "check the labels CSV or the annotation", ann, row.slide_id, int((labels == 1).sum()))
