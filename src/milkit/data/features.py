@@ -312,7 +312,9 @@ def check_h5_values(path: str | Path, chunk_rows: int = 65536) -> None:
             bad = 0
             for start in range(0, rows, chunk_rows):
                 block = np.asarray(ds[..., start:start + chunk_rows, :])
-                bad += int((~np.isfinite(block)).reshape(-1, block.shape[-1]).any(axis=1).sum())
+                finite = np.isfinite(block)
+                if not finite.all():
+                    bad += int((~finite).reshape(-1, block.shape[-1]).any(axis=1).sum())
             if bad:
                 raise ValueError(f"{path}: features contain NaN or Inf ({bad} of {rows} rows); re-extract this slide")
             if "coords" in f and f["coords"].size:
