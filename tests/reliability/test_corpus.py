@@ -152,6 +152,15 @@ def weights(stage: str, state: dict | bytes) -> Edit:
     return e
 
 
+def _into_subfolder(name: str) -> Edit:
+    """Every feature file moved one folder down, as TRIDENT writes them (``<job>/features_<encoder>/``)."""
+    def e(ctx: Ctx) -> None:
+        (ctx.feats / name).mkdir()
+        for p in ctx.feats.glob("*.h5"):
+            p.rename(ctx.feats / name / p.name)
+    return e
+
+
 def nan_feats(n: int = 6) -> np.ndarray:
     x = bag_features(3, 1, n)
     x[2, 5] = np.nan
@@ -233,6 +242,8 @@ CASES = [
     C("feats_inf", train(h5("s03", inf_feats())), 2, "s03.h5", "Inf"),
     C("feats_duplicate_coords", train(h5("s03", bag_features(3, 1), DUP_COORDS), set_key("data.graph", True)), 2, "s03.h5",
       "duplicate coords"),
+    C("feats_in_a_trident_subfolder", train(_into_subfolder("features_uni_v1")), 2, "no feature file", "features_uni_v1/",
+      "data.features_dir"),
     C("feats_nan_in_test_split", train(h5("s11", nan_feats())), 2, "s11.h5", "NaN"),
     C("feats_other_dim", train(h5("s06", bag_features(6, 0, d=5))), 2, "s06.h5", "D = 5", "D = 8"),
     C("feats_empty_positive_bag", train(h5("s01", np.zeros((0, 8), np.float32), np.zeros((0, 2), np.int64))), 2,
