@@ -335,6 +335,8 @@ CASES = [
         lambda c: write_h5(c.feats / "zz.h5", nan_feats()),)), 2, "zz.h5", "NaN"),
     C("run_label_features_duplicate_coords", cmd("label", "{run}", "--features", "{root}/feats", edits=(
         lambda c: write_h5(c.feats / "zz.h5", bag_features(99, 1), DUP_COORDS),)), 2, "zz.h5", "more than once"),
+    C("run_label_features_in_a_trident_subfolder", cmd("label", "{run}", "--features", "{root}/feats", edits=(
+        _into_subfolder("features_uni_v1"),)), 2, "no <slide>.h5", "features_uni_v1/", "--features"),
     C("train_folds_no_kfold", cmd("train", "{cfg}", "--out", "{out}", "--folds", "3", edits=(
         set_key("data", {"kind": "spatial_bags"}),)), 2, "--folds", "'spatial_bags'"),
     C("train_folds_out_is_run", cmd("train", "{cfg}", "--out", "{run}", "--folds", "3"), 2, "single milkit run"),

@@ -396,7 +396,7 @@ def read_torchmil_bag(root: str | Path, bag: str, patch_size_level0: int | None)
     return FeatureFile(fp, feats, coords, patch_size_level0, inst)
 
 
-def _feature_subfolder_hint(features_dir: Path) -> str:
+def feature_subfolder_hint(features_dir: Path) -> str:
     """When a features folder holds no feature file but its subfolders do (TRIDENT writes
     ``<job>/features_<encoder>/``, one per encoder), the text that names them; else empty."""
     subs = sorted(d for d in features_dir.iterdir() if d.is_dir() and any(d.glob("*.h5"))) if features_dir.is_dir() else []
@@ -555,7 +555,7 @@ class FeatureTable:
             shown = ", ".join(missing[:5]) + (" …" if len(missing) > 5 else "")
             raise ValueError(
                 f"{source}: {len(missing)} labelled slide(s) have no feature file in {fdir} ({layout} layout): {shown}"
-                + (_feature_subfolder_hint(fdir) if not index else ""))
+                + (feature_subfolder_hint(fdir) if not index else ""))
         if not rows:
             raise ValueError(f"{source}: no labelled slides")
         return cls(rows, [index[r.slide_id] for r in rows], layout, source)

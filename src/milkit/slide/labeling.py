@@ -70,7 +70,10 @@ def feature_files(features_dir: Path) -> list[Path]:
     """Every ``<slide>.h5`` of a features folder (or of its CLAM ``h5_files/``), sorted."""
     files = sorted(p for p in index_feature_files(features_dir, "h5").values() if p.is_file())
     if not files:
-        raise FileNotFoundError(f"{features_dir}: no <slide>.h5 feature files to label")
+        from milkit.data.features import feature_subfolder_hint
+
+        raise FileNotFoundError(f"{features_dir}: no <slide>.h5 feature files to label"
+                                + feature_subfolder_hint(features_dir).replace("data.features_dir", "--features"))
     return files
 
 
