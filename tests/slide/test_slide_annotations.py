@@ -320,3 +320,18 @@ def test_per_slide_f1_is_undefined_on_a_slide_without_tumour_and_without_calls()
     loud = np.array([0.9, 0.2, 0.3, 0.2])  # one false positive: F1 is 0, and says so
     s = SlideScores("n", coords, loud, (loud >= 0.5).astype(int), 0.5, "probability", 64, 64, (256, 64), 0.5, 0.9)
     assert SlideResult("n", "test", 0, s, np.zeros(4, int), None, None).metrics()["instance_f1"] == 0.0
+
+
+def test_qupath_default_non_tumour_classes_are_not_tumour(tmp_path):
+    """A pathologist who draws Tumor and also QuPath's Stroma / Necrosis / Immune cells (its default classes) or
+    the tissue outline gets only the Tumor polygons as tumour; the others are cut out of it."""
+    def square(x0, cls):
+        ring = [[x0, 0], [x0 + 100, 0], [x0 + 100, 100], [x0, 100], [x0, 0]]
+        return {"type": "Feature", "geometry": {"type": "Polygon", "coordinates": [ring]},
+                "properties": {"objectType": "annotation", "classification": {"name": cls}}}
+
+    classes = ["Tumor", "Stroma", "Necrosis", "Immune cells", "Tissue", "Carcinoma"]
+    p = tmp_path / "s.geojson"
+    p.write_text(json.dumps({"type": "FeatureCollection", "features": [square(200 * i, c) for i, c in enumerate(classes)]}))
+    regions = read_geojson(p)
+    assert [r.positive for r in regions] == [True, False, False, False, False, True]

@@ -29,8 +29,11 @@ from PIL import Image, ImageDraw
 
 from milkit import io
 
-#: ASAP/QuPath group or class names (lower case) that are not tumour
-NON_TUMOUR = frozenset({"_2", "exclusion", "none", "normal", "ignore", "ignore*", "other", "background", "negative"})
+#: ASAP/QuPath group or class names (lower case) that are not tumour: Camelyon16's ``_2`` and ASAP's exclusions,
+#: QuPath's default non-tumour classes (Stroma, Immune cells, Necrosis, Other, Ignore*, Negative) and a drawn
+#: tissue outline or artefact. Any other name, or none, is tumour (what a pathologist draws is the lesion)
+NON_TUMOUR = frozenset({"_2", "exclusion", "none", "normal", "ignore", "ignore*", "other", "background", "negative",
+                        "stroma", "immune cells", "necrosis", "tissue", "artifact", "artefact"})
 ANNOTATION_SUFFIXES = (".xml", ".geojson", ".json")
 log = logging.getLogger(__name__)
 #: the name every object milkit writes for QuPath starts with (outlines, detections): an annotation file
