@@ -330,8 +330,13 @@ def test_qupath_default_non_tumour_classes_are_not_tumour(tmp_path):
         return {"type": "Feature", "geometry": {"type": "Polygon", "coordinates": [ring]},
                 "properties": {"objectType": "annotation", "classification": {"name": cls}}}
 
-    classes = ["Tumor", "Stroma", "Necrosis", "Immune cells", "Tissue", "Carcinoma"]
+    classes = ["Tumor", "Stroma", "Necrosis", "Immune cells", "Tissue", "Carcinoma", "Stroma: Negative",
+               "Tumor: Positive", {"names": ["Stroma", "Positive"]}, {"names": ["Tumor"]}]
+    feats = [square(200 * i, c) for i, c in enumerate(classes)]
+    for f, c in zip(feats, classes):
+        if isinstance(c, dict):  # QuPath 0.4's derived-class form
+            f["properties"]["classification"] = c
     p = tmp_path / "s.geojson"
-    p.write_text(json.dumps({"type": "FeatureCollection", "features": [square(200 * i, c) for i, c in enumerate(classes)]}))
+    p.write_text(json.dumps({"type": "FeatureCollection", "features": feats}))
     regions = read_geojson(p)
-    assert [r.positive for r in regions] == [True, False, False, False, False, True]
+    assert [r.positive for r in regions] == [True, False, False, False, False, True, False, True, False, True]

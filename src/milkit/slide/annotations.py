@@ -58,12 +58,18 @@ class Region:
     reviewed: bool = False
 
 
+def _base_class(name: str) -> str:
+    """The base class of a QuPath derived class (``Stroma: Negative`` → ``stroma``), lower case."""
+    return name.split(":")[0].strip().lower()
+
+
 def _is_reviewed(name: str | None) -> bool:
-    return name is not None and name.strip().lower() in REVIEWED
+    return name is not None and (name.strip().lower() in REVIEWED or _base_class(name) in REVIEWED)
 
 
 def _is_tumour(name: str | None) -> bool:
-    return name is None or (name.strip().lower() not in NON_TUMOUR and not _is_reviewed(name))
+    return name is None or (_base_class(name) not in NON_TUMOUR and name.strip().lower() not in NON_TUMOUR
+                            and not _is_reviewed(name))
 
 
 def _region(exterior: np.ndarray, holes: list[np.ndarray], name: str | None) -> Region:
@@ -168,6 +174,17 @@ def _geometry_regions(geom: dict, name: str | None, offset, path: Path) -> list[
     return []  # points and lines carry no area
 
 
+def _class_name(cls: object) -> str | None:
+    """A GeoJSON feature's class: QuPath's ``{"name": "Tumor: Positive"}``, QuPath 0.4's ``{"names": ["Tumor",
+    "Positive"]}`` (joined as QuPath shows it), or a plain string; None when unclassified."""
+    if isinstance(cls, dict):
+        if isinstance(cls.get("name"), str):
+            return cls["name"]
+        names = cls.get("names")
+        return ": ".join(map(str, names)) if isinstance(names, list) and names else None
+    return cls if isinstance(cls, str) else None
+
+
 def read_geojson(path: str | Path, offset: tuple[float, float] = (0.0, 0.0), own_objects: bool = False) -> list[Region]:
     """Polygons of a QuPath GeoJSON (FeatureCollection, Feature, or a list of features).
     ``offset`` is added to every coordinate (``openslide.bounds-x/-y`` for cropped slides).
@@ -196,7 +213,7 @@ def read_geojson(path: str | Path, offset: tuple[float, float] = (0.0, 0.0), own
             n_ours += 1
             continue
         cls = props.get("classification")
-        name = cls.get("name") if isinstance(cls, dict) else (cls if isinstance(cls, str) else None)
+        name = _class_name(cls)
         got = _geometry_regions(f.get("geometry"), name, offset, path)
         n_shapes += f.get("geometry") is not None
         n_area += bool(got)
