@@ -230,6 +230,9 @@ CASES = [
     C("config_overwrite_and_resume", train(args=("--overwrite", "--resume")), 2, "--overwrite", "--resume"),
     # -- feature files ---------------------------------------------------------------------
     C("feats_dir_missing", train(set_key("data.features_dir", "/nonexistent/feats")), 2, "/nonexistent/feats"),
+    # relative paths are read from the current folder, not the config's: the message says where it looked
+    C("feats_dir_relative_missing", train(set_key("data.features_dir", "nofeats_rel")), 2, "nofeats_rel",
+      "data.features_dir", "current folder"),
     C("feats_missing_slide_file", train(lambda c: (c.feats / "s05.h5").unlink()), 2, "labels.csv", "s05"),
     C("feats_folder_empty", train(lambda c: [p.unlink() for p in c.feats.glob("*.h5")]), 2, "labels.csv", "no feature file"),
     C("feats_junk_h5", train(h5("s04", raw=b"not an hdf5 file")), 2, "s04.h5", "HDF5"),

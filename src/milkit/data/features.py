@@ -75,6 +75,11 @@ def _parse_label(v: str, path: Path, line: int, label_map: dict[str, int | None]
                      "data.label_map, e.g. {normal_tissue: 0, tumor_tissue: 1}")
 
 
+def _relative_note(path: Path) -> str:
+    """Where a relative path of a config was looked for (the current folder, not the config's)."""
+    return "" if path.is_absolute() else f" (a relative path is read from the current folder, {Path.cwd()})"
+
+
 def read_labels_csv(path: str | Path, label_column: str = "label", group_column: str | None = None,
                     label_map: dict[str, int | None] | None = None) -> list[LabelRow]:
     """Rows of a slide labels CSV (or TSV), with FORMATS.md's column aliases; ``label_map`` maps the label
@@ -83,7 +88,7 @@ def read_labels_csv(path: str | Path, label_column: str = "label", group_column:
 
     path = Path(path)
     if not path.is_file():
-        raise FileNotFoundError(f"{path}: labels CSV does not exist")
+        raise FileNotFoundError(f"{path}: labels CSV does not exist{_relative_note(path)}")
     try:
         text = path.read_text(encoding="utf-8-sig")  # a byte-order mark (what Excel writes) is dropped
     except UnicodeDecodeError as err:
@@ -533,9 +538,10 @@ class FeatureTable:
     def from_config(cls, cfg: FeatureBagsConfig) -> "FeatureTable":
         fdir = Path(cfg.features_dir)
         if not fdir.is_dir():
-            raise FileNotFoundError(f"{fdir}: features folder does not exist")
+            raise FileNotFoundError(f"{fdir}: features folder (data.features_dir) does not exist{_relative_note(fdir)}")
         if cfg.annotations_dir is not None and not Path(cfg.annotations_dir).is_dir():
-            raise FileNotFoundError(f"{cfg.annotations_dir}: annotations folder (data.annotations_dir) does not exist")
+            raise FileNotFoundError(f"{cfg.annotations_dir}: annotations folder (data.annotations_dir) does not exist"
+                                    f"{_relative_note(Path(cfg.annotations_dir))}")
         layout = detect_layout(fdir) if cfg.layout == "auto" else cfg.layout
         index = index_feature_files(fdir, layout)
         if cfg.labels_csv is not None:
