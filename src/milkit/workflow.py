@@ -66,6 +66,7 @@ def train_run(exp: Experiment, out_dir: str | Path, overwrite: bool = False, res
     parallel_seeds.check_supported(exp)  # replicas in worker processes, but not beside DDP
     # another rank resumes when told to: rank 0 decides on the same files before any stage starts
     resuming_run = resume and state in ("unfinished", "finished", "other-rank")
+    absolute_paths(exp)  # config.yaml then names the data wherever `milkit label/evaluate RUN` is run from
     if writer:
         _prepare_run_dir(run, exp, state, resuming_run)
     from milkit.engine import resuming
@@ -80,6 +81,24 @@ def train_run(exp: Experiment, out_dir: str | Path, overwrite: bool = False, res
         return _finish(exp, run, method, members, splits, t0)
     finally:
         distributed.finish_barrier(done)
+
+
+def absolute_paths(obj: object, base: Path | None = None) -> None:
+    """Every relative path of a config (data folders, CSVs, weight files), in place, made absolute against
+    ``base`` (the current folder), where the command that read the config found it; a run directory's
+    config.yaml is then valid from any folder."""
+    from pydantic import BaseModel
+
+    base = Path.cwd() if base is None else base
+    for part in ((obj.data, obj.method) if isinstance(obj, Experiment) else (obj,)):
+        if not isinstance(part, BaseModel):
+            continue
+        for name in type(part).model_fields:
+            value = getattr(part, name)
+            if isinstance(value, Path) and not value.is_absolute():
+                setattr(part, name, base / value)
+            elif isinstance(value, BaseModel):
+                absolute_paths(value, base)
 
 
 def _prepare_run_dir(run: RunDir, exp: Experiment, state: str, resuming_run: bool) -> None:

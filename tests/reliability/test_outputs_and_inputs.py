@@ -225,3 +225,19 @@ def test_train_on_few_validation_slides_points_to_folds_before_the_verdict(tmp_p
     assert cap.out.strip().splitlines()[-1].startswith("verdict mil: ")
     assert main(["train", str(c["config"]), "--out", str(tmp_path / "cv"), "--folds", "3"]) == 0
     assert "cross-validate instead" not in capsys.readouterr().err
+
+
+def test_relative_data_paths_are_recorded_absolute_so_the_run_works_from_any_folder(tmp_path, monkeypatch):
+    c = make_cohort(tmp_path / "proj", max_epochs=1)
+    raw = yaml.safe_load(c["config"].read_text())
+    raw["data"].update(features_dir="feats", labels_csv="labels.csv")  # relative to the project folder
+    c["config"].write_text(yaml.safe_dump(raw, sort_keys=False))
+    monkeypatch.chdir(tmp_path / "proj")
+    assert main(["train", "exp.yaml", "--out", "run"]) == 0
+    data = yaml.safe_load((tmp_path / "proj" / "run" / "config.yaml").read_text())["data"]
+    assert data["features_dir"] == str(tmp_path / "proj" / "feats") and data["labels_csv"] == str(c["labels"])
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    monkeypatch.chdir(elsewhere)
+    assert main(["evaluate", str(tmp_path / "proj" / "run")]) == 0
+    assert main(["label", str(tmp_path / "proj" / "run"), "--split", "test"]) == 0
