@@ -84,9 +84,10 @@ def train_run(exp: Experiment, out_dir: str | Path, overwrite: bool = False, res
 
 
 def absolute_paths(obj: object, base: Path | None = None) -> None:
-    """Every relative path of a config (data folders, CSVs, weight files), in place, made absolute against
+    """Every relative path-typed field of a config (data folders, CSVs), in place, made absolute against
     ``base`` (the current folder), where the command that read the config found it; a run directory's
-    config.yaml is then valid from any folder."""
+    config.yaml is then valid from any folder. A run written before this, with relative paths, resumes only
+    from its own folder (the configs then differ)."""
     from pydantic import BaseModel
 
     base = Path.cwd() if base is None else base

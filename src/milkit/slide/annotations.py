@@ -64,12 +64,11 @@ def _base_class(name: str) -> str:
 
 
 def _is_reviewed(name: str | None) -> bool:
-    return name is not None and (name.strip().lower() in REVIEWED or _base_class(name) in REVIEWED)
+    return name is not None and _base_class(name) in REVIEWED
 
 
 def _is_tumour(name: str | None) -> bool:
-    return name is None or (_base_class(name) not in NON_TUMOUR and name.strip().lower() not in NON_TUMOUR
-                            and not _is_reviewed(name))
+    return name is None or (_base_class(name) not in NON_TUMOUR and not _is_reviewed(name))
 
 
 def _region(exterior: np.ndarray, holes: list[np.ndarray], name: str | None) -> Region:
@@ -209,7 +208,7 @@ def read_geojson(path: str | Path, offset: tuple[float, float] = (0.0, 0.0), own
         if not isinstance(f, dict):
             raise ValueError(f"{path}: a feature is not a JSON object")
         props = f.get("properties") or {}
-        if not own_objects and str(props.get("name") or "").startswith(OWN_OBJECT_PREFIX):  # milkit's predictions, back from QuPath
+        if not own_objects and str(props.get("name") or "").startswith(OWN_OBJECT_PREFIX):  # back from QuPath
             n_ours += 1
             continue
         cls = props.get("classification")
