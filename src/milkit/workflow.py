@@ -86,8 +86,8 @@ def train_run(exp: Experiment, out_dir: str | Path, overwrite: bool = False, res
 def absolute_paths(obj: object, base: Path | None = None) -> None:
     """Every relative path-typed field of a config (data folders, CSVs), in place, made absolute against
     ``base`` (the current folder), where the command that read the config found it; a run directory's
-    config.yaml is then valid from any folder. A run written before this, with relative paths, resumes only
-    from its own folder (the configs then differ)."""
+    config.yaml is then valid from any folder (a run written before, with relative paths, still resumes
+    from the folder it was trained in: :func:`_check_same_config`)."""
     from pydantic import BaseModel
 
     base = Path.cwd() if base is None else base
@@ -294,6 +294,8 @@ def _check_same_config(run: RunDir, exp: Experiment) -> None:
                 if d:
                     return d
             return None
+        if isinstance(a, str) and isinstance(b, str) and not Path(a).is_absolute() and str(Path.cwd() / a) == b:
+            return None  # a run written with relative paths (before absolute_paths), resumed from its folder
         return None if a == b else key
 
     bad = diff(old, new, "")

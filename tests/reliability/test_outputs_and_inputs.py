@@ -241,3 +241,10 @@ def test_relative_data_paths_are_recorded_absolute_so_the_run_works_from_any_fol
     monkeypatch.chdir(elsewhere)
     assert main(["evaluate", str(tmp_path / "proj" / "run")]) == 0
     assert main(["label", str(tmp_path / "proj" / "run"), "--split", "test"]) == 0
+    # a run written with relative paths (before they were recorded absolute) still resumes from its folder
+    monkeypatch.chdir(tmp_path / "proj")
+    cfg = tmp_path / "proj" / "run" / "config.yaml"
+    old = yaml.safe_load(cfg.read_text())
+    old["data"].update(features_dir="feats", labels_csv="labels.csv")
+    cfg.write_text(yaml.safe_dump(old, sort_keys=False))
+    assert main(["train", "exp.yaml", "--out", "run", "--resume"]) == 0
