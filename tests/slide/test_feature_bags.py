@@ -91,7 +91,7 @@ TCGA = ["TCGA-3C-AALI-01Z-00-DX1.F6E9A5DF-D8FB-45CF-B4BD-C6B76294C291",
 
 def test_tcga_slide_ids_keep_the_part_after_their_dot(tmp_path):
     """TCGA slide ids hold a dot; only a slide or feature file extension is dropped from a CSV cell. Before, the
-    UUID after the dot was cut off as if it were an extension: the two slides of one patient became one id,
+    UUID after the dot was cut off as if it were an extension: two slides differing only after it became one id,
     and no file matched it."""
     rows = read_labels_csv(_labels(tmp_path / "l.csv", [f"{TCGA[0]},1", f"{TCGA[1]}.svs,0", "a.b.h5,1", "v2.1,0"]))
     assert [r.slide_id for r in rows] == [TCGA[0], TCGA[1], "a.b", "v2.1"]
