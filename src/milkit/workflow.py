@@ -88,18 +88,14 @@ def absolute_paths(obj: object, base: Path | None = None) -> None:
     ``base`` (the current folder), where the command that read the config found it; a run directory's
     config.yaml is then valid from any folder (a run written before, with relative paths, still resumes
     from the folder it was trained in: :func:`_check_same_config`)."""
-    from pydantic import BaseModel
-
     base = Path.cwd() if base is None else base
-    for part in ((obj.data, obj.method) if isinstance(obj, Experiment) else (obj,)):
-        if not isinstance(part, BaseModel):
-            continue
-        for name in type(part).model_fields:
-            value = getattr(part, name)
-            if isinstance(value, Path) and not value.is_absolute():
-                setattr(part, name, base / value)
-            elif isinstance(value, BaseModel):
-                absolute_paths(value, base)
+    parts = (("data", obj.data), ("method", obj.method)) if isinstance(obj, Experiment) else (("", obj),)
+    for prefix, part in parts:
+        for _, sec in config_sections(part, prefix):
+            for name in type(sec).model_fields:
+                value = getattr(sec, name)
+                if isinstance(value, Path) and not value.is_absolute():
+                    setattr(sec, name, base / value)
 
 
 def _prepare_run_dir(run: RunDir, exp: Experiment, state: str, resuming_run: bool) -> None:
@@ -175,17 +171,22 @@ GRAPH_MODELS = ("smap", "smtap", "smoothed_instance")
 GRAPH_METHODS = ("pseudo_label",)
 
 
-def _graph_users(obj: object, prefix: str) -> list[tuple[str, str]]:
-    """(dotted key, name) of the config sections (the method, any model inside it) that smooth over the bag graph."""
+def config_sections(obj: object, prefix: str) -> list[tuple[str, object]]:
+    """(dotted key, section) of a config object and of every config section nested in it, depth first."""
     from pydantic import BaseModel
 
     if not isinstance(obj, BaseModel):
         return []
-    name = getattr(obj, "name", None)
-    found = [(prefix, name)] if name in (GRAPH_MODELS + GRAPH_METHODS) else []
-    for field in type(obj).model_fields:
-        found += _graph_users(getattr(obj, field), f"{prefix}.{field}")
-    return found
+    out: list[tuple[str, object]] = [(prefix, obj)]
+    for name in type(obj).model_fields:
+        out += config_sections(getattr(obj, name), f"{prefix}.{name}")
+    return out
+
+
+def _graph_users(obj: object, prefix: str) -> list[tuple[str, str]]:
+    """(dotted key, name) of the config sections (the method, any model inside it) that smooth over the bag graph."""
+    return [(key, sec.name) for key, sec in config_sections(obj, prefix)
+            if getattr(sec, "name", None) in GRAPH_MODELS + GRAPH_METHODS]
 
 
 def _fit_graph(exp: Experiment, source: str) -> None:
@@ -213,17 +214,9 @@ def _fit_graph(exp: Experiment, source: str) -> None:
 
 def _encoder_sections(obj: object, prefix: str) -> list[tuple[str, object]]:
     """(dotted key, EncoderConfig) of every encoder section inside a config object."""
-    from pydantic import BaseModel
-
     from milkit.nn.encoders import EncoderConfig
 
-    out: list[tuple[str, object]] = []
-    if isinstance(obj, EncoderConfig):
-        return [(prefix, obj)]
-    if isinstance(obj, BaseModel):
-        for name in type(obj).model_fields:
-            out += _encoder_sections(getattr(obj, name), f"{prefix}.{name}")
-    return out
+    return [(key, sec) for key, sec in config_sections(obj, prefix) if isinstance(sec, EncoderConfig)]
 
 
 def trained_feature_dim(exp: Experiment) -> int | None:

@@ -305,14 +305,19 @@ def check_h5_features(path: str | Path, whole_slide: bool = False) -> None:
         raise ValueError(f"{path}: not a readable HDF5 file ({err})") from None
 
 
-def check_h5_values(path: str | Path, chunk_rows: int = 65536) -> None:
-    """The value checks a command makes before it writes anything, beyond :func:`check_h5_features`'s shapes:
-    finite features (read in chunks of ``chunk_rows``) and no two patches at one position (the patch graph and
-    every map need distinct coords). Raises ValueError naming the file."""
+def check_h5_values(path: str | Path, dim: int | None = None, trained: str = "the run",
+                    chunk_rows: int = 65536) -> None:
+    """The checks a command makes before it writes anything, beyond :func:`check_h5_features`'s shapes: the
+    feature size D is ``dim`` (the size ``trained`` takes; None: not checked), finite features (read in chunks
+    of ``chunk_rows``) and no two patches at one position (the patch graph and every map need distinct coords).
+    Raises ValueError naming the file."""
     path = Path(path)
     try:
         with h5py.File(path, "r") as f:
             ds = f["features"]
+            if dim is not None and ds.ndim >= 2 and int(ds.shape[-1]) != dim:
+                raise ValueError(f"{path}: features have D = {int(ds.shape[-1])}, but {trained} was trained on "
+                                 f"D = {dim} features; label features of the run's encoder (milkit extract --encoder)")
             rows = ds.shape[-2] if ds.ndim >= 2 else 0
             bad = 0
             for start in range(0, rows, chunk_rows):

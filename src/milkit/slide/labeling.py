@@ -99,17 +99,6 @@ def _check_same_encoder(h5: Path, trained_on: dict, run_dir: Path, other_scale: 
             return
 
 
-def _check_feature_dim(h5: Path, want: int | None, run_dir: Path) -> None:
-    """The file's features have the size D the run's model takes (``want``; None: not recorded, not checked)."""
-    import h5py
-
-    with h5py.File(h5, "r") as f:
-        shape = f["features"].shape
-    if want is not None and len(shape) >= 2 and int(shape[-1]) != want:
-        raise ValueError(f"{h5}: features have D = {int(shape[-1])}, but {run_dir} was trained on D = {want} features; "
-                         "label features of the run's encoder (milkit extract --encoder)")
-
-
 def _check_slide_matches(slide, h5: Path, attrs: dict) -> None:
     """The h5 was made for this slide: its recorded level-0 size (when it has one) is the slide's."""
     w0, h0 = slide.dimensions
@@ -192,9 +181,8 @@ def label_slides(run_dir: str | Path, slides: list[Path] | None, features_dir: P
     other_scale: list[str] = []
     for slide_path, h5 in items:
         check_h5_features(h5, whole_slide=True)
-        check_h5_values(h5)
+        check_h5_values(h5, want_d, str(run_dir))
         _check_same_encoder(h5, trained_on, run_dir, other_scale)
-        _check_feature_dim(h5, want_d, run_dir)
         if slide_path is not None:
             with open_slide(slide_path, mpp=None) as slide:
                 _check_slide_matches(slide, h5, h5_attrs(h5))
