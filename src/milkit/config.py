@@ -37,6 +37,10 @@ class StrictModel(BaseModel):
     model_config = ConfigDict(extra="forbid", validate_assignment=True, protected_namespaces=())
 
 
+#: ``trainer.accelerator`` values milkit runs on (milkit.distributed.accelerator_for); ``mps`` is refused below
+ACCELERATORS = ("auto", "cpu", "gpu", "cuda")
+
+
 class TrainerConfig(StrictModel):
     """Optimisation and loop settings shared by every training stage (engine.py)."""
 
@@ -57,11 +61,12 @@ class TrainerConfig(StrictModel):
     monitor: str = "val/bag_auroc"
     monitor_mode: Literal["max", "min"] = "max"
     early_stopping_patience: int | None = None
-    accelerator: str = "auto"
+    accelerator: str = Field("auto", description="auto (a CUDA GPU when one is visible, else the CPU), cpu, or "
+                             "gpu/cuda; milkit.distributed.accelerator_for")
     devices: str | int = "auto"
     num_nodes: int = 1
     strategy: str = "auto"
-    precision: str = "32-true"
+    precision: str | int = Field("32-true", description="Lightning's precision: 32-true, 16-mixed or bf16-mixed")
     num_workers: int = 0
     progress_bar: bool = True
     deterministic: bool = True
@@ -87,6 +92,28 @@ class TrainerConfig(StrictModel):
     def _parallel_seeds(cls, v: int | str) -> int | str:
         if v != "auto" and (isinstance(v, bool) or not isinstance(v, int) or v < 1):
             raise ValueError(f"{v!r} is not a process count: use a whole number ≥ 1 or 'auto'")
+        return v
+
+    @field_validator("accelerator")
+    @classmethod
+    def _accelerator(cls, v: str) -> str:
+        if v == "mps":
+            raise ValueError("'mps' is not supported: Apple's MPS backend has no float64 and no embedding_bag "
+                             "(pytorch/pytorch#162270), which milkit's calibration, VAT-MIL and patch-graph smoothing "
+                             "use; use cpu ('auto' does on a Mac)")
+        if v not in ACCELERATORS:
+            raise ValueError(f"{v!r} is not supported; use one of {', '.join(ACCELERATORS)}")
+        return v
+
+    @field_validator("precision")
+    @classmethod
+    def _precision(cls, v: str | int) -> str:
+        v = str(v)
+        if v in ("64", "64-true", "16-true", "bf16-true") or v.startswith("transformer-engine"):
+            raise ValueError(f"{v!r} is not supported: it casts the model but not the float32 features it reads; "
+                             "use 32-true, 16-mixed or bf16-mixed")
+        if v not in ("32-true", "32", "16-mixed", "16", "bf16-mixed", "bf16"):  # Lightning's aliases: 16, bf16 mixed
+            raise ValueError(f"{v!r} is not a precision; use 32-true, 16-mixed or bf16-mixed")
         return v
 
     # -- several processes (milkit.distributed, docs/scale.md) ---------------------------

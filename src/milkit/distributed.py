@@ -80,6 +80,44 @@ def is_rank_zero() -> bool:
     return rank() == 0 if _dist() is not None else launch_rank() == 0
 
 
+def accelerator_for(cfg) -> str:
+    """What ``L.Trainer(accelerator=…)`` gets: ``auto`` is a CUDA GPU when one is visible, else the CPU —
+    never Apple's MPS, which Lightning's own ``auto`` (and ``gpu``) would pick on a Mac."""
+    if cfg.accelerator in ("auto", "gpu", "cuda"):
+        return "cuda" if cfg.accelerator != "auto" or torch.cuda.is_available() else "cpu"
+    return cfg.accelerator
+
+
+def _gpu_ids(devices: str | int) -> list[int] | None:
+    """The GPU indices of ``trainer.devices`` when it lists them (``'0,1'``), else None (a count)."""
+    if isinstance(devices, str) and "," in devices:
+        return [int(d) for d in devices.split(",") if d.strip()]
+    return None
+
+
+def check_devices(cfg) -> None:
+    """GPUs asked for that this machine does not have: one line naming the key, before anything is written
+    (Lightning would stop with its own exception after the run directory was made)."""
+    acc = accelerator_for(cfg)
+    ids = _gpu_ids(cfg.devices)
+    if acc == "cpu":
+        if ids is not None:
+            raise ValueError(f"trainer.devices: {cfg.devices!r} names GPUs, but the run is on the CPU "
+                             f"(trainer.accelerator {cfg.accelerator!r}, no CUDA GPU visible); give a process count")
+        return
+    n = torch.cuda.device_count() if torch.cuda.is_available() else 0
+    if n == 0:
+        raise ValueError(f"trainer.accelerator: {cfg.accelerator!r} asks for a CUDA GPU, but none is visible here "
+                         "(torch.cuda.is_available() is False); use auto or cpu")
+    if "WORLD_SIZE" in os.environ or "SLURM_NTASKS" in os.environ:
+        return  # the launcher shares the GPUs out
+    wanted = ids if ids is not None else (list(range(int(cfg.devices))) if str(cfg.devices).strip().isdigit() else [])
+    missing = [i for i in wanted if i >= n]
+    if missing:
+        raise ValueError(f"trainer.devices: {cfg.devices!r} asks for GPU {missing[0]}, but {n} "
+                         f"GPU{'s are' if n > 1 else ' is'} visible (0–{n - 1})")
+
+
 def planned_world_size(cfg) -> int:
     """How many processes ``trainer.devices``/``num_nodes``/``strategy`` ask for (or the launcher's
     ``WORLD_SIZE``/``SLURM_NTASKS``); ``devices: auto`` counts the visible GPUs, 1 on a CPU."""
@@ -100,8 +138,7 @@ def planned_world_size(cfg) -> int:
     else:  # "auto"
         n = -1
     if n == -1:
-        gpu = cfg.accelerator in ("auto", "gpu", "cuda") and torch.cuda.is_available()
-        n = torch.cuda.device_count() if gpu else 1
+        n = torch.cuda.device_count() if accelerator_for(cfg) == "cuda" and torch.cuda.is_available() else 1
     return max(n, 1) * cfg.num_nodes
 
 

@@ -245,7 +245,7 @@ def fit_stage(
             callbacks.append(EarlyStopping(monitor=monitor, mode=mode, patience=cfg.early_stopping_patience))
     trainer = L.Trainer(
         max_epochs=max_epochs or cfg.max_epochs,
-        accelerator=cfg.accelerator,
+        accelerator=distributed.accelerator_for(cfg),
         devices=cfg.devices,
         num_nodes=cfg.num_nodes,
         strategy=distributed.strategy_for(cfg),

@@ -56,6 +56,7 @@ def train_run(exp: Experiment, out_dir: str | Path, overwrite: bool = False, res
     from milkit.nn.pretrained import check_pretrained_spec
 
     check_pretrained_spec(getattr(exp.method, "pretrained_path", None))  # a missing weights file, before any write
+    distributed.check_devices(exp.trainer)  # GPUs this machine does not have
     splits = prepare(exp, source)  # bad data fails here, before anything is written
     from milkit.trust import ensemble  # K seed replicas, calibration, thresholds, verdict
 

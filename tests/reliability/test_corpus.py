@@ -212,6 +212,13 @@ CASES = [
     C("config_zero_epochs", train(set_key("trainer.max_epochs", 0)), 2, "trainer.max_epochs"),
     C("config_negative_lr", train(args=("--set", "trainer.lr=-1")), 2, "trainer.lr"),
     C("config_bad_optimizer", train(set_key("trainer.optimizer", "adamm")), 2, "trainer.optimizer"),
+    # Lightning's own check came after the run directory was made, as an "unexpected" exception (exit 1)
+    C("config_accelerator_mps", train(set_key("trainer.accelerator", "mps")), 2, "trainer.accelerator", "mps",
+      "float64", "embedding_bag", "exp.yaml"),
+    C("config_accelerator_unknown", train(set_key("trainer.accelerator", "tpu")), 2, "trainer.accelerator", "'tpu'"),
+    C("config_precision_unknown", train(set_key("trainer.precision", "bogus")), 2, "trainer.precision", "'bogus'"),
+    C("config_precision_64", train(args=("--set", "trainer.precision=64-true")), 2, "trainer.precision", "64-true",
+      "float32 features"),
     C("config_unknown_method", train(set_key("method.name", "milz")), 2, "milz", "exp.yaml"),
     C("config_unknown_model", train(set_key("method.model.name", "abmilx")), 2, "abmilx"),
     C("config_unknown_dataset", train(set_key("data.kind", "featurebags")), 2, "featurebags"),

@@ -69,7 +69,9 @@ def _gpus(exp: Experiment) -> int:
     """GPUs the replicas run on (0 on a CPU)."""
     import torch
 
-    if exp.trainer.accelerator not in ("auto", "gpu", "cuda") or not torch.cuda.is_available():
+    from milkit.distributed import accelerator_for
+
+    if accelerator_for(exp.trainer) != "cuda" or not torch.cuda.is_available():
         return 0
     return torch.cuda.device_count()
 
