@@ -1,4 +1,5 @@
-"""Atomic file writing: an output is either complete or absent, never half-written.
+"""Atomic file writing: an output is either complete or absent, never half-written; and the one reader of
+the CSV files users write by hand or in Excel (:func:`read_csv_rows`).
 
 Outputs follow the user's umask (``0o666 & ~umask``), like any file ``open()`` creates: the
 temporary file mkstemp makes is 0600 and is chmod-ed before the rename; a file rewritten in
@@ -8,6 +9,7 @@ place keeps its existing mode. A full disk is one error naming the file being wr
 from __future__ import annotations
 
 import contextlib
+import csv
 import errno
 import json
 import os
@@ -156,3 +158,28 @@ def remove_stale_temps(folder: str | Path, recursive: bool = False, min_age_s: f
         except FileNotFoundError:
             pass
     return out
+
+
+def read_csv_rows(path: str | Path, what: str, note: str = "") -> list[dict[str, str]]:
+    """The rows of a CSV a user wrote (slide labels, MPP overrides, image lists), as {column: cell}.
+
+    UTF-8 with or without the byte-order mark Excel writes; the delimiter is the header line's: a tab
+    (or a ``.tsv``), a semicolon where the header has no comma (Excel's CSV in locales with a decimal
+    comma), else a comma. Column names and cells are stripped of spaces; a missing cell is ``''``.
+    ``what`` names the file in errors ("labels CSV"), ``note`` is added to the does-not-exist one.
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"{path}: {what} does not exist{note}")
+    try:
+        text = path.read_text(encoding="utf-8-sig")
+    except UnicodeDecodeError as err:
+        raise ValueError(f"{path}: not UTF-8 text ({err.reason} at byte {err.start}); save the {what} as UTF-8") from None
+    lines = text.splitlines()
+    header = lines[0] if lines else ""
+    if "\t" in header or path.suffix.lower() == ".tsv":
+        delimiter = "\t"
+    else:
+        delimiter = ";" if ";" in header and "," not in header else ","
+    reader = csv.DictReader(lines, delimiter=delimiter)
+    return [{k.strip(): (v or "").strip() for k, v in row.items() if k is not None} for row in reader]

@@ -360,3 +360,24 @@ def test_training_annotations_outside_the_slide_or_missing_every_patch_are_named
     with caplog.at_level(logging.WARNING, logger="milkit"):
         read_all()
     assert "s00.xml: its tumour covers none of slide 's00'" in caplog.text
+
+
+def test_csvs_as_excel_saves_them(tmp_path):
+    """Excel in a locale with a decimal comma saves CSV with ';' between cells, and a byte-order mark with
+    "CSV UTF-8"; a hand-written CSV may pad its cells. Before, the labels CSV read one column
+    ``slide_id;label;split`` ("no slide column"), and the MPP override CSV with a BOM said it had no slide_id
+    column; a row without its mpp cell stopped with an unexpected TypeError."""
+    from milkit.slide.reader import read_mpp_csv
+
+    semi = tmp_path / "semi.csv"
+    semi.write_bytes("\ufeffslide_id;label;split\r\na;1;train\r\nb;0;val\r\n".encode())
+    assert [(r.slide_id, r.label, r.split) for r in read_labels_csv(semi)] == [("a", 1, "train"), ("b", 0, "val")]
+    padded = _labels(tmp_path / "pad.csv", [" a , 1 , train", "b, normal ,test"], "slide_id, label , split")
+    assert [(r.slide_id, r.label, r.split) for r in read_labels_csv(padded)] == [("a", 1, "train"), ("b", 0, "test")]
+    mpp = tmp_path / "mpp.csv"
+    mpp.write_bytes("\ufeffslide_id;mpp\nx.svs;0,25\ny;0.5\n".encode())
+    assert read_mpp_csv(mpp) == {"x": 0.25, "y": 0.5}
+    short = tmp_path / "short.csv"
+    short.write_text("slide_id,mpp\nx,0.5\ny\n")
+    with pytest.raises(ValueError, match=r"short\.csv: line 3: mpp '' is not a number"):
+        read_mpp_csv(short)

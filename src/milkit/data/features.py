@@ -20,7 +20,6 @@ annotations (``annotations_dir``) or from the files themselves.
 
 from __future__ import annotations
 
-import csv
 import logging
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -84,53 +83,44 @@ def read_labels_csv(path: str | Path, label_column: str = "label", group_column:
                     label_map: dict[str, int | None] | None = None) -> list[LabelRow]:
     """Rows of a slide labels CSV (or TSV), with FORMATS.md's column aliases; ``label_map`` maps the label
     column's values to 0 / 1 (None drops the slide, as CLAM's ``ignore``)."""
+    from milkit.io import read_csv_rows
     from milkit.slide.reader import cell_slide_id
 
     path = Path(path)
-    if not path.is_file():
-        raise FileNotFoundError(f"{path}: labels CSV does not exist{_relative_note(path)}")
-    try:
-        text = path.read_text(encoding="utf-8-sig")  # a byte-order mark (what Excel writes) is dropped
-    except UnicodeDecodeError as err:
-        raise ValueError(f"{path}: not UTF-8 text ({err.reason} at byte {err.start}); save the CSV as UTF-8") from None
-    dialect = csv.excel_tab if path.suffix.lower() == ".tsv" or ("\t" in text.splitlines()[0] if text else False) else csv.excel
-    rows = list(csv.DictReader(text.splitlines(), dialect=dialect))
+    rows = read_csv_rows(path, "labels CSV", _relative_note(path))
     if not rows:
         raise ValueError(f"{path}: labels CSV has no rows")
-    cols = {c.strip(): c for c in rows[0] if c is not None}
-    sid_col = next((cols[c] for c in SLIDE_ALIASES if c in cols), None)
+    cols = set(rows[0])
+    sid_col = next((c for c in SLIDE_ALIASES if c in cols), None)
     if sid_col is None:
         raise ValueError(f"{path}: no slide column (one of {', '.join(SLIDE_ALIASES)}); columns: {sorted(cols)}")
     if label_column not in cols:
         raise ValueError(f"{path}: no label column {label_column!r}; columns: {sorted(cols)}")
-    case_col = next((cols[c] for c in CASE_ALIASES if c in cols), None)
-    split_col = cols.get("split")
+    case_col = next((c for c in CASE_ALIASES if c in cols), None)
     if group_column is not None and group_column not in cols:
         raise ValueError(f"{path}: no group column {group_column!r} (data.group_column); columns: {sorted(cols)}")
     out, seen = [], set()
     for i, r in enumerate(rows, start=2):
-        sid = cell_slide_id((r.get(sid_col) or "").strip())
+        sid = cell_slide_id(r[sid_col])
         if not sid:
             raise ValueError(f"{path}: line {i}: empty slide id")
         if sid in seen:
             raise ValueError(f"{path}: line {i}: slide {sid!r} listed twice")
         seen.add(sid)
         split = None
-        if split_col is not None and (r.get(split_col) or "").strip():
-            s = r[split_col].strip().lower()
-            if s not in SPLIT_NAMES:
-                raise ValueError(f"{path}: line {i}: split {r[split_col]!r} is not train, val or test")
-            split = SPLIT_NAMES[s]
-        case = (r.get(case_col) or "").strip() if case_col else ""
+        if r.get("split"):
+            if r["split"].lower() not in SPLIT_NAMES:
+                raise ValueError(f"{path}: line {i}: split {r['split']!r} is not train, val or test")
+            split = SPLIT_NAMES[r["split"].lower()]
         group = None
         if group_column is not None:
-            group = (r.get(cols[group_column]) or "").strip()
+            group = r[group_column]
             if not group:
                 raise ValueError(f"{path}: line {i}: empty {group_column!r} (data.group_column) for slide {sid!r}")
-        label = _parse_label(r.get(cols[label_column]), path, i, label_map)
+        label = _parse_label(r[label_column], path, i, label_map)
         if label is None:
             continue
-        out.append(LabelRow(sid, label, case or sid, split, group))
+        out.append(LabelRow(sid, label, (r[case_col] if case_col else "") or sid, split, group))
     if not out:
         raise ValueError(f"{path}: every slide's label is mapped to null by data.label_map")
     return out
@@ -702,12 +692,13 @@ def _torchmil_labels(root: Path) -> list[LabelRow]:
     splits: dict[str, str] = {}
     sp = root / "splits.csv"
     if sp.is_file():
-        with sp.open(newline="", encoding="utf-8-sig") as f:
-            for r in csv.DictReader(f):
-                name = r.get("bag_name") or r.get("slide_id") or r.get("bag")
-                s = (r.get("split") or "").strip().lower()
-                if name and s in SPLIT_NAMES:
-                    splits[name] = SPLIT_NAMES[s]
+        from milkit.io import read_csv_rows
+
+        for r in read_csv_rows(sp, "splits CSV"):
+            name = r.get("bag_name") or r.get("slide_id") or r.get("bag")
+            s = r.get("split", "").lower()
+            if name and s in SPLIT_NAMES:
+                splits[name] = SPLIT_NAMES[s]
     rows = []
     for p in sorted((root / "features").iterdir()):
         if p.suffix not in (".npy", ".h5"):

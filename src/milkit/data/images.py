@@ -37,7 +37,6 @@ crops of negative images are negative. The crop is then resized to ``image_size`
 
 from __future__ import annotations
 
-import csv
 from pathlib import Path
 from typing import Literal
 
@@ -189,15 +188,14 @@ def _parse_label(value: str, where: str) -> int:
 
 
 def _read_csv(path: Path, required: tuple[str, ...]) -> list[dict]:
-    if not path.is_file():
-        raise FileNotFoundError(f"{path}: list file does not exist")
-    with path.open(newline="") as fh:
-        reader = csv.DictReader(fh)
-        cols = [c.strip() for c in (reader.fieldnames or [])]
-        missing = [c for c in required if c not in cols]
-        if missing:
-            raise ValueError(f"{path}: missing column(s) {', '.join(missing)} (has: {', '.join(cols)})")
-        return [{(k or "").strip(): (v or "").strip() for k, v in row.items()} for row in reader]
+    from milkit.io import read_csv_rows
+
+    rows = read_csv_rows(path, "list file")
+    cols = list(rows[0]) if rows else []
+    missing = [c for c in required if c not in cols]
+    if missing:
+        raise ValueError(f"{path}: missing column(s) {', '.join(missing)} (has: {', '.join(cols)})")
+    return rows
 
 
 def _find(base: Path, stem: str) -> Path | None:

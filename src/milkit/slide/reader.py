@@ -8,7 +8,6 @@ known, :func:`Slide.require_mpp` refuses with an error naming the slide.
 
 from __future__ import annotations
 
-import csv
 import math
 import os
 from concurrent.futures import ThreadPoolExecutor
@@ -72,11 +71,9 @@ def find_slides(paths: list[str | Path]) -> list[Path]:
 
 def read_mpp_csv(path: str | Path) -> dict[str, float]:
     """MPP overrides from a CSV with columns ``slide_id`` (or ``slide``/``wsi``) and ``mpp``."""
-    path = Path(path)
-    if not path.is_file():
-        raise FileNotFoundError(f"{path}: MPP override CSV does not exist")
-    with path.open(newline="") as f:
-        rows = list(csv.DictReader(f))
+    from milkit.io import read_csv_rows
+
+    rows = read_csv_rows(path, "MPP override CSV")
     if not rows:
         return {}
     cols = set(rows[0])
@@ -85,13 +82,14 @@ def read_mpp_csv(path: str | Path) -> dict[str, float]:
         raise ValueError(f"{path}: MPP override CSV needs columns slide_id and mpp (has {sorted(cols)})")
     out = {}
     for i, r in enumerate(rows, start=2):
-        try:
-            v = float(r["mpp"])
+        cell = r["mpp"]
+        try:  # a decimal comma (0,25: Excel's CSV where the delimiter is a semicolon)
+            v = float(cell.replace(",", ".") if "." not in cell else cell)
         except ValueError:
-            raise ValueError(f"{path}: line {i}: mpp {r['mpp']!r} is not a number") from None
+            raise ValueError(f"{path}: line {i}: mpp {cell!r} is not a number") from None
         if not v > 0:
             raise ValueError(f"{path}: line {i}: mpp must be positive, got {v}")
-        out[cell_slide_id(r[sid_col].strip())] = v
+        out[cell_slide_id(r[sid_col])] = v
     return out
 
 
