@@ -212,6 +212,26 @@ def test_find_annotation_takes_qupath_export_names_and_says_who_is_not_annotated
     assert not not_annotated(tmp_path / "a.xml", 1)
 
 
+def test_annotation_files_that_match_no_slide_are_named(tmp_path, caplog):
+    """An upper-case extension (``.XML``) is found; a file that belongs to no slide (a typo, another cohort's)
+    is named with the closest slide id. Before, both were silently unused, and the slide read as not annotated."""
+    import logging
+
+    from milkit.slide.annotations import find_annotation, note_unmatched_annotations
+
+    tcga = "TCGA-3C-AALI-01Z-00-DX1.F6E9A5DF"
+    for name in ("tumor_001.XML", "tumor_02.xml", f"{tcga}.svs.geojson", "other.geojson", ".hidden.xml", "notes.txt"):
+        (tmp_path / name).write_text("{}")
+    assert find_annotation(tmp_path, "tumor_001") == tmp_path / "tumor_001.XML"
+    with caplog.at_level(logging.INFO, logger="milkit.slide.annotations"):
+        unused = note_unmatched_annotations(tmp_path, ["tumor_001", "tumor_002", tcga])
+    assert [p.name for p in unused] == ["other.geojson", "tumor_02.xml"]
+    msg = " ".join(r.getMessage() for r in caplog.records)
+    assert "2 annotation file(s)" in msg and "tumor_02.xml (slide 'tumor_002'?)" in msg and "other.geojson" in msg
+    (tmp_path / "empty").mkdir()
+    assert note_unmatched_annotations(tmp_path / "empty", ["tumor_001"]) == []
+
+
 @pytest.mark.parametrize("cell,ds,shape", [(512, 1, (1300, 1100)), (64, 1, (700, 650)), (64, 4, (200, 190)),
                                            (100, 8, (90, 70)), (256, 2, (512, 512))])
 def test_probability_tiles_equal_the_drawn_level(cell, ds, shape):

@@ -761,8 +761,9 @@ def _annotation_labels(cfg: FeatureBagsConfig, row: LabelRow, ff: FeatureFile) -
 
 def _note_not_annotated(rows: list[LabelRow], folder: Path) -> None:
     """One notice naming the positive slides that ``data.annotations_dir`` does not annotate."""
-    from milkit.slide.annotations import find_annotation, not_annotated
+    from milkit.slide.annotations import find_annotation, not_annotated, note_unmatched_annotations
 
+    note_unmatched_annotations(folder, [r.slide_id for r in rows])
     miss = [r.slide_id for r in rows if not_annotated(find_annotation(folder, r.slide_id), r.label)]
     if miss:
         shown = ", ".join(miss[:5]) + (" …" if len(miss) > 5 else "")

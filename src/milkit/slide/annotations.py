@@ -241,19 +241,51 @@ def read_annotations(path: str | Path, offset: tuple[float, float] = (0.0, 0.0))
     raise ValueError(f"{path}: unknown annotation format (use ASAP .xml or QuPath .geojson)")
 
 
-def find_annotation(folder: str | Path, sid: str) -> Path | None:
-    """``folder/<sid>.xml|.geojson|.json`` (or ``<sid>.svs.geojson`` etc.), or None: a negative
-    slide without annotation is all negative (Camelyon16 annotates every tumour slide); a positive
-    one was not annotated (:func:`not_annotated`)."""
+def _annotation_names(sid: str) -> list[str]:
+    """The file names an annotation of slide ``sid`` may have, in order of preference."""
     from milkit.slide.reader import SLIDE_EXTENSIONS
 
     # QuPath names its exports after the image, extension included (``<sid>.svs.geojson``)
-    for stem in (sid, *(sid + ext for ext in SLIDE_EXTENSIONS)):
-        for suf in ANNOTATION_SUFFIXES:
-            p = Path(folder) / f"{stem}{suf}"
-            if p.is_file():
-                return p
-    return None
+    return [f"{stem}{suf}" for stem in (sid, *(sid + ext for ext in SLIDE_EXTENSIONS)) for suf in ANNOTATION_SUFFIXES]
+
+
+def _annotation_files(folder: Path) -> dict[str, Path]:
+    """The folder's annotation files by lower-cased name (``.XML`` and ``.GeoJSON`` count)."""
+    return {p.name.lower(): p for p in sorted(folder.iterdir())
+            if p.suffix.lower() in ANNOTATION_SUFFIXES and p.is_file() and not p.name.startswith(".")}
+
+
+def find_annotation(folder: str | Path, sid: str) -> Path | None:
+    """``folder/<sid>.xml|.geojson|.json`` (or ``<sid>.svs.geojson`` etc.; the extension in any case), or None:
+    a negative slide without annotation is all negative (Camelyon16 annotates every tumour slide); a positive
+    one was not annotated (:func:`not_annotated`)."""
+    names = _annotation_names(sid)
+    for name in names:
+        p = Path(folder) / name
+        if p.is_file():
+            return p
+    by_lower = _annotation_files(Path(folder))
+    return next((by_lower[n.lower()] for n in names if n.lower() in by_lower), None)
+
+
+def note_unmatched_annotations(folder: str | Path, slide_ids: Sequence[str]) -> list[Path]:
+    """A ``milkit:`` notice naming the annotation files of ``folder`` that belong to none of ``slide_ids``
+    (a misspelt or renamed file is otherwise silently unused), with the closest slide id; returns them."""
+    import difflib
+
+    from milkit.slide.reader import cell_slide_id
+
+    files = _annotation_files(Path(folder))
+    used = {n.lower() for sid in slide_ids for n in _annotation_names(sid)}
+    unmatched = [p for name, p in files.items() if name not in used]
+    if unmatched:
+        def hint(p: Path) -> str:
+            close = difflib.get_close_matches(cell_slide_id(p.name[: -len(p.suffix)]), list(slide_ids), n=1, cutoff=0.6)
+            return f"{p.name} (slide {close[0]!r}?)" if close else p.name
+
+        shown = ", ".join(hint(p) for p in unmatched[:5]) + (" …" if len(unmatched) > 5 else "")
+        log.info("%d annotation file(s) in %s match no slide here and are not used: %s", len(unmatched), folder, shown)
+    return unmatched
 
 
 def not_annotated(annotation: Path | None, slide_label: int | None) -> bool:

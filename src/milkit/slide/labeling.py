@@ -323,7 +323,7 @@ def evaluate_annotations(run_dir: str | Path, annotations_dir: Path, labels_dir:
     per split (the run's own train/val/test, milkit.slide.cohort; never pooled across splits);
     writes the result into RUN_DIR/metrics.json under ``annotations`` and the per-slide page
     ``report_annotations.html`` (milkit.view.slide_report), and returns it."""
-    from milkit.slide.annotations import check_regions, tumour_geometry
+    from milkit.slide.annotations import check_regions, note_unmatched_annotations, tumour_geometry
     from milkit.slide.cohort import SPLIT_ORDER, is_labelling_run, metrics_file, slide_info, split_of
     from milkit.slide.froc import detections, froc, lesion_hits
     from milkit.view.slide_report import SlideResult, write_slide_report
@@ -355,6 +355,7 @@ def evaluate_annotations(run_dir: str | Path, annotations_dir: Path, labels_dir:
             log.warning("%s: slide %r is labelled negative in the run's labels, but this annotation makes %d of "
                         "its patches tumour; check the labels CSV or the annotation", ann, sid, int((y == 1).sum()))
         results.append(SlideResult(sid, split_of(info, sid), true, s, y, _probability(f), ann, lesions))
+    note_unmatched_annotations(annotations_dir, [r.slide_id for r in results])
     unannotated = [r.slide_id for r in results if not r.annotated]
     if unannotated:
         log.info("%d positive slide(s) have no annotation in %s (%s): slide metrics only, left out of the patch "
