@@ -166,12 +166,16 @@ def evaluate(
         None, "--annotations", help="folder of ASAP XML / GeoJSON annotations to score slide labels against"
     ),
     labels: Optional[Path] = typer.Option(None, "--labels", help="folder written by 'milkit label --slides'"),
+    data: Optional[Path] = typer.Option(
+        None, "--data", help="YAML with a 'data' section to score on instead of the run's (data that moved)"),
 ) -> None:
     """Score every stage on validation and test (metrics.json, report.html), or slide labels against annotations."""
     from milkit.workflow import evaluate_run, print_table
 
     if labels is not None and annotations is None:
         fail(f"--labels {labels}: needs --annotations DIR (labels are scored against annotations)")
+    if data is not None and annotations is not None:
+        fail(f"--data {data}: scores the run's splits; --annotations scores the slide labels of --labels instead")
     if annotations is not None:
         from milkit.slide.labeling import evaluate_annotations
 
@@ -185,7 +189,7 @@ def evaluate(
         where = Path(run_dir) if is_labelling_run(Path(run_dir)) else Path(metrics["labels_dir"])
         typer.echo(f"report: {where / 'report_annotations.html'}")
     else:
-        metrics = evaluate_run(run_dir)
+        metrics = evaluate_run(run_dir, data)
         print_table(metrics)
         from milkit.trust.verdict import print_verdicts
 

@@ -318,9 +318,17 @@ def stage_labeler(run_dir: str | Path, stage: str | None) -> tuple[Method, str, 
     return method, stage, labelers[stage], exp
 
 
-def _splits_for(exp: Experiment, data_yaml: Path | None) -> DataSplits:
+def _splits_for(exp: Experiment, data_yaml: Path | None, run_dir: str | Path | None = None) -> DataSplits:
+    """The run's data (its ``config.yaml``), or the ``data`` section of ``data_yaml`` (``--data``)."""
     if data_yaml is None:
-        return exp.data.build(exp.seed)
+        try:
+            return exp.data.build(exp.seed)
+        except FileNotFoundError as err:
+            if run_dir is None:
+                raise
+            raise FileNotFoundError(f"{err}; {Path(run_dir) / 'config.yaml'} names it: if the data moved (a run "
+                                    "copied from another machine), pass --data DATA.yaml, a YAML with the run's "
+                                    "'data' section and the new paths") from None
     raw = load_yaml(data_yaml)
     section = raw.get("data", raw)
     if not isinstance(section, dict) or "kind" not in section:
@@ -332,12 +340,13 @@ def _splits_for(exp: Experiment, data_yaml: Path | None) -> DataSplits:
     return data.build(exp.seed)
 
 
-def evaluate_run(run_dir: str | Path) -> dict:
-    """Re-score every stage on validation and test; rewrites RUN_DIR/metrics.json (keeps other
-    keys) and RUN_DIR/report.html (ROC curves, score histograms, training curves)."""
+def evaluate_run(run_dir: str | Path, data_yaml: Path | None = None) -> dict:
+    """Re-score every stage on validation and test (of the run's data, or of ``data_yaml``); rewrites
+    RUN_DIR/metrics.json (keeps other keys; ``_run.evaluated_data`` names ``data_yaml``) and RUN_DIR/report.html
+    (ROC curves, score histograms, training curves)."""
     run = RunDir(run_dir)
     method, labelers, exp = load_labelers(run_dir)
-    splits = exp.data.build(exp.seed)
+    splits = _splits_for(exp, data_yaml, run_dir)
     scores: dict = {}
     metrics = method.evaluate(labelers, splits, run, scores)
     from milkit.trust import assess
@@ -345,6 +354,8 @@ def evaluate_run(run_dir: str | Path) -> dict:
     assess.add_trust(metrics, labelers, splits, exp, scores)
     old = run.read_metrics()
     old.update(metrics)
+    if data_yaml is not None:
+        old.setdefault("_run", {})["evaluated_data"] = str(Path(data_yaml).resolve())
     from milkit import io
 
     io.write_json(run.metrics_path, old)
@@ -357,7 +368,7 @@ def label_run(run_dir: str | Path, out: Path | None, data_yaml: Path | None, spl
     method, stage, labeler, exp = stage_labeler(run_dir, stage)
     from milkit.trust.verdict import do_not_use_warning
 
-    ds = _splits_for(exp, data_yaml).get(split)
+    ds = _splits_for(exp, data_yaml, run_dir).get(split)
     out = Path(out) if out is not None else Path(run_dir) / "labels"
     warning = do_not_use_warning(RunDir(run_dir).read_metrics(), stage)
     if warning:

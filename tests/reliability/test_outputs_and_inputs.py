@@ -248,3 +248,28 @@ def test_relative_data_paths_are_recorded_absolute_so_the_run_works_from_any_fol
     old["data"].update(features_dir="feats", labels_csv="labels.csv")
     cfg.write_text(yaml.safe_dump(old, sort_keys=False))
     assert main(["train", "exp.yaml", "--out", "run", "--resume"]) == 0
+
+
+def test_a_run_whose_data_moved_is_evaluated_and_labelled_with_data(tmp_path, capsys):
+    """A run copied from the cluster to a laptop names data paths that are not there. Before, `milkit evaluate
+    RUN` only said the folder did not exist, and evaluate had no way to be given the new paths."""
+    c = make_cohort(tmp_path / "proj", max_epochs=1)
+    run = tmp_path / "run"
+    assert main(["train", str(c["config"]), "--out", str(run)]) == 0
+    before = json.loads((run / "metrics.json").read_text())
+    c["feats"].rename(tmp_path / "moved")
+    capsys.readouterr()
+    for argv in (["evaluate", str(run)], ["label", str(run), "--split", "test"]):
+        assert main(argv) == 2
+        err = capsys.readouterr().err.strip().splitlines()
+        assert len(err) == 1 and str(c["feats"]) in err[0] and "--data DATA.yaml" in err[0], err
+    data = tmp_path / "data.yaml"
+    data.write_text(yaml.safe_dump({"data": {"kind": "feature_bags", "features_dir": str(tmp_path / "moved"),
+                                             "labels_csv": str(c["labels"])}}))
+    assert main(["evaluate", str(run), "--annotations", str(tmp_path), "--data", str(data)]) == 2
+    assert main(["evaluate", str(run), "--data", str(data)]) == 0
+    after = json.loads((run / "metrics.json").read_text())
+    assert after["_run"]["evaluated_data"] == str(data)
+    for stage in ("mil",):  # the same bags at a new path: the same numbers
+        assert after[stage]["test"] == pytest.approx(before[stage]["test"])
+    assert main(["label", str(run), "--split", "test", "--data", str(data)]) == 0
