@@ -197,3 +197,30 @@ def test_a_slide_tiled_with_other_settings_is_refused_not_silently_kept(tmp_path
     tile_slides([s.path], out, TilingConfig(patch_size=64, target_mpp=0.5), overwrite=True, progress=False)
     with h5py.File(out / "a.h5", "r") as f:
         assert int(f["coords"].attrs["patch_size"]) == 64
+
+
+def test_find_slides_reads_gdc_download_folders_and_skips_macos_resource_forks(tmp_path, caplog):
+    """GDC's client puts each slide in a folder named by its file UUID; a drive written by a Mac holds
+    ``._<name>.svs`` resource forks beside each slide. Before, the first gave "no slide files" and the second
+    was opened as a slide."""
+    import logging
+
+    gdc = tmp_path / "gdc"
+    for uuid, name in (("0a1b", "TCGA-A1.svs"), ("9f8e", "TCGA-B2.svs")):
+        (gdc / uuid).mkdir(parents=True)
+        (gdc / uuid / name).write_bytes(b"x")
+        (gdc / uuid / f"._{name}").write_bytes(b"x")
+        (gdc / uuid / "annotations.txt").write_text("")
+    with caplog.at_level(logging.INFO, logger="milkit.slide.reader"):
+        found = find_slides([gdc])
+    assert [p.name for p in found] == ["TCGA-A1.svs", "TCGA-B2.svs"]
+    assert "found in its subfolders" in caplog.text
+    flat = tmp_path / "flat"
+    (flat / "old").mkdir(parents=True)
+    (flat / "a.svs").write_bytes(b"x")
+    (flat / "old" / "b.svs").write_bytes(b"x")
+    assert [p.name for p in find_slides([flat])] == ["a.svs"]  # a folder with slides is not searched deeper
+    (gdc / "copy").mkdir()
+    (gdc / "copy" / "TCGA-A1.svs").write_bytes(b"x")
+    with pytest.raises(ValueError, match="slide id 'TCGA-A1' also used by"):
+        find_slides([gdc])

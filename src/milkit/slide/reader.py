@@ -8,6 +8,7 @@ known, :func:`Slide.require_mpp` refuses with an error naming the slide.
 
 from __future__ import annotations
 
+import logging
 import math
 import os
 from concurrent.futures import ThreadPoolExecutor
@@ -18,6 +19,7 @@ import numpy as np
 import openslide
 from PIL import Image
 
+log = logging.getLogger(__name__)
 #: a level is read in bands only when each band has at least this many rows
 BAND_MIN_ROWS = 256
 #: extensions OpenSlide reads (vendor formats and generic tiled TIFF)
@@ -51,11 +53,23 @@ def cell_slide_id(name: str) -> str:
 
 
 def find_slides(paths: list[str | Path]) -> list[Path]:
-    """Expand files and folders into a sorted, de-duplicated list of slide files."""
+    """Expand files and folders into a sorted, de-duplicated list of slide files. A folder that holds no slide
+    file itself is searched through its subfolders (GDC's download layout, ``<file uuid>/<slide>.svs``), with a
+    notice."""
     out: list[Path] = []
+
+    def is_slide(q: Path) -> bool:
+        return q.suffix.lower() in SLIDE_EXTENSIONS and not q.name.startswith(".") and q.is_file()
+
     for p in map(Path, paths):
         if p.is_dir():
-            out += [q for q in sorted(p.iterdir()) if q.is_file() and q.suffix.lower() in SLIDE_EXTENSIONS]
+            found = [q for q in sorted(p.iterdir()) if is_slide(q)]
+            if not found:
+                found = sorted(q for q in p.rglob("*") if is_slide(q))
+                if found:
+                    log.info("%s holds no slide file itself; %d found in its subfolders (as GDC downloads them)",
+                             p, len(found))
+            out += found
         elif p.is_file():
             out.append(p)
         else:
