@@ -287,3 +287,50 @@ def test_features_of_another_encoder_are_refused_unless_overwrite(cohort, tmp_pa
         del f["features"].attrs["encoder"]
     with pytest.raises(ValueError, match=r"s02\.h5: holds features of encoder 'unrecorded'"):
         ex.extract_dir(tiles, "tiny_cnn", "none", num_workers=0, progress=False)
+
+
+def test_offline_imagenet_weights_are_one_line_saying_what_to_pass(monkeypatch, tmp_path):
+    """Without internet, torchvision's own download raised a bare ``<urlopen error …>``, naming neither the
+    option, the file nor what to do. Its weights are now fetched through one path (checked hash, weights-only)."""
+    import urllib.error
+
+    import torchvision
+
+    from milkit.slide.extract import build_patch_encoder
+
+    def offline(url, **kw):
+        raise urllib.error.URLError("[Errno -2] Name or service not known")
+
+    monkeypatch.setattr(torch.hub, "load_state_dict_from_url", offline)
+    for name, arch in (("resnet18", "resnet18"), ("resnet50_trunc", "resnet50")):
+        with pytest.raises(OSError) as err:
+            build_patch_encoder(name, "imagenet")
+        msg = str(err.value)
+        assert "\n" not in msg and "--weights imagenet" in msg and "--weights PATH" in msg
+        assert torchvision.models.get_model_weights(arch).IMAGENET1K_V1.url in msg and "checkpoints" in msg
+    ref = torchvision.models.resnet18(weights=None).state_dict()
+    seen = {}
+
+    def cached(url, **kw):
+        seen.update(url=url, **kw)
+        return ref
+
+    monkeypatch.setattr(torch.hub, "load_state_dict_from_url", cached)
+    enc = build_patch_encoder("resnet18", "imagenet")
+    assert seen["weights_only"] and seen["check_hash"]
+    assert torch.equal(enc.model.conv1.weight, ref["conv1.weight"]) and enc.name == "resnet18:imagenet"
+
+
+def test_a_timm_encoder_that_cannot_be_created_is_one_line(monkeypatch):
+    import types
+
+    from milkit.slide.extract import build_patch_encoder
+
+    def create_model(name, **kw):
+        raise RuntimeError(f"Unknown model ({name})\nsecond line")
+
+    monkeypatch.setitem(sys.modules, "timm", types.SimpleNamespace(create_model=create_model))
+    with pytest.raises(ValueError) as err:
+        build_patch_encoder("timm:vit_nope", "imagenet")
+    msg = str(err.value)
+    assert "\n" not in msg and "'timm:vit_nope'" in msg and "Unknown model (vit_nope) second line" in msg

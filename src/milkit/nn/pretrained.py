@@ -24,24 +24,28 @@ _HEADS = ("fc.", "classifier.")
 #: ``pretrained_path`` value that downloads torchvision's weights
 IMAGENET = "imagenet"
 #: torchvision weight enums of the backbones milkit builds
-TORCHVISION_WEIGHTS = {"vgg16": "VGG16_Weights.IMAGENET1K_V1", "resnet18": "ResNet18_Weights.IMAGENET1K_V1"}
+TORCHVISION_WEIGHTS = {"vgg16": "VGG16_Weights.IMAGENET1K_V1", "resnet18": "ResNet18_Weights.IMAGENET1K_V1",
+                       "resnet50": "ResNet50_Weights.IMAGENET1K_V1"}
 
 
-def imagenet_state_dict(arch: str) -> dict:
-    """torchvision's ImageNet state dict of ``arch`` (downloaded once, then cached)."""
+def imagenet_state_dict(arch: str, option: str = "method.pretrained_path: imagenet",
+                        instead: str = "set pretrained_path to its path") -> dict:
+    """torchvision's ImageNet state dict of ``arch`` (downloaded once, then cached in torch's hub folder).
+    A failed download is one line naming ``option``, the URL, the cache folder and what to do ``instead``."""
     import torchvision
 
     if arch not in TORCHVISION_WEIGHTS:
-        raise ValueError(f"method.pretrained_path: imagenet: no torchvision ImageNet weights for backbone {arch!r}")
+        raise ValueError(f"{option}: no torchvision ImageNet weights for backbone {arch!r}")
     url = torchvision.models.get_weight(TORCHVISION_WEIGHTS[arch]).url
     try:
         return torch.hub.load_state_dict_from_url(url, map_location="cpu", progress=False, check_hash=True,
                                                   weights_only=True)
     except Exception as err:  # noqa: BLE001 - no network, proxy, bad hash: one line naming the option
         reason = str(err).splitlines()[0] if str(err) else type(err).__name__
+        cache = Path(torch.hub.get_dir()) / "checkpoints"
         raise OSError(
-            f"method.pretrained_path: imagenet: cannot download torchvision's {arch} weights from {url} ({reason}); "
-            "download the file elsewhere and set pretrained_path to its path"
+            f"{option}: cannot download torchvision's {arch} weights from {url} ({reason}); download the file "
+            f"elsewhere and {instead}, or copy it into {cache}"
         ) from None
 
 

@@ -146,6 +146,13 @@ def _hub_names() -> tuple[str, ...]:
     return tuple(HUB_ENCODERS)
 
 
+def _torchvision_imagenet(arch: str) -> dict:
+    """torchvision's ImageNet weights of ``arch``; offline, one line saying what to pass instead."""
+    from milkit.nn.pretrained import imagenet_state_dict
+
+    return imagenet_state_dict(arch, "--weights imagenet", "pass --weights PATH")
+
+
 def build_patch_encoder(name: str, weights: str = "imagenet", seed: int = 0) -> PatchEncoder:
     """``name`` in :data:`ENCODERS`, a pathology foundation model of
     :data:`milkit.slide.hub_encoders.HUB_ENCODERS` (``uni``, ``virchow2``, …) or ``timm:<model>``;
@@ -162,15 +169,18 @@ def build_patch_encoder(name: str, weights: str = "imagenet", seed: int = 0) -> 
         elif name == "resnet18":
             import torchvision
 
-            tv = torchvision.models.ResNet18_Weights.IMAGENET1K_V1 if weights == "imagenet" else None
-            model = torchvision.models.resnet18(weights=tv)
+            model = torchvision.models.resnet18(weights=None)
+            if weights == "imagenet":
+                model.load_state_dict(_torchvision_imagenet("resnet18"))
             model.fc = nn.Identity()
             input_size, mean, std = 224, IMAGENET_MEAN, IMAGENET_STD
         elif name in ("resnet50", "resnet50_trunc"):
             import torchvision
 
-            tv = torchvision.models.ResNet50_Weights.IMAGENET1K_V1 if weights == "imagenet" else None
-            model = ResNetTrunc(torchvision.models.resnet50(weights=tv))
+            resnet = torchvision.models.resnet50(weights=None)
+            if weights == "imagenet":
+                resnet.load_state_dict(_torchvision_imagenet("resnet50"))
+            model = ResNetTrunc(resnet)
             name = "resnet50_trunc"
             input_size, mean, std = 224, IMAGENET_MEAN, IMAGENET_STD
         elif name in _hub_names():
@@ -183,7 +193,12 @@ def build_patch_encoder(name: str, weights: str = "imagenet", seed: int = 0) -> 
                 import timm
             except ImportError:
                 raise ValueError(f"encoder {name!r} needs timm: pip install timm") from None
-            model = timm.create_model(name[5:], pretrained=weights == "imagenet", num_classes=0)
+            try:
+                model = timm.create_model(name[5:], pretrained=weights == "imagenet", num_classes=0)
+            except Exception as err:  # noqa: BLE001 - unknown model, no network: one line naming the encoder
+                detail = " ".join(str(err).split())[:200]
+                raise ValueError(f"encoder {name!r}: timm could not create it ({type(err).__name__}: {detail}); "
+                                 "without internet pass --weights PATH or --weights none") from None
             cfg = timm.data.resolve_data_config({}, model=model)
             input_size = int(cfg["input_size"][-1])
             mean, std = tuple(cfg["mean"]), tuple(cfg["std"])
