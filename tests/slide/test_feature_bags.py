@@ -381,3 +381,16 @@ def test_csvs_as_excel_saves_them(tmp_path):
     short.write_text("slide_id,mpp\nx,0.5\ny\n")
     with pytest.raises(ValueError, match=r"short\.csv: line 3: mpp '' is not a number"):
         read_mpp_csv(short)
+
+
+def test_a_labels_csv_without_header_line_says_so(tmp_path):
+    """Camelyon16's reference.csv (``test_001,Tumor,Macro,Major``) has no header line: its first row was read
+    as column names, and the error listed them without saying why."""
+    ref = tmp_path / "reference.csv"
+    ref.write_text("test_001,Tumor,Macro,Major\ntest_002,Normal,,\n")
+    with pytest.raises(ValueError, match=r"reference\.csv: no slide column.*first line looks like data.*slide_id,label"):
+        read_labels_csv(ref)
+    named = _labels(tmp_path / "named.csv", ["a,1"], "name,label")  # a real header: no such hint
+    with pytest.raises(ValueError, match="no slide column") as err:
+        read_labels_csv(named)
+    assert "looks like data" not in str(err.value)

@@ -47,6 +47,10 @@ SPLIT_NAMES = {"train": "train", "training": "train", "val": "val", "valid": "va
 
 
 # -- labels CSV -----------------------------------------------------------------------
+#: label cells read as 1 / 0 without a ``data.label_map``
+POSITIVE_WORDS = ("1", "1.0", "true", "yes", "positive", "tumor", "tumour")
+NEGATIVE_WORDS = ("0", "0.0", "false", "no", "negative", "normal")
+LABEL_WORDS = POSITIVE_WORDS + NEGATIVE_WORDS
 @dataclass
 class LabelRow:
     slide_id: str
@@ -66,9 +70,9 @@ def _parse_label(v: str, path: Path, line: int, label_map: dict[str, int | None]
                              f"({', '.join(map(repr, label_map))})")
         return label_map[raw]
     s = raw.lower()
-    if s in ("1", "1.0", "true", "yes", "positive", "tumor", "tumour"):
+    if s in POSITIVE_WORDS:
         return 1
-    if s in ("0", "0.0", "false", "no", "negative", "normal"):
+    if s in NEGATIVE_WORDS:
         return 0
     raise ValueError(f"{path}: line {line}: label {v!r} is not binary (0/1); map the CSV's labels with "
                      "data.label_map, e.g. {normal_tissue: 0, tumor_tissue: 1}")
@@ -92,10 +96,13 @@ def read_labels_csv(path: str | Path, label_column: str = "label", group_column:
         raise ValueError(f"{path}: labels CSV has no rows")
     cols = set(rows[0])
     sid_col = next((c for c in SLIDE_ALIASES if c in cols), None)
-    if sid_col is None:
-        raise ValueError(f"{path}: no slide column (one of {', '.join(SLIDE_ALIASES)}); columns: {sorted(cols)}")
-    if label_column not in cols:
-        raise ValueError(f"{path}: no label column {label_column!r}; columns: {sorted(cols)}")
+    if sid_col is None or label_column not in cols:
+        headless = any(c.lower() in LABEL_WORDS for c in cols)  # Camelyon16's reference.csv has no header line
+        hint = (f"; the first line looks like data, not a header: add a first line such as "
+                f"'slide_id,{label_column}'" if headless else "")
+        what = (f"slide column (one of {', '.join(SLIDE_ALIASES)})" if sid_col is None
+                else f"label column {label_column!r}")
+        raise ValueError(f"{path}: no {what}; columns: {sorted(cols)}{hint}")
     case_col = next((c for c in CASE_ALIASES if c in cols), None)
     if group_column is not None and group_column not in cols:
         raise ValueError(f"{path}: no group column {group_column!r} (data.group_column); columns: {sorted(cols)}")
