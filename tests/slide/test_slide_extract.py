@@ -334,3 +334,16 @@ def test_a_timm_encoder_that_cannot_be_created_is_one_line(monkeypatch):
         build_patch_encoder("timm:vit_nope", "imagenet")
     msg = str(err.value)
     assert "\n" not in msg and "'timm:vit_nope'" in msg and "Unknown model (vit_nope) second line" in msg
+
+
+def test_extract_finds_a_moved_slide_in_gdc_folders(tmp_path):
+    """``--slides DIR`` in GDC's layout (``<uuid>/<slide>.svs``) is searched like ``milkit tile`` searches it."""
+    (tmp_path / "gdc" / "0a1b").mkdir(parents=True)
+    slide = tmp_path / "gdc" / "0a1b" / "TCGA-A1.svs"
+    slide.write_bytes(b"x")
+    pf = ex.PatchFile(tmp_path / "tiles" / "TCGA-A1.h5", np.zeros((1, 2), np.int64), 256, 256, None,
+                      tmp_path / "gone" / "TCGA-A1.svs", None)
+    assert ex.find_slide(pf, tmp_path / "gdc") == slide
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(FileNotFoundError, match="cannot find the slide 'TCGA-A1'.*--slides DIR"):
+        ex.find_slide(pf, tmp_path / "empty")

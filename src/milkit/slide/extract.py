@@ -41,7 +41,7 @@ from torch import nn
 from torch.utils.data import DataLoader, Dataset
 
 from milkit import io
-from milkit.slide.reader import SLIDE_EXTENSIONS, Slide, slide_id
+from milkit.slide.reader import Slide, find_slides, slide_id
 
 log = logging.getLogger(__name__)
 
@@ -518,8 +518,8 @@ def find_slide(pf: PatchFile, slides_dir: Path | None) -> Path:
     """The slide a patch file came from: ``slides_dir/<id>.*`` first, then the recorded path."""
     sid = pf.path.stem.removesuffix("_patches")
     if slides_dir is not None:
-        for q in sorted(Path(slides_dir).iterdir()):
-            if q.is_file() and q.suffix.lower() in SLIDE_EXTENSIONS and slide_id(q) == sid:
+        for q in find_slides([slides_dir]):  # its subfolders too, when it holds no slide itself (GDC)
+            if slide_id(q) == sid:
                 return q
     if pf.slide_path is not None and pf.slide_path.is_file():
         return pf.slide_path
